@@ -1,0 +1,165 @@
+#include "ir/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+namespace kiln {
+
+Result<int64_t> checked_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) return invalid_argument("negative dimension in shape " + shape_str(shape));
+    if (d != 0 && n > INT64_MAX / d) return invalid_argument("element count of shape " + shape_str(shape) + " overflows 64 bits");
+    n *= d;
+  }
+  return n;
+}
+
+std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i) r += ",";
+    r += std::to_string(s[i]);
+  }
+  return r + "]";
+}
+
+Result<std::shared_ptr<Storage>> Storage::allocate(size_t bytes) {
+  std::shared_ptr<Storage> s(new Storage());
+  size_t alloc = (bytes + 63) / 64 * 64;
+  if (alloc == 0) alloc = 64;
+  void* p = std::aligned_alloc(64, alloc);
+  if (!p) return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
+  std::memset(p, 0, alloc);
+  s->data_ = static_cast<uint8_t*>(p);
+  s->size_ = bytes;
+  s->owned_ = true;
+  return s;
+}
+
+std::shared_ptr<Storage> Storage::allocate_strings(size_t count) {
+  std::shared_ptr<Storage> s(new Storage());
+  s->strings_.resize(count);
+  return s;
+}
+
+std::shared_ptr<Storage> Storage::external(const void* data, size_t bytes,
+                                           std::shared_ptr<const void> keepalive) {
+  std::shared_ptr<Storage> s(new Storage());
+  s->data_ = const_cast<uint8_t*>(static_cast<const uint8_t*>(data));
+  s->size_ = bytes;
+  s->keepalive_ = keepalive ? std::move(keepalive) : std::make_shared<int>(0);
+  return s;
+}
+
+Storage::~Storage() {
+  if (owned_) std::free(data_);
+}
+
+Result<Tensor> Tensor::create(DataType dtype, const Shape& shape) {
+  if (dtype == DataType::kUndefined || !dtype_valid(static_cast<int32_t>(dtype)))
+    return invalid_argument("cannot create a tensor of undefined type");
+  KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
+  size_t es = dtype_size(dtype);
+  if (static_cast<uint64_t>(n) > kMaxTensorBytes / es)
+    return out_of_memory("tensor " + std::string(dtype_name(dtype)) + shape_str(shape) +
+                         " exceeds the single-tensor limit");
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.numel_ = n;
+  if (dtype == DataType::kString) {
+    t.storage_ = Storage::allocate_strings(static_cast<size_t>(n));
+  } else {
+    KILN_ASSIGN_OR_RETURN(t.storage_, Storage::allocate(static_cast<size_t>(n) * es));
+  }
+  return t;
+}
+
+Tensor Tensor::external(DataType dtype, const Shape& shape, const void* data,
+                        std::shared_ptr<const void> keepalive) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.numel_ = checked_numel(shape).is_ok() ? checked_numel(shape).value() : 0;
+  t.storage_ = Storage::external(data, t.nbytes(), std::move(keepalive));
+  return t;
+}
+
+Result<Tensor> Tensor::reshaped(const Shape& shape) const {
+  KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
+  if (n != numel_)
+    return invalid_argument("cannot reshape " + describe() + " to " + shape_str(shape));
+  Tensor t = *this;
+  t.shape_ = shape;
+  return t;
+}
+
+Tensor Tensor::clone() const {
+  if (!defined()) return {};
+  Tensor t = create(dtype_, shape_).value();
+  if (dtype_ == DataType::kString) {
+    for (int64_t i = 0; i < numel_; ++i) t.data<std::string>()[i] = data<std::string>()[i];
+  } else if (nbytes()) {
+    std::memcpy(t.raw_data(), raw_data(), nbytes());
+  }
+  return t;
+}
+
+double Tensor::get_f64(int64_t i) const {
+  switch (dtype_) {
+    case DataType::kFloat: return data<float>()[i];
+    case DataType::kDouble: return data<double>()[i];
+    case DataType::kFloat16: return static_cast<float>(data<Half>()[i]);
+    case DataType::kBFloat16: return static_cast<float>(data<BFloat16>()[i]);
+    case DataType::kInt8: case DataType::kInt4: case DataType::kInt2: return data<int8_t>()[i];
+    case DataType::kInt16: return data<int16_t>()[i];
+    case DataType::kInt32: return data<int32_t>()[i];
+    case DataType::kInt64: return static_cast<double>(data<int64_t>()[i]);
+    case DataType::kUInt8: case DataType::kUInt4: case DataType::kUInt2: return data<uint8_t>()[i];
+    case DataType::kUInt16: return data<uint16_t>()[i];
+    case DataType::kUInt32: return data<uint32_t>()[i];
+    case DataType::kUInt64: return static_cast<double>(data<uint64_t>()[i]);
+    case DataType::kBool: return data<bool>()[i] ? 1.0 : 0.0;
+    default: return 0.0;
+  }
+}
+
+int64_t Tensor::get_i64(int64_t i) const {
+  switch (dtype_) {
+    case DataType::kInt64: return data<int64_t>()[i];
+    case DataType::kInt32: return data<int32_t>()[i];
+    case DataType::kInt16: return data<int16_t>()[i];
+    case DataType::kInt8: case DataType::kInt4: case DataType::kInt2: return data<int8_t>()[i];
+    case DataType::kUInt8: case DataType::kUInt4: case DataType::kUInt2: return data<uint8_t>()[i];
+    case DataType::kUInt16: return data<uint16_t>()[i];
+    case DataType::kUInt32: return data<uint32_t>()[i];
+    case DataType::kUInt64: return static_cast<int64_t>(data<uint64_t>()[i]);
+    case DataType::kBool: return data<bool>()[i] ? 1 : 0;
+    default: return static_cast<int64_t>(get_f64(i));
+  }
+}
+
+std::vector<int64_t> Tensor::to_i64_vector() const {
+  std::vector<int64_t> v(static_cast<size_t>(numel_));
+  for (int64_t i = 0; i < numel_; ++i) v[static_cast<size_t>(i)] = get_i64(i);
+  return v;
+}
+
+std::string Tensor::describe() const {
+  if (!defined()) return "<undefined>";
+  return std::string(dtype_name(dtype_)) + shape_str(shape_);
+}
+
+std::string Value::describe() const {
+  switch (kind) {
+    case ValueKind::kNone: return "<none>";
+    case ValueKind::kTensor: return tensor.describe();
+    case ValueKind::kSequence: return "sequence<" + std::string(dtype_name(elem_dtype)) + ">(" + std::to_string(sequence.size()) + ")";
+    case ValueKind::kOptional: return optional ? "optional(" + optional->describe() + ")" : "optional(empty)";
+  }
+  return "?";
+}
+
+}  // namespace kiln
