@@ -135,7 +135,7 @@ const ValueInfo* Graph::find_value_info(std::string_view n) const {
 }
 
 // Names a subgraph reads from its enclosing scopes (not defined inside it).
-static void collect_outer_refs(const Graph& g, std::unordered_set<std::string>& refs) {
+void collect_outer_refs(const Graph& g, std::unordered_set<std::string>& refs) {
   std::unordered_set<std::string> defined;
   for (auto& i : g.inputs) defined.insert(i.name);
   for (auto& [k, v] : g.initializers) defined.insert(k);

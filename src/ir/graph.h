@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_set>
 #include <vector>
 
 #include "base/status.h"
@@ -113,11 +114,16 @@ struct Model {
   std::string producer_name, producer_version, domain, doc_string;
   int64_t model_version = 0;
   std::vector<std::pair<std::string, std::string>> metadata;
+  // External-data files the model's tensors were read from (resolved paths), for cache keys.
+  std::vector<std::string> external_files;
 };
 
 // Structural checks: unique value names, every input defined (graph input, initializer,
 // earlier node output or outer scope), known ops, subgraphs recursively.
 Status verify_graph(const Graph& g, const std::vector<std::string>& outer = {});
+
+// Names a (sub)graph reads from enclosing scopes: used but not defined inside it.
+void collect_outer_refs(const Graph& g, std::unordered_set<std::string>& refs);
 
 // Human-readable dump of a graph (for `kiln inspect --nodes` and debugging).
 std::string print_graph(const Graph& g, int indent = 0);

@@ -1,0 +1,44 @@
+// Kiln builder API: ONNX model -> optimized plan (bytes or file), and the engine cache.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kiln/runtime.h"
+#include "kiln/status.h"
+
+namespace kiln {
+
+struct BuilderConfig {
+  int64_t max_batch = 0;          // >0: engine accepts any batch <= max_batch on dim 0 of inputs
+  bool fp16 = false;              // request fp16 (warns and builds fp32 where not fast)
+  uint64_t workspace_bytes = uint64_t{1} << 30;  // scratch limit for tactic selection
+  std::string device = "cpu";     // backend
+};
+
+struct BuildReport {
+  size_t nodes_in = 0, nodes_out = 0;  // before / after passes
+  size_t folded = 0, eliminated = 0;
+  double seconds = 0;
+};
+
+// Builds a plan from an ONNX file.
+Result<std::vector<uint8_t>> build_plan_from_onnx(const std::string& onnx_path,
+                                                  const BuilderConfig& config,
+                                                  BuildReport* report = nullptr);
+
+// Hash of a model: its bytes plus any external-data files it references.
+Result<uint64_t> hash_model(const std::string& onnx_path);
+
+// The engine cache (TensorRT sample's getCudaEngine): looks for a plan in `cache_dir` keyed by
+// hash(model bytes + external data) + build config + device + plan format version; loads it if
+// valid, else builds, saves and loads. A damaged or incompatible cached plan is reported in one
+// sentence (warning) and rebuilt. `cache_hit` says which happened.
+Result<std::shared_ptr<Engine>> load_or_build_cached(const std::string& onnx_path,
+                                                     const BuilderConfig& config,
+                                                     const std::string& cache_dir,
+                                                     bool* cache_hit = nullptr,
+                                                     std::string* plan_path = nullptr);
+
+}  // namespace kiln

@@ -1,0 +1,33 @@
+// Graph passes run by the builder. Each returns what it changed; the graph verifier runs after
+// each pass in debug builds (and always in tests).
+#pragma once
+#include <cstddef>
+
+#include "base/status.h"
+#include "ir/graph.h"
+
+namespace kiln {
+
+struct PassStats {
+  size_t folded = 0;       // nodes replaced by constants
+  size_t eliminated = 0;   // dead nodes removed
+  size_t inferred = 0;     // values whose type became known
+};
+
+// Propagates types/shapes through the graph using each op's InferFn (and constants), recording
+// them in g.value_info. Unknown stays unknown.
+Status infer_types(Graph& g, PassStats* stats = nullptr);
+
+// Evaluates nodes whose inputs are all constant with the reference kernels and replaces them by
+// initializers (includes shape subgraphs: Shape of a fully known type folds too). Random ops and
+// outputs larger than `max_bytes` are left alone.
+Status fold_constants(Graph& g, PassStats* stats = nullptr, size_t max_bytes = size_t{64} << 20);
+
+// Removes nodes whose outputs nobody reads and initializers nobody uses.
+Status eliminate_dead_code(Graph& g, PassStats* stats = nullptr);
+
+// Makes dimension 0 of every graph input and output symbolic ("batch") so the engine accepts
+// any batch <= max_batch.
+Status relax_batch_dim(Graph& g);
+
+}  // namespace kiln

@@ -1,0 +1,187 @@
+#include <atomic>
+#include <sstream>
+
+#include "base/file.h"
+#include "base/logging.h"
+#include "kiln/runtime.h"
+#include "plan/plan.h"
+#include "runtime/executor.h"
+
+namespace kiln {
+
+struct Engine::Impl {
+  std::shared_ptr<MappedFile> file;
+  LoadedPlan plan;
+  std::unique_ptr<CompiledGraph> cg;
+  std::vector<TensorDesc> inputs, outputs;
+  PlanInfo info;
+  const Backend* backend = nullptr;
+};
+
+struct ExecutionContext::Impl {
+  const Engine::Impl* engine = nullptr;
+  std::shared_ptr<const Engine> keep;  // engines outlive their contexts
+  Frame frame;
+  std::vector<bool> bound;
+  uint64_t runs = 0;
+};
+
+namespace {
+
+TensorDesc make_desc(const ValueInfo& vi) {
+  TensorDesc d;
+  d.name = vi.name;
+  const TypeInfo& t = vi.type;
+  d.type_string = t.to_string();
+  if (t.kind == TypeInfo::Kind::kSequence) d.kind = "sequence";
+  if (t.kind == TypeInfo::Kind::kOptional) d.kind = "optional";
+  d.dtype = t.dtype;
+  d.has_shape = t.has_shape;
+  for (auto& dim : t.dims) d.shape.push_back(dim.known() ? dim.value : -1);
+  return d;
+}
+
+Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> file) {
+  auto impl = std::make_unique<Engine::Impl>();
+  // The plan's device decides the backend; a CPU plan on another CPU kind is refused.
+  const Backend& backend = cpu_backend();
+  KILN_ASSIGN_OR_RETURN(impl->plan, read_plan(file, device_fingerprint(backend.name())));
+  impl->file = file;
+  impl->backend = &backend;
+  KILN_ASSIGN_OR_RETURN(impl->cg, compile_graph(impl->plan.graph, backend, false));
+  for (auto& vi : impl->plan.graph.inputs) impl->inputs.push_back(make_desc(vi));
+  for (auto& vi : impl->plan.graph.outputs) impl->outputs.push_back(make_desc(vi));
+  PlanInfo& pi = impl->info;
+  const PlanHeader& h = impl->plan.header;
+  pi.format_version = impl->plan.format_version;
+  pi.kiln_version = h.kiln_version;
+  pi.device = h.device;
+  pi.model_hash = h.model_hash;
+  pi.max_batch = h.max_batch;
+  pi.fp16_requested = h.fp16_requested;
+  pi.fp16_enabled = h.fp16_enabled;
+  pi.workspace_bytes = h.workspace_bytes;
+  pi.plan_bytes = impl->plan.size;
+  for (auto& [k, t] : impl->plan.graph.initializers) pi.weight_bytes += t.nbytes();
+  pi.num_layers = impl->plan.graph.nodes.size();
+  return std::make_shared<Engine>(std::move(impl));
+}
+
+}  // namespace
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+Result<std::shared_ptr<Engine>> Engine::load(const std::string& plan_path) {
+  KILN_ASSIGN_OR_RETURN(auto file, MappedFile::open(plan_path));
+  return engine_from_file(std::move(file));
+}
+
+Result<std::shared_ptr<Engine>> Engine::deserialize(const void* data, size_t size) {
+  auto* p = static_cast<const uint8_t*>(data);
+  return engine_from_file(MappedFile::from_bytes(std::vector<uint8_t>(p, p + size)));
+}
+
+const std::vector<TensorDesc>& Engine::inputs() const { return impl_->inputs; }
+const std::vector<TensorDesc>& Engine::outputs() const { return impl_->outputs; }
+const PlanInfo& Engine::info() const { return impl_->info; }
+
+std::string Engine::describe_layers() const {
+  std::ostringstream os;
+  size_t i = 0;
+  for (auto& n : impl_->plan.graph.nodes) {
+    os << "  [" << i++ << "] " << n.name << "  " << (n.domain.empty() ? "" : n.domain + ".") << n.op_type
+       << "  " << n.kernel << "\n";
+  }
+  return os.str();
+}
+
+Result<std::unique_ptr<ExecutionContext>> Engine::create_execution_context() const {
+  auto impl = std::make_unique<ExecutionContext::Impl>();
+  impl->engine = impl_.get();
+  impl->frame.cg = impl_->cg.get();
+  impl->frame.slots.resize(static_cast<size_t>(impl_->cg->num_slots));
+  impl->bound.assign(impl_->inputs.size(), false);
+  return std::make_unique<ExecutionContext>(std::move(impl));
+}
+
+ExecutionContext::ExecutionContext(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ExecutionContext::~ExecutionContext() = default;
+
+Status ExecutionContext::set_input(const std::string& name, const Tensor& t) {
+  return set_input_value(name, Value(t));
+}
+
+Status ExecutionContext::set_input_value(const std::string& name, const Value& v) {
+  const auto& ins = impl_->engine->inputs;
+  for (size_t i = 0; i < ins.size(); ++i) {
+    if (ins[i].name != name) continue;
+    const TensorDesc& d = ins[i];
+    if (d.kind == "tensor") {
+      if (!v.is_tensor()) return invalid_argument("input '" + name + "' expects a tensor, got " + v.describe());
+      const Tensor& t = v.tensor;
+      if (d.dtype != DataType::kUndefined && t.dtype() != d.dtype)
+        return invalid_argument("input '" + name + "' expects " + dtype_name(d.dtype) + " data, got " +
+                                dtype_name(t.dtype()));
+      if (d.has_shape) {
+        if (t.rank() != static_cast<int>(d.shape.size()))
+          return invalid_argument("input '" + name + "' expects rank " + std::to_string(d.shape.size()) +
+                                  " (" + d.type_string + "), got shape " + shape_str(t.shape()));
+        int64_t max_batch = impl_->engine->info.max_batch;
+        for (size_t k = 0; k < d.shape.size(); ++k) {
+          if (k == 0 && max_batch > 0) {
+            if (t.dim(0) < 1 || t.dim(0) > max_batch)
+              return invalid_argument("input '" + name + "' has batch " + std::to_string(t.dim(0)) +
+                                      " but the engine was built for batch 1.." + std::to_string(max_batch));
+            continue;
+          }
+          if (d.shape[k] >= 0 && t.dim(static_cast<int>(k)) != d.shape[k])
+            return invalid_argument("input '" + name + "' expects shape " + d.type_string + ", got " +
+                                    shape_str(t.shape()) + " (dimension " + std::to_string(k) + ")");
+        }
+      }
+    } else if (v.is_tensor()) {
+      return invalid_argument("input '" + name + "' expects a " + d.kind + ", got a tensor");
+    }
+    impl_->frame.slots[static_cast<size_t>(impl_->engine->cg->input_slots[i])] = v;
+    impl_->bound[i] = true;
+    return Status::ok();
+  }
+  std::string names;
+  for (auto& d : ins) names += (names.empty() ? "'" : ", '") + d.name + "'";
+  return not_found("the engine has no input named '" + name + "' (inputs: " + names + ")");
+}
+
+Status ExecutionContext::enqueue(void* /*stream*/) {
+  const auto& ins = impl_->engine->inputs;
+  for (size_t i = 0; i < ins.size(); ++i)
+    if (!impl_->bound[i]) return invalid_argument("input '" + ins[i].name + "' was not set");
+  Frame& f = impl_->frame;
+  // Keep bound inputs, clear everything else from a previous run.
+  std::vector<Value> saved;
+  for (int s : f.cg->input_slots) saved.push_back(f.slots[static_cast<size_t>(s)]);
+  for (auto& v : f.slots) v = Value();
+  for (size_t i = 0; i < saved.size(); ++i) f.slots[static_cast<size_t>(f.cg->input_slots[i])] = std::move(saved[i]);
+  return run_graph(*f.cg, f, 0x5eed0000ULL + impl_->runs++);
+}
+
+Status ExecutionContext::synchronize() { return Status::ok(); }
+
+Result<Value> ExecutionContext::get_output_value(const std::string& name) const {
+  const auto& outs = impl_->engine->outputs;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (outs[i].name != name) continue;
+    const Value& v = impl_->frame.slots[static_cast<size_t>(impl_->engine->cg->output_slots[i])];
+    if (v.is_none()) return runtime_error("output '" + name + "' has no value (enqueue first)");
+    return v;
+  }
+  return not_found("the engine has no output named '" + name + "'");
+}
+
+Result<Tensor> ExecutionContext::get_output(const std::string& name) const {
+  KILN_ASSIGN_OR_RETURN(Value v, get_output_value(name));
+  if (!v.is_tensor()) return invalid_argument("output '" + name + "' is a " + v.describe() + ", not a tensor");
+  return v.tensor;
+}
+
+}  // namespace kiln

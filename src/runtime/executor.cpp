@@ -1,0 +1,192 @@
+#include "runtime/executor.h"
+
+#include <unordered_set>
+
+namespace kiln {
+
+namespace {
+
+Status compile_into(const Graph& g, const Backend& backend, bool fallback, CompiledGraph& cg) {
+  cg.graph = &g;
+  auto slot = [&](const std::string& name) {
+    auto it = cg.slot_of.find(name);
+    if (it != cg.slot_of.end()) return it->second;
+    int s = cg.num_slots++;
+    cg.slot_of.emplace(name, s);
+    return s;
+  };
+  std::unordered_set<std::string> defined;
+  for (auto& in : g.inputs) {
+    cg.input_slots.push_back(slot(in.name));
+    defined.insert(in.name);
+  }
+  for (auto& [name, t] : g.initializers) {
+    if (defined.count(name)) continue;  // an input overriding its initializer default
+    cg.constants.emplace_back(slot(name), t);
+    defined.insert(name);
+  }
+  std::vector<std::vector<std::string>> reads(g.nodes.size());
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& n = g.nodes[i];
+    for (auto& in : n.inputs)
+      if (!in.empty()) reads[i].push_back(in);
+    for (auto& a : n.attrs) {
+      std::vector<const Graph*> subs;
+      if (a.g) subs.push_back(a.g.get());
+      for (auto& sg : a.graphs) subs.push_back(sg.get());
+      for (auto* s : subs) {
+        std::unordered_set<std::string> refs;
+        collect_outer_refs(*s, refs);
+        for (auto& r : refs) reads[i].push_back(r);
+      }
+    }
+    for (auto& r : reads[i]) {
+      if (!defined.count(r)) {
+        cg.captures.emplace_back(r, slot(r));
+        defined.insert(r);
+      }
+    }
+    for (auto& o : n.outputs)
+      if (!o.empty()) defined.insert(o);
+    // Reads are resolved; now allocate output slots.
+    CompiledNode cn;
+    cn.node = &n;
+    std::string kernel = n.kernel;
+    if (kernel.empty() && fallback) kernel = backend.choose_kernel(n);
+    cn.fn = backend.resolve(kernel);
+    if (!cn.fn) {
+      if (kernel.empty())
+        return unsupported(n.where() + ": no " + backend.name() + " kernel for this operator");
+      return Status(StatusCode::kIncompatiblePlan,
+                    n.where() + ": kernel '" + kernel + "' is not available in this build of Kiln");
+    }
+    for (auto& in : n.inputs) cn.in.push_back(in.empty() ? -1 : slot(in));
+    for (auto& o : n.outputs) cn.out.push_back(o.empty() ? -1 : slot(o));
+    cg.nodes.push_back(std::move(cn));
+    for (auto& a : n.attrs) {
+      std::vector<const Graph*> subs;
+      if (a.g) subs.push_back(a.g.get());
+      for (auto& sg : a.graphs) subs.push_back(sg.get());
+      for (auto* s : subs) {
+        auto sub = std::make_unique<CompiledGraph>();
+        Status st = compile_into(*s, backend, fallback, *sub);
+        if (!st.is_ok()) return st.with_context(n.where() + " subgraph '" + a.name + "'");
+        cg.subgraphs.emplace(s, std::move(sub));
+      }
+    }
+  }
+  for (auto& o : g.outputs) {
+    if (!defined.count(o.name)) cg.captures.emplace_back(o.name, slot(o.name));
+    defined.insert(o.name);
+    cg.output_slots.push_back(slot(o.name));
+  }
+  // Last use of each slot, to free intermediates early. Graph outputs are kept.
+  std::vector<int> last(static_cast<size_t>(cg.num_slots), -1);
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    for (auto& r : reads[i]) last[static_cast<size_t>(cg.slot_of[r])] = static_cast<int>(i);
+    for (int o : cg.nodes[i].out)
+      if (o >= 0 && last[static_cast<size_t>(o)] < static_cast<int>(i)) last[static_cast<size_t>(o)] = static_cast<int>(i);
+  }
+  for (int s : cg.output_slots) last[static_cast<size_t>(s)] = -2;
+  for (int s = 0; s < cg.num_slots; ++s) {
+    int l = last[static_cast<size_t>(s)];
+    if (l >= 0) cg.nodes[static_cast<size_t>(l)].release.push_back(s);
+  }
+  return Status::ok();
+}
+
+const Value* lookup_outer(const Frame* f, const std::string& name) {
+  for (; f; f = f->parent) {
+    auto it = f->cg->slot_of.find(name);
+    if (it != f->cg->slot_of.end()) {
+      const Value& v = f->slots[static_cast<size_t>(it->second)];
+      if (!v.is_none()) return &v;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backend& backend,
+                                                     bool fallback_to_reference) {
+  auto cg = std::make_unique<CompiledGraph>();
+  KILN_RETURN_IF_ERROR(compile_into(g, backend, fallback_to_reference, *cg));
+  return cg;
+}
+
+Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
+  for (auto& [s, t] : cg.constants) frame.slots[static_cast<size_t>(s)] = Value(t);
+  for (auto& [name, s] : cg.captures) {
+    const Value* v = lookup_outer(frame.parent, name);
+    if (!v) return runtime_error("value '" + name + "' used by graph '" + cg.graph->name +
+                                 "' is not defined in any enclosing scope");
+    frame.slots[static_cast<size_t>(s)] = *v;
+  }
+  std::vector<Value> ins, outs;
+  for (size_t ni = 0; ni < cg.nodes.size(); ++ni) {
+    const CompiledNode& cn = cg.nodes[ni];
+    ins.assign(cn.in.size(), Value());
+    for (size_t i = 0; i < cn.in.size(); ++i) {
+      if (cn.in[i] < 0) continue;
+      ins[i] = frame.slots[static_cast<size_t>(cn.in[i])];
+      if (ins[i].is_none())
+        return runtime_error(cn.node->where() + ": input '" + cn.node->inputs[i] + "' has no value");
+    }
+    outs.assign(cn.out.size(), Value());
+    OpContext ctx{*cn.node, nullptr, seed + ni * 0x9e3779b97f4a7c15ULL};
+    ctx.run_subgraph = [&](const Graph& sg, std::vector<Value> sub_in) -> Result<std::vector<Value>> {
+      auto it = cg.subgraphs.find(&sg);
+      if (it == cg.subgraphs.end()) return internal_error(cn.node->where() + ": subgraph not compiled");
+      const CompiledGraph& sc = *it->second;
+      if (sub_in.size() != sc.input_slots.size())
+        return runtime_error(cn.node->where() + ": subgraph '" + sg.name + "' takes " +
+                             std::to_string(sc.input_slots.size()) + " inputs, got " +
+                             std::to_string(sub_in.size()));
+      Frame child;
+      child.cg = &sc;
+      child.parent = &frame;
+      child.slots.resize(static_cast<size_t>(sc.num_slots));
+      for (size_t i = 0; i < sub_in.size(); ++i) child.slots[static_cast<size_t>(sc.input_slots[i])] = std::move(sub_in[i]);
+      KILN_RETURN_IF_ERROR(run_graph(sc, child, ctx.seed + 1));
+      std::vector<Value> res;
+      for (int s : sc.output_slots) res.push_back(child.slots[static_cast<size_t>(s)]);
+      return res;
+    };
+    Status st = cn.fn(ctx, ins, outs);
+    if (!st.is_ok()) {
+      if (st.message().rfind("node '", 0) == 0) return st;
+      return st.with_context(cn.node->where());
+    }
+    for (size_t i = 0; i < cn.out.size(); ++i) {
+      if (cn.out[i] < 0) continue;
+      if (outs[i].is_none())
+        return internal_error(cn.node->where() + ": kernel produced no value for output '" +
+                              cn.node->outputs[i] + "'");
+      frame.slots[static_cast<size_t>(cn.out[i])] = std::move(outs[i]);
+    }
+    for (int s : cn.release) frame.slots[static_cast<size_t>(s)] = Value();
+  }
+  for (size_t i = 0; i < cg.output_slots.size(); ++i) {
+    if (frame.slots[static_cast<size_t>(cg.output_slots[i])].is_none())
+      return runtime_error("graph '" + cg.graph->name + "' output '" + cg.graph->outputs[i].name + "' has no value");
+  }
+  return Status::ok();
+}
+
+Result<std::vector<Value>> run_graph_once(const Graph& g, std::vector<Value> inputs, uint64_t seed) {
+  KILN_ASSIGN_OR_RETURN(auto cg, compile_graph(g, cpu_backend(), true));
+  if (inputs.size() != cg->input_slots.size())
+    return invalid_argument("graph takes " + std::to_string(cg->input_slots.size()) + " inputs, got " +
+                            std::to_string(inputs.size()));
+  Frame f;
+  f.cg = cg.get();
+  f.slots.resize(static_cast<size_t>(cg->num_slots));
+  for (size_t i = 0; i < inputs.size(); ++i) f.slots[static_cast<size_t>(cg->input_slots[i])] = std::move(inputs[i]);
+  KILN_RETURN_IF_ERROR(run_graph(*cg, f, seed));
+  std::vector<Value> out;
+  for (int s : cg->output_slots) out.push_back(f.slots[static_cast<size_t>(s)]);
+  return out;
+}
+
+}  // namespace kiln

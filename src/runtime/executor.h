@@ -1,0 +1,51 @@
+// The graph executor: a graph compiled to value slots, run node by node with the kernels the
+// builder chose. Subgraphs (If/Loop/Scan bodies) run in child frames that capture outer values.
+#pragma once
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "ir/graph.h"
+#include "ops/op.h"
+#include "runtime/backend.h"
+
+namespace kiln {
+
+struct CompiledNode {
+  const Node* node = nullptr;
+  EvalFn fn = nullptr;
+  std::vector<int> in, out;
+  std::vector<int> release;  // slots whose last reader is this node
+};
+
+struct CompiledGraph {
+  const Graph* graph = nullptr;
+  int num_slots = 0;
+  std::unordered_map<std::string, int> slot_of;
+  std::vector<std::pair<int, Tensor>> constants;
+  std::vector<int> input_slots, output_slots;
+  std::vector<std::pair<std::string, int>> captures;  // outer-scope names read here
+  std::vector<CompiledNode> nodes;
+  std::unordered_map<const Graph*, std::unique_ptr<CompiledGraph>> subgraphs;
+};
+
+// Compiles `g` (and its subgraphs) against `backend`; every node must have a kernel the backend
+// resolves (`fallback_to_reference` picks the reference kernel for nodes with an empty kernel).
+Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backend& backend,
+                                                     bool fallback_to_reference);
+
+struct Frame {
+  const CompiledGraph* cg = nullptr;
+  const Frame* parent = nullptr;
+  std::vector<Value> slots;
+};
+
+// Runs a compiled graph whose input slots are already bound in `frame`.
+Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed);
+
+// Runs `g` in one go: binds `inputs` (graph input order), returns outputs in order. For tests
+// and constant folding (reference kernels).
+Result<std::vector<Value>> run_graph_once(const Graph& g, std::vector<Value> inputs, uint64_t seed = 0);
+
+}  // namespace kiln
