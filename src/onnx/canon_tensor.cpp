@@ -9,6 +9,7 @@
 //   ReduceX(data, axes?)            <18 (ReduceSum <13): attr axes -> input 1
 //   TopK(X, K)                      <10: attr k -> input 1
 //   Reshape(data, shape)            <5: attr shape -> input 1
+//   Concat                          <4: missing axis -> explicit axis=1 (old default)
 //   ScatterElements                 Scatter (deprecated, any opset) is renamed to it
 #include <string>
 
@@ -74,6 +75,14 @@ Status canonicalize_tensor(Node& n, int64_t opset, CanonContext& ctx) {
     ints_attr_to_input(n, "k", 1, ctx);
   } else if (op == "Reshape" && opset < 5) {
     ints_attr_to_input(n, "shape", 1, ctx);
+  } else if (op == "Concat" && opset < 4 && !n.has_attr("axis")) {
+    Attribute a;  // Concat-1: axis was optional with default 1
+    a.name = "axis";
+    a.kind = Attribute::Kind::kInt;
+    a.i = 1;
+    n.set_attr(a);
+  } else if (op == "Tile" && opset < 6) {
+    return unsupported(n.where() + ": Tile-1 (tiles, axis inputs) is not supported");
   }
   return Status::ok();
 }

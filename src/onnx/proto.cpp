@@ -351,11 +351,9 @@ Status parse_type(Reader r, TypeInfo& t, int depth) {
 
 Status parse_tensor(Reader r, TensorMsg& t) {
   Field f;
-  t.off = 0;
-  bool first = true;
+  t.off = r.begin();
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
-    if (first) t.off = f.off, first = false;
     switch (f.num) {
       case 1: {
         std::vector<uint64_t> d;
@@ -411,10 +409,9 @@ Status parse_tensor(Reader r, TensorMsg& t) {
 
 Status parse_sparse(Reader r, SparseTensorMsg& s) {
   Field f;
-  bool first = true;
+  s.off = r.begin();
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
-    if (first) s.off = f.off, first = false;
     if (f.num == 1 || f.num == 2) {
       KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
       KILN_RETURN_IF_ERROR(parse_tensor(r.sub(f, "TensorProto"), f.num == 1 ? s.values : s.indices));

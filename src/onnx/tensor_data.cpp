@@ -170,6 +170,30 @@ Result<Tensor> make_tensor(const TensorMsg& t, TensorSource& src) {
                        std::to_string(want) + " for " + dtype_name(dt) + shape_str(shape));
   };
   uint64_t un = static_cast<uint64_t>(n);
+  // Check the value count against the shape before allocating anything from the dims.
+  {
+    const char* field = "int32_data";
+    size_t have = t.int32_data.size();
+    uint64_t want = un;
+    switch (dt) {
+      case DataType::kFloat: field = "float_data"; have = t.float_data.size(); break;
+      case DataType::kDouble: field = "double_data"; have = t.double_data.size(); break;
+      case DataType::kInt64: field = "int64_data"; have = t.int64_data.size(); break;
+      case DataType::kUInt64:
+      case DataType::kUInt32: field = "uint64_data"; have = t.uint64_data.size(); break;
+      case DataType::kString: field = "string_data"; have = t.string_data.size(); break;
+      case DataType::kInt4:
+      case DataType::kUInt4:
+      case DataType::kFloat4E2M1:
+      case DataType::kInt2:
+      case DataType::kUInt2: field = "int32_data (packed)"; want = expect; break;
+      case DataType::kComplex64:
+      case DataType::kComplex128:
+        return unsupported(tname(t) + ": complex tensors need raw_data");
+      default: break;
+    }
+    if (have != want) return count_err(field, have, want);
+  }
   auto r = Tensor::create(dt, shape);
   if (!r.is_ok()) return r.status().with_context(tname(t));
   Tensor out = std::move(*r);
@@ -250,6 +274,12 @@ Result<Tensor> make_sparse(const SparseTensorMsg& s, TensorSource& src) {
   if (values.rank() != 1) return invalid_model(where + ": values must be 1-D, got " + values.describe());
   if (indices.dtype() != DataType::kInt64 && indices.dtype() != DataType::kInt32)
     return invalid_model(where + ": indices must be int64, got " + indices.describe());
+  // A sparse tensor is tiny in the file but may claim a huge dense shape: cap the densified size.
+  constexpr uint64_t kMaxSparseDenseBytes = uint64_t{4} << 30;
+  auto dn = checked_numel(s.dims);
+  if (!dn.is_ok()) return dn.status().with_context(where);
+  if (static_cast<uint64_t>(*dn) > kMaxSparseDenseBytes / dtype_size(values.dtype()))
+    return unsupported(where + ": densified size " + shape_str(s.dims) + " exceeds 4 GiB");
   auto r = Tensor::create(values.dtype(), s.dims);
   if (!r.is_ok()) return r.status().with_context(where);
   Tensor out = std::move(*r);

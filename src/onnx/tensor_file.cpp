@@ -282,13 +282,18 @@ Result<Tensor> read_npy(const std::string& path) {
     if (i < shape_s.size() && shape_s[i] == 'L') ++i;
     shape.push_back(v);
   }
+  size_t off = hstart + hlen;
+  auto nr = checked_numel(shape);
+  if (!nr.is_ok()) return nr.status().with_context("'" + path + "'");
+  uint64_t es = dtype_size(dt), n = static_cast<uint64_t>(*nr);
+  // Compare with the bytes present before allocating from the header's shape.
+  if (n > (size - off) / es || n * es != size - off)
+    return bad("data has " + std::to_string(size - off) + " bytes, expected " +
+               (n > UINT64_MAX / es ? std::string("more") : std::to_string(n * es)) + " for " +
+               dtype_name(dt) + shape_str(shape));
   auto r = Tensor::create(dt, shape);
   if (!r.is_ok()) return r.status().with_context("'" + path + "'");
   Tensor t = std::move(*r);
-  size_t off = hstart + hlen;
-  if (size - off != t.nbytes())
-    return bad("data has " + std::to_string(size - off) + " bytes, expected " +
-               std::to_string(t.nbytes()) + " for " + t.describe());
   if (t.nbytes()) std::memcpy(t.raw_data(), d + off, t.nbytes());
   if (dt == DataType::kBool) {
     uint8_t* b = t.data<uint8_t>();

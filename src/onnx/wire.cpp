@@ -205,6 +205,7 @@ Status Reader::fixed32s(const Field& f, std::vector<float>& out) const {
   }
   if (f.wt != kLen) return err(f, std::string("expected fixed32 or packed floats, got ") + wt_name(f.wt));
   if (f.len % 4) return err(f, "packed float payload of " + std::to_string(f.len) + " bytes is not a multiple of 4");
+  if (f.len == 0) return Status::ok();
   size_t n = f.len / 4, old = out.size();
   out.resize(old + n);
   std::memcpy(out.data() + old, base_ + f.start, f.len);
@@ -220,6 +221,7 @@ Status Reader::fixed64s(const Field& f, std::vector<double>& out) const {
   }
   if (f.wt != kLen) return err(f, std::string("expected fixed64 or packed doubles, got ") + wt_name(f.wt));
   if (f.len % 8) return err(f, "packed double payload of " + std::to_string(f.len) + " bytes is not a multiple of 8");
+  if (f.len == 0) return Status::ok();
   size_t n = f.len / 8, old = out.size();
   out.resize(old + n);
   std::memcpy(out.data() + old, base_ + f.start, f.len);

@@ -30,8 +30,9 @@ const char* field_name(const char* msg, uint32_t num);
 class Reader {
  public:
   Reader(const uint8_t* base, size_t begin, size_t end, const char* msg)
-      : base_(base), pos_(begin), end_(end), msg_(msg) {}
+      : base_(base), begin_(begin), pos_(begin), end_(end), msg_(msg) {}
   bool done() const { return pos_ >= end_; }
+  size_t begin() const { return begin_; }  // absolute offset of the message payload
   const char* msg() const { return msg_; }
   const uint8_t* base() const { return base_; }
   // Reads the next field; kLen payloads are bounds-checked but not read.
@@ -52,7 +53,7 @@ class Reader {
  private:
   Status read_varint(size_t& pos, size_t end, uint64_t& v, const Field* f) const;
   const uint8_t* base_;
-  size_t pos_, end_;
+  size_t begin_, pos_, end_;
   const char* msg_;
 };
 

@@ -116,6 +116,19 @@ uint8_t encode_e8m0(double x, bool saturate, E8M0Round rm) {
   return static_cast<uint8_t>(exponent & 0xFF);
 }
 
+// double -> float rounded to odd (truncate, then set the last bit when inexact): narrowing that
+// result to half/bfloat16 with round-to-nearest-even then equals one direct rounding.
+float to_float_odd(double x) {
+  float f = static_cast<float>(x);
+  if (std::isnan(x) || std::isinf(f) || static_cast<double>(f) == x) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(x)) f = std::nextafter(f, 0.0f);
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  b |= 1;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
 // A decoded element: a float value, a signed or an unsigned integer.
 struct Num {
   enum Kind { kF, kI, kU } k = kI;
@@ -239,8 +252,8 @@ void write_num(Tensor& t, int64_t i, const Num& n, bool saturate, E8M0Round rm) 
                            : n.k == Num::kU ? static_cast<float>(n.u) : static_cast<float>(n.f);
       return;
     case DataType::kDouble: t.data<double>()[i] = num_to_f64(n); return;
-    case DataType::kFloat16: t.data<Half>()[i] = Half(static_cast<float>(num_to_f64(n))); return;
-    case DataType::kBFloat16: t.data<BFloat16>()[i] = BFloat16(static_cast<float>(num_to_f64(n))); return;
+    case DataType::kFloat16: t.data<Half>()[i] = Half(to_float_odd(num_to_f64(n))); return;
+    case DataType::kBFloat16: t.data<BFloat16>()[i] = BFloat16(to_float_odd(num_to_f64(n))); return;
     case DataType::kFloat8E4M3FN:
     case DataType::kFloat8E4M3FNUZ:
     case DataType::kFloat8E5M2:
@@ -297,7 +310,12 @@ void cast_std(const S* src, D* dst, int64_t n) {
       if constexpr (std::is_same_v<D, Half> || std::is_same_v<D, BFloat16>) dst[i] = D(src[i] ? 1.f : 0.f);
       else dst[i] = static_cast<D>(src[i] ? 1 : 0);
     } else if constexpr (std::is_same_v<D, Half> || std::is_same_v<D, BFloat16>) {
-      dst[i] = D(static_cast<float>(static_cast<compute_t<S>>(src[i])));
+      if constexpr (std::is_same_v<S, double> || std::is_same_v<S, int64_t> ||
+                    std::is_same_v<S, uint64_t> || std::is_same_v<S, int32_t> ||
+                    std::is_same_v<S, uint32_t>)
+        dst[i] = D(to_float_odd(static_cast<double>(src[i])));  // one rounding, not two
+      else
+        dst[i] = D(static_cast<float>(static_cast<compute_t<S>>(src[i])));
     } else if constexpr (std::is_integral_v<D> && !std::is_integral_v<S>) {
       // float -> int: truncate, then wrap (numpy); never UB.
       dst[i] = static_cast<D>(static_cast<uint64_t>(safe_f2i(static_cast<double>(src[i]))));

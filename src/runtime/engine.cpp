@@ -23,6 +23,7 @@ struct ExecutionContext::Impl {
   std::shared_ptr<const Engine> keep;  // engines outlive their contexts
   Frame frame;
   std::vector<bool> bound;
+  std::vector<Value> bound_values;  // kept across runs; the frame frees inputs after last use
   uint64_t runs = 0;
 };
 
@@ -102,6 +103,7 @@ Result<std::unique_ptr<ExecutionContext>> Engine::create_execution_context() con
   impl->frame.cg = impl_->cg.get();
   impl->frame.slots.resize(static_cast<size_t>(impl_->cg->num_slots));
   impl->bound.assign(impl_->inputs.size(), false);
+  impl->bound_values.resize(impl_->inputs.size());
   return std::make_unique<ExecutionContext>(std::move(impl));
 }
 
@@ -143,7 +145,7 @@ Status ExecutionContext::set_input_value(const std::string& name, const Value& v
     } else if (v.is_tensor()) {
       return invalid_argument("input '" + name + "' expects a " + d.kind + ", got a tensor");
     }
-    impl_->frame.slots[static_cast<size_t>(impl_->engine->cg->input_slots[i])] = v;
+    impl_->bound_values[i] = v;
     impl_->bound[i] = true;
     return Status::ok();
   }
@@ -157,11 +159,9 @@ Status ExecutionContext::enqueue(void* /*stream*/) {
   for (size_t i = 0; i < ins.size(); ++i)
     if (!impl_->bound[i]) return invalid_argument("input '" + ins[i].name + "' was not set");
   Frame& f = impl_->frame;
-  // Keep bound inputs, clear everything else from a previous run.
-  std::vector<Value> saved;
-  for (int s : f.cg->input_slots) saved.push_back(f.slots[static_cast<size_t>(s)]);
+  // Clear everything from a previous run, then bind the inputs.
   for (auto& v : f.slots) v = Value();
-  for (size_t i = 0; i < saved.size(); ++i) f.slots[static_cast<size_t>(f.cg->input_slots[i])] = std::move(saved[i]);
+  for (size_t i = 0; i < ins.size(); ++i) f.slots[static_cast<size_t>(f.cg->input_slots[i])] = impl_->bound_values[i];
   return run_graph(*f.cg, f, 0x5eed0000ULL + impl_->runs++);
 }
 

@@ -276,6 +276,15 @@ TEST(OnnxReader, HugeAndNegativeDims) {
   t3.v(1, static_cast<uint64_t>(int64_t{-3})).v(2, 1).s(8, "w");
   EXPECT_ERR(import_bytes(model(add_graph(t3))), "TensorProto.dims (field 1) at byte");
   EXPECT_ERR(import_bytes(model(add_graph(t3))), "negative dimension -3");
+  PB t5;  // 1 TiB claimed, one value present: rejected before allocating
+  t5.v(1, uint64_t{1} << 38).v(2, 1).s(8, "w").f32(4, 1.0f);
+  EXPECT_ERR(import_bytes(model(add_graph(t5))), "float_data has 1 values, expected 274877906944");
+  PB sp;  // sparse tensor claiming a huge dense shape
+  sp.m(1, PB().v(1, 1).v(2, 1).s(8, "w").f32(4, 1.0f)).m(2, PB().v(1, 1).v(2, 7).v(7, 0))
+      .v(3, uint64_t{1} << 36);
+  PB gs;
+  gs.m(1, node("Add", {"x", "w"}, {"y"})).m(15, sp).m(11, value_info("x")).m(12, value_info("y"));
+  EXPECT_ERR(import_bytes(model(gs)), "exceeds 4 GiB");
   PB t4;
   t4.v(1, 2).v(2, 99).s(8, "w");
   EXPECT_ERR(import_bytes(model(add_graph(t4))), "invalid data_type 99");

@@ -29,7 +29,8 @@ Attribute str_attr(const std::string& name, const std::string& v) {
 Result<std::vector<Value>> run(Node& node, std::vector<Value> inputs, size_t nout) {
   const OpDef* def = find_op(node.domain, node.op_type);
   if (!def) return not_found("op " + node.op_type);
-  for (size_t i = 0; i < inputs.size(); ++i) node.inputs.push_back(inputs[i].is_none() ? "" : "in" + std::to_string(i));
+  for (size_t i = 0; i < inputs.size(); ++i)
+    node.inputs.push_back(inputs[i].is_none() ? "" : "in" + std::to_string(i));
   for (size_t i = 0; i < nout; ++i) node.outputs.push_back("out" + std::to_string(i));
   OpContext ctx{node, nullptr};
   std::vector<Value> outs(nout);

@@ -1,1 +1,723 @@
-int main() { return 0; }
+// kiln: the command-line tool. build / run / bench / inspect.
+//
+// Exit codes: 0 success; 1 error (bad model, bad input, I/O); 2 usage error; 3 verification
+// mismatch.
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kiln/builder.h"
+#include "kiln/inspect.h"
+#include "kiln/io.h"
+#include "kiln/logger.h"
+#include "kiln/runtime.h"
+
+using namespace kiln;
+
+namespace {
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitMismatch = 3;
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+struct Options {
+  std::string cmd;
+  std::string onnx, save_engine, load_engine, cache_dir, test_dir, save_outputs, json;
+  std::vector<std::string> positional;
+  std::vector<std::string> load_inputs;  // name:file[,file...]
+  int64_t batch = 0;
+  bool fp16 = false;
+  uint64_t workspace_mib = 1024;
+  std::string device = "cpu";
+  bool verify = false, softmax = false, nodes = false;
+  double atol = 0.005, rtol = 0.05;
+  int64_t iterations = 100, warmup = 10;
+  double duration = 0;
+  int verbose = 0;
+};
+
+const char* kMainHelp =
+    "kiln — ONNX inference optimizer and runtime\n"
+    "\n"
+    "usage: kiln <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  build    build an optimized engine (plan file) from an ONNX model\n"
+    "  run      run inference on input tensors, optionally verifying against references\n"
+    "  bench    measure latency and throughput\n"
+    "  inspect  summarize an ONNX model or a plan file\n"
+    "\n"
+    "`kiln <command> --help` lists the options of a command.\n"
+    "exit codes: 0 ok, 1 error, 2 usage error, 3 verification mismatch\n";
+
+const char* kBuildOpts =
+    "  --onnx FILE          ONNX model to build from (required)\n"
+    "  --batch N            build for a maximum batch of N; the engine accepts any batch <= N\n"
+    "  --fp16               allow fp16 kernels (inputs/outputs stay fp32); warns on a backend\n"
+    "                       without fast fp16 and builds fp32\n"
+    "  --workspace MIB      scratch memory limit for tactic selection (default 1024)\n"
+    "  --device cpu         backend (default: cpu)\n";
+
+const char* kEngineOpts =
+    "  --onnx FILE          build an engine from this ONNX model (in memory unless --cache/--saveEngine)\n"
+    "  --loadEngine FILE    load a plan file (refused if damaged, or from another Kiln/device)\n"
+    "  --cache DIR          engine cache: load the plan for this model+config if present and valid,\n"
+    "                       else build it and save it there\n"
+    "  --saveEngine FILE    also write the built plan here\n";
+
+void print_help(const std::string& cmd) {
+  if (cmd == "build") {
+    std::printf("usage: kiln build --onnx m.onnx --saveEngine m.plan [options]\n\n%s"
+                "  --saveEngine FILE    where to write the plan (required)\n"
+                "  -v, --verbose        more logging (-v -v: verbose)\n", kBuildOpts);
+  } else if (cmd == "run") {
+    std::printf(
+        "usage: kiln run (--onnx m.onnx [--cache DIR] | --loadEngine m.plan) [inputs...] [options]\n\n"
+        "engine:\n%s%s"
+        "inputs:\n"
+        "  FILE...              input tensor files (.pb TensorProto or .npy) for a single-input model;\n"
+        "                       several files are concatenated on dimension 0 into one batch\n"
+        "  --loadInputs SPEC    name:file[,file...] for a named input (repeatable; multi-input models)\n"
+        "  --testDir DIR        run an ONNX test folder: DIR/model.onnx (unless --onnx/--loadEngine) and\n"
+        "                       every DIR/test_data_set_*/input_K.pb, verified against output_K.pb;\n"
+        "                       one line per data set\n"
+        "outputs:\n"
+        "  --saveOutputs DIR    write each output as DIR/<name>.pb\n"
+        "  --verify             compare with output_K.pb beside each input file: an element fails when\n"
+        "                       |out - ref| > max(rtol*|ref|, atol); prints OK or the first mismatch\n"
+        "  --softmax            apply softmax over the last axis to outputs and references first\n"
+        "  --atol X             absolute tolerance (default 0.005)\n"
+        "  --rtol X             relative tolerance (default 0.05)\n"
+        "  -v, --verbose        more logging\n",
+        kEngineOpts, kBuildOpts);
+  } else if (cmd == "bench") {
+    std::printf(
+        "usage: kiln bench (--onnx m.onnx [--cache DIR] | --loadEngine m.plan) [inputs...] [options]\n\n"
+        "engine:\n%s%s"
+        "inputs: as `kiln run` (FILE..., --loadInputs); without inputs, random data is used with\n"
+        "        dynamic dimensions set to 1 (dimension 0 to --batch when given)\n"
+        "timing:\n"
+        "  --warmUp N           warm-up iterations (default 10)\n"
+        "  --iterations N       timed iterations (default 100)\n"
+        "  --duration S         run for at least S seconds instead (overrides --iterations)\n"
+        "  --json FILE          write every figure as JSON\n",
+        kEngineOpts, kBuildOpts);
+  } else if (cmd == "inspect") {
+    std::printf(
+        "usage: kiln inspect FILE [--nodes]\n\n"
+        "  FILE                 an ONNX model (inputs/outputs with shapes, op histogram, opsets,\n"
+        "                       parameter count, unsupported ops) or a plan file (format, device,\n"
+        "                       build config, layers and kernels)\n"
+        "  --nodes              also print every node (ONNX models)\n");
+  } else {
+    std::printf("%s", kMainHelp);
+  }
+}
+
+int usage_error(const std::string& cmd, const std::string& msg) {
+  std::fprintf(stderr, "kiln %s: %s (see `kiln %s --help`)\n", cmd.c_str(), msg.c_str(), cmd.c_str());
+  return kExitUsage;
+}
+
+bool parse_int(const std::string& s, int64_t& out) {
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(s.c_str(), &end, 10);
+  if (errno || end == s.c_str() || *end) return false;
+  out = v;
+  return true;
+}
+bool parse_double(const std::string& s, double& out) {
+  char* end = nullptr;
+  double v = std::strtod(s.c_str(), &end);
+  if (end == s.c_str() || *end || !std::isfinite(v)) return false;
+  out = v;
+  return true;
+}
+
+// Returns -1 on success, else an exit code.
+int parse(int argc, char** argv, Options& o) {
+  if (argc < 2) {
+    std::fprintf(stderr, "%s", kMainHelp);
+    return kExitUsage;
+  }
+  o.cmd = argv[1];
+  if (o.cmd == "--help" || o.cmd == "-h" || o.cmd == "help") {
+    print_help("");
+    return 0;
+  }
+  if (o.cmd != "build" && o.cmd != "run" && o.cmd != "bench" && o.cmd != "inspect") {
+    std::fprintf(stderr, "kiln: unknown command '%s'\n\n%s", o.cmd.c_str(), kMainHelp);
+    return kExitUsage;
+  }
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    std::string val;
+    bool has_inline = false;
+    if (a.rfind("--", 0) == 0) {
+      auto eq = a.find('=');
+      if (eq != std::string::npos) {
+        val = a.substr(eq + 1);
+        a = a.substr(0, eq);
+        has_inline = true;
+      }
+    }
+    auto need = [&](std::string& dst) -> bool {
+      if (has_inline) { dst = val; return true; }
+      if (i + 1 >= argc) return false;
+      dst = argv[++i];
+      return true;
+    };
+    std::string v;
+    auto want_int = [&](int64_t& dst, int64_t min) -> int {
+      if (!need(v)) return usage_error(o.cmd, a + " needs a value");
+      if (!parse_int(v, dst) || dst < min)
+        return usage_error(o.cmd, a + " expects an integer >= " + std::to_string(min) + ", got '" + v + "'");
+      return -1;
+    };
+    auto want_double = [&](double& dst) -> int {
+      if (!need(v)) return usage_error(o.cmd, a + " needs a value");
+      if (!parse_double(v, dst) || dst < 0)
+        return usage_error(o.cmd, a + " expects a non-negative number, got '" + v + "'");
+      return -1;
+    };
+    auto want_str = [&](std::string& dst) -> int {
+      if (!need(dst) || dst.empty()) return usage_error(o.cmd, a + " needs a value");
+      return -1;
+    };
+    int rc = -1;
+    if (a == "--help" || a == "-h") { print_help(o.cmd); return 0; }
+    else if (a == "--onnx") rc = want_str(o.onnx);
+    else if (a == "--saveEngine") rc = want_str(o.save_engine);
+    else if (a == "--loadEngine") rc = want_str(o.load_engine);
+    else if (a == "--cache") rc = want_str(o.cache_dir);
+    else if (a == "--testDir") rc = want_str(o.test_dir);
+    else if (a == "--saveOutputs") rc = want_str(o.save_outputs);
+    else if (a == "--json") rc = want_str(o.json);
+    else if (a == "--device") rc = want_str(o.device);
+    else if (a == "--loadInputs") { std::string s; rc = want_str(s); o.load_inputs.push_back(s); }
+    else if (a == "--batch") rc = want_int(o.batch, 1);
+    else if (a == "--workspace") { int64_t w; rc = want_int(w, 1); if (rc < 0) o.workspace_mib = static_cast<uint64_t>(w); }
+    else if (a == "--iterations") rc = want_int(o.iterations, 1);
+    else if (a == "--warmUp" || a == "--warmup") rc = want_int(o.warmup, 0);
+    else if (a == "--duration") rc = want_double(o.duration);
+    else if (a == "--atol") rc = want_double(o.atol);
+    else if (a == "--rtol") rc = want_double(o.rtol);
+    else if (a == "--fp16") o.fp16 = true;
+    else if (a == "--verify") o.verify = true;
+    else if (a == "--softmax") o.softmax = true;
+    else if (a == "--nodes") o.nodes = true;
+    else if (a == "-v" || a == "--verbose") o.verbose++;
+    else if (a.size() > 1 && a[0] == '-') return usage_error(o.cmd, "unknown option '" + a + "'");
+    else o.positional.push_back(a);
+    if (rc >= 0) return rc;
+  }
+  return -1;
+}
+
+BuilderConfig config_of(const Options& o) {
+  BuilderConfig c;
+  c.max_batch = o.batch;
+  c.fp16 = o.fp16;
+  c.workspace_bytes = o.workspace_mib << 20;
+  c.device = o.device;
+  return c;
+}
+
+int fail(const Status& st) {
+  std::fprintf(stderr, "error: %s\n", st.message().c_str());
+  return kExitError;
+}
+
+std::string fmt_ms(double ms) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.3f ms", ms);
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engines
+
+Result<std::shared_ptr<Engine>> get_engine(const Options& o) {
+  if (!o.load_engine.empty()) {
+    if (!o.onnx.empty() || !o.cache_dir.empty())
+      return invalid_argument("--loadEngine cannot be combined with --onnx or --cache");
+    auto e = Engine::load(o.load_engine);
+    if (!e.is_ok()) return e.status().with_context("cannot load engine '" + o.load_engine + "'");
+    return e;
+  }
+  if (o.onnx.empty()) return invalid_argument("give a model with --onnx FILE or an engine with --loadEngine FILE");
+  BuilderConfig cfg = config_of(o);
+  if (!o.cache_dir.empty()) {
+    bool hit = false;
+    std::string path;
+    auto e = load_or_build_cached(o.onnx, cfg, o.cache_dir, &hit, &path);
+    if (!e.is_ok()) return e;
+    std::printf("engine: %s %s\n", hit ? "loaded from cache" : "built and cached as", path.c_str());
+    return e;
+  }
+  BuildReport rep;
+  KILN_ASSIGN_OR_RETURN(auto bytes, build_plan_from_onnx(o.onnx, cfg, &rep));
+  std::printf("engine: built from %s in %.2f s (%zu -> %zu nodes)\n", o.onnx.c_str(), rep.seconds, rep.nodes_in,
+              rep.nodes_out);
+  if (!o.save_engine.empty()) {
+    std::ofstream out(o.save_engine, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    if (!out) return io_error("cannot write '" + o.save_engine + "'");
+  }
+  return Engine::deserialize(bytes.data(), bytes.size());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+struct Binding {
+  std::string name;
+  std::vector<std::string> files;
+};
+
+Result<Tensor> concat_batch(const std::vector<Tensor>& parts, const std::string& name) {
+  if (parts.size() == 1) return parts[0];
+  const Tensor& first = parts[0];
+  if (first.rank() == 0) return invalid_argument("input '" + name + "': scalar tensors cannot be batched");
+  Shape s = first.shape();
+  int64_t total = 0;
+  for (auto& p : parts) {
+    if (p.dtype() != first.dtype() || p.rank() != first.rank() ||
+        !std::equal(p.shape().begin() + 1, p.shape().end(), first.shape().begin() + 1))
+      return invalid_argument("input '" + name + "': files to batch have different types/shapes (" +
+                              first.describe() + " vs " + p.describe() + ")");
+    total += p.dim(0);
+  }
+  s[0] = total;
+  KILN_ASSIGN_OR_RETURN(Tensor out, Tensor::create(first.dtype(), s));
+  if (first.dtype() == DataType::kString) {
+    int64_t k = 0;
+    for (auto& p : parts)
+      for (int64_t i = 0; i < p.numel(); ++i) out.data<std::string>()[k++] = p.data<std::string>()[i];
+    return out;
+  }
+  size_t off = 0;
+  for (auto& p : parts) {
+    std::memcpy(static_cast<uint8_t*>(out.raw_data()) + off, p.raw_data(), p.nbytes());
+    off += p.nbytes();
+  }
+  return out;
+}
+
+Result<std::vector<Binding>> collect_bindings(const Options& o, const Engine& e) {
+  std::vector<Binding> b;
+  if (!o.load_inputs.empty()) {
+    if (!o.positional.empty())
+      return invalid_argument("give inputs either positionally or with --loadInputs, not both");
+    for (auto& spec : o.load_inputs) {
+      auto colon = spec.find(':');
+      if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size())
+        return invalid_argument("--loadInputs expects name:file[,file...], got '" + spec + "'");
+      Binding x;
+      x.name = spec.substr(0, colon);
+      std::string rest = spec.substr(colon + 1);
+      size_t p = 0;
+      while (p <= rest.size()) {
+        auto c = rest.find(',', p);
+        std::string f = rest.substr(p, c == std::string::npos ? std::string::npos : c - p);
+        if (!f.empty()) x.files.push_back(f);
+        if (c == std::string::npos) break;
+        p = c + 1;
+      }
+      b.push_back(x);
+    }
+  } else if (!o.positional.empty()) {
+    if (e.inputs().size() != 1)
+      return invalid_argument("the model has " + std::to_string(e.inputs().size()) +
+                              " inputs; name them with --loadInputs name:file[,file...]");
+    b.push_back({e.inputs()[0].name, o.positional});
+  }
+  return b;
+}
+
+Result<std::map<std::string, Tensor>> load_bindings(const std::vector<Binding>& bs, const Engine& e) {
+  std::map<std::string, Tensor> m;
+  for (auto& b : bs) {
+    bool known = false;
+    for (auto& d : e.inputs()) known |= d.name == b.name;
+    if (!known) {
+      std::string names;
+      for (auto& d : e.inputs()) names += (names.empty() ? "" : ", ") + d.name;
+      return not_found("the model has no input named '" + b.name + "' (inputs: " + names + ")");
+    }
+    std::vector<Tensor> parts;
+    for (auto& f : b.files) {
+      auto v = read_tensor_file(f, "tensor");
+      if (!v.is_ok()) return v.status().with_context("input '" + b.name + "' file '" + f + "'");
+      if (!v->is_tensor()) return invalid_argument("input file '" + f + "' does not hold a tensor");
+      parts.push_back(v->tensor);
+    }
+    KILN_ASSIGN_OR_RETURN(Tensor t, concat_batch(parts, b.name));
+    m[b.name] = t;
+  }
+  return m;
+}
+
+Result<Tensor> random_input(const TensorDesc& d, int64_t batch, std::mt19937& rng) {
+  if (d.kind != "tensor") return unsupported("input '" + d.name + "' is a " + d.kind + "; give it as a file");
+  Shape s;
+  for (size_t i = 0; i < d.shape.size(); ++i) s.push_back(d.shape[i] >= 0 ? d.shape[i] : (i == 0 && batch > 0 ? batch : 1));
+  if (batch > 0 && !s.empty()) s[0] = batch;
+  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(d.dtype, s));
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  int64_t n = t.numel();
+  switch (d.dtype) {
+    case DataType::kFloat: for (int64_t i = 0; i < n; ++i) t.data<float>()[i] = u(rng); break;
+    case DataType::kDouble: for (int64_t i = 0; i < n; ++i) t.data<double>()[i] = u(rng); break;
+    case DataType::kInt64: for (int64_t i = 0; i < n; ++i) t.data<int64_t>()[i] = static_cast<int64_t>(rng() % 100); break;
+    case DataType::kInt32: for (int64_t i = 0; i < n; ++i) t.data<int32_t>()[i] = static_cast<int32_t>(rng() % 100); break;
+    case DataType::kBool: for (int64_t i = 0; i < n; ++i) t.data<bool>()[i] = rng() & 1; break;
+    default: break;  // zeros
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verification
+
+void softmax_last(Tensor& t) {
+  if (t.rank() == 0 || t.dtype() != DataType::kFloat) return;
+  int64_t c = t.shape().back();
+  if (c == 0) return;
+  float* p = t.data<float>();
+  for (int64_t r = 0; r < t.numel() / c; ++r) {
+    float* x = p + r * c;
+    float m = *std::max_element(x, x + c);
+    double sum = 0;
+    for (int64_t i = 0; i < c; ++i) sum += std::exp(static_cast<double>(x[i] - m));
+    for (int64_t i = 0; i < c; ++i) x[i] = static_cast<float>(std::exp(static_cast<double>(x[i] - m)) / sum);
+  }
+}
+
+std::string index_str(int64_t flat, const Shape& s) {
+  std::vector<int64_t> idx(s.size());
+  for (size_t i = s.size(); i-- > 0;) {
+    idx[i] = s[i] ? flat % s[i] : 0;
+    flat = s[i] ? flat / s[i] : 0;
+  }
+  std::string r = "[";
+  for (size_t i = 0; i < idx.size(); ++i) r += (i ? ", " : "") + std::to_string(idx[i]);
+  return r + "]";
+}
+
+// Compares got (already sliced to the reference's rows) with ref; "" when OK, else the first mismatch.
+std::string verify_tensor(const Tensor& got_in, const Tensor& ref_in, const Options& o) {
+  Tensor got = got_in.clone(), ref = ref_in.clone();
+  if (got.shape() != ref.shape())
+    return "shape " + shape_str(got.shape()) + " differs from the reference " + shape_str(ref.shape());
+  if (got.dtype() != ref.dtype())
+    return std::string("dtype ") + dtype_name(got.dtype()) + " differs from the reference " + dtype_name(ref.dtype());
+  if (o.softmax) {
+    softmax_last(got);
+    softmax_last(ref);
+  }
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    double a = got.get_f64(i), r = ref.get_f64(i);
+    double tol = std::max(o.rtol * std::fabs(r), o.atol);
+    bool bad = std::isnan(a) != std::isnan(r) || (!std::isnan(r) && !(std::fabs(a - r) <= tol));
+    if (bad) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "at %s: expected %.6g, got %.6g (|diff| %.3g > tolerance %.3g)",
+                    index_str(i, got.shape()).c_str(), r, a, std::fabs(a - r), tol);
+      return buf;
+    }
+  }
+  return "";
+}
+
+Result<Tensor> slice_rows(const Tensor& t, int64_t begin, int64_t rows) {
+  if (t.rank() == 0) return t;
+  Shape s = t.shape();
+  s[0] = rows;
+  KILN_ASSIGN_OR_RETURN(Tensor out, Tensor::create(t.dtype(), s));
+  if (t.dtype() == DataType::kString) return invalid_argument("cannot verify string outputs");
+  size_t row_bytes = t.dim(0) ? t.nbytes() / static_cast<size_t>(t.dim(0)) : 0;
+  std::memcpy(out.raw_data(), static_cast<const uint8_t*>(t.raw_data()) + row_bytes * static_cast<size_t>(begin),
+              row_bytes * static_cast<size_t>(rows));
+  return out;
+}
+
+std::string dir_of(const std::string& p) {
+  auto s = p.find_last_of('/');
+  return s == std::string::npos ? "." : p.substr(0, s);
+}
+
+// Runs one inference with `inputs` and (optionally) verifies. Returns exit code.
+int infer_once(const Options& o, const Engine& e, ExecutionContext& ctx, const std::map<std::string, Tensor>& inputs,
+               const std::vector<std::string>& ref_dirs, const std::vector<int64_t>& rows_per_ref,
+               const std::string& label, bool* matched) {
+  for (auto& [name, t] : inputs) {
+    Status st = ctx.set_input(name, t);
+    if (!st.is_ok()) return fail(st);
+  }
+  Status st = ctx.enqueue();
+  if (st.is_ok()) st = ctx.synchronize();
+  if (!st.is_ok()) return fail(st);
+  if (!o.save_outputs.empty()) {
+    ::mkdir(o.save_outputs.c_str(), 0755);
+    for (auto& d : e.outputs()) {
+      auto t = ctx.get_output(d.name);
+      if (!t.is_ok()) return fail(t.status());
+      std::string safe = d.name;
+      for (char& c : safe) if (c == '/' || c == ':') c = '_';
+      std::string path = o.save_outputs + "/" + safe + ".pb";
+      Status ws = write_tensor_file(path, t.value(), d.name);
+      if (!ws.is_ok()) return fail(ws);
+      std::printf("saved output '%s' %s to %s\n", d.name.c_str(), t->describe().c_str(), path.c_str());
+    }
+  }
+  if (!o.verify) {
+    for (auto& d : e.outputs()) {
+      auto t = ctx.get_output(d.name);
+      if (t.is_ok()) std::printf("output '%s': %s\n", d.name.c_str(), t->describe().c_str());
+    }
+    return 0;
+  }
+  *matched = true;
+  for (size_t k = 0; k < e.outputs().size(); ++k) {
+    const TensorDesc& d = e.outputs()[k];
+    auto got = ctx.get_output(d.name);
+    if (!got.is_ok()) return fail(got.status());
+    int64_t row = 0;
+    for (size_t r = 0; r < ref_dirs.size(); ++r) {
+      std::string ref_path = ref_dirs[r] + "/output_" + std::to_string(k) + ".pb";
+      auto ref = read_tensor_file(ref_path, "tensor");
+      if (!ref.is_ok()) return fail(ref.status().with_context("reference for output '" + d.name + "'"));
+      Tensor g = got.value();
+      if (ref_dirs.size() > 1) {
+        auto sl = slice_rows(got.value(), row, rows_per_ref[r]);
+        if (!sl.is_ok()) return fail(sl.status());
+        g = sl.value();
+      }
+      row += rows_per_ref[r];
+      std::string m = verify_tensor(g, ref->tensor, o);
+      if (!m.empty()) {
+        std::printf("%sMISMATCH output '%s' vs %s %s\n", label.c_str(), d.name.c_str(), ref_path.c_str(), m.c_str());
+        *matched = false;
+        return kExitMismatch;
+      }
+    }
+  }
+  std::printf("%sOK\n", label.c_str());
+  return 0;
+}
+
+int cmd_run(const Options& o) {
+  Options opt = o;
+  if (!o.test_dir.empty() && o.onnx.empty() && o.load_engine.empty()) opt.onnx = o.test_dir + "/model.onnx";
+  auto eng = get_engine(opt);
+  if (!eng.is_ok()) return fail(eng.status());
+  const Engine& e = *eng.value();
+  auto ctx = e.create_execution_context();
+  if (!ctx.is_ok()) return fail(ctx.status());
+
+  if (!o.test_dir.empty()) {
+    if (!o.positional.empty() || !o.load_inputs.empty())
+      return usage_error("run", "--testDir takes its inputs from the folder; do not give input files");
+    std::vector<std::string> sets;
+    if (DIR* d = opendir(o.test_dir.c_str())) {
+      while (dirent* ent = readdir(d)) {
+        std::string n = ent->d_name;
+        if (n.rfind("test_data_set_", 0) == 0) sets.push_back(n);
+      }
+      closedir(d);
+    } else {
+      return fail(not_found("test folder '" + o.test_dir + "' does not exist"));
+    }
+    std::sort(sets.begin(), sets.end());
+    if (sets.empty()) return fail(not_found("no test_data_set_* folders in '" + o.test_dir + "'"));
+    Options vo = o;
+    vo.verify = true;
+    int worst = 0, ok = 0;
+    for (auto& s : sets) {
+      std::string dir = o.test_dir + "/" + s;
+      std::map<std::string, Tensor> inputs;
+      bool bad = false;
+      for (size_t k = 0; k < e.inputs().size(); ++k) {
+        std::string f = dir + "/input_" + std::to_string(k) + ".pb";
+        auto v = read_tensor_file(f, "tensor");
+        if (!v.is_ok()) {
+          std::printf("%s: ERROR %s\n", s.c_str(), v.status().message().c_str());
+          worst = std::max(worst, kExitError);
+          bad = true;
+          break;
+        }
+        inputs[e.inputs()[k].name] = v->tensor;
+      }
+      if (bad) continue;
+      bool matched = false;
+      int rc = infer_once(vo, e, *ctx.value(), inputs, {dir}, {1}, s + ": ", &matched);
+      if (rc == 0 && matched) ok++;
+      worst = std::max(worst, rc);
+    }
+    std::printf("%d of %zu data sets OK\n", ok, sets.size());
+    return worst;
+  }
+
+  auto bindings = collect_bindings(o, e);
+  if (!bindings.is_ok()) return fail(bindings.status());
+  if (bindings->empty()) return usage_error("run", "no inputs given (files, --loadInputs or --testDir)");
+  for (auto& d : e.inputs()) {
+    bool given = false;
+    for (auto& b : bindings.value()) given |= b.name == d.name;
+    if (!given) return fail(invalid_argument("input '" + d.name + "' was not given"));
+  }
+  auto inputs = load_bindings(bindings.value(), e);
+  if (!inputs.is_ok()) return fail(inputs.status());
+  // References sit beside the first binding's files (output_K.pb next to input_K.pb).
+  std::vector<std::string> ref_dirs;
+  std::vector<int64_t> rows;
+  for (auto& f : bindings.value()[0].files) {
+    ref_dirs.push_back(dir_of(f));
+    auto v = read_tensor_file(f, "tensor");
+    rows.push_back(v.is_ok() && v->is_tensor() && v->tensor.rank() > 0 ? v->tensor.dim(0) : 1);
+  }
+  int64_t batch = 0;
+  for (auto r : rows) batch += r;
+  std::printf("running batch of %lld (%zu input file%s)\n", static_cast<long long>(batch), ref_dirs.size(),
+              ref_dirs.size() == 1 ? "" : "s");
+  bool matched = false;
+  return infer_once(o, e, *ctx.value(), inputs.value(), ref_dirs, rows, "", &matched);
+}
+
+int cmd_build(const Options& o) {
+  if (o.onnx.empty()) return usage_error("build", "--onnx FILE is required");
+  if (o.save_engine.empty()) return usage_error("build", "--saveEngine FILE is required");
+  BuildReport rep;
+  auto bytes = build_plan_from_onnx(o.onnx, config_of(o), &rep);
+  if (!bytes.is_ok()) return fail(bytes.status());
+  std::ofstream out(o.save_engine, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(bytes->data()), static_cast<std::streamsize>(bytes->size()));
+  out.close();
+  if (!out) return fail(io_error("cannot write '" + o.save_engine + "'"));
+  std::printf("built %s -> %s: %zu bytes, %zu nodes -> %zu layers (%zu folded, %zu removed) in %.2f s\n",
+              o.onnx.c_str(), o.save_engine.c_str(), bytes->size(), rep.nodes_in, rep.nodes_out, rep.folded,
+              rep.eliminated, rep.seconds);
+  return 0;
+}
+
+int cmd_bench(const Options& o) {
+  auto eng = get_engine(o);
+  if (!eng.is_ok()) return fail(eng.status());
+  const Engine& e = *eng.value();
+  auto ctx = e.create_execution_context();
+  if (!ctx.is_ok()) return fail(ctx.status());
+  auto bindings = collect_bindings(o, e);
+  if (!bindings.is_ok()) return fail(bindings.status());
+  auto inputs = load_bindings(bindings.value(), e);
+  if (!inputs.is_ok()) return fail(inputs.status());
+  std::mt19937 rng(1234);
+  int64_t batch = o.batch;
+  for (auto& d : e.inputs()) {
+    if (inputs->count(d.name)) continue;
+    auto t = random_input(d, o.batch, rng);
+    if (!t.is_ok()) return fail(t.status());
+    (*inputs)[d.name] = t.value();
+  }
+  for (auto& [name, t] : inputs.value()) {
+    Status st = (*ctx)->set_input(name, t);
+    if (!st.is_ok()) return fail(st);
+    if (t.rank() > 0 && batch == 0) batch = t.dim(0);
+  }
+  if (batch == 0) batch = 1;
+  using clk = std::chrono::steady_clock;
+  for (int64_t i = 0; i < o.warmup; ++i) {
+    Status st = (*ctx)->enqueue();
+    if (st.is_ok()) st = (*ctx)->synchronize();
+    if (!st.is_ok()) return fail(st);
+  }
+  std::vector<double> lat;
+  auto t_start = clk::now();
+  for (int64_t i = 0;; ++i) {
+    if (o.duration > 0) {
+      if (std::chrono::duration<double>(clk::now() - t_start).count() >= o.duration && i > 0) break;
+    } else if (i >= o.iterations) {
+      break;
+    }
+    auto t0 = clk::now();
+    Status st = (*ctx)->enqueue();
+    if (st.is_ok()) st = (*ctx)->synchronize();
+    auto t1 = clk::now();
+    if (!st.is_ok()) return fail(st);
+    lat.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  double total_s = std::chrono::duration<double>(clk::now() - t_start).count();
+  std::vector<double> s = lat;
+  std::sort(s.begin(), s.end());
+  auto pct = [&](double p) {
+    size_t idx = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(s.size()))) - 1;
+    return s[std::min(idx, s.size() - 1)];
+  };
+  double mean = 0;
+  for (double x : s) mean += x;
+  mean /= static_cast<double>(s.size());
+  double median = s.size() % 2 ? s[s.size() / 2] : (s[s.size() / 2 - 1] + s[s.size() / 2]) / 2;
+  double qps = static_cast<double>(s.size()) / total_s;
+  std::printf("=== timing report (%s, %zu iterations, batch %lld, device %s) ===\n",
+              o.load_engine.empty() ? o.onnx.c_str() : o.load_engine.c_str(), s.size(),
+              static_cast<long long>(batch), e.info().device.c_str());
+  std::printf("latency: min %s  mean %s  median %s  p90 %s  p95 %s  p99 %s  max %s\n", fmt_ms(s.front()).c_str(),
+              fmt_ms(mean).c_str(), fmt_ms(median).c_str(), fmt_ms(pct(90)).c_str(), fmt_ms(pct(95)).c_str(),
+              fmt_ms(pct(99)).c_str(), fmt_ms(s.back()).c_str());
+  std::printf("throughput: %.2f inferences/s, %.2f items/s\n", qps, qps * static_cast<double>(batch));
+  if (!o.json.empty()) {
+    std::ofstream j(o.json);
+    j << "{\n  \"model\": \"" << (o.load_engine.empty() ? o.onnx : o.load_engine) << "\",\n"
+      << "  \"device\": \"" << e.info().device << "\",\n  \"batch\": " << batch << ",\n"
+      << "  \"iterations\": " << s.size() << ",\n  \"warmup\": " << o.warmup << ",\n"
+      << "  \"latency_ms\": {\"min\": " << s.front() << ", \"mean\": " << mean << ", \"median\": " << median
+      << ", \"p90\": " << pct(90) << ", \"p95\": " << pct(95) << ", \"p99\": " << pct(99) << ", \"max\": " << s.back()
+      << "},\n  \"throughput\": {\"inferences_per_s\": " << qps << ", \"items_per_s\": " << qps * static_cast<double>(batch)
+      << "},\n  \"total_s\": " << total_s << "\n}\n";
+    if (!j) return fail(io_error("cannot write '" + o.json + "'"));
+  }
+  return 0;
+}
+
+int cmd_inspect(const Options& o) {
+  if (o.positional.size() != 1 && o.onnx.empty() && o.load_engine.empty())
+    return usage_error("inspect", "give exactly one model or plan file");
+  std::string path = !o.positional.empty() ? o.positional[0] : (!o.onnx.empty() ? o.onnx : o.load_engine);
+  auto r = is_plan_file(path) ? inspect_plan(path) : inspect_onnx(path, o.nodes);
+  if (!r.is_ok()) return fail(r.status());
+  std::printf("%s", r->c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  int rc = parse(argc, argv, o);
+  if (rc >= 0) return rc;
+  StderrLogger logger(o.verbose >= 2 ? Severity::kVerbose : o.verbose == 1 ? Severity::kInfo : Severity::kWarning);
+  set_logger(&logger);
+  int result = kExitUsage;
+  if (o.cmd == "build") result = cmd_build(o);
+  else if (o.cmd == "run") result = cmd_run(o);
+  else if (o.cmd == "bench") result = cmd_bench(o);
+  else if (o.cmd == "inspect") result = cmd_inspect(o);
+  set_logger(nullptr);
+  return result;
+}

@@ -24,3 +24,20 @@ Result<bool> scalar_bool(const OpContext& ctx, const Tensor& t, const char* what
 uint64_t node_seed(const OpContext& ctx);
 
 }  // namespace kiln::ctl
+
+namespace kiln::ctl {
+// Output type: tensor of `dt` with input i's shape (when known).
+inline TypeInfo like_input(const InferContext& ctx, size_t i, DataType dt) {
+  TypeInfo t = TypeInfo::tensor(dt);
+  if (i < ctx.input_types.size() && ctx.input_types[i].kind == TypeInfo::Kind::kTensor &&
+      ctx.input_types[i].has_shape) {
+    t.has_shape = true;
+    t.dims = ctx.input_types[i].dims;
+  }
+  return t;
+}
+inline bool input_is_tensor(const InferContext& ctx, size_t i) {
+  return i < ctx.input_types.size() && ctx.input_types[i].kind == TypeInfo::Kind::kTensor &&
+         ctx.input_types[i].dtype != DataType::kUndefined;
+}
+}  // namespace kiln::ctl

@@ -313,10 +313,36 @@ Status eval_scan(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   return Status::ok();
 }
 
+Status infer_scan(InferContext& ctx) {
+  const Graph* body = ctx.node.attr_graph("body");
+  const int64_t m = ctx.node.attr_int("num_scan_inputs", -1);
+  if (!body || m < 1 || static_cast<size_t>(m) > ctx.node.inputs.size()) return Status::ok();
+  const size_t n_state = ctx.node.inputs.size() - static_cast<size_t>(m);
+  const bool batched = ctx.node.attr_int("kiln_batched", 0) != 0;
+  const std::vector<int64_t> axes = ctx.node.attr_ints("scan_output_axes");
+  for (size_t i = 0; i < ctx.output_types.size() && i < body->outputs.size(); ++i) {
+    const TypeInfo& bt = body->outputs[i].type;
+    if (bt.kind != TypeInfo::Kind::kTensor || bt.dtype == DataType::kUndefined) continue;
+    TypeInfo t = TypeInfo::tensor(bt.dtype);
+    if (i >= n_state && bt.has_shape && !batched) {
+      const int64_t r = static_cast<int64_t>(bt.dims.size()) + 1;
+      int64_t a = i - n_state < axes.size() ? axes[i - n_state] : 0;
+      if (a < 0) a += r;
+      if (a >= 0 && a < r) {
+        t.has_shape = true;
+        t.dims = bt.dims;
+        t.dims.insert(t.dims.begin() + a, Dim{});
+      }
+    }
+    ctx.output_types[i] = t;
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_If = {"If", "", &eval_if, &infer_if};
 const OpDef kOp_Loop = {"Loop", "", &eval_loop, &infer_loop};
-const OpDef kOp_Scan = {"Scan", "", &eval_scan, nullptr};
+const OpDef kOp_Scan = {"Scan", "", &eval_scan, &infer_scan};
 
 }  // namespace kiln

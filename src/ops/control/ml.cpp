@@ -259,12 +259,44 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
   return Status::ok();
 }
 
+// Type inference.
+Status infer_label_encoder(InferContext& ctx) {
+  const Node& n = ctx.node;
+  DataType dt = DataType::kUndefined;
+  if (const Tensor* t = n.attr_tensor("values_tensor")) dt = t->dtype();
+  else if (n.has_attr("values_strings")) dt = DataType::kString;
+  else if (n.has_attr("values_int64s")) dt = DataType::kInt64;
+  else if (n.has_attr("values_floats")) dt = DataType::kFloat;
+  if (dt != DataType::kUndefined) ctx.output_types[0] = ctl::like_input(ctx, 0, dt);
+  return Status::ok();
+}
+Status infer_same_as_input(InferContext& ctx) {
+  if (ctl::input_is_tensor(ctx, 0)) ctx.output_types[0] = ctl::like_input(ctx, 0, ctx.input_types[0].dtype);
+  return Status::ok();
+}
+Status infer_input_dtype(InferContext& ctx) {
+  if (ctl::input_is_tensor(ctx, 0)) ctx.output_types[0] = TypeInfo::tensor(ctx.input_types[0].dtype);
+  return Status::ok();
+}
+Status infer_tree_ensemble(InferContext& ctx) {
+  if (!ctl::input_is_tensor(ctx, 0)) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  TypeInfo y = TypeInfo::tensor(x.dtype);
+  const int64_t nt = ctx.node.attr_int("n_targets", -1);
+  if (x.has_shape && x.dims.size() == 2 && nt > 0) {
+    y.has_shape = true;
+    y.dims = {x.dims[0], Dim::of(nt)};
+  }
+  ctx.output_types[0] = y;
+  return Status::ok();
+}
+
 }  // namespace
 
-const OpDef kOp_ml_LabelEncoder = {"LabelEncoder", "ai.onnx.ml", &eval_label_encoder, nullptr};
+const OpDef kOp_ml_LabelEncoder = {"LabelEncoder", "ai.onnx.ml", &eval_label_encoder, &infer_label_encoder};
 const OpDef kOp_ml_ArrayFeatureExtractor = {"ArrayFeatureExtractor", "ai.onnx.ml",
-                                            &eval_array_feature_extractor, nullptr};
-const OpDef kOp_ml_Binarizer = {"Binarizer", "ai.onnx.ml", &eval_binarizer, nullptr};
-const OpDef kOp_ml_TreeEnsemble = {"TreeEnsemble", "ai.onnx.ml", &eval_tree_ensemble, nullptr};
+                                            &eval_array_feature_extractor, &infer_input_dtype};
+const OpDef kOp_ml_Binarizer = {"Binarizer", "ai.onnx.ml", &eval_binarizer, &infer_same_as_input};
+const OpDef kOp_ml_TreeEnsemble = {"TreeEnsemble", "ai.onnx.ml", &eval_tree_ensemble, &infer_tree_ensemble};
 
 }  // namespace kiln

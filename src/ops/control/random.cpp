@@ -142,13 +142,32 @@ Status eval_multinomial(OpContext& ctx, std::span<const Value> in, std::span<Val
   return Status::ok();
 }
 
+Status infer_random_like(InferContext& ctx) {
+  if (!ctl::input_is_tensor(ctx, 0)) return Status::ok();
+  const int64_t dt = ctx.node.attr_int("dtype", static_cast<int64_t>(ctx.input_types[0].dtype));
+  if (dtype_valid(static_cast<int32_t>(dt)))
+    ctx.output_types[0] = ctl::like_input(ctx, 0, static_cast<DataType>(dt));
+  return Status::ok();
+}
+Status infer_multinomial(InferContext& ctx) {
+  const int64_t dt = ctx.node.attr_int("dtype", static_cast<int64_t>(DataType::kInt32));
+  if (!dtype_valid(static_cast<int32_t>(dt))) return Status::ok();
+  TypeInfo y = TypeInfo::tensor(static_cast<DataType>(dt));
+  if (ctl::input_is_tensor(ctx, 0) && ctx.input_types[0].has_shape && ctx.input_types[0].dims.size() == 2) {
+    y.has_shape = true;
+    y.dims = {ctx.input_types[0].dims[0], Dim::of(ctx.node.attr_int("sample_size", 1))};
+  }
+  ctx.output_types[0] = y;
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_RandomUniform = {"RandomUniform", "", &eval_random_uniform, &infer_random};
 const OpDef kOp_RandomNormal = {"RandomNormal", "", &eval_random_normal, &infer_random};
-const OpDef kOp_RandomUniformLike = {"RandomUniformLike", "", &eval_random_uniform_like, nullptr};
-const OpDef kOp_RandomNormalLike = {"RandomNormalLike", "", &eval_random_normal_like, nullptr};
-const OpDef kOp_Bernoulli = {"Bernoulli", "", &eval_bernoulli, nullptr};
-const OpDef kOp_Multinomial = {"Multinomial", "", &eval_multinomial, nullptr};
+const OpDef kOp_RandomUniformLike = {"RandomUniformLike", "", &eval_random_uniform_like, &infer_random_like};
+const OpDef kOp_RandomNormalLike = {"RandomNormalLike", "", &eval_random_normal_like, &infer_random_like};
+const OpDef kOp_Bernoulli = {"Bernoulli", "", &eval_bernoulli, &infer_random_like};
+const OpDef kOp_Multinomial = {"Multinomial", "", &eval_multinomial, &infer_multinomial};
 
 }  // namespace kiln

@@ -211,6 +211,50 @@ Status eval_sequence_map(OpContext& ctx, std::span<const Value> in, std::span<Va
   return Status::ok();
 }
 
+// ---------------------------------------------------------------- type inference
+TypeInfo seq_of(const TypeInfo& elem) {
+  TypeInfo t;
+  t.kind = TypeInfo::Kind::kSequence;
+  t.elem = std::make_shared<TypeInfo>(elem);
+  return t;
+}
+// Element type of a sequence-typed input; unknown when not a known sequence.
+TypeInfo elem_of(const InferContext& ctx, size_t i) {
+  if (i < ctx.input_types.size() && ctx.input_types[i].kind == TypeInfo::Kind::kSequence &&
+      ctx.input_types[i].elem)
+    return *ctx.input_types[i].elem;
+  return {};
+}
+// A sequence of tensors of `dt` (shape left open: elements may differ).
+Status infer_seq_dtype(InferContext& ctx, DataType dt) {
+  if (dt != DataType::kUndefined) ctx.output_types[0] = seq_of(TypeInfo::tensor(dt));
+  return Status::ok();
+}
+Status infer_sequence_empty(InferContext& ctx) {
+  const int64_t dt = ctx.node.attr_int("dtype", static_cast<int64_t>(DataType::kFloat));
+  if (!dtype_valid(static_cast<int32_t>(dt))) return Status::ok();
+  return infer_seq_dtype(ctx, static_cast<DataType>(dt));
+}
+Status infer_seq_from_tensor0(InferContext& ctx) {  // SequenceConstruct, SplitToSequence
+  if (ctx.input_types.empty() || ctx.input_types[0].kind != TypeInfo::Kind::kTensor) return Status::ok();
+  return infer_seq_dtype(ctx, ctx.input_types[0].dtype);
+}
+Status infer_seq_passthrough(InferContext& ctx) {  // SequenceInsert, SequenceErase
+  TypeInfo e = elem_of(ctx, 0);
+  if (e.kind == TypeInfo::Kind::kTensor) return infer_seq_dtype(ctx, e.dtype);
+  return Status::ok();
+}
+Status infer_sequence_at(InferContext& ctx) {
+  TypeInfo e = elem_of(ctx, 0);
+  if (e.kind == TypeInfo::Kind::kTensor) ctx.output_types[0] = TypeInfo::tensor(e.dtype);
+  return Status::ok();
+}
+Status infer_concat_from_sequence(InferContext& ctx) {
+  TypeInfo e = elem_of(ctx, 0);
+  if (e.kind == TypeInfo::Kind::kTensor) ctx.output_types[0] = TypeInfo::tensor(e.dtype);
+  return Status::ok();
+}
+
 // ---------------------------------------------------------------- Optional
 Status eval_optional(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   if (!in.empty() && !in[0].is_none()) {
@@ -226,6 +270,21 @@ Status eval_optional(OpContext& ctx, std::span<const Value> in, std::span<Value>
   DataType dt = t.kind == TypeInfo::Kind::kTensor ? t.dtype
                 : (t.elem ? t.elem->dtype : DataType::kUndefined);
   out[0] = Value::make_optional(nullptr, dt);
+  return Status::ok();
+}
+
+Status infer_optional(InferContext& ctx) {
+  TypeInfo t;
+  t.kind = TypeInfo::Kind::kOptional;
+  if (!ctx.input_types.empty() && ctx.input_types[0].kind != TypeInfo::Kind::kUnknown) {
+    t.elem = std::make_shared<TypeInfo>(ctx.input_types[0]);
+  } else if (const Attribute* a = ctx.node.attr("type"); a && !a->types.empty() &&
+             (ctx.node.inputs.empty() || ctx.node.inputs[0].empty())) {
+    t.elem = std::make_shared<TypeInfo>(a->types[0]);
+  } else {
+    return Status::ok();
+  }
+  ctx.output_types[0] = t;
   return Status::ok();
 }
 
@@ -245,6 +304,14 @@ Status infer_optional_has_element(InferContext& ctx) {
   return Status::ok();
 }
 
+Status infer_optional_get_element(InferContext& ctx) {
+  if (ctx.input_types.empty()) return Status::ok();
+  const TypeInfo& t = ctx.input_types[0];
+  if (t.kind == TypeInfo::Kind::kOptional && t.elem) ctx.output_types[0] = *t.elem;
+  else if (t.kind == TypeInfo::Kind::kTensor || t.kind == TypeInfo::Kind::kSequence) ctx.output_types[0] = t;
+  return Status::ok();
+}
+
 Status eval_optional_get_element(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   if (in.empty() || in[0].is_none()) return ctx.bad_input("input is missing");
   const Value& v = in[0];
@@ -259,18 +326,19 @@ Status eval_optional_get_element(OpContext& ctx, std::span<const Value> in, std:
 
 }  // namespace
 
-const OpDef kOp_SequenceEmpty = {"SequenceEmpty", "", &eval_sequence_empty, nullptr};
-const OpDef kOp_SequenceConstruct = {"SequenceConstruct", "", &eval_sequence_construct, nullptr};
-const OpDef kOp_SequenceInsert = {"SequenceInsert", "", &eval_sequence_insert, nullptr};
-const OpDef kOp_SequenceAt = {"SequenceAt", "", &eval_sequence_at, nullptr};
-const OpDef kOp_SequenceErase = {"SequenceErase", "", &eval_sequence_erase, nullptr};
+const OpDef kOp_SequenceEmpty = {"SequenceEmpty", "", &eval_sequence_empty, &infer_sequence_empty};
+const OpDef kOp_SequenceConstruct = {"SequenceConstruct", "", &eval_sequence_construct, &infer_seq_from_tensor0};
+const OpDef kOp_SequenceInsert = {"SequenceInsert", "", &eval_sequence_insert, &infer_seq_passthrough};
+const OpDef kOp_SequenceAt = {"SequenceAt", "", &eval_sequence_at, &infer_sequence_at};
+const OpDef kOp_SequenceErase = {"SequenceErase", "", &eval_sequence_erase, &infer_seq_passthrough};
 const OpDef kOp_SequenceLength = {"SequenceLength", "", &eval_sequence_length, &infer_sequence_length};
-const OpDef kOp_SplitToSequence = {"SplitToSequence", "", &eval_split_to_sequence, nullptr};
-const OpDef kOp_ConcatFromSequence = {"ConcatFromSequence", "", &eval_concat_from_sequence, nullptr};
+const OpDef kOp_SplitToSequence = {"SplitToSequence", "", &eval_split_to_sequence, &infer_seq_from_tensor0};
+const OpDef kOp_ConcatFromSequence = {"ConcatFromSequence", "", &eval_concat_from_sequence, &infer_concat_from_sequence};
 const OpDef kOp_SequenceMap = {"SequenceMap", "", &eval_sequence_map, nullptr};
-const OpDef kOp_Optional = {"Optional", "", &eval_optional, nullptr};
+const OpDef kOp_Optional = {"Optional", "", &eval_optional, &infer_optional};
 const OpDef kOp_OptionalHasElement = {"OptionalHasElement", "", &eval_optional_has_element,
                                       &infer_optional_has_element};
-const OpDef kOp_OptionalGetElement = {"OptionalGetElement", "", &eval_optional_get_element, nullptr};
+const OpDef kOp_OptionalGetElement = {"OptionalGetElement", "", &eval_optional_get_element,
+                                      &infer_optional_get_element};
 
 }  // namespace kiln

@@ -348,12 +348,33 @@ Status eval_tfidf(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
   return tfidf_run<int64_t>(ctx, *x, pool, in, out, [&](int64_t i) { return x->get_i64(i); });
 }
 
+// Type inference: element types always; shapes where they follow from the input.
+Status infer_regex(InferContext& ctx) {
+  ctx.output_types[0] = ctl::like_input(ctx, 0, DataType::kBool);
+  return Status::ok();
+}
+Status infer_string_only(InferContext& ctx) {
+  ctx.output_types[0] = TypeInfo::tensor(DataType::kString);
+  return Status::ok();
+}
+Status infer_string_split(InferContext& ctx) {
+  TypeInfo y = ctl::like_input(ctx, 0, DataType::kString);
+  if (y.has_shape) y.dims.push_back(Dim{});
+  ctx.output_types[0] = y;
+  if (ctx.output_types.size() > 1) ctx.output_types[1] = ctl::like_input(ctx, 0, DataType::kInt64);
+  return Status::ok();
+}
+Status infer_tfidf(InferContext& ctx) {
+  ctx.output_types[0] = TypeInfo::tensor(DataType::kFloat);
+  return Status::ok();
+}
+
 }  // namespace
 
-const OpDef kOp_StringNormalizer = {"StringNormalizer", "", &eval_string_normalizer, nullptr};
-const OpDef kOp_StringConcat = {"StringConcat", "", &eval_string_concat, nullptr};
-const OpDef kOp_StringSplit = {"StringSplit", "", &eval_string_split, nullptr};
-const OpDef kOp_RegexFullMatch = {"RegexFullMatch", "", &eval_regex_full_match, nullptr};
-const OpDef kOp_TfIdfVectorizer = {"TfIdfVectorizer", "", &eval_tfidf, nullptr};
+const OpDef kOp_StringNormalizer = {"StringNormalizer", "", &eval_string_normalizer, &infer_string_only};
+const OpDef kOp_StringConcat = {"StringConcat", "", &eval_string_concat, &infer_string_only};
+const OpDef kOp_StringSplit = {"StringSplit", "", &eval_string_split, &infer_string_split};
+const OpDef kOp_RegexFullMatch = {"RegexFullMatch", "", &eval_regex_full_match, &infer_regex};
+const OpDef kOp_TfIdfVectorizer = {"TfIdfVectorizer", "", &eval_tfidf, &infer_tfidf};
 
 }  // namespace kiln

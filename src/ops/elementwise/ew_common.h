@@ -54,9 +54,9 @@ void broadcast_rows2(const Shape& out, const Shape& sa, const Shape& sb, F&& f) 
 // out[i] = f(a[ia], b[ib]) with numpy broadcasting and fast paths for equal shapes / scalars.
 template <typename A, typename B, typename R, typename F>
 void binary_loop(const Tensor& a, const Tensor& b, Tensor& out, F&& f) {
-  const A* pa = a.data<A>();
-  const B* pb = b.data<B>();
-  R* po = out.data<R>();
+  const A* __restrict pa = a.data<A>();
+  const B* __restrict pb = b.data<B>();
+  R* __restrict po = out.data<R>();  // freshly created: never aliases the inputs
   const int64_t n = out.numel();
   if (a.numel() == n && b.numel() == n) {
     for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);

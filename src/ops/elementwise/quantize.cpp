@@ -35,7 +35,7 @@ Result<ParamMap> make_param_map(const OpContext& ctx, const Tensor& x, const Ten
   const Shape& s = x.shape();
   int64_t numel = x.numel();
   m.outer = numel;
-  if (scale.numel() == 1 && scale.rank() <= 1) return m;
+  if (scale.numel() == 1) return m;  // per-tensor, whatever its rank
   const int64_t block = ctx.node.attr_int("block_size", 0);
   KILN_ASSIGN_OR_RETURN(int64_t axis, norm_axis(ctx, ctx.node.attr_int("axis", 1), x.rank()));
   if (x.rank() == 0) return ctx.bad_input("per-axis scale needs a non-scalar input");
@@ -124,6 +124,13 @@ Status eval_QuantizeLinear(OpContext& ctx, std::span<const Value> in, std::span<
   KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(qt, x->shape()));
   const float* ps = sc.data<float>();
   const float* pz = zp ? zpf.data<float>() : nullptr;
+  // `precision` (opset 23+): x / scale is computed in that float type.
+  const int64_t prec = ctx.node.attr_int("precision", 0);
+  auto round_prec = [prec](float v) -> float {
+    if (prec == static_cast<int64_t>(DataType::kFloat16)) return static_cast<float>(Half(v));
+    if (prec == static_cast<int64_t>(DataType::kBFloat16)) return static_cast<float>(BFloat16(v));
+    return v;
+  };
   auto quant = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* px = x->data<T>();
@@ -133,6 +140,9 @@ Status eval_QuantizeLinear(OpContext& ctx, std::span<const Value> in, std::span<
         q = static_cast<float>(T(static_cast<float>(px[i]) / ps[p]));  // numpy divides in x's type
       } else if constexpr (std::is_same_v<T, double>) {
         q = static_cast<float>(px[i] / static_cast<double>(ps[p]));
+      } else if (prec == static_cast<int64_t>(DataType::kFloat16) ||
+                 prec == static_cast<int64_t>(DataType::kBFloat16)) {
+        q = round_prec(round_prec(static_cast<float>(px[i])) / round_prec(ps[p]));
       } else {
         q = static_cast<float>(px[i]) / ps[p];
       }
@@ -181,10 +191,7 @@ Status eval_DequantizeLinear(OpContext& ctx, std::span<const Value> in, std::spa
       return ctx.bad_input("zero point type differs from input type");
     KILN_ASSIGN_OR_RETURN(zpf, cast_tensor(*zp, DataType::kFloat));
   }
-  if (x->dtype() == DataType::kFloat4E2M1) {
-    // Reference: float4 ignores the zero point.
-  }
-  const bool sub_zp = use_zp && x->dtype() != DataType::kFloat4E2M1;
+  const bool sub_zp = use_zp && x->dtype() != DataType::kFloat4E2M1;  // the reference ignores it
   KILN_ASSIGN_OR_RETURN(Tensor yf, Tensor::create(DataType::kFloat, x->shape()));
   const float* px = xf.data<float>();
   const float* ps = sc.data<float>();

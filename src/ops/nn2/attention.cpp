@@ -159,7 +159,8 @@ Status eval_attention(OpContext& ctx, std::span<const Value> inputs, std::span<V
             }
           }
           if (causal) {
-            const int64_t offset = past_k ? P : (nonpad ? nonpad_len[static_cast<size_t>(b)] - S : 0);
+            const int64_t offset =
+                past_k ? P : (nonpad ? nonpad_len[static_cast<size_t>(b)] - S : 0);
             if (j > i + offset) bj += kNegInf;
           }
           if (nonpad && j >= nonpad_len[static_cast<size_t>(b)]) bj += kNegInf;
@@ -273,7 +274,8 @@ Status eval_rotary(OpContext& ctx, std::span<const Value> inputs, std::span<Valu
         for (int64_t i = 0; i < half; ++i) {
           const size_t i1 = base + static_cast<size_t>(interleaved ? 2 * i : i);
           const size_t i2 = base + static_cast<size_t>(interleaved ? 2 * i + 1 : i + half);
-          const double c = cv[crow + static_cast<size_t>(i)], sn = sv[crow + static_cast<size_t>(i)];
+          const double c = cv[crow + static_cast<size_t>(i)],
+                       sn = sv[crow + static_cast<size_t>(i)];
           const double x1 = xv[i1], x2 = xv[i2];
           y[i1] = c * x1 - sn * x2;
           y[i2] = sn * x1 + c * x2;
@@ -303,14 +305,48 @@ Status eval_swiglu(OpContext& ctx, std::span<const Value> inputs, std::span<Valu
   return Status::ok();
 }
 
+Status infer_attention(InferContext& ctx) {
+  const TypeInfo* q = nn2::in_type(ctx, 0);
+  const TypeInfo* k = nn2::in_type(ctx, 1);
+  const TypeInfo* v = nn2::in_type(ctx, 2);
+  const TypeInfo* pk = nn2::in_type(ctx, 4);
+  if (!q) return Status::ok();
+  const DataType dt = q->dtype;
+  const size_t r = nn2::rank_of(q);
+  const int64_t hq = ctx.node.attr_int("q_num_heads", 0),
+                hkv = ctx.node.attr_int("kv_num_heads", 0);
+  Dim B = nn2::dim_at(q, 0), S, Hq, Hkv, Dh, Dv, L = nn2::dim_at(k, r == 3 ? 1 : 2);
+  if (r == 4) {
+    Hq = nn2::dim_at(q, 1), S = nn2::dim_at(q, 2), Dh = nn2::dim_at(q, 3);
+    Hkv = nn2::dim_at(k, 1), Dv = nn2::dim_at(v, 3);
+  } else if (r == 3 && hq > 0 && hkv > 0) {
+    S = nn2::dim_at(q, 1), Hq = Dim::of(hq), Hkv = Dim::of(hkv);
+    const Dim qh = nn2::dim_at(q, 2), vh = nn2::dim_at(v, 2);
+    if (qh.known()) Dh = Dim::of(qh.value / hq);
+    if (vh.known()) Dv = Dim::of(vh.value / hkv);
+  } else {
+    for (size_t i = 0; i < 4; ++i) nn2::set_out(ctx, i, TypeInfo::tensor(dt));
+    return Status::ok();
+  }
+  const Dim T = pk ? nn2::dim_add(nn2::dim_at(pk, 2), L) : L;
+  nn2::set_out(ctx, 0,
+               r == 4 ? nn2::tensor_type(dt, {B, Hq, S, Dv})
+                      : nn2::tensor_type(dt, {B, S, nn2::dim_mul(Hq, Dv)}));
+  nn2::set_out(ctx, 1, nn2::tensor_type(dt, {B, Hkv, T, Dh}));
+  nn2::set_out(ctx, 2, nn2::tensor_type(dt, {B, Hkv, T, Dv}));
+  nn2::set_out(ctx, 3, nn2::tensor_type(dt, {B, Hq, S, T}));
+  return Status::ok();
+}
+
 Status infer_same_as_input0(InferContext& ctx) {
-  if (!ctx.input_types.empty() && !ctx.output_types.empty()) ctx.output_types[0] = ctx.input_types[0];
+  if (!ctx.input_types.empty() && !ctx.output_types.empty())
+    ctx.output_types[0] = ctx.input_types[0];
   return Status::ok();
 }
 
 }  // namespace
 
-const OpDef kOp_Attention = {"Attention", "", &eval_attention, nullptr};
+const OpDef kOp_Attention = {"Attention", "", &eval_attention, &infer_attention};
 const OpDef kOp_RotaryEmbedding = {"RotaryEmbedding", "", &eval_rotary, &infer_same_as_input0};
 const OpDef kOp_SwiGLU = {"SwiGLU", "", &eval_swiglu, &infer_same_as_input0};
 

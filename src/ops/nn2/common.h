@@ -57,10 +57,45 @@ namespace kiln::nn2 {
 // Rounds x to the precision of float type `dt` (for matching reference casts).
 inline double round_to(DataType dt, double x) {
   switch (dt) {
-    case DataType::kFloat: return static_cast<float>(x);
-    case DataType::kFloat16: return static_cast<float>(Half(static_cast<float>(x)));
-    case DataType::kBFloat16: return static_cast<float>(BFloat16(static_cast<float>(x)));
-    default: return x;
+    case DataType::kFloat:
+      return static_cast<float>(x);
+    case DataType::kFloat16:
+      return static_cast<float>(Half(static_cast<float>(x)));
+    case DataType::kBFloat16:
+      return static_cast<float>(BFloat16(static_cast<float>(x)));
+    default:
+      return x;
   }
+}
+}  // namespace kiln::nn2
+
+namespace kiln::nn2 {
+// Shape-inference helpers: the tensor type of input i (nullptr if unknown), dim d of it
+// (unknown Dim when the rank is unknown), and a tensor TypeInfo of given dims.
+inline const TypeInfo* in_type(const InferContext& ctx, size_t i) {
+  return i < ctx.input_types.size() && ctx.input_types[i].kind == TypeInfo::Kind::kTensor
+             ? &ctx.input_types[i]
+             : nullptr;
+}
+inline Dim dim_at(const TypeInfo* t, size_t d) {
+  return t && t->has_shape && d < t->dims.size() ? t->dims[d] : Dim{};
+}
+inline size_t rank_of(const TypeInfo* t) {
+  return t && t->has_shape ? t->dims.size() : 0;
+}
+inline Dim dim_mul(const Dim& a, const Dim& b) {
+  return a.known() && b.known() ? Dim::of(a.value * b.value) : Dim{};
+}
+inline Dim dim_add(const Dim& a, const Dim& b) {
+  return a.known() && b.known() ? Dim::of(a.value + b.value) : Dim{};
+}
+inline TypeInfo tensor_type(DataType dt, std::vector<Dim> dims) {
+  TypeInfo t = TypeInfo::tensor(dt);
+  t.has_shape = true;
+  t.dims = std::move(dims);
+  return t;
+}
+inline void set_out(InferContext& ctx, size_t i, TypeInfo t) {
+  if (i < ctx.output_types.size()) ctx.output_types[i] = std::move(t);
 }
 }  // namespace kiln::nn2

@@ -12,7 +12,8 @@ Status nll_core(OpContext& ctx, const Tensor& scores, const std::vector<double>&
                 std::span<const Value> inputs, std::span<Value> outputs) {
   KILN_ASSIGN_OR_RETURN(const Tensor* target, req_tensor(ctx, inputs, 1));
   const Tensor* weight = opt_tensor(inputs, 2);
-  if (scores.rank() < 2) return ctx.bad_input("input must have rank >= 2, got " + scores.describe());
+  if (scores.rank() < 2)
+    return ctx.bad_input("input must have rank >= 2, got " + scores.describe());
   if (target->dtype() != DataType::kInt32 && target->dtype() != DataType::kInt64)
     return ctx.bad_input("target must be int32 or int64, got " + target->describe());
   const int64_t N = scores.dim(0), C = scores.dim(1);
@@ -76,9 +77,11 @@ Status eval_sce(OpContext& ctx, std::span<const Value> inputs, std::span<Value> 
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t d = 0; d < D; ++d) {
       double mx = -std::numeric_limits<double>::infinity();
-      for (int64_t c = 0; c < C; ++c) mx = std::max(mx, v[static_cast<size_t>((n * C + c) * D + d)]);
+      for (int64_t c = 0; c < C; ++c)
+        mx = std::max(mx, v[static_cast<size_t>((n * C + c) * D + d)]);
       double s = 0;
-      for (int64_t c = 0; c < C; ++c) s += std::exp(v[static_cast<size_t>((n * C + c) * D + d)] - mx);
+      for (int64_t c = 0; c < C; ++c)
+        s += std::exp(v[static_cast<size_t>((n * C + c) * D + d)] - mx);
       const double ls = std::log(s) + mx;
       for (int64_t c = 0; c < C; ++c) v[static_cast<size_t>((n * C + c) * D + d)] -= ls;
     }
@@ -114,7 +117,7 @@ Status infer_loss(InferContext& ctx) {
 }  // namespace
 
 const OpDef kOp_NegativeLogLikelihoodLoss = {"NegativeLogLikelihoodLoss", "", &eval_nll,
-                                              &infer_loss};
+                                             &infer_loss};
 const OpDef kOp_SoftmaxCrossEntropyLoss = {"SoftmaxCrossEntropyLoss", "", &eval_sce, &infer_loss};
 
 }  // namespace kiln

@@ -12,22 +12,44 @@ namespace {
 enum class Cell { kRnn, kGru, kLstm };
 
 struct Act {
-  enum Kind { kRelu, kTanh, kSigmoid, kAffine, kLeakyRelu, kThresholdedRelu, kScaledTanh,
-              kHardSigmoid, kElu, kSoftsign, kSoftplus } kind = kTanh;
+  enum Kind {
+    kRelu,
+    kTanh,
+    kSigmoid,
+    kAffine,
+    kLeakyRelu,
+    kThresholdedRelu,
+    kScaledTanh,
+    kHardSigmoid,
+    kElu,
+    kSoftsign,
+    kSoftplus
+  } kind = kTanh;
   double alpha = 0, beta = 0;
   double operator()(double x) const {
     switch (kind) {
-      case kRelu: return x > 0 ? x : 0;
-      case kTanh: return std::tanh(x);
-      case kSigmoid: return 1.0 / (1.0 + std::exp(-x));
-      case kAffine: return alpha * x + beta;
-      case kLeakyRelu: return x >= 0 ? x : alpha * x;
-      case kThresholdedRelu: return x > alpha ? x : 0;
-      case kScaledTanh: return alpha * std::tanh(beta * x);
-      case kHardSigmoid: return std::max(0.0, std::min(1.0, alpha * x + beta));
-      case kElu: return x >= 0 ? x : alpha * (std::exp(x) - 1);
-      case kSoftsign: return x / (1 + std::fabs(x));
-      case kSoftplus: return std::log1p(std::exp(x));
+      case kRelu:
+        return x > 0 ? x : 0;
+      case kTanh:
+        return std::tanh(x);
+      case kSigmoid:
+        return 1.0 / (1.0 + std::exp(-x));
+      case kAffine:
+        return alpha * x + beta;
+      case kLeakyRelu:
+        return x >= 0 ? x : alpha * x;
+      case kThresholdedRelu:
+        return x > alpha ? x : 0;
+      case kScaledTanh:
+        return alpha * std::tanh(beta * x);
+      case kHardSigmoid:
+        return std::max(0.0, std::min(1.0, alpha * x + beta));
+      case kElu:
+        return x >= 0 ? x : alpha * (std::exp(x) - 1);
+      case kSoftsign:
+        return x / (1 + std::fabs(x));
+      case kSoftplus:
+        return std::log1p(std::exp(x));
     }
     return x;
   }
@@ -38,18 +60,45 @@ bool make_act(std::string name, Act* a, bool* uses_alpha, bool* uses_beta) {
   std::transform(name.begin(), name.end(), name.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   *uses_alpha = *uses_beta = false;
-  if (name == "relu") a->kind = Act::kRelu;
-  else if (name == "tanh") a->kind = Act::kTanh;
-  else if (name == "sigmoid") a->kind = Act::kSigmoid;
-  else if (name == "affine") { a->kind = Act::kAffine; a->alpha = 1; a->beta = 0; *uses_alpha = *uses_beta = true; }
-  else if (name == "leakyrelu") { a->kind = Act::kLeakyRelu; a->alpha = 0.01; *uses_alpha = true; }
-  else if (name == "thresholdedrelu") { a->kind = Act::kThresholdedRelu; a->alpha = 1; *uses_alpha = true; }
-  else if (name == "scaledtanh") { a->kind = Act::kScaledTanh; a->alpha = 1; a->beta = 1; *uses_alpha = *uses_beta = true; }
-  else if (name == "hardsigmoid") { a->kind = Act::kHardSigmoid; a->alpha = 0.2; a->beta = 0.5; *uses_alpha = *uses_beta = true; }
-  else if (name == "elu") { a->kind = Act::kElu; a->alpha = 1; *uses_alpha = true; }
-  else if (name == "softsign") a->kind = Act::kSoftsign;
-  else if (name == "softplus") a->kind = Act::kSoftplus;
-  else return false;
+  if (name == "relu")
+    a->kind = Act::kRelu;
+  else if (name == "tanh")
+    a->kind = Act::kTanh;
+  else if (name == "sigmoid")
+    a->kind = Act::kSigmoid;
+  else if (name == "affine") {
+    a->kind = Act::kAffine;
+    a->alpha = 1;
+    a->beta = 0;
+    *uses_alpha = *uses_beta = true;
+  } else if (name == "leakyrelu") {
+    a->kind = Act::kLeakyRelu;
+    a->alpha = 0.01;
+    *uses_alpha = true;
+  } else if (name == "thresholdedrelu") {
+    a->kind = Act::kThresholdedRelu;
+    a->alpha = 1;
+    *uses_alpha = true;
+  } else if (name == "scaledtanh") {
+    a->kind = Act::kScaledTanh;
+    a->alpha = 1;
+    a->beta = 1;
+    *uses_alpha = *uses_beta = true;
+  } else if (name == "hardsigmoid") {
+    a->kind = Act::kHardSigmoid;
+    a->alpha = 0.2;
+    a->beta = 0.5;
+    *uses_alpha = *uses_beta = true;
+  } else if (name == "elu") {
+    a->kind = Act::kElu;
+    a->alpha = 1;
+    *uses_alpha = true;
+  } else if (name == "softsign")
+    a->kind = Act::kSoftsign;
+  else if (name == "softplus")
+    a->kind = Act::kSoftplus;
+  else
+    return false;
   return true;
 }
 
@@ -79,7 +128,8 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
   const int64_t H = w->dim(1) / G;
   if (n.has_attr("hidden_size") && n.attr_int("hidden_size", 0) != H)
     return ctx.bad_input("hidden_size does not match W");
-  if (r->shape() != Shape{D, G * H, H}) return ctx.bad_input("R shape " + shape_str(r->shape()) + " invalid");
+  if (r->shape() != Shape{D, G * H, H})
+    return ctx.bad_input("R shape " + shape_str(r->shape()) + " invalid");
   if (bias && bias->shape() != Shape{D, 2 * G * H}) return ctx.bad_input("B shape invalid");
   const Shape state_shape = layout ? Shape{B, D, H} : Shape{D, B, H};
   if (init_h && init_h->shape() != state_shape) return ctx.bad_input("initial_h shape invalid");
@@ -87,7 +137,8 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
   if (peep && peep->shape() != Shape{D, 3 * H}) return ctx.bad_input("P shape invalid");
   std::vector<int64_t> lens(static_cast<size_t>(B), S);
   if (seqlens) {
-    if (seqlens->rank() != 1 || seqlens->dim(0) != B) return ctx.bad_input("sequence_lens must be [batch]");
+    if (seqlens->rank() != 1 || seqlens->dim(0) != B)
+      return ctx.bad_input("sequence_lens must be [batch]");
     lens = seqlens->to_i64_vector();
     for (int64_t l : lens)
       if (l < 0 || l > S) return ctx.bad_input("sequence_lens value out of range");
@@ -97,9 +148,12 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
   std::vector<std::string> names = n.attr_strings("activations");
   if (names.empty()) {
     for (int64_t d = 0; d < D; ++d) {
-      if (cell == Cell::kRnn) names.push_back("Tanh");
-      else if (cell == Cell::kGru) names.insert(names.end(), {"Sigmoid", "Tanh"});
-      else names.insert(names.end(), {"Sigmoid", "Tanh", "Tanh"});
+      if (cell == Cell::kRnn)
+        names.push_back("Tanh");
+      else if (cell == Cell::kGru)
+        names.insert(names.end(), {"Sigmoid", "Tanh"});
+      else
+        names.insert(names.end(), {"Sigmoid", "Tanh", "Tanh"});
     }
   }
   if (names.size() == nact && D == 2) {
@@ -118,10 +172,14 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
     if (!make_act(names[i], &acts[i], &ua, &ub))
       return ctx.bad_input("unsupported activation '" + names[i] + "'");
     // Lists as long as `activations` are parallel to it; shorter ones are consumed in order.
-    if (alphas.size() == names.size()) { if (ua) acts[i].alpha = alphas[i]; }
-    else if (ua && ai < alphas.size()) acts[i].alpha = alphas[ai++];
-    if (betas.size() == names.size()) { if (ub) acts[i].beta = betas[i]; }
-    else if (ub && bi < betas.size()) acts[i].beta = betas[bi++];
+    if (alphas.size() == names.size()) {
+      if (ua) acts[i].alpha = alphas[i];
+    } else if (ua && ai < alphas.size())
+      acts[i].alpha = alphas[ai++];
+    if (betas.size() == names.size()) {
+      if (ub) acts[i].beta = betas[i];
+    } else if (ub && bi < betas.size())
+      acts[i].beta = betas[bi++];
   }
   const bool has_clip = n.has_attr("clip");
   const double clip = n.attr_float("clip", 0.0f);
@@ -130,10 +188,12 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
   auto clipv = [&](double v) { return has_clip ? std::max(-clip, std::min(clip, v)) : v; };
 
   const std::vector<double> xv = nn2::to_f64(*x), wv = nn2::to_f64(*w), rv = nn2::to_f64(*r);
-  const std::vector<double> bv = bias ? nn2::to_f64(*bias) : std::vector<double>(static_cast<size_t>(D * 2 * G * H), 0.0);
+  const std::vector<double> bv =
+      bias ? nn2::to_f64(*bias) : std::vector<double>(static_cast<size_t>(D * 2 * G * H), 0.0);
   const std::vector<double> h0 = init_h ? nn2::to_f64(*init_h) : std::vector<double>();
   const std::vector<double> c0 = init_c ? nn2::to_f64(*init_c) : std::vector<double>();
-  const std::vector<double> pv = peep ? nn2::to_f64(*peep) : std::vector<double>(static_cast<size_t>(D * 3 * H), 0.0);
+  const std::vector<double> pv =
+      peep ? nn2::to_f64(*peep) : std::vector<double>(static_cast<size_t>(D * 3 * H), 0.0);
   auto state_idx = [&](int64_t d, int64_t b, int64_t j) {
     return static_cast<size_t>(layout ? (b * D + d) * H + j : (d * B + b) * H + j);
   };
@@ -141,11 +201,14 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
     return static_cast<size_t>(layout ? (b * S + t) * I + i : (t * B + b) * I + i);
   };
   auto y_idx = [&](int64_t t, int64_t d, int64_t b, int64_t j) {
-    return static_cast<size_t>(layout ? ((b * S + t) * D + d) * H + j : ((t * D + d) * B + b) * H + j);
+    return static_cast<size_t>(layout ? ((b * S + t) * D + d) * H + j
+                                      : ((t * D + d) * B + b) * H + j);
   };
   std::vector<double> y(static_cast<size_t>(S * D * B * H), 0.0);
-  std::vector<double> yh(static_cast<size_t>(D * B * H), 0.0), yc(static_cast<size_t>(D * B * H), 0.0);
-  std::vector<double> h(static_cast<size_t>(H)), c(static_cast<size_t>(H)), hn(static_cast<size_t>(H));
+  std::vector<double> yh(static_cast<size_t>(D * B * H), 0.0),
+      yc(static_cast<size_t>(D * B * H), 0.0);
+  std::vector<double> h(static_cast<size_t>(H)), c(static_cast<size_t>(H)),
+      hn(static_cast<size_t>(H));
   std::vector<double> xw(static_cast<size_t>(G * H)), hr(static_cast<size_t>(G * H));
   for (int64_t d = 0; d < D; ++d) {
     const bool reverse = dir == "reverse" || d == 1;
@@ -204,7 +267,8 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
                 h[static_cast<size_t>(k)];
           for (int64_t j = 0; j < H; ++j) {
             double s = Rb[2 * H + j] + xw[static_cast<size_t>(2 * H + j)];
-            for (int64_t k = 0; k < H; ++k) s += rh[static_cast<size_t>(k)] * R[(2 * H + j) * H + k];
+            for (int64_t k = 0; k < H; ++k)
+              s += rh[static_cast<size_t>(k)] * R[(2 * H + j) * H + k];
             const double z = hn[static_cast<size_t>(j)];
             hn[static_cast<size_t>(j)] = (1 - z) * a[1](clipv(s)) + z * h[static_cast<size_t>(j)];
           }
@@ -223,7 +287,8 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
   }
   const DataType dt = x->dtype();
   if (nn2::wants(ctx, outputs, 0)) {
-    KILN_ASSIGN_OR_RETURN(outputs[0], nn2::from_f64(dt, layout ? Shape{B, S, D, H} : Shape{S, D, B, H}, y));
+    KILN_ASSIGN_OR_RETURN(outputs[0],
+                          nn2::from_f64(dt, layout ? Shape{B, S, D, H} : Shape{S, D, B, H}, y));
   }
   if (nn2::wants(ctx, outputs, 1)) {
     KILN_ASSIGN_OR_RETURN(outputs[1], nn2::from_f64(dt, state_shape, yh));
@@ -231,6 +296,28 @@ Status eval_rnn_common(OpContext& ctx, std::span<const Value> inputs, std::span<
   if (cell == Cell::kLstm && nn2::wants(ctx, outputs, 2)) {
     KILN_ASSIGN_OR_RETURN(outputs[2], nn2::from_f64(dt, state_shape, yc));
   }
+  return Status::ok();
+}
+
+Status infer_rnn(InferContext& ctx) {
+  const TypeInfo* x = nn2::in_type(ctx, 0);
+  const TypeInfo* w = nn2::in_type(ctx, 1);
+  if (!x) return Status::ok();
+  const int64_t layout = ctx.node.attr_int("layout", 0);
+  const int64_t D = ctx.node.attr_string("direction", "forward") == "bidirectional" ? 2 : 1;
+  const Dim S = nn2::dim_at(x, layout ? 1 : 0), B = nn2::dim_at(x, layout ? 0 : 1);
+  Dim H = ctx.node.has_attr("hidden_size") ? Dim::of(ctx.node.attr_int("hidden_size", 0)) : Dim{};
+  const Dim rows = nn2::dim_at(w, 1);
+  const int64_t G = ctx.node.op_type == "LSTM" ? 4 : ctx.node.op_type == "GRU" ? 3 : 1;
+  if (!H.known() && rows.known()) H = Dim::of(rows.value / G);
+  const Dim Dd = Dim::of(D);
+  nn2::set_out(ctx, 0,
+               layout ? nn2::tensor_type(x->dtype, {B, S, Dd, H})
+                      : nn2::tensor_type(x->dtype, {S, Dd, B, H}));
+  const TypeInfo st =
+      layout ? nn2::tensor_type(x->dtype, {B, Dd, H}) : nn2::tensor_type(x->dtype, {Dd, B, H});
+  nn2::set_out(ctx, 1, st);
+  nn2::set_out(ctx, 2, st);
   return Status::ok();
 }
 
@@ -246,8 +333,8 @@ Status eval_lstm(OpContext& ctx, std::span<const Value> in, std::span<Value> out
 
 }  // namespace
 
-const OpDef kOp_RNN = {"RNN", "", &eval_rnn, nullptr};
-const OpDef kOp_GRU = {"GRU", "", &eval_gru, nullptr};
-const OpDef kOp_LSTM = {"LSTM", "", &eval_lstm, nullptr};
+const OpDef kOp_RNN = {"RNN", "", &eval_rnn, &infer_rnn};
+const OpDef kOp_GRU = {"GRU", "", &eval_gru, &infer_rnn};
+const OpDef kOp_LSTM = {"LSTM", "", &eval_lstm, &infer_rnn};
 
 }  // namespace kiln

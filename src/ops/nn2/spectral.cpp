@@ -23,16 +23,18 @@ Status eval_dft(OpContext& ctx, std::span<const Value> inputs, std::span<Value> 
   KILN_ASSIGN_OR_RETURN(const Tensor* x, nn2::req_float(ctx, inputs, 0));
   const int rank = x->rank();
   if (rank < 2 || (x->dim(rank - 1) != 1 && x->dim(rank - 1) != 2))
-    return ctx.bad_input("input must end in a dim of 1 (real) or 2 (complex), got " + x->describe());
+    return ctx.bad_input("input must end in a dim of 1 (real) or 2 (complex), got " +
+                         x->describe());
   KILN_ASSIGN_OR_RETURN(int64_t axis, scalar_int(ctx, inputs, 2, -2, "axis"));
-  if (axis < -rank || axis >= rank) return ctx.bad_input("axis " + std::to_string(axis) + " out of range");
+  if (axis < -rank || axis >= rank)
+    return ctx.bad_input("axis " + std::to_string(axis) + " out of range");
   if (axis < 0) axis += rank;
   if (axis == rank - 1) return ctx.bad_input("axis cannot be the last (complex) dimension");
   const bool inverse = ctx.node.attr_int("inverse", 0) != 0;
   const bool onesided = ctx.node.attr_int("onesided", 0) != 0;
   const int64_t m = x->dim(axis);
-  KILN_ASSIGN_OR_RETURN(int64_t n, scalar_int(ctx, inputs, 1, inverse && onesided ? 2 * (m - 1) : m,
-                                              "dft_length"));
+  KILN_ASSIGN_OR_RETURN(
+      int64_t n, scalar_int(ctx, inputs, 1, inverse && onesided ? 2 * (m - 1) : m, "dft_length"));
   // The reference transform is O(n^2); far larger lengths are hostile rather than useful.
   if (n < 1 || n > (int64_t{1} << 24))
     return ctx.bad_input("dft_length must be in [1, 2^24], got " + std::to_string(n));
@@ -102,7 +104,8 @@ Status eval_stft(OpContext& ctx, std::span<const Value> inputs, std::span<Value>
                         scalar_int(ctx, inputs, 3, window ? window->dim(0) : L, "frame_length"));
   if (step < 1) return ctx.bad_input("frame_step must be positive");
   if (flen < 1 || flen > L) return ctx.bad_input("frame_length out of range");
-  if (window && window->dim(0) != flen) return ctx.bad_input("window length must equal frame_length");
+  if (window && window->dim(0) != flen)
+    return ctx.bad_input("window length must equal frame_length");
   const bool onesided = ctx.node.attr_int("onesided", 1) != 0;
   const int64_t B = x->dim(0), frames = 1 + (L - flen) / step;
   const int64_t bins = onesided ? flen / 2 + 1 : flen;
@@ -134,9 +137,45 @@ Status eval_stft(OpContext& ctx, std::span<const Value> inputs, std::span<Value>
   return Status::ok();
 }
 
+Status infer_dft(InferContext& ctx) {
+  const TypeInfo* x = nn2::in_type(ctx, 0);
+  if (!x) return Status::ok();
+  TypeInfo t = TypeInfo::tensor(x->dtype);
+  const size_t r = nn2::rank_of(x);
+  const Tensor* ax = ctx.input_constants.size() > 2 ? ctx.input_constants[2] : nullptr;
+  const bool has_len = ctx.node.has_input(1);
+  const Tensor* len = ctx.input_constants.size() > 1 ? ctx.input_constants[1] : nullptr;
+  const bool has_axis = ctx.node.has_input(2);
+  if (r >= 2 && (!has_axis || (ax && ax->numel() == 1)) &&
+      (!has_len || (len && len->numel() == 1))) {
+    int64_t axis = ax ? ax->get_i64(0) : -2;
+    if (axis < 0) axis += static_cast<int64_t>(r);
+    const bool inverse = ctx.node.attr_int("inverse", 0) != 0;
+    const bool onesided = ctx.node.attr_int("onesided", 0) != 0;
+    if (axis >= 0 && axis < static_cast<int64_t>(r) - 1) {
+      t.has_shape = true;
+      t.dims = x->dims;
+      const Dim m = x->dims[static_cast<size_t>(axis)];
+      Dim n = len ? Dim::of(len->get_i64(0))
+                  : (inverse && onesided ? (m.known() ? Dim::of(2 * (m.value - 1)) : Dim{}) : m);
+      if (!inverse && onesided) n = n.known() ? Dim::of(n.value / 2 + 1) : Dim{};
+      t.dims[static_cast<size_t>(axis)] = n;
+      t.dims[r - 1] = Dim::of(inverse && onesided ? 1 : 2);
+    }
+  }
+  nn2::set_out(ctx, 0, t);
+  return Status::ok();
+}
+
+Status infer_stft(InferContext& ctx) {
+  const TypeInfo* x = nn2::in_type(ctx, 0);
+  if (x) nn2::set_out(ctx, 0, TypeInfo::tensor(x->dtype));
+  return Status::ok();
+}
+
 }  // namespace
 
-const OpDef kOp_DFT = {"DFT", "", &eval_dft, nullptr};
-const OpDef kOp_STFT = {"STFT", "", &eval_stft, nullptr};
+const OpDef kOp_DFT = {"DFT", "", &eval_dft, &infer_dft};
+const OpDef kOp_STFT = {"STFT", "", &eval_stft, &infer_stft};
 
 }  // namespace kiln

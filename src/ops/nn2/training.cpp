@@ -12,8 +12,8 @@ namespace {
 Result<size_t> optimizer_inputs(const OpContext& ctx, std::span<const Value> in, size_t groups,
                                 double* r, int64_t* t) {
   if (in.size() < 2 + groups || (in.size() - 2) % groups != 0)
-    return ctx.bad_input("expected R, T and " + std::to_string(groups) + " groups of tensors, got " +
-                         std::to_string(in.size()) + " inputs");
+    return ctx.bad_input("expected R, T and " + std::to_string(groups) +
+                         " groups of tensors, got " + std::to_string(in.size()) + " inputs");
   KILN_ASSIGN_OR_RETURN(const Tensor* rt, nn2::req_float(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* tt, req_tensor(ctx, in, 1));
   if (rt->numel() != 1 || tt->numel() != 1) return ctx.bad_input("R and T must be scalars");
@@ -68,7 +68,8 @@ Status eval_adam(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   const double eps = ctx.node.attr_float("epsilon", 1e-6f);
   const double norm = ctx.node.attr_float("norm_coefficient", 0.0f);
   const double norm_post = ctx.node.attr_float("norm_coefficient_post", 0.0f);
-  const double ra = t > 0 ? r * std::sqrt(1 - std::pow(beta, double(t))) / (1 - std::pow(alpha, double(t))) : r;
+  const double ra =
+      t > 0 ? r * std::sqrt(1 - std::pow(beta, double(t))) / (1 - std::pow(alpha, double(t))) : r;
   for (size_t i = 0; i < n; ++i) {
     const Tensor& xt = in[2 + i].tensor;
     std::vector<double> x = nn2::to_f64(xt), g = nn2::to_f64(in[2 + n + i].tensor),
@@ -120,10 +121,26 @@ Status eval_momentum(OpContext& ctx, std::span<const Value> in, std::span<Value>
   return Status::ok();
 }
 
+// Output k*n+i has the type of the matching state input (X, then V/H groups).
+Status infer_optimizer(InferContext& ctx) {
+  const size_t groups = ctx.node.op_type == "Adam" ? 4 : 3;
+  if (ctx.input_types.size() < 2 + groups || (ctx.input_types.size() - 2) % groups != 0)
+    return Status::ok();
+  const size_t n = (ctx.input_types.size() - 2) / groups;
+  for (size_t o = 0; o < ctx.output_types.size(); ++o) {
+    const size_t k = o / n, i = o % n;
+    const size_t src = k == 0 ? 2 + i : 2 + (k + 1) * n + i;
+    if (src < ctx.input_types.size()) ctx.output_types[o] = ctx.input_types[src];
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
-const OpDef kOp_training_Adagrad = {"Adagrad", "ai.onnx.preview.training", &eval_adagrad, nullptr};
-const OpDef kOp_training_Adam = {"Adam", "ai.onnx.preview.training", &eval_adam, nullptr};
-const OpDef kOp_training_Momentum = {"Momentum", "ai.onnx.preview.training", &eval_momentum, nullptr};
+const OpDef kOp_training_Adagrad = {"Adagrad", "ai.onnx.preview.training", &eval_adagrad,
+                                    &infer_optimizer};
+const OpDef kOp_training_Adam = {"Adam", "ai.onnx.preview.training", &eval_adam, &infer_optimizer};
+const OpDef kOp_training_Momentum = {"Momentum", "ai.onnx.preview.training", &eval_momentum,
+                                     &infer_optimizer};
 
 }  // namespace kiln

@@ -35,12 +35,18 @@ Status eval_gather(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < axis; ++d) outer *= xs[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(axis) + 1; d < xs.size(); ++d) inner *= xs[d];
-  std::vector<int64_t> offs;
-  offs.reserve(static_cast<size_t>(outer) * ind.size() * static_cast<size_t>(inner));
-  for (int64_t o = 0; o < outer; ++o)
-    for (auto i : ind)
-      for (int64_t k = 0; k < inner; ++k) offs.push_back((o * dim + i) * inner + k);
-  KILN_ASSIGN_OR_RETURN(Tensor t, gather_flat(ctx, *x, os, offs));
+  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(x->dtype(), os));
+  bool ok = dispatch_bytes(x->dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* s = x->data<T>();
+    T* d = t.data<T>();
+    for (int64_t o = 0; o < outer; ++o)
+      for (auto i : ind) {
+        const T* sp = s + (o * dim + i) * inner;
+        d = std::copy(sp, sp + inner, d);
+      }
+  });
+  if (!ok) return unsupported_dtype(ctx, x->dtype());
   out[0] = t;
   return Status::ok();
 }
@@ -573,21 +579,101 @@ Status infer_indices_shape(InferContext& ctx) {  // GatherElements: output shape
   return Status::ok();
 }
 
+Status infer_gather_nd(InferContext& ctx) {
+  if (!in_tensor(ctx, 0)) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  set_out_unranked(ctx, 0, x.dtype);
+  if (!x.has_shape || !in_ranked(ctx, 1)) return Status::ok();
+  const auto& id = ctx.input_types[1].dims;
+  int64_t b = ctx.node.attr_int("batch_dims", 0);
+  if (id.empty() || !id.back().known()) return Status::ok();
+  int64_t m = id.back().value, r = static_cast<int64_t>(x.dims.size());
+  if (b < 0 || b + m > r) return Status::ok();
+  std::vector<Dim> d(id.begin(), id.end() - 1);
+  d.insert(d.end(), x.dims.begin() + b + m, x.dims.end());
+  set_out_dims(ctx, 0, x.dtype, d);
+  return Status::ok();
+}
+Status infer_onehot(InferContext& ctx) {
+  if (!in_tensor(ctx, 2)) return Status::ok();
+  DataType dt = ctx.input_types[2].dtype;
+  set_out_unranked(ctx, 0, dt);
+  if (!in_ranked(ctx, 0)) return Status::ok();
+  std::vector<Dim> d = ctx.input_types[0].dims;
+  int64_t axis = norm_axis_or(ctx.node.attr_int("axis", -1), static_cast<int64_t>(d.size()) + 1);
+  if (axis < 0) return Status::ok();
+  Dim depth;
+  const Tensor* dc = ctx.input_constants.size() > 1 ? ctx.input_constants[1] : nullptr;
+  if (dc && dc->numel() == 1 && dc->dtype() != DataType::kString) depth = Dim::of(static_cast<int64_t>(dc->get_f64(0)));
+  d.insert(d.begin() + axis, depth);
+  set_out_dims(ctx, 0, dt, d);
+  return Status::ok();
+}
+Status infer_pad(InferContext& ctx) {
+  if (!in_tensor(ctx, 0)) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  set_out_unranked(ctx, 0, x.dtype);
+  if (!x.has_shape) return Status::ok();
+  std::vector<Dim> d(x.dims.size());
+  std::vector<int64_t> pads, axes;
+  int64_t r = static_cast<int64_t>(d.size());
+  bool has_axes = ctx.input_types.size() > 3 && ctx.input_types[3].kind != TypeInfo::Kind::kUnknown;
+  if (!const_ints(ctx, 1, pads) || (has_axes && !const_ints(ctx, 3, axes))) {
+    set_out_dims(ctx, 0, x.dtype, d);
+    return Status::ok();
+  }
+  if (!has_axes) for (int64_t i = 0; i < r; ++i) axes.push_back(i);
+  if (pads.size() != 2 * axes.size()) return Status::ok();
+  d = x.dims;
+  for (size_t i = 0; i < axes.size(); ++i) {
+    int64_t a = norm_axis_or(axes[i], r);
+    if (a < 0 || r == 0) return Status::ok();
+    Dim& di = d[static_cast<size_t>(a)];
+    int64_t add = pads[i] + pads[i + axes.size()];
+    if (di.known()) di = Dim::of(di.value + add);
+    else if (add != 0) di = Dim{};
+  }
+  set_out_dims(ctx, 0, x.dtype, d);
+  return Status::ok();
+}
+template <bool kD2S>
+Status infer_d2s(InferContext& ctx) {
+  if (!in_tensor(ctx, 0)) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  int64_t b = ctx.node.attr_int("blocksize", 0);
+  if (!x.has_shape || x.dims.size() != 4 || b <= 0) { set_out_unranked(ctx, 0, x.dtype); return Status::ok(); }
+  std::vector<Dim> d = x.dims;
+  auto scale = [](Dim& v, int64_t mul, int64_t div) {
+    if (v.known()) v = Dim::of(v.value * mul / div); else v = Dim{};
+  };
+  if (kD2S) { scale(d[1], 1, b * b); scale(d[2], b, 1); scale(d[3], b, 1); }
+  else { scale(d[1], b * b, 1); scale(d[2], 1, b); scale(d[3], 1, b); }
+  set_out_dims(ctx, 0, x.dtype, d);
+  return Status::ok();
+}
+Status infer_nonzero(InferContext& ctx) {
+  if (in_ranked(ctx, 0))
+    set_out_dims(ctx, 0, DataType::kInt64, {Dim::of(static_cast<int64_t>(ctx.input_types[0].dims.size())), Dim{}});
+  else
+    set_out_dims(ctx, 0, DataType::kInt64, {Dim{}, Dim{}});
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_Gather = {"Gather", "", &eval_gather, &infer_gather};
 const OpDef kOp_GatherElements = {"GatherElements", "", &eval_gather_elements, &infer_indices_shape};
-const OpDef kOp_GatherND = {"GatherND", "", &eval_gather_nd, nullptr};
+const OpDef kOp_GatherND = {"GatherND", "", &eval_gather_nd, &infer_gather_nd};
 const OpDef kOp_ScatterElements = {"ScatterElements", "", &eval_scatter_elements, &infer_same_as_input};
 const OpDef kOp_ScatterND = {"ScatterND", "", &eval_scatter_nd, &infer_same_as_input};
 const OpDef kOp_TensorScatter = {"TensorScatter", "", &eval_tensor_scatter, &infer_same_as_input};
-const OpDef kOp_OneHot = {"OneHot", "", &eval_onehot, nullptr};
-const OpDef kOp_NonZero = {"NonZero", "", &eval_nonzero, nullptr};
+const OpDef kOp_OneHot = {"OneHot", "", &eval_onehot, &infer_onehot};
+const OpDef kOp_NonZero = {"NonZero", "", &eval_nonzero, &infer_nonzero};
 const OpDef kOp_Compress = {"Compress", "", &eval_compress, nullptr};
-const OpDef kOp_Pad = {"Pad", "", &eval_pad, nullptr};
+const OpDef kOp_Pad = {"Pad", "", &eval_pad, &infer_pad};
 const OpDef kOp_CenterCropPad = {"CenterCropPad", "", &eval_center_crop_pad, nullptr};
-const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &eval_depth_to_space, nullptr};
-const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &eval_space_to_depth, nullptr};
+const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &eval_depth_to_space, &infer_d2s<true>};
+const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &eval_space_to_depth, &infer_d2s<false>};
 const OpDef kOp_ReverseSequence = {"ReverseSequence", "", &eval_reverse_sequence, &infer_same_as_input};
 
 }  // namespace kiln

@@ -289,13 +289,41 @@ Status eval_mel(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   return Status::ok();
 }
 
+Status infer_det(InferContext& ctx) {
+  if (!in_tensor(ctx, 0)) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  if (x.has_shape && x.dims.size() >= 2)
+    set_out_dims(ctx, 0, x.dtype, std::vector<Dim>(x.dims.begin(), x.dims.end() - 2));
+  else
+    set_out_unranked(ctx, 0, x.dtype);
+  return Status::ok();
+}
+Status infer_window(InferContext& ctx) {
+  DataType dt = static_cast<DataType>(ctx.node.attr_int("output_datatype", 1));
+  if (!dtype_valid(static_cast<int32_t>(dt))) return Status::ok();
+  std::vector<int64_t> n;
+  if (const_ints(ctx, 0, n) && n.size() == 1) set_out(ctx, 0, dt, {n[0]});
+  else set_out_dims(ctx, 0, dt, {Dim{}});
+  return Status::ok();
+}
+Status infer_mel(InferContext& ctx) {
+  DataType dt = static_cast<DataType>(ctx.node.attr_int("output_datatype", 1));
+  if (!dtype_valid(static_cast<int32_t>(dt))) return Status::ok();
+  std::vector<int64_t> mels, dft;
+  Dim a, b;
+  if (const_ints(ctx, 1, dft) && dft.size() == 1) a = Dim::of(dft[0] / 2 + 1);
+  if (const_ints(ctx, 0, mels) && mels.size() == 1) b = Dim::of(mels[0]);
+  set_out_dims(ctx, 0, dt, {a, b});
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_Einsum = {"Einsum", "", &eval_einsum, nullptr};
-const OpDef kOp_Det = {"Det", "", &eval_det, nullptr};
-const OpDef kOp_HannWindow = {"HannWindow", "", &eval_window<Win::kHann>, nullptr};
-const OpDef kOp_HammingWindow = {"HammingWindow", "", &eval_window<Win::kHamming>, nullptr};
-const OpDef kOp_BlackmanWindow = {"BlackmanWindow", "", &eval_window<Win::kBlackman>, nullptr};
-const OpDef kOp_MelWeightMatrix = {"MelWeightMatrix", "", &eval_mel, nullptr};
+const OpDef kOp_Det = {"Det", "", &eval_det, &infer_det};
+const OpDef kOp_HannWindow = {"HannWindow", "", &eval_window<Win::kHann>, &infer_window};
+const OpDef kOp_HammingWindow = {"HammingWindow", "", &eval_window<Win::kHamming>, &infer_window};
+const OpDef kOp_BlackmanWindow = {"BlackmanWindow", "", &eval_window<Win::kBlackman>, &infer_window};
+const OpDef kOp_MelWeightMatrix = {"MelWeightMatrix", "", &eval_mel, &infer_mel};
 
 }  // namespace kiln

@@ -344,7 +344,7 @@ Status eval_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value
     os.push_back(x->shape()[static_cast<size_t>(p)]);
     ost.push_back(st[static_cast<size_t>(p)]);
   }
-  KILN_ASSIGN_OR_RETURN(Tensor t, gather_flat(ctx, *x, os, strided_offsets(os, 0, ost)));
+  KILN_ASSIGN_OR_RETURN(Tensor t, gather_strided(ctx, *x, os, 0, ost));
   out[0] = t;
   return Status::ok();
 }
@@ -466,7 +466,7 @@ Status eval_split(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
     Shape os = x->shape();
     os[static_cast<size_t>(axis)] = sizes[i];
     if (!ctx.node.outputs[i].empty()) {
-      KILN_ASSIGN_OR_RETURN(Tensor t, gather_flat(ctx, *x, os, strided_offsets(os, start * st[static_cast<size_t>(axis)], st)));
+      KILN_ASSIGN_OR_RETURN(Tensor t, gather_strided(ctx, *x, os, start * st[static_cast<size_t>(axis)], st));
       out[i] = t;
     }
     start += sizes[i];
@@ -560,7 +560,7 @@ Status eval_slice(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
     base += sp.start[d] * st[d];
     ost[d] = sp.step[d] * st[d];
   }
-  KILN_ASSIGN_OR_RETURN(Tensor t, gather_flat(ctx, *x, sp.out, strided_offsets(sp.out, base, ost)));
+  KILN_ASSIGN_OR_RETURN(Tensor t, gather_strided(ctx, *x, sp.out, base, ost));
   out[0] = t;
   return Status::ok();
 }
@@ -603,7 +603,7 @@ Status eval_expand(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   auto os = broadcast_shapes(x->shape(), s);
   if (!os.is_ok()) return os.status().with_context(ctx.node.where());
   KILN_RETURN_IF_ERROR(check_out_shape(ctx, *os));
-  KILN_ASSIGN_OR_RETURN(Tensor t, gather_flat(ctx, *x, *os, strided_offsets(*os, 0, broadcast_strides(x->shape(), *os))));
+  KILN_ASSIGN_OR_RETURN(Tensor t, gather_strided(ctx, *x, *os, 0, broadcast_strides(x->shape(), *os)));
   out[0] = t;
   return Status::ok();
 }

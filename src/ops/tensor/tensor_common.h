@@ -1,6 +1,7 @@
 // Helpers shared by the tensor-family kernels (data movement, indexing, reductions).
 #pragma once
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -48,6 +49,38 @@ inline Result<Tensor> gather_flat(const OpContext& ctx, const Tensor& src, const
     const T* s = src.data<T>();
     T* d = out.data<T>();
     for (size_t i = 0; i < offs.size(); ++i) d[i] = s[offs[i]];
+  });
+  if (!ok) return unsupported_dtype(ctx, src.dtype());
+  return out;
+}
+
+// Strided view copy: out element at multi-index i reads src[base + sum(i[d]*strides[d])].
+// Runs along the innermost axis (contiguous runs become block copies); no offset table.
+inline Result<Tensor> gather_strided(const OpContext& ctx, const Tensor& src, const Shape& out_shape,
+                                     int64_t base, const std::vector<int64_t>& strides) {
+  KILN_ASSIGN_OR_RETURN(Tensor out, Tensor::create(src.dtype(), out_shape));
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  bool ok = dispatch_bytes(src.dtype(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* s = src.data<T>();
+    T* d = out.data<T>();
+    const size_t r = out_shape.size();
+    if (r == 0) { d[0] = s[base]; return; }
+    const int64_t inner = out_shape[r - 1], is = strides[r - 1], outer = n / inner;
+    std::vector<int64_t> idx(r - 1, 0);
+    int64_t off = base;
+    for (int64_t o = 0; o < outer; ++o) {
+      const T* sp = s + off;
+      if (is == 1) std::copy(sp, sp + inner, d);
+      else for (int64_t k = 0; k < inner; ++k) d[k] = sp[k * is];
+      d += inner;
+      for (size_t dd = r - 1; dd-- > 0;) {
+        if (++idx[dd] < out_shape[dd]) { off += strides[dd]; break; }
+        off -= strides[dd] * (out_shape[dd] - 1);
+        idx[dd] = 0;
+      }
+    }
   });
   if (!ok) return unsupported_dtype(ctx, src.dtype());
   return out;
