@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 namespace kiln {
@@ -42,17 +43,23 @@ Result<std::shared_ptr<MappedFile>> MappedFile::open(const std::string& path) {
   return f;
 }
 
-std::shared_ptr<MappedFile> MappedFile::from_bytes(std::vector<uint8_t> bytes) {
+std::shared_ptr<MappedFile> MappedFile::from_bytes(const std::vector<uint8_t>& bytes) {
+  return from_bytes(bytes.data(), bytes.size());
+}
+
+std::shared_ptr<MappedFile> MappedFile::from_bytes(const void* data, size_t size) {
   std::shared_ptr<MappedFile> f(new MappedFile());
-  f->owned_ = std::move(bytes);
-  f->data_ = f->owned_.data();
-  f->size_ = f->owned_.size();
+  f->owned_ = static_cast<uint8_t*>(std::aligned_alloc(64, (size + 63) / 64 * 64 + 64));
+  if (f->owned_ && size) std::memcpy(f->owned_, data, size);
+  f->data_ = f->owned_;
+  f->size_ = f->owned_ ? size : 0;
   f->path_ = "<memory>";
   return f;
 }
 
 MappedFile::~MappedFile() {
   if (mapped_) munmap(const_cast<uint8_t*>(data_), size_);
+  std::free(owned_);
 }
 
 Result<std::vector<uint8_t>> read_file(const std::string& path) {

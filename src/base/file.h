@@ -15,8 +15,10 @@ namespace kiln {
 class MappedFile {
  public:
   static Result<std::shared_ptr<MappedFile>> open(const std::string& path);
-  // Wraps bytes already in memory (tests, in-memory plans).
-  static std::shared_ptr<MappedFile> from_bytes(std::vector<uint8_t> bytes);
+  // Copies bytes into a 64-byte-aligned buffer (tests, in-memory plans) so that aligned offsets
+  // stay aligned in memory, as in an mmap.
+  static std::shared_ptr<MappedFile> from_bytes(const std::vector<uint8_t>& bytes);
+  static std::shared_ptr<MappedFile> from_bytes(const void* data, size_t size);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -29,7 +31,7 @@ class MappedFile {
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
   bool mapped_ = false;
-  std::vector<uint8_t> owned_;
+  uint8_t* owned_ = nullptr;  // 64-byte aligned copy (from_bytes)
   std::string path_;
 };
 

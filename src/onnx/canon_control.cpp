@@ -16,7 +16,8 @@ Status canonicalize_control(Node& n, int64_t opset, CanonContext& ctx) {
   if (n.domain.empty() || n.domain == "ai.onnx") {
     if (n.op_type == "Scan" && opset < 9) {
       if (n.has_input(0))
-        return unsupported(n.where() + ": opset-8 Scan with a sequence_lens input is not supported");
+        return unsupported(n.where() +
+                           ": opset-8 Scan with a sequence_lens input is not supported");
       if (!n.inputs.empty()) n.inputs.erase(n.inputs.begin());
       if (const Attribute* d = n.attr("directions")) {
         Attribute a = *d;

@@ -49,7 +49,8 @@ Status legacy_broadcast(Node& n, CanonContext& ctx) {
   if (ra < 0 || rb < 0) return Status::ok();  // assume numpy-compatible alignment
   const int64_t a = axis < 0 ? axis + ra : axis;
   const int64_t trailing = ra - a - rb;
-  if (a < 0 || trailing < 0) return invalid_model(n.where() + ": legacy broadcast axis out of range");
+  if (a < 0 || trailing < 0)
+    return invalid_model(n.where() + ": legacy broadcast axis out of range");
   if (trailing == 0) return Status::ok();
   auto it = ctx.graph.initializers.find(n.inputs[1]);
   if (it == ctx.graph.initializers.end())
@@ -72,7 +73,8 @@ Status canonicalize_elementwise(Node& n, int64_t opset, CanonContext& ctx) {
     // Opset 6: a 1-D slope of C values applies per channel (axis 1).
     auto it = ctx.graph.initializers.find(n.inputs[1]);
     const int64_t rx = known_rank(ctx.graph, n.inputs[0]);
-    if (it != ctx.graph.initializers.end() && it->second.rank() == 1 && it->second.numel() > 1 && rx > 2) {
+    if (it != ctx.graph.initializers.end() && it->second.rank() == 1 && it->second.numel() > 1 &&
+        rx > 2) {
       Shape s = {it->second.numel()};
       for (int64_t i = 2; i < rx; ++i) s.push_back(1);
       KILN_ASSIGN_OR_RETURN(Tensor t, it->second.reshaped(s));
@@ -97,10 +99,12 @@ Status canonicalize_elementwise(Node& n, int64_t opset, CanonContext& ctx) {
       std::string s = to->s;
       for (auto& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
       static const std::pair<const char*, DataType> kNames[] = {
-          {"FLOAT", DataType::kFloat},   {"UINT8", DataType::kUInt8},     {"INT8", DataType::kInt8},
-          {"UINT16", DataType::kUInt16}, {"INT16", DataType::kInt16},     {"INT32", DataType::kInt32},
-          {"INT64", DataType::kInt64},   {"STRING", DataType::kString},   {"BOOL", DataType::kBool},
-          {"FLOAT16", DataType::kFloat16}, {"DOUBLE", DataType::kDouble}, {"UINT32", DataType::kUInt32},
+          {"FLOAT", DataType::kFloat},   {"UINT8", DataType::kUInt8},
+          {"INT8", DataType::kInt8},     {"UINT16", DataType::kUInt16},
+          {"INT16", DataType::kInt16},   {"INT32", DataType::kInt32},
+          {"INT64", DataType::kInt64},   {"STRING", DataType::kString},
+          {"BOOL", DataType::kBool},     {"FLOAT16", DataType::kFloat16},
+          {"DOUBLE", DataType::kDouble}, {"UINT32", DataType::kUInt32},
           {"UINT64", DataType::kUInt64}, {"BFLOAT16", DataType::kBFloat16}};
       bool found = false;
       for (auto& [name, dt] : kNames) {

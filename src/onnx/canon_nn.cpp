@@ -12,6 +12,7 @@
 //    `per_group_affine = 1`; opset 21 form is per channel.
 //  - BatchNormalization: opset-15 form; `spatial`, `is_test`, `consumed_inputs` are dropped
 //    (spatial = 0 is unsupported).
+//  - RoiAlign opset < 16: coordinate_transformation_mode = output_half_pixel (old behavior).
 //  - LpPool: `p` as int (opset 1 had a float). Gemm: legacy `broadcast` attribute dropped.
 #include <cmath>
 
@@ -113,6 +114,11 @@ Status canonicalize_nn(Node& n, int64_t opset, CanonContext& ctx) {
       const float v = p->f;
       set_int(n, "p", static_cast<int64_t>(std::lround(v)));
     }
+    return Status::ok();
+  }
+  if (op == "RoiAlign") {
+    if (opset < 16 && !n.has_attr("coordinate_transformation_mode"))
+      set_str(n, "coordinate_transformation_mode", "output_half_pixel");
     return Status::ok();
   }
   if (op == "Gemm") {

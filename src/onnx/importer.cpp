@@ -100,7 +100,8 @@ class Importer {
                       const std::vector<std::string>& outer, Graph& g, int depth);
 
  private:
-  Status expand(const NodeMsg& n, const OpsetMap* opsets, int depth, std::vector<ExpandedNode>& out);
+  Status expand(const NodeMsg& n, const OpsetMap* opsets, int depth,
+                std::vector<ExpandedNode>& out);
   Result<Attribute> convert_attr(const AttrMsg& a, const Node& node, const OpsetMap& opsets,
                                  const std::vector<std::string>& scope, int depth);
 
@@ -135,7 +136,8 @@ Status Importer::expand(const NodeMsg& n, const OpsetMap* opsets, int depth,
   for (size_t i = 0; i < fn.inputs.size(); ++i)
     names[fn.inputs[i]] = i < n.inputs.size() ? n.inputs[i] : std::string();
   for (size_t i = 0; i < fn.outputs.size(); ++i)
-    names[fn.outputs[i]] = i < n.outputs.size() && !n.outputs[i].empty() ? n.outputs[i] : prefix + fn.outputs[i];
+    names[fn.outputs[i]] =
+        i < n.outputs.size() && !n.outputs[i].empty() ? n.outputs[i] : prefix + fn.outputs[i];
   for (auto& b : fn.nodes)
     for (auto& o : b.outputs)
       if (!o.empty() && !names.count(o)) names[o] = prefix + o;
@@ -147,7 +149,8 @@ Status Importer::expand(const NodeMsg& n, const OpsetMap* opsets, int depth,
       if (i.empty()) continue;
       auto r = names.find(i);
       if (r == names.end())
-        return invalid_model(who + ": function '" + fn.name + "' body uses undefined value '" + i + "'");
+        return invalid_model(who + ": function '" + fn.name + "' body uses undefined value '" + i +
+                             "'");
       i = r->second;
     }
     for (auto& o : c.outputs)
@@ -173,21 +176,36 @@ Result<Attribute> Importer::convert_attr(const AttrMsg& a, const Node& node, con
                          "' outside a function body");
   int type = a.type;
   if (type == 0) {
-    if (a.has_f) type = 1;
-    else if (a.has_i) type = 2;
-    else if (a.has_s) type = 3;
-    else if (a.has_t) type = 4;
-    else if (a.has_g) type = 5;
-    else if (a.has_sparse) type = 11;
-    else if (a.has_tp) type = 13;
-    else if (!a.floats.empty()) type = 6;
-    else if (!a.ints.empty()) type = 7;
-    else if (!a.strings.empty()) type = 8;
-    else if (!a.tensors.empty()) type = 9;
-    else if (!a.graphs.empty()) type = 10;
-    else if (!a.sparse.empty()) type = 12;
-    else if (!a.types.empty()) type = 14;
-    else return invalid_model(where + " has no type and no value");
+    if (a.has_f)
+      type = 1;
+    else if (a.has_i)
+      type = 2;
+    else if (a.has_s)
+      type = 3;
+    else if (a.has_t)
+      type = 4;
+    else if (a.has_g)
+      type = 5;
+    else if (a.has_sparse)
+      type = 11;
+    else if (a.has_tp)
+      type = 13;
+    else if (!a.floats.empty())
+      type = 6;
+    else if (!a.ints.empty())
+      type = 7;
+    else if (!a.strings.empty())
+      type = 8;
+    else if (!a.tensors.empty())
+      type = 9;
+    else if (!a.graphs.empty())
+      type = 10;
+    else if (!a.sparse.empty())
+      type = 12;
+    else if (!a.types.empty())
+      type = 14;
+    else
+      return invalid_model(where + " has no type and no value");
   }
   Attribute r;
   r.name = a.name;
@@ -201,9 +219,18 @@ Result<Attribute> Importer::convert_attr(const AttrMsg& a, const Node& node, con
     return g;
   };
   switch (type) {
-    case 1: r.kind = K::kFloat; r.f = a.f; break;
-    case 2: r.kind = K::kInt; r.i = a.i; break;
-    case 3: r.kind = K::kString; r.s = a.s; break;
+    case 1:
+      r.kind = K::kFloat;
+      r.f = a.f;
+      break;
+    case 2:
+      r.kind = K::kInt;
+      r.i = a.i;
+      break;
+    case 3:
+      r.kind = K::kString;
+      r.s = a.s;
+      break;
     case 4:
     case 11: {
       r.kind = K::kTensor;
@@ -226,12 +253,18 @@ Result<Attribute> Importer::convert_attr(const AttrMsg& a, const Node& node, con
       KILN_ASSIGN_OR_RETURN(r.g, graph(*a.graphs[0]));
       break;
     }
-    case 6: r.kind = K::kFloats; r.floats = a.floats; break;
+    case 6:
+      r.kind = K::kFloats;
+      r.floats = a.floats;
+      break;
     case 7:
       r.kind = K::kInts;
       for (uint64_t v : a.ints) r.ints.push_back(static_cast<int64_t>(v));
       break;
-    case 8: r.kind = K::kStrings; r.strings = a.strings; break;
+    case 8:
+      r.kind = K::kStrings;
+      r.strings = a.strings;
+      break;
     case 9:
     case 12: {
       r.kind = K::kTensors;
@@ -263,7 +296,8 @@ Result<Attribute> Importer::convert_attr(const AttrMsg& a, const Node& node, con
       r.kind = K::kTypeProtos;
       for (size_t i = a.has_tp ? 1 : 0; i < a.types.size(); ++i) r.types.push_back(a.types[i]);
       break;
-    default: return invalid_model(where + " has unknown type " + std::to_string(type));
+    default:
+      return invalid_model(where + " has unknown type " + std::to_string(type));
   }
   return r;
 }
@@ -271,7 +305,8 @@ Result<Attribute> Importer::convert_attr(const AttrMsg& a, const Node& node, con
 Status Importer::import_graph(const GraphMsg& gm, const OpsetMap& opsets,
                               const std::vector<std::string>& outer, Graph& g, int depth) {
   if (depth > kMaxGraphDepth)
-    return invalid_model("subgraphs nest deeper than " + std::to_string(kMaxGraphDepth) + " levels");
+    return invalid_model("subgraphs nest deeper than " + std::to_string(kMaxGraphDepth) +
+                         " levels");
   g.name = gm.name;
   std::string gwhere = "graph '" + gm.name + "'";
   for (auto& t : gm.initializers) {

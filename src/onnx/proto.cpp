@@ -5,7 +5,9 @@ namespace kiln::onnx {
 using wire::Field;
 using wire::Reader;
 
-std::string normalize_domain(const std::string& d) { return d == "ai.onnx" ? std::string() : d; }
+std::string normalize_domain(const std::string& d) {
+  return d == "ai.onnx" ? std::string() : d;
+}
 
 namespace {
 
@@ -17,8 +19,10 @@ Status parse_string_pair(Reader r, std::pair<std::string, std::string>& kv) {
   Field f;
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
-    if (f.num == 1) KILN_RETURN_IF_ERROR(r.str(f, kv.first));
-    else if (f.num == 2) KILN_RETURN_IF_ERROR(r.str(f, kv.second));
+    if (f.num == 1)
+      KILN_RETURN_IF_ERROR(r.str(f, kv.first));
+    else if (f.num == 2)
+      KILN_RETURN_IF_ERROR(r.str(f, kv.second));
   }
   return Status::ok();
 }
@@ -29,8 +33,10 @@ Status parse_opset(Reader r, OpsetMap& m) {
   int64_t version = 0;
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
-    if (f.num == 1) KILN_RETURN_IF_ERROR(r.str(f, domain));
-    else if (f.num == 2) KILN_RETURN_IF_ERROR(r.i64(f, version));
+    if (f.num == 1)
+      KILN_RETURN_IF_ERROR(r.str(f, domain));
+    else if (f.num == 2)
+      KILN_RETURN_IF_ERROR(r.i64(f, version));
   }
   m[normalize_domain(domain)] = version;
   return Status::ok();
@@ -100,7 +106,8 @@ Status parse_value_info(Reader r, ValueInfoMsg& v, int depth) {
   Field f;
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
-    if (f.num == 1) KILN_RETURN_IF_ERROR(r.str(f, v.name));
+    if (f.num == 1)
+      KILN_RETURN_IF_ERROR(r.str(f, v.name));
     else if (f.num == 2) {
       KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
       KILN_RETURN_IF_ERROR(parse_type(r.sub(f, "TypeProto"), v.type, depth + 1));
@@ -117,7 +124,9 @@ Status parse_attr(Reader r, AttrMsg& a, int depth) {
     KILN_RETURN_IF_ERROR(r.next(f));
     if (depth > wire::kMaxDepth) return depth_error(r, f);
     switch (f.num) {
-      case 1: KILN_RETURN_IF_ERROR(r.str(f, a.name)); break;
+      case 1:
+        KILN_RETURN_IF_ERROR(r.str(f, a.name));
+        break;
       case 2: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kFixed32));
         std::vector<float> v;
@@ -126,8 +135,14 @@ Status parse_attr(Reader r, AttrMsg& a, int depth) {
         a.has_f = true;
         break;
       }
-      case 3: KILN_RETURN_IF_ERROR(r.i64(f, a.i)); a.has_i = true; break;
-      case 4: KILN_RETURN_IF_ERROR(r.str(f, a.s)); a.has_s = true; break;
+      case 3:
+        KILN_RETURN_IF_ERROR(r.i64(f, a.i));
+        a.has_i = true;
+        break;
+      case 4:
+        KILN_RETURN_IF_ERROR(r.str(f, a.s));
+        a.has_s = true;
+        break;
       case 5:
       case 10: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
@@ -154,8 +169,12 @@ Status parse_attr(Reader r, AttrMsg& a, int depth) {
         }
         break;
       }
-      case 7: KILN_RETURN_IF_ERROR(r.fixed32s(f, a.floats)); break;
-      case 8: KILN_RETURN_IF_ERROR(r.varints(f, a.ints)); break;
+      case 7:
+        KILN_RETURN_IF_ERROR(r.fixed32s(f, a.floats));
+        break;
+      case 8:
+        KILN_RETURN_IF_ERROR(r.varints(f, a.ints));
+        break;
       case 9: {
         std::string s;
         KILN_RETURN_IF_ERROR(r.str(f, s));
@@ -182,7 +201,9 @@ Status parse_attr(Reader r, AttrMsg& a, int depth) {
         a.type = static_cast<int32_t>(t);
         break;
       }
-      case 21: KILN_RETURN_IF_ERROR(r.str(f, a.ref_attr_name)); break;
+      case 21:
+        KILN_RETURN_IF_ERROR(r.str(f, a.ref_attr_name));
+        break;
       case 22:
       case 23: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
@@ -196,7 +217,8 @@ Status parse_attr(Reader r, AttrMsg& a, int depth) {
         }
         break;
       }
-      default: break;
+      default:
+        break;
     }
   }
   return Status::ok();
@@ -208,10 +230,20 @@ Status parse_node(Reader r, NodeMsg& n, int depth) {
     KILN_RETURN_IF_ERROR(r.next(f));
     if (depth > wire::kMaxDepth) return depth_error(r, f);
     switch (f.num) {
-      case 1: n.inputs.emplace_back(); KILN_RETURN_IF_ERROR(r.str(f, n.inputs.back())); break;
-      case 2: n.outputs.emplace_back(); KILN_RETURN_IF_ERROR(r.str(f, n.outputs.back())); break;
-      case 3: KILN_RETURN_IF_ERROR(r.str(f, n.name)); break;
-      case 4: KILN_RETURN_IF_ERROR(r.str(f, n.op_type)); break;
+      case 1:
+        n.inputs.emplace_back();
+        KILN_RETURN_IF_ERROR(r.str(f, n.inputs.back()));
+        break;
+      case 2:
+        n.outputs.emplace_back();
+        KILN_RETURN_IF_ERROR(r.str(f, n.outputs.back()));
+        break;
+      case 3:
+        KILN_RETURN_IF_ERROR(r.str(f, n.name));
+        break;
+      case 4:
+        KILN_RETURN_IF_ERROR(r.str(f, n.op_type));
+        break;
       case 5: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         AttrMsg a;
@@ -220,9 +252,14 @@ Status parse_node(Reader r, NodeMsg& n, int depth) {
         n.attrs.push_back(std::move(a));
         break;
       }
-      case 7: KILN_RETURN_IF_ERROR(r.str(f, n.domain)); break;
-      case 8: KILN_RETURN_IF_ERROR(r.str(f, n.overload)); break;
-      default: break;
+      case 7:
+        KILN_RETURN_IF_ERROR(r.str(f, n.domain));
+        break;
+      case 8:
+        KILN_RETURN_IF_ERROR(r.str(f, n.overload));
+        break;
+      default:
+        break;
     }
   }
   n.domain = normalize_domain(n.domain);
@@ -243,7 +280,9 @@ Status parse_graph(Reader r, GraphMsg& g, int depth) {
         g.nodes.push_back(std::move(n));
         break;
       }
-      case 2: KILN_RETURN_IF_ERROR(r.str(f, g.name)); break;
+      case 2:
+        KILN_RETURN_IF_ERROR(r.str(f, g.name));
+        break;
       case 5: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         TensorMsg t;
@@ -267,7 +306,8 @@ Status parse_graph(Reader r, GraphMsg& g, int depth) {
         g.sparse_initializers.push_back(std::move(s));
         break;
       }
-      default: break;
+      default:
+        break;
     }
   }
   return Status::ok();
@@ -278,9 +318,17 @@ Status parse_function(Reader r, FunctionMsg& fn) {
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
     switch (f.num) {
-      case 1: KILN_RETURN_IF_ERROR(r.str(f, fn.name)); break;
-      case 4: fn.inputs.emplace_back(); KILN_RETURN_IF_ERROR(r.str(f, fn.inputs.back())); break;
-      case 5: fn.outputs.emplace_back(); KILN_RETURN_IF_ERROR(r.str(f, fn.outputs.back())); break;
+      case 1:
+        KILN_RETURN_IF_ERROR(r.str(f, fn.name));
+        break;
+      case 4:
+        fn.inputs.emplace_back();
+        KILN_RETURN_IF_ERROR(r.str(f, fn.inputs.back()));
+        break;
+      case 5:
+        fn.outputs.emplace_back();
+        KILN_RETURN_IF_ERROR(r.str(f, fn.outputs.back()));
+        break;
       case 6:
         fn.attribute_names.emplace_back();
         KILN_RETURN_IF_ERROR(r.str(f, fn.attribute_names.back()));
@@ -297,7 +345,9 @@ Status parse_function(Reader r, FunctionMsg& fn) {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         KILN_RETURN_IF_ERROR(parse_opset(r.sub(f, "OperatorSetIdProto"), fn.opsets));
         break;
-      case 10: KILN_RETURN_IF_ERROR(r.str(f, fn.domain)); break;
+      case 10:
+        KILN_RETURN_IF_ERROR(r.str(f, fn.domain));
+        break;
       case 11: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         AttrMsg a;
@@ -306,8 +356,11 @@ Status parse_function(Reader r, FunctionMsg& fn) {
         fn.attribute_defaults.push_back(std::move(a));
         break;
       }
-      case 13: KILN_RETURN_IF_ERROR(r.str(f, fn.overload)); break;
-      default: break;
+      case 13:
+        KILN_RETURN_IF_ERROR(r.str(f, fn.overload));
+        break;
+      default:
+        break;
     }
   }
   fn.domain = normalize_domain(fn.domain);
@@ -343,7 +396,8 @@ Status parse_type(Reader r, TypeInfo& t, int depth) {
         t.kind = TypeInfo::Kind::kOptional;
         KILN_RETURN_IF_ERROR(parse_elem_type(r.sub(f, "TypeProto.Optional"), t, 1, depth));
         break;
-      default: break;
+      default:
+        break;
     }
   }
   return Status::ok();
@@ -373,20 +427,36 @@ Status parse_tensor(Reader r, TensorMsg& t) {
         t.data_type = static_cast<int32_t>(v);
         break;
       }
-      case 3: return r.err(f, "segmented tensors are not supported");
-      case 4: KILN_RETURN_IF_ERROR(r.fixed32s(f, t.float_data)); break;
-      case 5: KILN_RETURN_IF_ERROR(r.varints(f, t.int32_data)); break;
-      case 6: t.string_data.emplace_back(); KILN_RETURN_IF_ERROR(r.str(f, t.string_data.back())); break;
-      case 7: KILN_RETURN_IF_ERROR(r.varints(f, t.int64_data)); break;
-      case 8: KILN_RETURN_IF_ERROR(r.str(f, t.name)); break;
+      case 3:
+        return r.err(f, "segmented tensors are not supported");
+      case 4:
+        KILN_RETURN_IF_ERROR(r.fixed32s(f, t.float_data));
+        break;
+      case 5:
+        KILN_RETURN_IF_ERROR(r.varints(f, t.int32_data));
+        break;
+      case 6:
+        t.string_data.emplace_back();
+        KILN_RETURN_IF_ERROR(r.str(f, t.string_data.back()));
+        break;
+      case 7:
+        KILN_RETURN_IF_ERROR(r.varints(f, t.int64_data));
+        break;
+      case 8:
+        KILN_RETURN_IF_ERROR(r.str(f, t.name));
+        break;
       case 9:
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         t.has_raw = true;
         t.raw_start = f.start;
         t.raw_len = f.len;
         break;
-      case 10: KILN_RETURN_IF_ERROR(r.fixed64s(f, t.double_data)); break;
-      case 11: KILN_RETURN_IF_ERROR(r.varints(f, t.uint64_data)); break;
+      case 10:
+        KILN_RETURN_IF_ERROR(r.fixed64s(f, t.double_data));
+        break;
+      case 11:
+        KILN_RETURN_IF_ERROR(r.varints(f, t.uint64_data));
+        break;
       case 13: {
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         std::pair<std::string, std::string> kv;
@@ -401,7 +471,8 @@ Status parse_tensor(Reader r, TensorMsg& t) {
         t.data_location = static_cast<int32_t>(v);
         break;
       }
-      default: break;
+      default:
+        break;
     }
   }
   return Status::ok();
@@ -414,7 +485,8 @@ Status parse_sparse(Reader r, SparseTensorMsg& s) {
     KILN_RETURN_IF_ERROR(r.next(f));
     if (f.num == 1 || f.num == 2) {
       KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
-      KILN_RETURN_IF_ERROR(parse_tensor(r.sub(f, "TensorProto"), f.num == 1 ? s.values : s.indices));
+      KILN_RETURN_IF_ERROR(
+          parse_tensor(r.sub(f, "TensorProto"), f.num == 1 ? s.values : s.indices));
     } else if (f.num == 3) {
       std::vector<uint64_t> d;
       KILN_RETURN_IF_ERROR(r.varints(f, d));
@@ -434,12 +506,24 @@ Status parse_model(const uint8_t* base, size_t size, ModelMsg& m) {
   while (!r.done()) {
     KILN_RETURN_IF_ERROR(r.next(f));
     switch (f.num) {
-      case 1: KILN_RETURN_IF_ERROR(r.i64(f, m.ir_version)); break;
-      case 2: KILN_RETURN_IF_ERROR(r.str(f, m.producer_name)); break;
-      case 3: KILN_RETURN_IF_ERROR(r.str(f, m.producer_version)); break;
-      case 4: KILN_RETURN_IF_ERROR(r.str(f, m.domain)); break;
-      case 5: KILN_RETURN_IF_ERROR(r.i64(f, m.model_version)); break;
-      case 6: KILN_RETURN_IF_ERROR(r.str(f, m.doc_string)); break;
+      case 1:
+        KILN_RETURN_IF_ERROR(r.i64(f, m.ir_version));
+        break;
+      case 2:
+        KILN_RETURN_IF_ERROR(r.str(f, m.producer_name));
+        break;
+      case 3:
+        KILN_RETURN_IF_ERROR(r.str(f, m.producer_version));
+        break;
+      case 4:
+        KILN_RETURN_IF_ERROR(r.str(f, m.domain));
+        break;
+      case 5:
+        KILN_RETURN_IF_ERROR(r.i64(f, m.model_version));
+        break;
+      case 6:
+        KILN_RETURN_IF_ERROR(r.str(f, m.doc_string));
+        break;
       case 7:
         KILN_RETURN_IF_ERROR(r.expect(f, wire::kLen));
         m.has_graph = true;
@@ -464,7 +548,8 @@ Status parse_model(const uint8_t* base, size_t size, ModelMsg& m) {
         m.functions.push_back(std::move(fn));
         break;
       }
-      default: break;
+      default:
+        break;
     }
   }
   if (!m.has_graph) return invalid_model("ModelProto has no graph (field 7)");

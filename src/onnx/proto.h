@@ -48,10 +48,10 @@ struct AttrMsg {
   std::vector<float> floats;
   std::vector<uint64_t> ints;
   std::vector<std::string> strings;
-  std::vector<TensorMsg> tensors;          // t (one) or tensors
-  std::vector<SparseTensorMsg> sparse;     // sparse_tensor (one) or sparse_tensors
+  std::vector<TensorMsg> tensors;                 // t (one) or tensors
+  std::vector<SparseTensorMsg> sparse;            // sparse_tensor (one) or sparse_tensors
   std::vector<std::shared_ptr<GraphMsg>> graphs;  // g (one) or graphs
-  std::vector<TypeInfo> types;             // tp (one) or tps
+  std::vector<TypeInfo> types;                    // tp (one) or tps
   bool has_f = false, has_i = false, has_s = false, has_t = false, has_g = false, has_tp = false,
        has_sparse = false;
 };

@@ -36,13 +36,15 @@ void decode_bytes(const uint8_t* src, Tensor& out) {
     bool sign = dt == DataType::kInt4;
     for (size_t i = 0; i < n; ++i) {
       uint8_t nib = (src[i / 2] >> ((i % 2) * 4)) & 0xf;
-      dst[i] = sign ? static_cast<uint8_t>(static_cast<int8_t>(static_cast<uint8_t>(nib << 4)) >> 4) : nib;
+      dst[i] = sign ? static_cast<uint8_t>(static_cast<int8_t>(static_cast<uint8_t>(nib << 4)) >> 4)
+                    : nib;
     }
   } else if (bits == 2) {
     bool sign = dt == DataType::kInt2;
     for (size_t i = 0; i < n; ++i) {
       uint8_t v = (src[i / 4] >> ((i % 4) * 2)) & 0x3;
-      dst[i] = sign ? static_cast<uint8_t>(static_cast<int8_t>(static_cast<uint8_t>(v << 6)) >> 6) : v;
+      dst[i] =
+          sign ? static_cast<uint8_t>(static_cast<int8_t>(static_cast<uint8_t>(v << 6)) >> 6) : v;
     }
   } else if (dt == DataType::kBool) {
     for (size_t i = 0; i < n; ++i) dst[i] = src[i] != 0;
@@ -51,7 +53,9 @@ void decode_bytes(const uint8_t* src, Tensor& out) {
   }
 }
 
-bool needs_decode(DataType dt) { return dtype_file_bits(dt) < 8 || dt == DataType::kBool; }
+bool needs_decode(DataType dt) {
+  return dtype_file_bits(dt) < 8 || dt == DataType::kBool;
+}
 
 // Bytes (file-encoded) -> Tensor; zero-copy over `keepalive` when the layout allows.
 Result<Tensor> from_bytes(const TensorMsg& t, DataType dt, const Shape& shape, const uint8_t* p,
@@ -79,10 +83,12 @@ bool path_is_safe(const std::string& loc) {
 }
 
 Result<uint64_t> parse_u64(const TensorMsg& t, const std::string& key, const std::string& v) {
-  if (v.empty() || v.size() > 19) return terr(t, "external_data " + key + " '" + v + "' is not a valid number");
+  if (v.empty() || v.size() > 19)
+    return terr(t, "external_data " + key + " '" + v + "' is not a valid number");
   uint64_t x = 0;
   for (char c : v) {
-    if (c < '0' || c > '9') return terr(t, "external_data " + key + " '" + v + "' is not a valid number");
+    if (c < '0' || c > '9')
+      return terr(t, "external_data " + key + " '" + v + "' is not a valid number");
     x = x * 10 + static_cast<uint64_t>(c - '0');
   }
   return x;
@@ -94,16 +100,23 @@ Result<Tensor> from_external(const TensorMsg& t, DataType dt, const Shape& shape
   uint64_t offset = 0, length = 0;
   bool has_length = false;
   for (auto& [k, v] : t.external_data) {
-    if (k == "location") location = v;
-    else if (k == "offset") { KILN_ASSIGN_OR_RETURN(offset, parse_u64(t, k, v)); }
-    else if (k == "length") { KILN_ASSIGN_OR_RETURN(length, parse_u64(t, k, v)); has_length = true; }
+    if (k == "location")
+      location = v;
+    else if (k == "offset") {
+      KILN_ASSIGN_OR_RETURN(offset, parse_u64(t, k, v));
+    } else if (k == "length") {
+      KILN_ASSIGN_OR_RETURN(length, parse_u64(t, k, v));
+      has_length = true;
+    }
   }
   if (location.empty()) return terr(t, "external data has no 'location'");
   if (location.find('\0') != std::string::npos || !path_is_safe(location))
-    return terr(t, "external data location '" + location +
-                       "' must be a relative path inside the model folder (no absolute path, no '..')");
+    return terr(
+        t, "external data location '" + location +
+               "' must be a relative path inside the model folder (no absolute path, no '..')");
   if (src.base_dir.empty())
-    return terr(t, "external data '" + location + "' needs a base folder (ImportOptions::base_dir)");
+    return terr(t,
+                "external data '" + location + "' needs a base folder (ImportOptions::base_dir)");
   std::shared_ptr<MappedFile> file;
   auto it = src.ext_files.find(location);
   if (it != src.ext_files.end()) {
@@ -121,11 +134,13 @@ Result<Tensor> from_external(const TensorMsg& t, DataType dt, const Shape& shape
                        location + "' (" + std::to_string(fsize) + " bytes)");
   if (!has_length) length = fsize - offset;
   if (length > fsize - offset)
-    return terr(t, "external data range [" + std::to_string(offset) + ", +" + std::to_string(length) +
-                       ") runs past the end of '" + location + "' (" + std::to_string(fsize) + " bytes)");
+    return terr(t, "external data range [" + std::to_string(offset) + ", +" +
+                       std::to_string(length) + ") runs past the end of '" + location + "' (" +
+                       std::to_string(fsize) + " bytes)");
   if (length != expect)
     return terr(t, "external data length " + std::to_string(length) + " does not match " +
-                       std::to_string(expect) + " bytes expected for " + dtype_name(dt) + shape_str(shape));
+                       std::to_string(expect) + " bytes expected for " + dtype_name(dt) +
+                       shape_str(shape));
   if (expect == 0) return Tensor::create(dt, shape);
   return from_bytes(t, dt, shape, file->data() + offset, file);
 }
@@ -147,7 +162,8 @@ Result<Tensor> make_tensor(const TensorMsg& t, TensorSource& src) {
   if (!nr.is_ok()) return nr.status().with_context(tname(t));
   int64_t n = *nr;
   if (static_cast<uint64_t>(n) > kMaxTensorBytes / dtype_size(dt))
-    return terr(t, std::string(dtype_name(dt)) + shape_str(shape) + " exceeds the single-tensor limit");
+    return terr(
+        t, std::string(dtype_name(dt)) + shape_str(shape) + " exceeds the single-tensor limit");
   KILN_ASSIGN_OR_RETURN(uint64_t expect, file_bytes(dt, n));
 
   if (t.data_location == 1) {
@@ -176,21 +192,40 @@ Result<Tensor> make_tensor(const TensorMsg& t, TensorSource& src) {
     size_t have = t.int32_data.size();
     uint64_t want = un;
     switch (dt) {
-      case DataType::kFloat: field = "float_data"; have = t.float_data.size(); break;
-      case DataType::kDouble: field = "double_data"; have = t.double_data.size(); break;
-      case DataType::kInt64: field = "int64_data"; have = t.int64_data.size(); break;
+      case DataType::kFloat:
+        field = "float_data";
+        have = t.float_data.size();
+        break;
+      case DataType::kDouble:
+        field = "double_data";
+        have = t.double_data.size();
+        break;
+      case DataType::kInt64:
+        field = "int64_data";
+        have = t.int64_data.size();
+        break;
       case DataType::kUInt64:
-      case DataType::kUInt32: field = "uint64_data"; have = t.uint64_data.size(); break;
-      case DataType::kString: field = "string_data"; have = t.string_data.size(); break;
+      case DataType::kUInt32:
+        field = "uint64_data";
+        have = t.uint64_data.size();
+        break;
+      case DataType::kString:
+        field = "string_data";
+        have = t.string_data.size();
+        break;
       case DataType::kInt4:
       case DataType::kUInt4:
       case DataType::kFloat4E2M1:
       case DataType::kInt2:
-      case DataType::kUInt2: field = "int32_data (packed)"; want = expect; break;
+      case DataType::kUInt2:
+        field = "int32_data (packed)";
+        want = expect;
+        break;
       case DataType::kComplex64:
       case DataType::kComplex128:
         return unsupported(tname(t) + ": complex tensors need raw_data");
-      default: break;
+      default:
+        break;
     }
     if (have != want) return count_err(field, have, want);
   }
@@ -216,7 +251,8 @@ Result<Tensor> make_tensor(const TensorMsg& t, TensorSource& src) {
       return out;
     case DataType::kUInt32:
       if (t.uint64_data.size() != un) return count_err("uint64_data", t.uint64_data.size(), un);
-      (void)fill<uint32_t>(t, out, t.uint64_data, [](uint64_t v) { return static_cast<uint32_t>(v); });
+      (void)fill<uint32_t>(t, out, t.uint64_data,
+                           [](uint64_t v) { return static_cast<uint32_t>(v); });
       return out;
     case DataType::kString: {
       if (t.string_data.size() != un) return count_err("string_data", t.string_data.size(), un);
@@ -253,7 +289,8 @@ Result<Tensor> make_tensor(const TensorMsg& t, TensorSource& src) {
     case DataType::kInt2:
     case DataType::kUInt2: {
       // int32_data holds one packed byte per value.
-      if (t.int32_data.size() != expect) return count_err("int32_data (packed)", t.int32_data.size(), expect);
+      if (t.int32_data.size() != expect)
+        return count_err("int32_data (packed)", t.int32_data.size(), expect);
       std::vector<uint8_t> packed(t.int32_data.size());
       for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>(t.int32_data[i]);
       if (n) decode_bytes(packed.data(), out);
@@ -271,7 +308,8 @@ Result<Tensor> make_sparse(const SparseTensorMsg& s, TensorSource& src) {
   std::string where = "sparse tensor (SparseTensorProto at byte " + std::to_string(s.off) + ")";
   KILN_ASSIGN_OR_RETURN(Tensor values, make_tensor(s.values, src));
   KILN_ASSIGN_OR_RETURN(Tensor indices, make_tensor(s.indices, src));
-  if (values.rank() != 1) return invalid_model(where + ": values must be 1-D, got " + values.describe());
+  if (values.rank() != 1)
+    return invalid_model(where + ": values must be 1-D, got " + values.describe());
   if (indices.dtype() != DataType::kInt64 && indices.dtype() != DataType::kInt32)
     return invalid_model(where + ": indices must be int64, got " + indices.describe());
   // A sparse tensor is tiny in the file but may claim a huge dense shape: cap the densified size.
@@ -288,7 +326,8 @@ Result<Tensor> make_sparse(const SparseTensorMsg& s, TensorSource& src) {
   if (linear ? indices.dim(0) != nnz
              : !(indices.rank() == 2 && indices.dim(0) == nnz && indices.dim(1) == rank))
     return invalid_model(where + ": indices " + indices.describe() + " do not match " +
-                         std::to_string(nnz) + " values of a rank-" + std::to_string(rank) + " tensor");
+                         std::to_string(nnz) + " values of a rank-" + std::to_string(rank) +
+                         " tensor");
   size_t es = dtype_size(values.dtype());
   for (int64_t k = 0; k < nnz; ++k) {
     int64_t lin = 0;
@@ -298,12 +337,14 @@ Result<Tensor> make_sparse(const SparseTensorMsg& s, TensorSource& src) {
       for (int64_t d = 0; d < rank; ++d) {
         int64_t ix = indices.get_i64(k * rank + d);
         if (ix < 0 || ix >= s.dims[static_cast<size_t>(d)])
-          return invalid_model(where + ": index " + std::to_string(ix) + " out of range in dim " + std::to_string(d));
+          return invalid_model(where + ": index " + std::to_string(ix) + " out of range in dim " +
+                               std::to_string(d));
         lin = lin * s.dims[static_cast<size_t>(d)] + ix;
       }
     }
     if (lin < 0 || lin >= total)
-      return invalid_model(where + ": index " + std::to_string(lin) + " out of range for " + std::to_string(total) + " elements");
+      return invalid_model(where + ": index " + std::to_string(lin) + " out of range for " +
+                           std::to_string(total) + " elements");
     if (values.dtype() == DataType::kString)
       out.data<std::string>()[lin] = values.data<std::string>()[k];
     else

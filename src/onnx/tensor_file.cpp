@@ -94,7 +94,9 @@ void put_varint(std::vector<uint8_t>& o, uint64_t v) {
   }
   o.push_back(static_cast<uint8_t>(v));
 }
-void put_tag(std::vector<uint8_t>& o, uint32_t num, uint32_t wt) { put_varint(o, (uint64_t{num} << 3) | wt); }
+void put_tag(std::vector<uint8_t>& o, uint32_t num, uint32_t wt) {
+  put_varint(o, (uint64_t{num} << 3) | wt);
+}
 void put_bytes(std::vector<uint8_t>& o, uint32_t num, const void* p, size_t n) {
   put_tag(o, num, wire::kLen);
   put_varint(o, n);
@@ -203,7 +205,8 @@ Status write_tensor_pb(const std::string& path, const Tensor& t, const std::stri
       std::vector<uint8_t> packed((n + per - 1) / per, 0);
       uint8_t mask = static_cast<uint8_t>((1u << bits) - 1);
       for (size_t i = 0; i < n; ++i)
-        packed[i / per] |= static_cast<uint8_t>((src[i] & mask) << ((i % per) * static_cast<size_t>(bits)));
+        packed[i / per] |=
+            static_cast<uint8_t>((src[i] & mask) << ((i % per) * static_cast<size_t>(bits)));
       put_bytes(o, 9, packed.data(), packed.size());
     } else {
       put_bytes(o, 9, src, t.nbytes());
@@ -216,13 +219,18 @@ Status write_npy(const std::string& path, const Tensor& t) {
   const char* descr = nullptr;
   for (auto& e : kNpyTypes)
     if (e.dt == t.dtype()) descr = e.descr;
-  if (!descr) return unsupported(std::string("write_npy: no .npy type for ") + dtype_name(t.dtype()));
+  if (!descr)
+    return unsupported(std::string("write_npy: no .npy type for ") + dtype_name(t.dtype()));
   std::string shape = "(";
   for (size_t i = 0; i < t.shape().size(); ++i) shape += std::to_string(t.shape()[i]) + ",";
   if (t.shape().size() > 1) shape.pop_back();
   shape += ")";
-  char order = t.dtype() == DataType::kBool || t.dtype() == DataType::kInt8 || t.dtype() == DataType::kUInt8 ? '|' : '<';
-  std::string h = std::string("{'descr': '") + order + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  char order =
+      t.dtype() == DataType::kBool || t.dtype() == DataType::kInt8 || t.dtype() == DataType::kUInt8
+          ? '|'
+          : '<';
+  std::string h = std::string("{'descr': '") + order + descr +
+                  "', 'fortran_order': False, 'shape': " + shape + ", }";
   size_t total = 10 + h.size() + 1;
   size_t pad = (64 - total % 64) % 64;
   h += std::string(pad, ' ') + "\n";
@@ -253,21 +261,25 @@ Result<Tensor> read_npy(const std::string& path) {
   } else {
     return bad("unsupported .npy version " + std::to_string(major));
   }
-  if (hlen > size - hstart) return bad("header length " + std::to_string(hlen) + " runs past the end of the file");
+  if (hlen > size - hstart)
+    return bad("header length " + std::to_string(hlen) + " runs past the end of the file");
   std::string h(reinterpret_cast<const char*>(d + hstart), hlen);
   std::string descr, fortran, shape_s;
   if (!npy_field(h, "descr", descr) || !npy_field(h, "fortran_order", fortran) ||
       !npy_field(h, "shape", shape_s))
     return bad("malformed .npy header: " + h);
   if (fortran.find("True") != std::string::npos)
-    return unsupported("'" + path + "': Fortran-order .npy arrays are not supported (save in C order)");
+    return unsupported("'" + path +
+                       "': Fortran-order .npy arrays are not supported (save in C order)");
   if (descr.size() != 3) return bad("unsupported .npy dtype '" + descr + "'");
-  if (descr[0] == '>' && descr.substr(1) != "i1" && descr.substr(1) != "u1" && descr.substr(1) != "b1")
+  if (descr[0] == '>' && descr.substr(1) != "i1" && descr.substr(1) != "u1" &&
+      descr.substr(1) != "b1")
     return unsupported("'" + path + "': big-endian .npy data is not supported");
   DataType dt = DataType::kUndefined;
   for (auto& e : kNpyTypes)
     if (descr.substr(1) == e.descr) dt = e.dt;
-  if (dt == DataType::kUndefined) return unsupported("'" + path + "': unsupported .npy dtype '" + descr + "'");
+  if (dt == DataType::kUndefined)
+    return unsupported("'" + path + "': unsupported .npy dtype '" + descr + "'");
   Shape shape;
   size_t i = 0;
   while (i < shape_s.size()) {

@@ -11,59 +11,119 @@ struct FieldNameEntry {
   const char* name;
 };
 constexpr FieldNameEntry kNames[] = {
-    {"ModelProto", 1, "ir_version"}, {"ModelProto", 2, "producer_name"},
-    {"ModelProto", 3, "producer_version"}, {"ModelProto", 4, "domain"},
-    {"ModelProto", 5, "model_version"}, {"ModelProto", 6, "doc_string"},
-    {"ModelProto", 7, "graph"}, {"ModelProto", 8, "opset_import"},
-    {"ModelProto", 14, "metadata_props"}, {"ModelProto", 20, "training_info"},
+    {"ModelProto", 1, "ir_version"},
+    {"ModelProto", 2, "producer_name"},
+    {"ModelProto", 3, "producer_version"},
+    {"ModelProto", 4, "domain"},
+    {"ModelProto", 5, "model_version"},
+    {"ModelProto", 6, "doc_string"},
+    {"ModelProto", 7, "graph"},
+    {"ModelProto", 8, "opset_import"},
+    {"ModelProto", 14, "metadata_props"},
+    {"ModelProto", 20, "training_info"},
     {"ModelProto", 25, "functions"},
-    {"OperatorSetIdProto", 1, "domain"}, {"OperatorSetIdProto", 2, "version"},
-    {"StringStringEntryProto", 1, "key"}, {"StringStringEntryProto", 2, "value"},
-    {"GraphProto", 1, "node"}, {"GraphProto", 2, "name"}, {"GraphProto", 5, "initializer"},
-    {"GraphProto", 10, "doc_string"}, {"GraphProto", 11, "input"}, {"GraphProto", 12, "output"},
-    {"GraphProto", 13, "value_info"}, {"GraphProto", 14, "quantization_annotation"},
-    {"GraphProto", 15, "sparse_initializer"}, {"GraphProto", 16, "metadata_props"},
-    {"NodeProto", 1, "input"}, {"NodeProto", 2, "output"}, {"NodeProto", 3, "name"},
-    {"NodeProto", 4, "op_type"}, {"NodeProto", 5, "attribute"}, {"NodeProto", 6, "doc_string"},
-    {"NodeProto", 7, "domain"}, {"NodeProto", 8, "overload"}, {"NodeProto", 9, "metadata_props"},
-    {"AttributeProto", 1, "name"}, {"AttributeProto", 2, "f"}, {"AttributeProto", 3, "i"},
-    {"AttributeProto", 4, "s"}, {"AttributeProto", 5, "t"}, {"AttributeProto", 6, "g"},
-    {"AttributeProto", 7, "floats"}, {"AttributeProto", 8, "ints"},
-    {"AttributeProto", 9, "strings"}, {"AttributeProto", 10, "tensors"},
-    {"AttributeProto", 11, "graphs"}, {"AttributeProto", 13, "doc_string"},
-    {"AttributeProto", 14, "tp"}, {"AttributeProto", 15, "tps"}, {"AttributeProto", 20, "type"},
-    {"AttributeProto", 21, "ref_attr_name"}, {"AttributeProto", 22, "sparse_tensor"},
+    {"OperatorSetIdProto", 1, "domain"},
+    {"OperatorSetIdProto", 2, "version"},
+    {"StringStringEntryProto", 1, "key"},
+    {"StringStringEntryProto", 2, "value"},
+    {"GraphProto", 1, "node"},
+    {"GraphProto", 2, "name"},
+    {"GraphProto", 5, "initializer"},
+    {"GraphProto", 10, "doc_string"},
+    {"GraphProto", 11, "input"},
+    {"GraphProto", 12, "output"},
+    {"GraphProto", 13, "value_info"},
+    {"GraphProto", 14, "quantization_annotation"},
+    {"GraphProto", 15, "sparse_initializer"},
+    {"GraphProto", 16, "metadata_props"},
+    {"NodeProto", 1, "input"},
+    {"NodeProto", 2, "output"},
+    {"NodeProto", 3, "name"},
+    {"NodeProto", 4, "op_type"},
+    {"NodeProto", 5, "attribute"},
+    {"NodeProto", 6, "doc_string"},
+    {"NodeProto", 7, "domain"},
+    {"NodeProto", 8, "overload"},
+    {"NodeProto", 9, "metadata_props"},
+    {"AttributeProto", 1, "name"},
+    {"AttributeProto", 2, "f"},
+    {"AttributeProto", 3, "i"},
+    {"AttributeProto", 4, "s"},
+    {"AttributeProto", 5, "t"},
+    {"AttributeProto", 6, "g"},
+    {"AttributeProto", 7, "floats"},
+    {"AttributeProto", 8, "ints"},
+    {"AttributeProto", 9, "strings"},
+    {"AttributeProto", 10, "tensors"},
+    {"AttributeProto", 11, "graphs"},
+    {"AttributeProto", 13, "doc_string"},
+    {"AttributeProto", 14, "tp"},
+    {"AttributeProto", 15, "tps"},
+    {"AttributeProto", 20, "type"},
+    {"AttributeProto", 21, "ref_attr_name"},
+    {"AttributeProto", 22, "sparse_tensor"},
     {"AttributeProto", 23, "sparse_tensors"},
-    {"TensorProto", 1, "dims"}, {"TensorProto", 2, "data_type"}, {"TensorProto", 3, "segment"},
-    {"TensorProto", 4, "float_data"}, {"TensorProto", 5, "int32_data"},
-    {"TensorProto", 6, "string_data"}, {"TensorProto", 7, "int64_data"},
-    {"TensorProto", 8, "name"}, {"TensorProto", 9, "raw_data"}, {"TensorProto", 10, "double_data"},
-    {"TensorProto", 11, "uint64_data"}, {"TensorProto", 12, "doc_string"},
-    {"TensorProto", 13, "external_data"}, {"TensorProto", 14, "data_location"},
+    {"TensorProto", 1, "dims"},
+    {"TensorProto", 2, "data_type"},
+    {"TensorProto", 3, "segment"},
+    {"TensorProto", 4, "float_data"},
+    {"TensorProto", 5, "int32_data"},
+    {"TensorProto", 6, "string_data"},
+    {"TensorProto", 7, "int64_data"},
+    {"TensorProto", 8, "name"},
+    {"TensorProto", 9, "raw_data"},
+    {"TensorProto", 10, "double_data"},
+    {"TensorProto", 11, "uint64_data"},
+    {"TensorProto", 12, "doc_string"},
+    {"TensorProto", 13, "external_data"},
+    {"TensorProto", 14, "data_location"},
     {"TensorProto", 16, "metadata_props"},
-    {"SparseTensorProto", 1, "values"}, {"SparseTensorProto", 2, "indices"},
+    {"SparseTensorProto", 1, "values"},
+    {"SparseTensorProto", 2, "indices"},
     {"SparseTensorProto", 3, "dims"},
-    {"ValueInfoProto", 1, "name"}, {"ValueInfoProto", 2, "type"}, {"ValueInfoProto", 3, "doc_string"},
-    {"TypeProto", 1, "tensor_type"}, {"TypeProto", 4, "sequence_type"}, {"TypeProto", 5, "map_type"},
-    {"TypeProto", 6, "denotation"}, {"TypeProto", 8, "sparse_tensor_type"},
+    {"ValueInfoProto", 1, "name"},
+    {"ValueInfoProto", 2, "type"},
+    {"ValueInfoProto", 3, "doc_string"},
+    {"TypeProto", 1, "tensor_type"},
+    {"TypeProto", 4, "sequence_type"},
+    {"TypeProto", 5, "map_type"},
+    {"TypeProto", 6, "denotation"},
+    {"TypeProto", 8, "sparse_tensor_type"},
     {"TypeProto", 9, "optional_type"},
-    {"TypeProto.Tensor", 1, "elem_type"}, {"TypeProto.Tensor", 2, "shape"},
-    {"TypeProto.Sequence", 1, "elem_type"}, {"TypeProto.Optional", 1, "elem_type"},
-    {"TypeProto.Map", 1, "key_type"}, {"TypeProto.Map", 2, "value_type"},
-    {"TensorShapeProto", 1, "dim"}, {"TensorShapeProto.Dimension", 1, "dim_value"},
-    {"TensorShapeProto.Dimension", 2, "dim_param"}, {"TensorShapeProto.Dimension", 3, "denotation"},
-    {"FunctionProto", 1, "name"}, {"FunctionProto", 4, "input"}, {"FunctionProto", 5, "output"},
-    {"FunctionProto", 6, "attribute"}, {"FunctionProto", 7, "node"},
-    {"FunctionProto", 8, "doc_string"}, {"FunctionProto", 9, "opset_import"},
-    {"FunctionProto", 10, "domain"}, {"FunctionProto", 11, "attribute_proto"},
-    {"FunctionProto", 12, "value_info"}, {"FunctionProto", 13, "overload"},
-    {"SequenceProto", 1, "name"}, {"SequenceProto", 2, "elem_type"},
-    {"SequenceProto", 3, "tensor_values"}, {"SequenceProto", 4, "sparse_tensor_values"},
-    {"SequenceProto", 5, "sequence_values"}, {"SequenceProto", 6, "map_values"},
+    {"TypeProto.Tensor", 1, "elem_type"},
+    {"TypeProto.Tensor", 2, "shape"},
+    {"TypeProto.Sequence", 1, "elem_type"},
+    {"TypeProto.Optional", 1, "elem_type"},
+    {"TypeProto.Map", 1, "key_type"},
+    {"TypeProto.Map", 2, "value_type"},
+    {"TensorShapeProto", 1, "dim"},
+    {"TensorShapeProto.Dimension", 1, "dim_value"},
+    {"TensorShapeProto.Dimension", 2, "dim_param"},
+    {"TensorShapeProto.Dimension", 3, "denotation"},
+    {"FunctionProto", 1, "name"},
+    {"FunctionProto", 4, "input"},
+    {"FunctionProto", 5, "output"},
+    {"FunctionProto", 6, "attribute"},
+    {"FunctionProto", 7, "node"},
+    {"FunctionProto", 8, "doc_string"},
+    {"FunctionProto", 9, "opset_import"},
+    {"FunctionProto", 10, "domain"},
+    {"FunctionProto", 11, "attribute_proto"},
+    {"FunctionProto", 12, "value_info"},
+    {"FunctionProto", 13, "overload"},
+    {"SequenceProto", 1, "name"},
+    {"SequenceProto", 2, "elem_type"},
+    {"SequenceProto", 3, "tensor_values"},
+    {"SequenceProto", 4, "sparse_tensor_values"},
+    {"SequenceProto", 5, "sequence_values"},
+    {"SequenceProto", 6, "map_values"},
     {"SequenceProto", 7, "optional_values"},
-    {"OptionalProto", 1, "name"}, {"OptionalProto", 2, "elem_type"},
-    {"OptionalProto", 3, "tensor_value"}, {"OptionalProto", 4, "sparse_tensor_value"},
-    {"OptionalProto", 5, "sequence_value"}, {"OptionalProto", 6, "map_value"},
+    {"OptionalProto", 1, "name"},
+    {"OptionalProto", 2, "elem_type"},
+    {"OptionalProto", 3, "tensor_value"},
+    {"OptionalProto", 4, "sparse_tensor_value"},
+    {"OptionalProto", 5, "sequence_value"},
+    {"OptionalProto", 6, "map_value"},
     {"OptionalProto", 7, "optional_value"},
 };
 }  // namespace
@@ -152,11 +212,16 @@ Status Reader::next(Field& f) {
 
 static const char* wt_name(uint32_t wt) {
   switch (wt) {
-    case kVarint: return "varint";
-    case kFixed64: return "fixed64";
-    case kLen: return "length-delimited";
-    case kFixed32: return "fixed32";
-    default: return "group";
+    case kVarint:
+      return "varint";
+    case kFixed64:
+      return "fixed64";
+    case kLen:
+      return "length-delimited";
+    case kFixed32:
+      return "fixed32";
+    default:
+      return "group";
   }
 }
 
@@ -182,7 +247,8 @@ Status Reader::varints(const Field& f, std::vector<uint64_t>& out) const {
     out.push_back(f.v);
     return Status::ok();
   }
-  if (f.wt != kLen) return err(f, std::string("expected varint or packed varints, got ") + wt_name(f.wt));
+  if (f.wt != kLen)
+    return err(f, std::string("expected varint or packed varints, got ") + wt_name(f.wt));
   size_t n = 0;  // element count = bytes without the continuation bit (bounded by the payload)
   for (size_t i = 0; i < f.len; ++i) n += (base_[f.start + i] & 0x80) == 0;
   out.reserve(out.size() + n);
@@ -203,8 +269,11 @@ Status Reader::fixed32s(const Field& f, std::vector<float>& out) const {
     out.push_back(x);
     return Status::ok();
   }
-  if (f.wt != kLen) return err(f, std::string("expected fixed32 or packed floats, got ") + wt_name(f.wt));
-  if (f.len % 4) return err(f, "packed float payload of " + std::to_string(f.len) + " bytes is not a multiple of 4");
+  if (f.wt != kLen)
+    return err(f, std::string("expected fixed32 or packed floats, got ") + wt_name(f.wt));
+  if (f.len % 4)
+    return err(
+        f, "packed float payload of " + std::to_string(f.len) + " bytes is not a multiple of 4");
   if (f.len == 0) return Status::ok();
   size_t n = f.len / 4, old = out.size();
   out.resize(old + n);
@@ -219,8 +288,11 @@ Status Reader::fixed64s(const Field& f, std::vector<double>& out) const {
     out.push_back(x);
     return Status::ok();
   }
-  if (f.wt != kLen) return err(f, std::string("expected fixed64 or packed doubles, got ") + wt_name(f.wt));
-  if (f.len % 8) return err(f, "packed double payload of " + std::to_string(f.len) + " bytes is not a multiple of 8");
+  if (f.wt != kLen)
+    return err(f, std::string("expected fixed64 or packed doubles, got ") + wt_name(f.wt));
+  if (f.len % 8)
+    return err(
+        f, "packed double payload of " + std::to_string(f.len) + " bytes is not a multiple of 8");
   if (f.len == 0) return Status::ok();
   size_t n = f.len / 8, old = out.size();
   out.resize(old + n);

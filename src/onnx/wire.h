@@ -10,7 +10,14 @@
 
 namespace kiln::wire {
 
-enum WireType : uint32_t { kVarint = 0, kFixed64 = 1, kLen = 2, kStartGroup = 3, kEndGroup = 4, kFixed32 = 5 };
+enum WireType : uint32_t {
+  kVarint = 0,
+  kFixed64 = 1,
+  kLen = 2,
+  kStartGroup = 3,
+  kEndGroup = 4,
+  kFixed32 = 5
+};
 
 // Deepest message nesting accepted (graphs in attributes in nodes in graphs ...).
 constexpr int kMaxDepth = 100;
@@ -18,10 +25,10 @@ constexpr int kMaxDepth = 100;
 struct Field {
   uint32_t num = 0;
   uint32_t wt = 0;
-  uint64_t v = 0;      // varint / fixed value
-  size_t off = 0;      // absolute offset of the tag
-  size_t start = 0;    // kLen: absolute offset of the payload
-  size_t len = 0;      // kLen: payload length
+  uint64_t v = 0;    // varint / fixed value
+  size_t off = 0;    // absolute offset of the tag
+  size_t start = 0;  // kLen: absolute offset of the payload
+  size_t len = 0;    // kLen: payload length
 };
 
 // "TensorProto.dims" style name of field `num` of message `msg` ("" when unknown).
@@ -41,7 +48,9 @@ class Reader {
   Status err(const Field& f, const std::string& what) const;
   Status expect(const Field& f, uint32_t wt) const;
   // Reader over a kLen field's payload, for message `msg`.
-  Reader sub(const Field& f, const char* msg) const { return Reader(base_, f.start, f.start + f.len, msg); }
+  Reader sub(const Field& f, const char* msg) const {
+    return Reader(base_, f.start, f.start + f.len, msg);
+  }
   const uint8_t* payload(const Field& f) const { return base_ + f.start; }
   Status str(const Field& f, std::string& out) const;
   Status i64(const Field& f, int64_t& out) const;  // varint

@@ -30,12 +30,23 @@ struct F8Fmt {
 
 bool f8_fmt(DataType t, F8Fmt& f) {
   switch (t) {
-    case DataType::kFloat8E4M3FN: f = {3, 7, 448.0, false, false}; return true;
-    case DataType::kFloat8E4M3FNUZ: f = {3, 8, 240.0, true, false}; return true;
-    case DataType::kFloat8E5M2: f = {2, 15, 57344.0, false, true}; return true;
-    case DataType::kFloat8E5M2FNUZ: f = {2, 16, 57344.0, true, false}; return true;
-    case DataType::kFloat4E2M1: f = {1, 1, 6.0, false, false}; return true;
-    default: return false;
+    case DataType::kFloat8E4M3FN:
+      f = {3, 7, 448.0, false, false};
+      return true;
+    case DataType::kFloat8E4M3FNUZ:
+      f = {3, 8, 240.0, true, false};
+      return true;
+    case DataType::kFloat8E5M2:
+      f = {2, 15, 57344.0, false, true};
+      return true;
+    case DataType::kFloat8E5M2FNUZ:
+      f = {2, 16, 57344.0, true, false};
+      return true;
+    case DataType::kFloat4E2M1:
+      f = {1, 1, 6.0, false, false};
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -91,8 +102,10 @@ double decode_minifloat(const F8Fmt& f, int total_bits, uint8_t b, bool is_f4) {
     }
   }
   double v;
-  if (e == 0) v = std::ldexp(static_cast<double>(m), 1 - f.bias - f.mbits);
-  else v = std::ldexp(1.0 + static_cast<double>(m) / (1u << f.mbits), static_cast<int>(e) - f.bias);
+  if (e == 0)
+    v = std::ldexp(static_cast<double>(m), 1 - f.bias - f.mbits);
+  else
+    v = std::ldexp(1.0 + static_cast<double>(m) / (1u << f.mbits), static_cast<int>(e) - f.bias);
   return neg ? -v : v;
 }
 
@@ -146,17 +159,23 @@ int64_t safe_f2i(double v) {
 
 int64_t num_to_i64(const Num& n) {
   switch (n.k) {
-    case Num::kF: return safe_f2i(n.f);
-    case Num::kI: return n.i;
-    case Num::kU: return static_cast<int64_t>(n.u);
+    case Num::kF:
+      return safe_f2i(n.f);
+    case Num::kI:
+      return n.i;
+    case Num::kU:
+      return static_cast<int64_t>(n.u);
   }
   return 0;
 }
 double num_to_f64(const Num& n) {
   switch (n.k) {
-    case Num::kF: return n.f;
-    case Num::kI: return static_cast<double>(n.i);
-    case Num::kU: return static_cast<double>(n.u);
+    case Num::kF:
+      return n.f;
+    case Num::kI:
+      return static_cast<double>(n.i);
+    case Num::kU:
+      return static_cast<double>(n.u);
   }
   return 0;
 }
@@ -184,16 +203,42 @@ Result<Num> parse_number(const std::string& s) {
   return n;
 }
 
-// Python-like text for a float: shortest round-trip digits, "inf"/"nan".
+// numpy's str() of a float: shortest round-trip digits; positional when 1e-4 <= |v| < cutoff
+// (1e3 for float16, 1e6 for float32, 1e16 for float64), else scientific ("1e+06").
+// `half` asks for the shortest digits that round-trip through float16.
 template <typename F>
-std::string format_float(F v) {
+std::string format_float(F v, double cutoff, bool half = false) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v < 0 ? "-inf" : "inf";
-  char buf[64];
-  auto r = std::to_chars(buf, buf + sizeof(buf), v);
+  const double a = std::fabs(static_cast<double>(v));
+  const bool fixed = a == 0 || (a >= 1e-4 && a < cutoff);
+  char buf[128];
+  std::to_chars_result r;
+  if (half) {
+    int p = 0;  // significant digits after the first
+    for (; p < 5; ++p) {
+      r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific, p);
+      if (static_cast<float>(Half(std::strtof(std::string(buf, r.ptr).c_str(), nullptr))) == v) break;
+    }
+    if (fixed) {
+      int e = 0;
+      if (a != 0) e = static_cast<int>(std::floor(std::log10(a)));
+      r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::fixed, std::max(0, p - e));
+      std::string s(buf, r.ptr);
+      if (s.find('.') != std::string::npos) {
+        while (s.back() == '0') s.pop_back();
+        if (s.back() == '.') s.pop_back();
+      }
+      if (s.find('.') == std::string::npos) s += ".0";
+      return s;
+    }
+    std::string s(buf, r.ptr);
+    return s;
+  }
+  r = std::to_chars(buf, buf + sizeof(buf), v,
+                    fixed ? std::chars_format::fixed : std::chars_format::scientific);
   std::string s(buf, r.ptr);
-  // to_chars prints 1e+16 / 100; numpy prints "100.0" for integral positional values.
-  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+  if (fixed && s.find('.') == std::string::npos) s += ".0";
   return s;
 }
 
@@ -201,10 +246,22 @@ Num read_num(const Tensor& t, int64_t i) {
   Num n;
   const DataType dt = t.dtype();
   switch (dt) {
-    case DataType::kFloat: n.k = Num::kF; n.f = t.data<float>()[i]; return n;
-    case DataType::kDouble: n.k = Num::kF; n.f = t.data<double>()[i]; return n;
-    case DataType::kFloat16: n.k = Num::kF; n.f = static_cast<float>(t.data<Half>()[i]); return n;
-    case DataType::kBFloat16: n.k = Num::kF; n.f = static_cast<float>(t.data<BFloat16>()[i]); return n;
+    case DataType::kFloat:
+      n.k = Num::kF;
+      n.f = t.data<float>()[i];
+      return n;
+    case DataType::kDouble:
+      n.k = Num::kF;
+      n.f = t.data<double>()[i];
+      return n;
+    case DataType::kFloat16:
+      n.k = Num::kF;
+      n.f = static_cast<float>(t.data<Half>()[i]);
+      return n;
+    case DataType::kBFloat16:
+      n.k = Num::kF;
+      n.f = static_cast<float>(t.data<BFloat16>()[i]);
+      return n;
     case DataType::kFloat8E4M3FN:
     case DataType::kFloat8E4M3FNUZ:
     case DataType::kFloat8E5M2:
@@ -216,18 +273,38 @@ Num read_num(const Tensor& t, int64_t i) {
       return n;
     case DataType::kInt8:
     case DataType::kInt4:
-    case DataType::kInt2: n.i = t.data<int8_t>()[i]; return n;
-    case DataType::kInt16: n.i = t.data<int16_t>()[i]; return n;
-    case DataType::kInt32: n.i = t.data<int32_t>()[i]; return n;
-    case DataType::kInt64: n.i = t.data<int64_t>()[i]; return n;
+    case DataType::kInt2:
+      n.i = t.data<int8_t>()[i];
+      return n;
+    case DataType::kInt16:
+      n.i = t.data<int16_t>()[i];
+      return n;
+    case DataType::kInt32:
+      n.i = t.data<int32_t>()[i];
+      return n;
+    case DataType::kInt64:
+      n.i = t.data<int64_t>()[i];
+      return n;
     case DataType::kUInt8:
     case DataType::kUInt4:
-    case DataType::kUInt2: n.i = t.data<uint8_t>()[i]; return n;
-    case DataType::kUInt16: n.i = t.data<uint16_t>()[i]; return n;
-    case DataType::kUInt32: n.i = t.data<uint32_t>()[i]; return n;
-    case DataType::kUInt64: n.k = Num::kU; n.u = t.data<uint64_t>()[i]; return n;
-    case DataType::kBool: n.i = t.data<bool>()[i] ? 1 : 0; return n;
-    default: return n;
+    case DataType::kUInt2:
+      n.i = t.data<uint8_t>()[i];
+      return n;
+    case DataType::kUInt16:
+      n.i = t.data<uint16_t>()[i];
+      return n;
+    case DataType::kUInt32:
+      n.i = t.data<uint32_t>()[i];
+      return n;
+    case DataType::kUInt64:
+      n.k = Num::kU;
+      n.u = t.data<uint64_t>()[i];
+      return n;
+    case DataType::kBool:
+      n.i = t.data<bool>()[i] ? 1 : 0;
+      return n;
+    default:
+      return n;
   }
 }
 
@@ -248,12 +325,19 @@ void write_num(Tensor& t, int64_t i, const Num& n, bool saturate, E8M0Round rm) 
   const DataType dt = t.dtype();
   switch (dt) {
     case DataType::kFloat:
-      t.data<float>()[i] = n.k == Num::kI ? static_cast<float>(n.i)
-                           : n.k == Num::kU ? static_cast<float>(n.u) : static_cast<float>(n.f);
+      t.data<float>()[i] = n.k == Num::kI   ? static_cast<float>(n.i)
+                           : n.k == Num::kU ? static_cast<float>(n.u)
+                                            : static_cast<float>(n.f);
       return;
-    case DataType::kDouble: t.data<double>()[i] = num_to_f64(n); return;
-    case DataType::kFloat16: t.data<Half>()[i] = Half(to_float_odd(num_to_f64(n))); return;
-    case DataType::kBFloat16: t.data<BFloat16>()[i] = BFloat16(to_float_odd(num_to_f64(n))); return;
+    case DataType::kDouble:
+      t.data<double>()[i] = num_to_f64(n);
+      return;
+    case DataType::kFloat16:
+      t.data<Half>()[i] = Half(to_float_odd(num_to_f64(n)));
+      return;
+    case DataType::kBFloat16:
+      t.data<BFloat16>()[i] = BFloat16(to_float_odd(num_to_f64(n)));
+      return;
     case DataType::kFloat8E4M3FN:
     case DataType::kFloat8E4M3FNUZ:
     case DataType::kFloat8E5M2:
@@ -262,36 +346,67 @@ void write_num(Tensor& t, int64_t i, const Num& n, bool saturate, E8M0Round rm) 
     case DataType::kFloat8E8M0:
       t.data<uint8_t>()[i] = small_float_encode(dt, num_to_f64(n), saturate, rm);
       return;
-    case DataType::kInt8: t.data<int8_t>()[i] = num_to_int<int8_t>(n); return;
-    case DataType::kInt16: t.data<int16_t>()[i] = num_to_int<int16_t>(n); return;
-    case DataType::kInt32: t.data<int32_t>()[i] = num_to_int<int32_t>(n); return;
-    case DataType::kInt64: t.data<int64_t>()[i] = num_to_int<int64_t>(n); return;
-    case DataType::kUInt8: t.data<uint8_t>()[i] = num_to_int<uint8_t>(n); return;
-    case DataType::kUInt16: t.data<uint16_t>()[i] = num_to_int<uint16_t>(n); return;
-    case DataType::kUInt32: t.data<uint32_t>()[i] = num_to_int<uint32_t>(n); return;
-    case DataType::kUInt64: t.data<uint64_t>()[i] = num_to_int<uint64_t>(n); return;
-    case DataType::kInt4: t.data<int8_t>()[i] = static_cast<int8_t>(wrap_signed(num_to_i64(n), 4)); return;
-    case DataType::kInt2: t.data<int8_t>()[i] = static_cast<int8_t>(wrap_signed(num_to_i64(n), 2)); return;
-    case DataType::kUInt4: t.data<uint8_t>()[i] = static_cast<uint8_t>(num_to_int<uint64_t>(n) & 0xF); return;
-    case DataType::kUInt2: t.data<uint8_t>()[i] = static_cast<uint8_t>(num_to_int<uint64_t>(n) & 0x3); return;
+    case DataType::kInt8:
+      t.data<int8_t>()[i] = num_to_int<int8_t>(n);
+      return;
+    case DataType::kInt16:
+      t.data<int16_t>()[i] = num_to_int<int16_t>(n);
+      return;
+    case DataType::kInt32:
+      t.data<int32_t>()[i] = num_to_int<int32_t>(n);
+      return;
+    case DataType::kInt64:
+      t.data<int64_t>()[i] = num_to_int<int64_t>(n);
+      return;
+    case DataType::kUInt8:
+      t.data<uint8_t>()[i] = num_to_int<uint8_t>(n);
+      return;
+    case DataType::kUInt16:
+      t.data<uint16_t>()[i] = num_to_int<uint16_t>(n);
+      return;
+    case DataType::kUInt32:
+      t.data<uint32_t>()[i] = num_to_int<uint32_t>(n);
+      return;
+    case DataType::kUInt64:
+      t.data<uint64_t>()[i] = num_to_int<uint64_t>(n);
+      return;
+    case DataType::kInt4:
+      t.data<int8_t>()[i] = static_cast<int8_t>(wrap_signed(num_to_i64(n), 4));
+      return;
+    case DataType::kInt2:
+      t.data<int8_t>()[i] = static_cast<int8_t>(wrap_signed(num_to_i64(n), 2));
+      return;
+    case DataType::kUInt4:
+      t.data<uint8_t>()[i] = static_cast<uint8_t>(num_to_int<uint64_t>(n) & 0xF);
+      return;
+    case DataType::kUInt2:
+      t.data<uint8_t>()[i] = static_cast<uint8_t>(num_to_int<uint64_t>(n) & 0x3);
+      return;
     case DataType::kBool:
       t.data<bool>()[i] = n.k == Num::kF ? n.f != 0 : (n.k == Num::kI ? n.i != 0 : n.u != 0);
       return;
-    default: return;
+    default:
+      return;
   }
 }
 
 std::string num_to_string(const Tensor& t, int64_t i) {
   switch (t.dtype()) {
-    case DataType::kFloat: return format_float(t.data<float>()[i]);
-    case DataType::kDouble: return format_float(t.data<double>()[i]);
-    case DataType::kFloat16: return format_float(static_cast<float>(t.data<Half>()[i]));
-    case DataType::kBFloat16: return format_float(static_cast<float>(t.data<BFloat16>()[i]));
-    case DataType::kBool: return t.data<bool>()[i] ? "True" : "False";
-    default: break;
+    case DataType::kFloat:
+      return format_float(t.data<float>()[i], 1e6);
+    case DataType::kDouble:
+      return format_float(t.data<double>()[i], 1e16);
+    case DataType::kFloat16:
+      return format_float(static_cast<float>(t.data<Half>()[i]), 1e3, true);
+    case DataType::kBFloat16:
+      return format_float(static_cast<float>(t.data<BFloat16>()[i]), 1e6);
+    case DataType::kBool:
+      return t.data<bool>()[i] ? "True" : "False";
+    default:
+      break;
   }
   Num n = read_num(t, i);
-  if (n.k == Num::kF) return format_float(n.f);
+  if (n.k == Num::kF) return format_float(static_cast<float>(n.f), 1e6);
   if (n.k == Num::kU) return std::to_string(n.u);
   return std::to_string(n.i);
 }
@@ -307,8 +422,10 @@ void cast_std(const S* src, D* dst, int64_t n) {
     if constexpr (std::is_same_v<D, bool>) {
       dst[i] = static_cast<compute_t<S>>(src[i]) != 0;
     } else if constexpr (std::is_same_v<S, bool>) {
-      if constexpr (std::is_same_v<D, Half> || std::is_same_v<D, BFloat16>) dst[i] = D(src[i] ? 1.f : 0.f);
-      else dst[i] = static_cast<D>(src[i] ? 1 : 0);
+      if constexpr (std::is_same_v<D, Half> || std::is_same_v<D, BFloat16>)
+        dst[i] = D(src[i] ? 1.f : 0.f);
+      else
+        dst[i] = static_cast<D>(src[i] ? 1 : 0);
     } else if constexpr (std::is_same_v<D, Half> || std::is_same_v<D, BFloat16>) {
       if constexpr (std::is_same_v<S, double> || std::is_same_v<S, int64_t> ||
                     std::is_same_v<S, uint64_t> || std::is_same_v<S, int32_t> ||
@@ -328,7 +445,10 @@ void cast_std(const S* src, D* dst, int64_t n) {
 template <typename F>
 bool dispatch_std(DataType dt, F&& f) {
   if (dispatch_numeric(dt, f)) return true;
-  if (dt == DataType::kBool) { f(TypeTag<bool>{}); return true; }
+  if (dt == DataType::kBool) {
+    f(TypeTag<bool>{});
+    return true;
+  }
   return false;
 }
 
@@ -341,8 +461,10 @@ bool is_small_float(DataType t) {
     case DataType::kFloat8E5M2:
     case DataType::kFloat8E5M2FNUZ:
     case DataType::kFloat4E2M1:
-    case DataType::kFloat8E8M0: return true;
-    default: return false;
+    case DataType::kFloat8E8M0:
+      return true;
+    default:
+      return false;
   }
 }
 

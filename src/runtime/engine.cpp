@@ -79,8 +79,7 @@ Result<std::shared_ptr<Engine>> Engine::load(const std::string& plan_path) {
 }
 
 Result<std::shared_ptr<Engine>> Engine::deserialize(const void* data, size_t size) {
-  auto* p = static_cast<const uint8_t*>(data);
-  return engine_from_file(MappedFile::from_bytes(std::vector<uint8_t>(p, p + size)));
+  return engine_from_file(MappedFile::from_bytes(data, size));
 }
 
 const std::vector<TensorDesc>& Engine::inputs() const { return impl_->inputs; }

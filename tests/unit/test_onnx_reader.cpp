@@ -19,7 +19,9 @@ namespace {
 const std::string kShared = KILN_SHARED_DIR;
 const std::string kNode = kShared + "/onnx-backend-tests/node/";
 
-bool has_shared() { return std::filesystem::exists(kNode + "test_relu/model.onnx"); }
+bool has_shared() {
+  return std::filesystem::exists(kNode + "test_relu/model.onnx");
+}
 
 // Minimal protobuf writer for building test messages by hand.
 struct PB {
@@ -97,18 +99,18 @@ Result<Model> import_bytes(std::vector<uint8_t> bytes, bool check_ops = false,
   return import_onnx_bytes(MappedFile::from_bytes(std::move(bytes)), o);
 }
 
-#define EXPECT_ERR(res, substr)                                                         \
-  do {                                                                                  \
-    auto&& _r = (res);                                                                  \
-    ASSERT_FALSE(_r.is_ok()) << "expected failure containing: " << (substr);            \
-    EXPECT_NE(_r.status().message().find(substr), std::string::npos)                   \
-        << "message: " << _r.status().message();                                        \
+#define EXPECT_ERR(res, substr)                                              \
+  do {                                                                       \
+    auto&& _r = (res);                                                       \
+    ASSERT_FALSE(_r.is_ok()) << "expected failure containing: " << (substr); \
+    EXPECT_NE(_r.status().message().find(substr), std::string::npos)         \
+        << "message: " << _r.status().message();                             \
   } while (0)
 
 std::string temp_dir() {
-  std::string d = (std::filesystem::temp_directory_path() /
-                   ("kiln_onnx_test_" + std::to_string(::getpid())))
-                      .string();
+  std::string d =
+      (std::filesystem::temp_directory_path() / ("kiln_onnx_test_" + std::to_string(::getpid())))
+          .string();
   std::filesystem::create_directories(d);
   return d;
 }
@@ -223,8 +225,9 @@ TEST(OnnxReader, TruncationAtEveryByteNeverCrashes) {
 // ---------------------------------------------------------------- wire-format errors
 
 TEST(OnnxReader, WrongWireType) {
-  EXPECT_ERR(import_bytes({0x38, 0x01}),
-             "ModelProto.graph (field 7) at byte 0: expected wire type length-delimited, got varint");
+  EXPECT_ERR(
+      import_bytes({0x38, 0x01}),
+      "ModelProto.graph (field 7) at byte 0: expected wire type length-delimited, got varint");
 }
 
 TEST(OnnxReader, LengthPastEnd) {
@@ -233,7 +236,8 @@ TEST(OnnxReader, LengthPastEnd) {
   // Inside a nested message: the offset is absolute.
   PB g;
   g.s(2, "g");
-  g.tag(5, 2).raw_varint(3).b.insert(g.b.end(), {0x0a, 0x50, 0x00});  // TensorProto.dims packed, len 80
+  g.tag(5, 2).raw_varint(3).b.insert(g.b.end(),
+                                     {0x0a, 0x50, 0x00});  // TensorProto.dims packed, len 80
   EXPECT_ERR(import_bytes(model(g)), "TensorProto.dims (field 1) at byte");
   EXPECT_ERR(import_bytes(model(g)), "length 80 runs past the end");
 }
@@ -280,7 +284,8 @@ TEST(OnnxReader, HugeAndNegativeDims) {
   t5.v(1, uint64_t{1} << 38).v(2, 1).s(8, "w").f32(4, 1.0f);
   EXPECT_ERR(import_bytes(model(add_graph(t5))), "float_data has 1 values, expected 274877906944");
   PB sp;  // sparse tensor claiming a huge dense shape
-  sp.m(1, PB().v(1, 1).v(2, 1).s(8, "w").f32(4, 1.0f)).m(2, PB().v(1, 1).v(2, 7).v(7, 0))
+  sp.m(1, PB().v(1, 1).v(2, 1).s(8, "w").f32(4, 1.0f))
+      .m(2, PB().v(1, 1).v(2, 7).v(7, 0))
       .v(3, uint64_t{1} << 36);
   PB gs;
   gs.m(1, node("Add", {"x", "w"}, {"y"})).m(15, sp).m(11, value_info("x")).m(12, value_info("y"));
@@ -400,7 +405,10 @@ TEST(OnnxReader, SparseInitializerDensified) {
   PB sp;
   sp.m(1, values).m(2, indices).v(3, 4);
   PB g;
-  g.m(1, node("Add", {"x", "w"}, {"y"})).m(15, sp).m(11, value_info("x", 1, {4})).m(12, value_info("y", 1, {4}));
+  g.m(1, node("Add", {"x", "w"}, {"y"}))
+      .m(15, sp)
+      .m(11, value_info("x", 1, {4}))
+      .m(12, value_info("y", 1, {4}));
   auto r = import_bytes(model(g));
   ASSERT_TRUE(r.is_ok()) << r.status().message();
   const Tensor& w = r->graph.initializers.at("w");
@@ -464,13 +472,17 @@ TEST(OnnxReader, ExternalData) {
 
 TEST(OnnxImport, DuplicateNamesCyclesUndefinedInputs) {
   PB dup;
-  dup.m(1, node("Relu", {"x"}, {"y"})).m(1, node("Relu", {"x"}, {"y"}))
-      .m(11, value_info("x")).m(12, value_info("y"));
+  dup.m(1, node("Relu", {"x"}, {"y"}))
+      .m(1, node("Relu", {"x"}, {"y"}))
+      .m(11, value_info("x"))
+      .m(12, value_info("y"));
   EXPECT_ERR(import_bytes(model(dup)), "value 'y' is defined more than once");
 
   PB cyc;
-  cyc.m(1, node("Add", {"x", "b"}, {"a"}, "n1")).m(1, node("Relu", {"a"}, {"b"}, "n2"))
-      .m(11, value_info("x")).m(12, value_info("b"));
+  cyc.m(1, node("Add", {"x", "b"}, {"a"}, "n1"))
+      .m(1, node("Relu", {"a"}, {"b"}, "n2"))
+      .m(11, value_info("x"))
+      .m(12, value_info("b"));
   EXPECT_ERR(import_bytes(model(cyc)), "cycle");
 
   PB undef;
@@ -488,8 +500,10 @@ TEST(OnnxImport, DuplicateNamesCyclesUndefinedInputs) {
 
 TEST(OnnxImport, NodeNamesAndTopoOrder) {
   PB g;  // nodes out of order, one named, two unnamed
-  g.m(1, node("Relu", {"a"}, {"y"})).m(1, node("Neg", {"x"}, {"a"}, "Relu_0"))
-      .m(11, value_info("x")).m(12, value_info("y"));
+  g.m(1, node("Relu", {"a"}, {"y"}))
+      .m(1, node("Neg", {"x"}, {"a"}, "Relu_0"))
+      .m(11, value_info("x"))
+      .m(12, value_info("y"));
   auto r = import_bytes(model(g));
   ASSERT_TRUE(r.is_ok()) << r.status().message();
   ASSERT_EQ(r->graph.nodes.size(), 2u);
@@ -531,9 +545,11 @@ TEST(OnnxImport, DomainsAndAttributes) {
 
 TEST(OnnxImport, UnsupportedOpsListedOnce) {
   PB g;
-  g.m(1, node("FooOp", {"x"}, {"a"}, "foo_1")).m(1, node("FooOp", {"a"}, {"b"}, "foo_2"))
+  g.m(1, node("FooOp", {"x"}, {"a"}, "foo_1"))
+      .m(1, node("FooOp", {"a"}, {"b"}, "foo_2"))
       .m(1, node("Bar", {"b"}, {"y"}, "b", "ai.onnx.ml"))
-      .m(11, value_info("x")).m(12, value_info("y"));
+      .m(11, value_info("x"))
+      .m(12, value_info("y"));
   auto r = import_bytes(model(g, 13, {}, {{"ai.onnx.ml", 3}}), /*check_ops=*/true);
   ASSERT_FALSE(r.is_ok());
   EXPECT_EQ(r.status().code(), StatusCode::kUnsupported);
@@ -732,8 +748,10 @@ TEST(OnnxSweep, AllBackendModelsImport) {
       std::string m = e.path().string() + "/model.onnx";
       if (!std::filesystem::exists(m)) continue;
       auto r = import_onnx_file(m, {.base_dir = "", .check_ops = false});
-      if (r.is_ok()) ++ok;
-      else failures.push_back(m + ": " + r.status().message());
+      if (r.is_ok())
+        ++ok;
+      else
+        failures.push_back(m + ": " + r.status().message());
     }
   }
   for (auto& f : failures) ADD_FAILURE() << f;

@@ -179,8 +179,10 @@ TEST(Control, LoopCarriedShapeChangesAndCondStops) {
     return std::vector<Value>{Value(Tensor::scalar<bool>(it < 2)), Value(y),
                               Value(Tensor::scalar<int64_t>(it * 10))};
   };
-  auto r = ctl_run(n, {Value(), Value(Tensor::scalar<bool>(true)),
-                       Value(Tensor::from_vector<int64_t>({1}, {-1}))}, 2, runner);
+  auto r = ctl_run(
+      n,
+      {Value(), Value(Tensor::scalar<bool>(true)), Value(Tensor::from_vector<int64_t>({1}, {-1}))},
+      2, runner);
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
   EXPECT_EQ((*r)[0].tensor.to_i64_vector(), (std::vector<int64_t>{-1, 0, 1, 2}));
   EXPECT_EQ((*r)[1].tensor.to_i64_vector(), (std::vector<int64_t>{0, 10, 20}));
@@ -240,8 +242,10 @@ TEST(Control, BadInputsFailCleanly) {
       return std::vector<Value>{in[0]};
     };
     // Scan inputs disagree on sequence length.
-    auto r = ctl_run(n, {Value(Tensor::create(DataType::kFloat, {3}).value()),
-                         Value(Tensor::create(DataType::kFloat, {4}).value())}, 1, runner);
+    auto r = ctl_run(n,
+                     {Value(Tensor::create(DataType::kFloat, {3}).value()),
+                      Value(Tensor::create(DataType::kFloat, {4}).value())},
+                     1, runner);
     EXPECT_FALSE(r.is_ok());
   }
   {
@@ -255,7 +259,41 @@ TEST(Control, BadInputsFailCleanly) {
     Node n;
     n.op_type = "ConcatFromSequence";
     n.attrs = {ctl_int("axis", 3)};
-    Value seq = Value::make_sequence({Tensor::create(DataType::kFloat, {2}).value()}, DataType::kFloat);
+    Value seq =
+        Value::make_sequence({Tensor::create(DataType::kFloat, {2}).value()}, DataType::kFloat);
     EXPECT_FALSE(ctl_run(n, {seq}, 1).is_ok());
   }
+}
+
+TEST(Control, StringNormalizerUtf8Case) {
+  Node n;
+  n.op_type = "StringNormalizer";
+  Attribute a;
+  a.name = "case_change_action";
+  a.kind = Attribute::Kind::kString;
+  a.s = "LOWER";
+  n.attrs = {a};
+  Tensor x = Tensor::create(DataType::kString, {2}).value();
+  x.data<std::string>()[0] =
+      "\xC3\x89"
+      "COLE \xC3\x91"
+      "and\xC3\xBA";  // ÉCOLE Ñandú
+  x.data<std::string>()[1] =
+      "\xD0\x9F\xD0\xA0\xD0\x98\xD0\x92\xD0\x95\xD0\xA2 \xCE\xA3";  // ПРИВЕТ Σ
+  auto r = ctl_run(n, {Value(x)}, 1);
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  const Tensor& y = (*r)[0].tensor;
+  EXPECT_EQ(y.data<std::string>()[0],
+            "\xC3\xA9"
+            "cole \xC3\xB1"
+            "and\xC3\xBA");
+  EXPECT_EQ(y.data<std::string>()[1], "\xD0\xBF\xD1\x80\xD0\xB8\xD0\xB2\xD0\xB5\xD1\x82 \xCF\x83");
+  n.attrs[0].s = "UPPER";
+  auto u = ctl_run(n, {Value(y)}, 1);
+  ASSERT_TRUE(u.is_ok());
+  EXPECT_EQ(u->at(0).tensor.data<std::string>()[0],
+            "\xC3\x89"
+            "COLE \xC3\x91"
+            "AND\xC3\x9A");
+  EXPECT_EQ(u->at(0).tensor.data<std::string>()[1], x.data<std::string>()[1]);
 }

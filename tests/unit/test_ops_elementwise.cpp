@@ -46,8 +46,12 @@ Result<std::vector<Value>> run(const std::string& op, std::vector<Attribute> att
   return outs;
 }
 
-Tensor f32(const Shape& s, std::vector<float> v) { return Tensor::from_vector<float>(s, v); }
-Tensor i32(const Shape& s, std::vector<int32_t> v) { return Tensor::from_vector<int32_t>(s, v); }
+Tensor f32(const Shape& s, std::vector<float> v) {
+  return Tensor::from_vector<float>(s, v);
+}
+Tensor i32(const Shape& s, std::vector<int32_t> v) {
+  return Tensor::from_vector<int32_t>(s, v);
+}
 
 }  // namespace
 
@@ -91,11 +95,22 @@ TEST(ElementwiseCast, SubByteWrapAndE8M0) {
   ASSERT_TRUE(u2.is_ok());
   EXPECT_EQ(u2->data<uint8_t>()[0], 3);
   EXPECT_EQ(u2->data<uint8_t>()[1], 1);
-  auto e8 = cast_tensor_ex(f32({3}, {1.1f, 0.25f, 3.f}), DataType::kFloat8E8M0, true, E8M0Round::kUp);
+  auto e8 =
+      cast_tensor_ex(f32({3}, {1.1f, 0.25f, 3.f}), DataType::kFloat8E8M0, true, E8M0Round::kUp);
   ASSERT_TRUE(e8.is_ok());
   EXPECT_EQ(e8->data<uint8_t>()[0], 128);
   EXPECT_EQ(e8->data<uint8_t>()[1], 125);
   EXPECT_EQ(e8->data<uint8_t>()[2], 129);
+}
+
+TEST(ElementwiseCast, DoubleToHalfRoundsOnce) {
+  // 1 + 2^-11 + 2^-40 is just above a half-precision tie: via float it would round to 1.0.
+  auto x = Tensor::from_vector<double>(
+      {2}, {1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40), 1.0 + std::ldexp(1.0, -11)});
+  auto h = cast_tensor(x, DataType::kFloat16);
+  ASSERT_TRUE(h.is_ok());
+  EXPECT_EQ(h->data<Half>()[0].bits, 0x3C01);
+  EXPECT_EQ(h->data<Half>()[1].bits, 0x3C00);  // exact tie -> even
 }
 
 TEST(ElementwiseCast, StringsRoundTrip) {
@@ -162,9 +177,11 @@ TEST(ElementwiseOps, QuantizeBlockedAndClip) {
   const uint8_t* p = (*q)[0].tensor.data<uint8_t>();
   std::vector<uint8_t> want = {0, 1, 1, 2, 8, 10, 6, 7};  // 1/1, 2/2=1, 3/2=1.5->2 (even)
   for (int i = 0; i < 8; ++i) EXPECT_EQ(p[i], want[i]) << i;
-  auto bad = run("QuantizeLinear", {int_attr("axis", 1), bs}, {Value(x), Value(f32({3}, {1, 1, 1}))});
+  auto bad =
+      run("QuantizeLinear", {int_attr("axis", 1), bs}, {Value(x), Value(f32({3}, {1, 1, 1}))});
   EXPECT_FALSE(bad.is_ok());
-  auto c = run("Clip", {}, {Value(i32({3}, {-5, 0, 9})), Value(f32({}, {-1})), Value(f32({}, {4}))});
+  auto c =
+      run("Clip", {}, {Value(i32({3}, {-5, 0, 9})), Value(f32({}, {-1})), Value(f32({}, {4}))});
   ASSERT_TRUE(c.is_ok()) << c.status().to_string();
   EXPECT_EQ((*c)[0].tensor.data<int32_t>()[0], -1);
   EXPECT_EQ((*c)[0].tensor.data<int32_t>()[2], 4);

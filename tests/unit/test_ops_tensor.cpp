@@ -162,3 +162,51 @@ TEST(TensorOps, TopKTiesKeepLowerIndex) {
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
   EXPECT_EQ(r->at(1).tensor.to_i64_vector(), (std::vector<int64_t>{1, 2, 4}));
 }
+
+// Every tensor-family kernel, fed odd input combinations, returns a Status (ok or not) instead
+// of crashing, throwing or reading out of range.
+TEST(TensorOps, OddInputsNeverCrash) {
+  const char* ops[] = {
+#define KILN_OP(ident, name, domain) name,
+#include "ops/defs/tensor.def"
+#undef KILN_OP
+  };
+  Tensor f23 = Tensor::from_vector<float>({2, 3}, {1, 2, 3, 4, 5, 6});
+  Tensor f03 = Tensor::create(DataType::kFloat, {0, 3}).value();
+  Tensor str = Tensor::from_vector<std::string>({2}, {"a", "b"});
+  Tensor b22 = Tensor::from_vector<bool>({2, 2}, {true, false, true, true});
+  std::vector<std::vector<Value>> combos = {
+      {},
+      {Value(Tensor::scalar<float>(2.0f))},
+      {Value(f23)},
+      {Value(f23), Value(i64({2}, {0, -1}))},
+      {Value(f23), Value(Tensor::scalar<int64_t>(5)), Value(i64({1}, {-7}))},
+      {Value(f23), Value(i64({1}, {INT64_MAX})), Value(i64({1}, {INT64_MIN})), Value(i64({1}, {1})),
+       Value(i64({1}, {INT64_MIN}))},
+      {Value(str), Value(i64({1}, {0})), Value(i64({1}, {1}))},
+      {Value(f03), Value(i64({1}, {0})), Value(i64({1}, {1}))},
+      {Value(i64({2}, {-1, 100})), Value(f23), Value(f23)},
+      {Value(), Value(f23)},
+      {Value(b22), Value(i64({2, 1}, {1, 0})), Value(b22)},
+      {Value(f23), Value(i64({2, 3}, {0, 1, 9, -9, 0, 1})), Value(f23)},
+      {Value(Tensor::scalar<int64_t>(3)), Value(Tensor::scalar<int64_t>(0)), Value(Tensor::scalar<int64_t>(1)),
+       Value(Tensor::scalar<int64_t>(-5)), Value(Tensor::scalar<int64_t>(7))},
+  };
+  std::vector<std::vector<Attribute>> attr_sets = {
+      {},
+      {int_attr("axis", 5)},
+      {int_attr("axis", -9), int_attr("keepdims", 0), int_attr("batch_dims", 3)},
+      {ints_attr("perm", {1}), int_attr("blocksize", 0), str_attr("equation", "ij,jk->ik")},
+      {str_attr("equation", "...i->..."), int_attr("num_outputs", 3), str_attr("mode", "reflect")},
+  };
+  int runs = 0;
+  for (const char* op : ops)
+    for (auto& attrs : attr_sets)
+      for (auto& in : combos)
+        for (size_t nout : {size_t{0}, size_t{1}, size_t{4}}) {
+          auto r = run(op, attrs, in, nout);
+          (void)r;
+          ++runs;
+        }
+  EXPECT_GT(runs, 1000);
+}

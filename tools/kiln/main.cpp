@@ -578,13 +578,11 @@ int cmd_run(const Options& o) {
   auto bindings = collect_bindings(o, e);
   if (!bindings.is_ok()) return fail(bindings.status());
   if (bindings->empty()) return usage_error("run", "no inputs given (files, --loadInputs or --testDir)");
-  for (auto& d : e.inputs()) {
-    bool given = false;
-    for (auto& b : bindings.value()) given |= b.name == d.name;
-    if (!given) return fail(invalid_argument("input '" + d.name + "' was not given"));
-  }
   auto inputs = load_bindings(bindings.value(), e);
   if (!inputs.is_ok()) return fail(inputs.status());
+  for (auto& d : e.inputs()) {
+    if (!inputs->count(d.name)) return fail(invalid_argument("input '" + d.name + "' was not given"));
+  }
   // References sit beside the first binding's files (output_K.pb next to input_K.pb).
   std::vector<std::string> ref_dirs;
   std::vector<int64_t> rows;

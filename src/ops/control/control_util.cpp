@@ -82,7 +82,8 @@ Result<Tensor> concat(const std::vector<Tensor>& items, int64_t axis, const OpCo
 
 Result<Tensor> slice_axis(const Tensor& t, int64_t axis, int64_t start, int64_t len) {
   const Shape& s = t.shape();
-  if (axis < 0 || axis >= t.rank() || start < 0 || len < 0 || start + len > s[static_cast<size_t>(axis)])
+  if (axis < 0 || axis >= t.rank() || start < 0 || len < 0 ||
+      start + len > s[static_cast<size_t>(axis)])
     return invalid_argument("slice out of range of " + t.describe());
   Shape os = s;
   os[static_cast<size_t>(axis)] = len;
@@ -112,16 +113,18 @@ Result<bool> scalar_bool(const OpContext& ctx, const Tensor& t, const char* what
 
 uint64_t node_seed(const OpContext& ctx) {
   if (const Attribute* a = ctx.node.attr("seed")) {
-    double v = a->kind == Attribute::Kind::kInt ? static_cast<double>(a->i) : static_cast<double>(a->f);
+    double v =
+        a->kind == Attribute::Kind::kInt ? static_cast<double>(a->i) : static_cast<double>(a->f);
     // Integral seeds map to themselves; other values by their bits.
-    if (std::isfinite(v) && std::fabs(v) < 9e18 && v == std::floor(v)) return static_cast<uint64_t>(static_cast<int64_t>(v));
+    if (std::isfinite(v) && std::fabs(v) < 9e18 && v == std::floor(v))
+      return static_cast<uint64_t>(static_cast<int64_t>(v));
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(bits));
     return bits;
   }
   // Distinct random nodes get distinct streams under one run seed.
   const std::string& id = ctx.node.outputs.empty() ? ctx.node.name : ctx.node.outputs[0];
-  return ctx.seed ^ (std::hash<std::string>{}(id) * 0x9E3779B97F4A7C15ull);
+  return ctx.seed ^ (std::hash<std::string>{}(id)*0x9E3779B97F4A7C15ull);
 }
 
 }  // namespace kiln::ctl

@@ -21,8 +21,9 @@ Result<std::vector<Value>> run_body(OpContext& ctx, const Graph& g, std::vector<
 
 // Empty scan output: [0] + the body output's static dims when fully known, else [0].
 Result<Tensor> empty_scan_output(const TypeInfo& t, int64_t axis) {
-  DataType dt = t.kind == TypeInfo::Kind::kTensor && t.dtype != DataType::kUndefined ? t.dtype
-                                                                                      : DataType::kFloat;
+  DataType dt = t.kind == TypeInfo::Kind::kTensor && t.dtype != DataType::kUndefined
+                    ? t.dtype
+                    : DataType::kFloat;
   Shape s;
   if (t.kind == TypeInfo::Kind::kTensor && t.fully_known()) s = t.concrete_shape();
   if (axis < 0 || axis > static_cast<int64_t>(s.size())) axis = 0;
@@ -41,7 +42,8 @@ TypeInfo merge_types(const TypeInfo& a, const TypeInfo& b) {
     for (size_t i = 0; i < a.dims.size(); ++i) {
       const Dim& x = a.dims[i];
       const Dim& y = b.dims[i];
-      if ((x.known() && y.known() && x.value == y.value) || (!x.param.empty() && x.param == y.param))
+      if ((x.known() && y.known() && x.value == y.value) ||
+          (!x.param.empty() && x.param == y.param))
         r.dims.push_back(x);
       else
         r.dims.push_back(Dim{});
@@ -122,7 +124,8 @@ Status eval_loop(OpContext& ctx, std::span<const Value> in, std::span<Value> out
     for (size_t k = 0; k < n_scan; ++k) {
       Value& v = res[1 + n_carried + k];
       if (!v.is_tensor())
-        return ctx.fail("scan output " + std::to_string(k) + " must be a tensor, got " + v.describe());
+        return ctx.fail("scan output " + std::to_string(k) + " must be a tensor, got " +
+                        v.describe());
       scans[k].push_back(std::move(v.tensor));
     }
   }
@@ -150,8 +153,10 @@ Status infer_loop(InferContext& ctx) {
     const TypeInfo& bt = body->outputs[1 + i].type;
     if (i < n_carried) {
       // Shapes may change across iterations; the type does not.
-      if (bt.kind == TypeInfo::Kind::kTensor) ctx.output_types[i] = TypeInfo::tensor(bt.dtype);
-      else if (i + 2 < ctx.input_types.size()) ctx.output_types[i] = ctx.input_types[i + 2];
+      if (bt.kind == TypeInfo::Kind::kTensor)
+        ctx.output_types[i] = TypeInfo::tensor(bt.dtype);
+      else if (i + 2 < ctx.input_types.size())
+        ctx.output_types[i] = ctx.input_types[i + 2];
     } else if (bt.kind == TypeInfo::Kind::kTensor) {
       TypeInfo t = TypeInfo::tensor(bt.dtype);
       if (bt.has_shape) {
@@ -249,7 +254,8 @@ Status eval_scan(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   if (body->outputs.size() < sp.n_state)
     return ctx.bad_input("body has fewer outputs than state variables");
   sp.n_scan_out = body->outputs.size() - sp.n_state;
-  if (out.size() > body->outputs.size()) return ctx.bad_input("node has more outputs than the body");
+  if (out.size() > body->outputs.size())
+    return ctx.bad_input("node has more outputs than the body");
   auto list = [&](const char* name, size_t n, std::vector<int64_t>& v) -> Status {
     v = ctx.node.attr_ints(name, std::vector<int64_t>(n, 0));
     if (v.size() != n)

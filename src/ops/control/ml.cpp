@@ -44,26 +44,37 @@ Status eval_label_encoder(OpContext& ctx, std::span<const Value> in, std::span<V
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   const Node& n = ctx.node;
   Tensor keys, values, defv;
-  if (const Tensor* t = n.attr_tensor("keys_tensor")) keys = *t;
+  if (const Tensor* t = n.attr_tensor("keys_tensor"))
+    keys = *t;
   else if (n.has_attr("keys_strings")) {
     auto v = n.attr_strings("keys_strings");
-    KILN_ASSIGN_OR_RETURN(keys, Tensor::create(DataType::kString, {static_cast<int64_t>(v.size())}));
+    KILN_ASSIGN_OR_RETURN(keys,
+                          Tensor::create(DataType::kString, {static_cast<int64_t>(v.size())}));
     for (size_t i = 0; i < v.size(); ++i) keys.data<std::string>()[i] = v[i];
-  } else if (n.has_attr("keys_int64s")) keys = Tensor::from_vector<int64_t>({static_cast<int64_t>(n.attr_ints("keys_int64s").size())}, n.attr_ints("keys_int64s"));
-  else if (n.has_attr("keys_floats")) keys = Tensor::from_vector<float>({static_cast<int64_t>(n.attr_floats("keys_floats").size())}, n.attr_floats("keys_floats"));
-  else return ctx.bad_input("no keys_* attribute");
+  } else if (n.has_attr("keys_int64s"))
+    keys = Tensor::from_vector<int64_t>({static_cast<int64_t>(n.attr_ints("keys_int64s").size())},
+                                        n.attr_ints("keys_int64s"));
+  else if (n.has_attr("keys_floats"))
+    keys = Tensor::from_vector<float>({static_cast<int64_t>(n.attr_floats("keys_floats").size())},
+                                      n.attr_floats("keys_floats"));
+  else
+    return ctx.bad_input("no keys_* attribute");
 
   if (const Tensor* t = n.attr_tensor("values_tensor")) {
     values = *t;
-    if (const Tensor* d = n.attr_tensor("default_tensor")) defv = *d;
+    if (const Tensor* d = n.attr_tensor("default_tensor"))
+      defv = *d;
     else {
       KILN_ASSIGN_OR_RETURN(defv, Tensor::create(values.dtype(), {1}));
-      if (values.dtype() == DataType::kString) defv.data<std::string>()[0] = "_Unused";
-      else if (values.dtype() == DataType::kInt64) defv.data<int64_t>()[0] = -1;
+      if (values.dtype() == DataType::kString)
+        defv.data<std::string>()[0] = "_Unused";
+      else if (values.dtype() == DataType::kInt64)
+        defv.data<int64_t>()[0] = -1;
     }
   } else if (n.has_attr("values_strings")) {
     auto v = n.attr_strings("values_strings");
-    KILN_ASSIGN_OR_RETURN(values, Tensor::create(DataType::kString, {static_cast<int64_t>(v.size())}));
+    KILN_ASSIGN_OR_RETURN(values,
+                          Tensor::create(DataType::kString, {static_cast<int64_t>(v.size())}));
     for (size_t i = 0; i < v.size(); ++i) values.data<std::string>()[i] = v[i];
     KILN_ASSIGN_OR_RETURN(defv, Tensor::create(DataType::kString, {1}));
     defv.data<std::string>()[0] = n.attr_string("default_string", "_Unused");
@@ -79,38 +90,45 @@ Status eval_label_encoder(OpContext& ctx, std::span<const Value> in, std::span<V
     return ctx.bad_input("no values_* attribute");
   }
   if (keys.numel() != values.numel())
-    return ctx.bad_input("keys and values differ in length: " + std::to_string(keys.numel()) + " vs " +
-                         std::to_string(values.numel()));
+    return ctx.bad_input("keys and values differ in length: " + std::to_string(keys.numel()) +
+                         " vs " + std::to_string(values.numel()));
   if (defv.numel() < 1 || defv.dtype() != values.dtype())
     return ctx.bad_input("default value must be one element of the values' type");
   if ((keys.dtype() == DataType::kString) != (x->dtype() == DataType::kString))
-    return ctx.bad_input("input type " + x->describe() + " does not match key type " + dtype_name(keys.dtype()));
+    return ctx.bad_input("input type " + x->describe() + " does not match key type " +
+                         dtype_name(keys.dtype()));
   std::map<Key, int64_t> table;
   for (int64_t i = 0; i < keys.numel(); ++i) table.emplace(key_at(keys, i), i);
   KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(values.dtype(), x->shape()));
   for (int64_t i = 0; i < x->numel(); ++i) {
     auto it = table.find(key_at(*x, i));
-    if (it == table.end()) ctl::copy_elems(defv, 0, y, i, 1);
-    else ctl::copy_elems(values, it->second, y, i, 1);
+    if (it == table.end())
+      ctl::copy_elems(defv, 0, y, i, 1);
+    else
+      ctl::copy_elems(values, it->second, y, i, 1);
   }
   out[0] = std::move(y);
   return Status::ok();
 }
 
 // ---------------------------------------------------------------- ArrayFeatureExtractor
-Status eval_array_feature_extractor(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+Status eval_array_feature_extractor(OpContext& ctx, std::span<const Value> in,
+                                    std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* y, req_tensor(ctx, in, 1));
-  if (!is_integer(y->dtype())) return ctx.bad_input("indices must be integers, got " + y->describe());
+  if (!is_integer(y->dtype()))
+    return ctx.bad_input("indices must be integers, got " + y->describe());
   if (x->rank() < 1) return ctx.bad_input("input must have rank >= 1");
   const std::vector<int64_t> idx = y->to_i64_vector();
   const int64_t last = x->dim(x->rank() - 1);
   for (int64_t v : idx)
     if (v < 0 || v >= last)
-      return ctx.bad_input("index " + std::to_string(v) + " out of range for last dim " + std::to_string(last));
+      return ctx.bad_input("index " + std::to_string(v) + " out of range for last dim " +
+                           std::to_string(last));
   const int64_t k = static_cast<int64_t>(idx.size());
   Shape os;
-  if (x->rank() == 1) os = {1, k};
+  if (x->rank() == 1)
+    os = {1, k};
   else {
     os.assign(x->shape().begin(), x->shape().end() - 1);
     os.push_back(k);
@@ -118,7 +136,8 @@ Status eval_array_feature_extractor(OpContext& ctx, std::span<const Value> in, s
   KILN_ASSIGN_OR_RETURN(Tensor o, Tensor::create(x->dtype(), os));
   const int64_t rows = last == 0 ? 0 : x->numel() / last;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < k; ++j) ctl::copy_elems(*x, r * last + idx[static_cast<size_t>(j)], o, r * k + j, 1);
+    for (int64_t j = 0; j < k; ++j)
+      ctl::copy_elems(*x, r * last + idx[static_cast<size_t>(j)], o, r * k + j, 1);
   out[0] = std::move(o);
   return Status::ok();
 }
@@ -172,15 +191,18 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
   if (feat.size() != nn || modes_d.size() != nn || tid.size() != nn || fid.size() != nn ||
       tleaf.size() != nn || fleaf.size() != nn || (!mtt.empty() && mtt.size() != nn))
     return ctx.bad_input("nodes_* attributes differ in length");
-  if (leaf_t.size() != leaf_w.size()) return ctx.bad_input("leaf_targetids and leaf_weights differ in length");
+  if (leaf_t.size() != leaf_w.size())
+    return ctx.bad_input("leaf_targetids and leaf_weights differ in length");
   if (n_targets < 1) return ctx.bad_input("n_targets must be positive");
   if (agg < 0 || agg > 3) return ctx.bad_input("invalid aggregate_function");
   for (size_t i = 0; i < nn; ++i) {
     if (feat[i] < 0 || feat[i] >= feats) return ctx.bad_input("feature id out of range");
     auto check = [&](int64_t id, int64_t leaf) {
-      return id >= 0 && (leaf ? id < static_cast<int64_t>(leaf_w.size()) : id < static_cast<int64_t>(nn));
+      return id >= 0 &&
+             (leaf ? id < static_cast<int64_t>(leaf_w.size()) : id < static_cast<int64_t>(nn));
     };
-    if (!check(tid[i], tleaf[i]) || !check(fid[i], fleaf[i])) return ctx.bad_input("node/leaf id out of range");
+    if (!check(tid[i], tleaf[i]) || !check(fid[i], fleaf[i]))
+      return ctx.bad_input("node/leaf id out of range");
     if (modes_d[i] < 0 || modes_d[i] > 6) return ctx.bad_input("invalid node mode");
   }
   for (int64_t t : leaf_t)
@@ -192,21 +214,24 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
     if (modes_d[i] != 6) continue;
     while (mp < members.size() && !std::isnan(members[mp])) sets[i].push_back(members[mp++]);
     if (mp >= members.size()) {
-      if (i + 1 < nn && std::count(modes_d.begin() + static_cast<std::ptrdiff_t>(i) + 1, modes_d.end(), 6.0) > 0)
+      if (i + 1 < nn &&
+          std::count(modes_d.begin() + static_cast<std::ptrdiff_t>(i) + 1, modes_d.end(), 6.0) > 0)
         return ctx.bad_input("membership_values has fewer sets than member nodes");
     }
     ++mp;
   }
   KILN_ASSIGN_OR_RETURN(Tensor xf, cast_tensor(*x, DataType::kDouble));
   const double* px = xf.data<double>();
-  const double init = agg == 2 ? std::numeric_limits<double>::max()
-                               : agg == 3 ? std::numeric_limits<double>::lowest() : 0.0;
+  const double init = agg == 2   ? std::numeric_limits<double>::max()
+                      : agg == 3 ? std::numeric_limits<double>::lowest()
+                                 : 0.0;
   std::vector<double> res(static_cast<size_t>(rows * n_targets), init);
   for (int64_t r = 0; r < rows; ++r) {
     const double* row = px + r * feats;
     double* acc = res.data() + r * n_targets;
     for (int64_t root : roots) {
-      if (root < 0 || root >= static_cast<int64_t>(nn)) return ctx.bad_input("tree root out of range");
+      if (root < 0 || root >= static_cast<int64_t>(nn))
+        return ctx.bad_input("tree root out of range");
       int64_t leaf = -1, cur = root;
       const size_t ur = static_cast<size_t>(root);
       if (tleaf[ur] && fleaf[ur] && tid[ur] == fid[ur]) leaf = tid[ur];
@@ -216,26 +241,46 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
         const double v = row[feat[c]], s = splits[c];
         bool go;
         switch (static_cast<int>(modes_d[c])) {
-          case 0: go = v <= s; break;
-          case 1: go = v < s; break;
-          case 2: go = v >= s; break;
-          case 3: go = v > s; break;
-          case 4: go = v == s; break;
-          case 5: go = v != s; break;
-          default: go = std::find(sets[c].begin(), sets[c].end(), v) != sets[c].end(); break;
+          case 0:
+            go = v <= s;
+            break;
+          case 1:
+            go = v < s;
+            break;
+          case 2:
+            go = v >= s;
+            break;
+          case 3:
+            go = v > s;
+            break;
+          case 4:
+            go = v == s;
+            break;
+          case 5:
+            go = v != s;
+            break;
+          default:
+            go = std::find(sets[c].begin(), sets[c].end(), v) != sets[c].end();
+            break;
         }
         if (!mtt.empty() && mtt[c] && std::isnan(v)) go = true;
         const int64_t next = go ? tid[c] : fid[c];
-        if (go ? tleaf[c] : fleaf[c]) leaf = next;
-        else cur = next;
+        if (go ? tleaf[c] : fleaf[c])
+          leaf = next;
+        else
+          cur = next;
       }
       const size_t l = static_cast<size_t>(leaf);
       double& a = acc[leaf_t[l]];
       const double w = leaf_w[l];
-      if (agg == 0) a += w / static_cast<double>(roots.size());
-      else if (agg == 1) a += w;
-      else if (agg == 2) a = std::min(a, w);
-      else a = std::max(a, w);
+      if (agg == 0)
+        a += w / static_cast<double>(roots.size());
+      else if (agg == 1)
+        a += w;
+      else if (agg == 2)
+        a = std::min(a, w);
+      else
+        a = std::max(a, w);
     }
     // Post transforms as ONNX Runtime applies them.
     if (post == 1 || post == 3) {
@@ -263,19 +308,25 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
 Status infer_label_encoder(InferContext& ctx) {
   const Node& n = ctx.node;
   DataType dt = DataType::kUndefined;
-  if (const Tensor* t = n.attr_tensor("values_tensor")) dt = t->dtype();
-  else if (n.has_attr("values_strings")) dt = DataType::kString;
-  else if (n.has_attr("values_int64s")) dt = DataType::kInt64;
-  else if (n.has_attr("values_floats")) dt = DataType::kFloat;
+  if (const Tensor* t = n.attr_tensor("values_tensor"))
+    dt = t->dtype();
+  else if (n.has_attr("values_strings"))
+    dt = DataType::kString;
+  else if (n.has_attr("values_int64s"))
+    dt = DataType::kInt64;
+  else if (n.has_attr("values_floats"))
+    dt = DataType::kFloat;
   if (dt != DataType::kUndefined) ctx.output_types[0] = ctl::like_input(ctx, 0, dt);
   return Status::ok();
 }
 Status infer_same_as_input(InferContext& ctx) {
-  if (ctl::input_is_tensor(ctx, 0)) ctx.output_types[0] = ctl::like_input(ctx, 0, ctx.input_types[0].dtype);
+  if (ctl::input_is_tensor(ctx, 0))
+    ctx.output_types[0] = ctl::like_input(ctx, 0, ctx.input_types[0].dtype);
   return Status::ok();
 }
 Status infer_input_dtype(InferContext& ctx) {
-  if (ctl::input_is_tensor(ctx, 0)) ctx.output_types[0] = TypeInfo::tensor(ctx.input_types[0].dtype);
+  if (ctl::input_is_tensor(ctx, 0))
+    ctx.output_types[0] = TypeInfo::tensor(ctx.input_types[0].dtype);
   return Status::ok();
 }
 Status infer_tree_ensemble(InferContext& ctx) {
@@ -293,10 +344,12 @@ Status infer_tree_ensemble(InferContext& ctx) {
 
 }  // namespace
 
-const OpDef kOp_ml_LabelEncoder = {"LabelEncoder", "ai.onnx.ml", &eval_label_encoder, &infer_label_encoder};
+const OpDef kOp_ml_LabelEncoder = {"LabelEncoder", "ai.onnx.ml", &eval_label_encoder,
+                                   &infer_label_encoder};
 const OpDef kOp_ml_ArrayFeatureExtractor = {"ArrayFeatureExtractor", "ai.onnx.ml",
                                             &eval_array_feature_extractor, &infer_input_dtype};
 const OpDef kOp_ml_Binarizer = {"Binarizer", "ai.onnx.ml", &eval_binarizer, &infer_same_as_input};
-const OpDef kOp_ml_TreeEnsemble = {"TreeEnsemble", "ai.onnx.ml", &eval_tree_ensemble, &infer_tree_ensemble};
+const OpDef kOp_ml_TreeEnsemble = {"TreeEnsemble", "ai.onnx.ml", &eval_tree_ensemble,
+                                   &infer_tree_ensemble};
 
 }  // namespace kiln

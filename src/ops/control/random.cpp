@@ -18,7 +18,7 @@ struct Rng {
   std::mt19937_64 gen;
   explicit Rng(uint64_t seed) : gen(seed) {}
   double uniform() { return static_cast<double>(gen() >> 11) * 0x1.0p-53; }  // [0, 1)
-  double normal() {  // Box-Muller
+  double normal() {                                                          // Box-Muller
     double u1 = uniform();
     while (u1 <= 0) u1 = uniform();
     const double u2 = uniform();
@@ -28,7 +28,8 @@ struct Rng {
 
 Result<DataType> float_dtype_attr(const OpContext& ctx, DataType def) {
   const int64_t v = ctx.node.attr_int("dtype", static_cast<int64_t>(def));
-  if (!dtype_valid(static_cast<int32_t>(v))) return ctx.bad_input("invalid dtype " + std::to_string(v));
+  if (!dtype_valid(static_cast<int32_t>(v)))
+    return ctx.bad_input("invalid dtype " + std::to_string(v));
   DataType dt = static_cast<DataType>(v);
   if (dt != DataType::kFloat && dt != DataType::kDouble && dt != DataType::kFloat16 &&
       dt != DataType::kBFloat16)
@@ -60,9 +61,11 @@ Status eval_random(OpContext& ctx, std::span<Value> out, bool normal) {
   return Status::ok();
 }
 
-Status eval_random_like(OpContext& ctx, std::span<const Value> in, std::span<Value> out, bool normal) {
+Status eval_random_like(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
+                        bool normal) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  DataType def = is_float(x->dtype()) && dispatch_float(x->dtype(), [](auto) {}) ? x->dtype() : DataType::kFloat;
+  DataType def = is_float(x->dtype()) && dispatch_float(x->dtype(), [](auto) {}) ? x->dtype()
+                                                                                 : DataType::kFloat;
   if (!ctx.node.has_attr("dtype") && def != x->dtype())
     return ctx.bad_input("dtype attribute needed for non-float input " + x->describe());
   KILN_ASSIGN_OR_RETURN(DataType dt, float_dtype_attr(ctx, def));
@@ -96,7 +99,8 @@ Status eval_bernoulli(OpContext& ctx, std::span<const Value> in, std::span<Value
   if (!dispatch_float(x->dtype(), [](auto) {}))
     return ctx.bad_input("input must be a float tensor, got " + x->describe());
   const int64_t dtv = ctx.node.attr_int("dtype", static_cast<int64_t>(x->dtype()));
-  if (!dtype_valid(static_cast<int32_t>(dtv))) return ctx.bad_input("invalid dtype " + std::to_string(dtv));
+  if (!dtype_valid(static_cast<int32_t>(dtv)))
+    return ctx.bad_input("invalid dtype " + std::to_string(dtv));
   KILN_ASSIGN_OR_RETURN(Tensor p, cast_tensor(*x, DataType::kDouble));
   KILN_ASSIGN_OR_RETURN(Tensor r, Tensor::create(DataType::kDouble, x->shape()));
   Rng rng(ctl::node_seed(ctx));
@@ -115,7 +119,8 @@ Status eval_multinomial(OpContext& ctx, std::span<const Value> in, std::span<Val
   const int64_t n = ctx.node.attr_int("sample_size", 1);
   if (n < 0) return ctx.bad_input("sample_size must be non-negative");
   const int64_t dtv = ctx.node.attr_int("dtype", static_cast<int64_t>(DataType::kInt32));
-  if (dtv != static_cast<int64_t>(DataType::kInt32) && dtv != static_cast<int64_t>(DataType::kInt64))
+  if (dtv != static_cast<int64_t>(DataType::kInt32) &&
+      dtv != static_cast<int64_t>(DataType::kInt64))
     return ctx.bad_input("dtype must be int32 or int64");
   const int64_t batch = x->dim(0), classes = x->dim(1);
   if (classes < 1) return ctx.bad_input("need at least one class");
@@ -129,7 +134,8 @@ Status eval_multinomial(OpContext& ctx, std::span<const Value> in, std::span<Val
     double mx = row[0];
     for (int64_t c = 1; c < classes; ++c) mx = std::max(mx, row[c]);
     double acc = 0;
-    for (int64_t c = 0; c < classes; ++c) cdf[static_cast<size_t>(c)] = acc += std::exp(row[c] - mx);
+    for (int64_t c = 0; c < classes; ++c)
+      cdf[static_cast<size_t>(c)] = acc += std::exp(row[c] - mx);
     for (int64_t s = 0; s < n; ++s) {
       const double u = rng.uniform() * acc;
       int64_t c = 0;
@@ -153,7 +159,8 @@ Status infer_multinomial(InferContext& ctx) {
   const int64_t dt = ctx.node.attr_int("dtype", static_cast<int64_t>(DataType::kInt32));
   if (!dtype_valid(static_cast<int32_t>(dt))) return Status::ok();
   TypeInfo y = TypeInfo::tensor(static_cast<DataType>(dt));
-  if (ctl::input_is_tensor(ctx, 0) && ctx.input_types[0].has_shape && ctx.input_types[0].dims.size() == 2) {
+  if (ctl::input_is_tensor(ctx, 0) && ctx.input_types[0].has_shape &&
+      ctx.input_types[0].dims.size() == 2) {
     y.has_shape = true;
     y.dims = {ctx.input_types[0].dims[0], Dim::of(ctx.node.attr_int("sample_size", 1))};
   }
@@ -165,8 +172,10 @@ Status infer_multinomial(InferContext& ctx) {
 
 const OpDef kOp_RandomUniform = {"RandomUniform", "", &eval_random_uniform, &infer_random};
 const OpDef kOp_RandomNormal = {"RandomNormal", "", &eval_random_normal, &infer_random};
-const OpDef kOp_RandomUniformLike = {"RandomUniformLike", "", &eval_random_uniform_like, &infer_random_like};
-const OpDef kOp_RandomNormalLike = {"RandomNormalLike", "", &eval_random_normal_like, &infer_random_like};
+const OpDef kOp_RandomUniformLike = {"RandomUniformLike", "", &eval_random_uniform_like,
+                                     &infer_random_like};
+const OpDef kOp_RandomNormalLike = {"RandomNormalLike", "", &eval_random_normal_like,
+                                    &infer_random_like};
 const OpDef kOp_Bernoulli = {"Bernoulli", "", &eval_bernoulli, &infer_random_like};
 const OpDef kOp_Multinomial = {"Multinomial", "", &eval_multinomial, &infer_multinomial};
 

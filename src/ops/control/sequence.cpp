@@ -36,7 +36,8 @@ DataType seq_dtype(const Value& s) {
 
 Status eval_sequence_empty(OpContext& ctx, std::span<const Value>, std::span<Value> out) {
   const int64_t dt = ctx.node.attr_int("dtype", static_cast<int64_t>(DataType::kFloat));
-  if (!dtype_valid(static_cast<int32_t>(dt))) return ctx.bad_input("invalid dtype " + std::to_string(dt));
+  if (!dtype_valid(static_cast<int32_t>(dt)))
+    return ctx.bad_input("invalid dtype " + std::to_string(dt));
   out[0] = Value::make_sequence({}, static_cast<DataType>(dt));
   return Status::ok();
 }
@@ -61,7 +62,8 @@ Status eval_sequence_insert(OpContext& ctx, std::span<const Value> in, std::span
   KILN_ASSIGN_OR_RETURN(const Tensor* t, req_tensor(ctx, in, 1));
   DataType dt = seq_dtype(*s);
   if (dt != DataType::kUndefined && dt != t->dtype())
-    return ctx.bad_input("cannot insert " + t->describe() + " into a sequence of " + dtype_name(dt));
+    return ctx.bad_input("cannot insert " + t->describe() + " into a sequence of " +
+                         dtype_name(dt));
   const int64_t n = static_cast<int64_t>(s->sequence.size());
   int64_t pos = n;
   if (const Tensor* p = opt_tensor(in, 2)) {
@@ -76,7 +78,8 @@ Status eval_sequence_insert(OpContext& ctx, std::span<const Value> in, std::span
 Status eval_sequence_at(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Value* s, req_seq(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* p, req_tensor(ctx, in, 1));
-  KILN_ASSIGN_OR_RETURN(int64_t pos, seq_pos(ctx, *p, static_cast<int64_t>(s->sequence.size()), false));
+  KILN_ASSIGN_OR_RETURN(int64_t pos,
+                        seq_pos(ctx, *p, static_cast<int64_t>(s->sequence.size()), false));
   out[0] = s->sequence[static_cast<size_t>(pos)];
   return Status::ok();
 }
@@ -114,7 +117,8 @@ Status eval_split_to_sequence(OpContext& ctx, std::span<const Value> in, std::sp
   std::vector<int64_t> sizes;
   bool squeeze = false;
   if (const Tensor* sp = opt_tensor(in, 1)) {
-    if (!is_integer(sp->dtype())) return ctx.bad_input("split must be integer, got " + sp->describe());
+    if (!is_integer(sp->dtype()))
+      return ctx.bad_input("split must be integer, got " + sp->describe());
     if (sp->rank() == 0) {
       const int64_t c = sp->get_i64(0);
       if (c <= 0) return ctx.bad_input("split chunk size must be positive");
@@ -200,11 +204,14 @@ Status eval_sequence_map(OpContext& ctx, std::span<const Value> in, std::span<Va
   }
   for (size_t k = 0; k < out.size(); ++k) {
     DataType dt = DataType::kUndefined;
-    if (!res[k].empty()) dt = res[k][0].dtype();
+    if (!res[k].empty())
+      dt = res[k][0].dtype();
     else if (k < body->outputs.size()) {
       const TypeInfo& t = body->outputs[k].type;
-      if (t.kind == TypeInfo::Kind::kTensor) dt = t.dtype;
-      else if (t.kind == TypeInfo::Kind::kSequence && t.elem) dt = t.elem->dtype;
+      if (t.kind == TypeInfo::Kind::kTensor)
+        dt = t.dtype;
+      else if (t.kind == TypeInfo::Kind::kSequence && t.elem)
+        dt = t.elem->dtype;
     }
     out[k] = Value::make_sequence(std::move(res[k]), dt);
   }
@@ -236,7 +243,8 @@ Status infer_sequence_empty(InferContext& ctx) {
   return infer_seq_dtype(ctx, static_cast<DataType>(dt));
 }
 Status infer_seq_from_tensor0(InferContext& ctx) {  // SequenceConstruct, SplitToSequence
-  if (ctx.input_types.empty() || ctx.input_types[0].kind != TypeInfo::Kind::kTensor) return Status::ok();
+  if (ctx.input_types.empty() || ctx.input_types[0].kind != TypeInfo::Kind::kTensor)
+    return Status::ok();
   return infer_seq_dtype(ctx, ctx.input_types[0].dtype);
 }
 Status infer_seq_passthrough(InferContext& ctx) {  // SequenceInsert, SequenceErase
@@ -267,8 +275,8 @@ Status eval_optional(OpContext& ctx, std::span<const Value> in, std::span<Value>
   if (!a || a->types.empty())
     return ctx.bad_input("an Optional without input needs the 'type' attribute");
   const TypeInfo& t = a->types[0];
-  DataType dt = t.kind == TypeInfo::Kind::kTensor ? t.dtype
-                : (t.elem ? t.elem->dtype : DataType::kUndefined);
+  DataType dt =
+      t.kind == TypeInfo::Kind::kTensor ? t.dtype : (t.elem ? t.elem->dtype : DataType::kUndefined);
   out[0] = Value::make_optional(nullptr, dt);
   return Status::ok();
 }
@@ -278,8 +286,8 @@ Status infer_optional(InferContext& ctx) {
   t.kind = TypeInfo::Kind::kOptional;
   if (!ctx.input_types.empty() && ctx.input_types[0].kind != TypeInfo::Kind::kUnknown) {
     t.elem = std::make_shared<TypeInfo>(ctx.input_types[0]);
-  } else if (const Attribute* a = ctx.node.attr("type"); a && !a->types.empty() &&
-             (ctx.node.inputs.empty() || ctx.node.inputs[0].empty())) {
+  } else if (const Attribute* a = ctx.node.attr("type");
+             a && !a->types.empty() && (ctx.node.inputs.empty() || ctx.node.inputs[0].empty())) {
     t.elem = std::make_shared<TypeInfo>(a->types[0]);
   } else {
     return Status::ok();
@@ -307,8 +315,10 @@ Status infer_optional_has_element(InferContext& ctx) {
 Status infer_optional_get_element(InferContext& ctx) {
   if (ctx.input_types.empty()) return Status::ok();
   const TypeInfo& t = ctx.input_types[0];
-  if (t.kind == TypeInfo::Kind::kOptional && t.elem) ctx.output_types[0] = *t.elem;
-  else if (t.kind == TypeInfo::Kind::kTensor || t.kind == TypeInfo::Kind::kSequence) ctx.output_types[0] = t;
+  if (t.kind == TypeInfo::Kind::kOptional && t.elem)
+    ctx.output_types[0] = *t.elem;
+  else if (t.kind == TypeInfo::Kind::kTensor || t.kind == TypeInfo::Kind::kSequence)
+    ctx.output_types[0] = t;
   return Status::ok();
 }
 
@@ -327,13 +337,18 @@ Status eval_optional_get_element(OpContext& ctx, std::span<const Value> in, std:
 }  // namespace
 
 const OpDef kOp_SequenceEmpty = {"SequenceEmpty", "", &eval_sequence_empty, &infer_sequence_empty};
-const OpDef kOp_SequenceConstruct = {"SequenceConstruct", "", &eval_sequence_construct, &infer_seq_from_tensor0};
-const OpDef kOp_SequenceInsert = {"SequenceInsert", "", &eval_sequence_insert, &infer_seq_passthrough};
+const OpDef kOp_SequenceConstruct = {"SequenceConstruct", "", &eval_sequence_construct,
+                                     &infer_seq_from_tensor0};
+const OpDef kOp_SequenceInsert = {"SequenceInsert", "", &eval_sequence_insert,
+                                  &infer_seq_passthrough};
 const OpDef kOp_SequenceAt = {"SequenceAt", "", &eval_sequence_at, &infer_sequence_at};
 const OpDef kOp_SequenceErase = {"SequenceErase", "", &eval_sequence_erase, &infer_seq_passthrough};
-const OpDef kOp_SequenceLength = {"SequenceLength", "", &eval_sequence_length, &infer_sequence_length};
-const OpDef kOp_SplitToSequence = {"SplitToSequence", "", &eval_split_to_sequence, &infer_seq_from_tensor0};
-const OpDef kOp_ConcatFromSequence = {"ConcatFromSequence", "", &eval_concat_from_sequence, &infer_concat_from_sequence};
+const OpDef kOp_SequenceLength = {"SequenceLength", "", &eval_sequence_length,
+                                  &infer_sequence_length};
+const OpDef kOp_SplitToSequence = {"SplitToSequence", "", &eval_split_to_sequence,
+                                   &infer_seq_from_tensor0};
+const OpDef kOp_ConcatFromSequence = {"ConcatFromSequence", "", &eval_concat_from_sequence,
+                                      &infer_concat_from_sequence};
 const OpDef kOp_SequenceMap = {"SequenceMap", "", &eval_sequence_map, nullptr};
 const OpDef kOp_Optional = {"Optional", "", &eval_optional, &infer_optional};
 const OpDef kOp_OptionalHasElement = {"OptionalHasElement", "", &eval_optional_has_element,

@@ -18,17 +18,103 @@ namespace {
 Result<const Tensor*> req_string(const OpContext& ctx, std::span<const Value> in, size_t i) {
   KILN_ASSIGN_OR_RETURN(const Tensor* t, req_tensor(ctx, in, i));
   if (t->dtype() != DataType::kString)
-    return ctx.bad_input("input " + std::to_string(i) + " must be a string tensor, got " + t->describe());
+    return ctx.bad_input("input " + std::to_string(i) + " must be a string tensor, got " +
+                         t->describe());
   return t;
 }
 
-// ASCII case mapping (locale-independent; bytes >= 0x80 pass through).
-std::string to_case(std::string s, bool upper) {
-  for (char& c : s) {
-    unsigned char u = static_cast<unsigned char>(c);
-    if (u < 0x80) c = static_cast<char>(upper ? std::toupper(u) : std::tolower(u));
+// Simple case mapping of one code point: ASCII, Latin-1, Latin Extended-A, Greek, Cyrillic
+// (what locale-aware towupper/towlower do for these blocks); others map to themselves.
+char32_t map_case(char32_t c, bool upper) {
+  if (c < 0x80) {
+    if (upper && c >= 'a' && c <= 'z') return c - 32;
+    if (!upper && c >= 'A' && c <= 'Z') return c + 32;
+    return c;
   }
-  return s;
+  if (upper) {
+    if (c >= 0xE0 && c <= 0xFE && c != 0xF7) return c - 0x20;
+    if (c == 0xFF) return 0x178;
+    if (c == 0x131) return 'I';
+    if ((c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177)) return c & ~char32_t{1};
+    if ((c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E)) return (c & 1) ? c : c - 1;
+    if (c >= 0x3B1 && c <= 0x3CB && c != 0x3C2) return c - 0x20;
+    if (c >= 0x430 && c <= 0x44F) return c - 0x20;
+    if (c >= 0x450 && c <= 0x45F) return c - 0x50;
+  } else {
+    if (c >= 0xC0 && c <= 0xDE && c != 0xD7) return c + 0x20;
+    if (c == 0x178) return 0xFF;
+    if (c == 0x130) return 'i';
+    if ((c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177)) return c | 1;
+    if ((c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E)) return (c & 1) ? c + 1 : c;
+    if (c >= 0x391 && c <= 0x3AB && c != 0x3A2) return c + 0x20;
+    if (c >= 0x410 && c <= 0x42F) return c + 0x20;
+    if (c >= 0x400 && c <= 0x40F) return c + 0x50;
+  }
+  return c;
+}
+
+void append_utf8(std::string& out, char32_t c) {
+  if (c < 0x80) {
+    out += static_cast<char>(c);
+  } else if (c < 0x800) {
+    out += static_cast<char>(0xC0 | (c >> 6));
+    out += static_cast<char>(0x80 | (c & 0x3F));
+  } else if (c < 0x10000) {
+    out += static_cast<char>(0xE0 | (c >> 12));
+    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (c & 0x3F));
+  } else {
+    out += static_cast<char>(0xF0 | (c >> 18));
+    out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
+    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (c & 0x3F));
+  }
+}
+
+// Decodes the UTF-8 sequence at s[i] into c; returns its length, or 0 if malformed.
+size_t utf8_step(const std::string& s, size_t i, char32_t& c) {
+  const unsigned char b = static_cast<unsigned char>(s[i]);
+  const size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+  if (len == 0 || i + len > s.size()) return 0;
+  c = len == 1 ? b : len == 2 ? (b & 0x1F) : len == 3 ? (b & 0x0F) : (b & 0x07);
+  for (size_t k = 1; k < len; ++k) {
+    const unsigned char cb = static_cast<unsigned char>(s[i + k]);
+    if ((cb & 0xC0) != 0x80) return 0;
+    c = (c << 6) | (cb & 0x3F);
+  }
+  return len;
+}
+
+// Case-maps UTF-8 text; malformed bytes pass through unchanged.
+std::string to_case(const std::string& s, bool upper) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    char32_t c = 0;
+    const size_t len = utf8_step(s, i, c);
+    if (len == 0) {
+      out += s[i++];
+      continue;
+    }
+    append_utf8(out, map_case(c, upper));
+    i += len;
+  }
+  return out;
+}
+
+// UTF-8 to code points (one wchar_t each; malformed bytes become U+FFFD), so that regex `.`
+// and counted repeats see characters as RE2 does, not bytes.
+std::wstring utf8_to_wide(const std::string& s) {
+  static_assert(sizeof(wchar_t) == 4, "wregex over UTF-32 needs a 32-bit wchar_t");
+  std::wstring w;
+  w.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    char32_t c = 0;
+    const size_t len = utf8_step(s, i, c);
+    w += static_cast<wchar_t>(len ? c : 0xFFFD);
+    i += len ? len : 1;
+  }
+  return w;
 }
 
 // Drops space-separated words found in `stops` (the ONNX reference's stopword rule).
@@ -113,12 +199,15 @@ Status eval_string_concat(OpContext& ctx, std::span<const Value> in, std::span<V
   const std::string* pa = a->data<std::string>();
   const std::string* pb = b->data<std::string>();
   std::string* po = t.data<std::string>();
-  broadcast_for_each(*shape, st, [&](int64_t i, const int64_t* off) { po[i] = pa[off[0]] + pb[off[1]]; });
+  broadcast_for_each(*shape, st,
+                     [&](int64_t i, const int64_t* off) { po[i] = pa[off[0]] + pb[off[1]]; });
   out[0] = std::move(t);
   return Status::ok();
 }
 
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 
 // Python str.split semantics: sep empty = runs of whitespace; maxsplit < 0 = unlimited.
 std::vector<std::string> py_split(const std::string& s, const std::string& sep, int64_t maxsplit) {
@@ -170,7 +259,8 @@ Status eval_string_split(OpContext& ctx, std::span<const Value> in, std::span<Va
   KILN_ASSIGN_OR_RETURN(Tensor z, Tensor::create(DataType::kInt64, x->shape()));
   for (size_t i = 0; i < parts.size(); ++i) {
     z.data<int64_t>()[i] = static_cast<int64_t>(parts[i].size());
-    for (size_t k = 0; k < parts[i].size(); ++k) y.data<std::string>()[i * width + k] = std::move(parts[i][k]);
+    for (size_t k = 0; k < parts[i].size(); ++k)
+      y.data<std::string>()[i * width + k] = std::move(parts[i][k]);
   }
   out[0] = std::move(y);
   if (out.size() > 1) out[1] = std::move(z);
@@ -191,10 +281,16 @@ bool re2_to_ecma(const std::string& p, std::string& out, bool& icase) {
     char c = p[i];
     if (c == '\\' && i + 1 < p.size()) {
       char d = p[i + 1];
-      if (d == 'A') out += '^';
-      else if (d == 'z') out += '$';
-      else if (d == 'p' || d == 'P' || d == 'C') return false;  // Unicode classes
-      else { out += c; out += d; }
+      if (d == 'A')
+        out += '^';
+      else if (d == 'z')
+        out += '$';
+      else if (d == 'p' || d == 'P' || d == 'C')
+        return false;  // Unicode classes
+      else {
+        out += c;
+        out += d;
+      }
       ++i;
       continue;
     }
@@ -219,18 +315,20 @@ Status eval_regex_full_match(OpContext& ctx, std::span<const Value> in, std::spa
   std::string ecma;
   bool icase = false;
   if (!re2_to_ecma(pat, ecma, icase))
-    return unsupported(ctx.node.where() + ": regex pattern uses RE2 syntax Kiln cannot translate: " + pat);
-  std::regex re;
+    return unsupported(ctx.node.where() +
+                       ": regex pattern uses RE2 syntax Kiln cannot translate: " + pat);
+  std::wregex re;
   try {
     auto flags = std::regex::ECMAScript | (icase ? std::regex::icase : std::regex::ECMAScript);
-    re = std::regex(ecma, flags);
+    re = std::wregex(utf8_to_wide(ecma), flags);
   } catch (const std::regex_error& e) {
     return ctx.bad_input("invalid regex pattern '" + pat + "': " + e.what());
   }
   KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(DataType::kBool, x->shape()));
   const std::string* px = x->data<std::string>();
   try {
-    for (int64_t i = 0; i < x->numel(); ++i) y.data<bool>()[i] = std::regex_match(px[i], re);
+    for (int64_t i = 0; i < x->numel(); ++i)
+      y.data<bool>()[i] = std::regex_match(utf8_to_wide(px[i]), re);
   } catch (const std::regex_error& e) {
     return ctx.fail(std::string("regex evaluation failed: ") + e.what());
   }
@@ -257,8 +355,10 @@ Status tfidf_run(OpContext& ctx, const Tensor& x, const std::vector<K>& pool,
   const std::vector<int64_t> counts = n.attr_ints("ngram_counts");
   const std::vector<int64_t> indexes = n.attr_ints("ngram_indexes");
   const std::vector<float> weights = n.attr_floats("weights");
-  if (mode != "TF" && mode != "IDF" && mode != "TFIDF") return ctx.bad_input("unknown mode '" + mode + "'");
-  if (min_n < 1 || max_n < min_n || max_skip < 0) return ctx.bad_input("invalid gram lengths / skip count");
+  if (mode != "TF" && mode != "IDF" && mode != "TFIDF")
+    return ctx.bad_input("unknown mode '" + mode + "'");
+  if (min_n < 1 || max_n < min_n || max_skip < 0)
+    return ctx.bad_input("invalid gram lengths / skip count");
   if (indexes.empty()) return ctx.bad_input("ngram_indexes is empty");
   int64_t out_size = 0;
   for (int64_t v : indexes) {
@@ -290,8 +390,10 @@ Status tfidf_run(OpContext& ctx, const Tensor& x, const std::vector<K>& pool,
   if (gram_id - 1 > static_cast<int64_t>(indexes.size()))
     return ctx.bad_input("ngram_indexes has fewer entries than there are n-grams");
   int64_t rows = 1, C = 0, B = 0;
-  if (x.rank() == 0) C = 1;
-  else if (x.rank() == 1) C = x.dim(0);
+  if (x.rank() == 0)
+    C = 1;
+  else if (x.rank() == 1)
+    C = x.dim(0);
   else if (x.rank() == 2) {
     B = rows = x.dim(0);
     C = x.dim(1);
@@ -311,7 +413,8 @@ Status tfidf_run(OpContext& ctx, const Tensor& x, const std::vector<K>& pool,
           auto it = m->kids.find(get(r * C + item));
           if (it == m->kids.end()) break;
           if (gs >= start_n && it->second.id != 0)
-            ++freq[static_cast<size_t>(r * out_size + indexes[static_cast<size_t>(it->second.id - 1)])];
+            ++freq[static_cast<size_t>(r * out_size +
+                                       indexes[static_cast<size_t>(it->second.id - 1)])];
           m = &it->second;
         }
       }
@@ -327,9 +430,12 @@ Status tfidf_run(OpContext& ctx, const Tensor& x, const std::vector<K>& pool,
   for (size_t p = 0; p < freq.size(); ++p) {
     const float f = static_cast<float>(freq[p]);
     const size_t col = p % static_cast<size_t>(out_size);
-    if (mode == "TF") py[p] = f;
-    else if (mode == "IDF") py[p] = freq[p] > 0 ? (weights.empty() ? 1.f : weights[col]) : 0.f;
-    else py[p] = weights.empty() ? f : weights[col] * f;
+    if (mode == "TF")
+      py[p] = f;
+    else if (mode == "IDF")
+      py[p] = freq[p] > 0 ? (weights.empty() ? 1.f : weights[col]) : 0.f;
+    else
+      py[p] = weights.empty() ? f : weights[col] * f;
   }
   out[0] = std::move(y);
   return Status::ok();
@@ -371,7 +477,8 @@ Status infer_tfidf(InferContext& ctx) {
 
 }  // namespace
 
-const OpDef kOp_StringNormalizer = {"StringNormalizer", "", &eval_string_normalizer, &infer_string_only};
+const OpDef kOp_StringNormalizer = {"StringNormalizer", "", &eval_string_normalizer,
+                                    &infer_string_only};
 const OpDef kOp_StringConcat = {"StringConcat", "", &eval_string_concat, &infer_string_only};
 const OpDef kOp_StringSplit = {"StringSplit", "", &eval_string_split, &infer_string_split};
 const OpDef kOp_RegexFullMatch = {"RegexFullMatch", "", &eval_regex_full_match, &infer_regex};

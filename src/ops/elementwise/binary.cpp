@@ -10,8 +10,12 @@ namespace kiln {
 
 namespace {
 
-Status infer_bcast(InferContext& ctx) { return infer_broadcast_as(ctx, DataType::kUndefined); }
-Status infer_bcast_bool(InferContext& ctx) { return infer_broadcast_as(ctx, DataType::kBool); }
+Status infer_bcast(InferContext& ctx) {
+  return infer_broadcast_as(ctx, DataType::kUndefined);
+}
+Status infer_bcast_bool(InferContext& ctx) {
+  return infer_broadcast_as(ctx, DataType::kBool);
+}
 Status infer_where(InferContext& ctx) {
   DataType dt = ctx.input_types.size() > 1 && ctx.input_types[1].kind == TypeInfo::Kind::kTensor
                     ? ctx.input_types[1].dtype
@@ -23,7 +27,10 @@ Status infer_where(InferContext& ctx) {
 template <typename F>
 bool dispatch_std(DataType dt, F&& f) {  // numeric + bool
   if (dispatch_numeric(dt, f)) return true;
-  if (dt == DataType::kBool) { f(TypeTag<bool>{}); return true; }
+  if (dt == DataType::kBool) {
+    f(TypeTag<bool>{});
+    return true;
+  }
   return false;
 }
 
@@ -41,8 +48,8 @@ Status prep_binary(OpContext& ctx, std::span<const Value> in, const Tensor*& a, 
                          dtype_name(b->dtype()));
   auto shape = broadcast_shapes(a->shape(), b->shape());
   if (!shape.is_ok()) return ctx.bad_input(shape.status().message());
-  KILN_ASSIGN_OR_RETURN(y, Tensor::create(out_dt == DataType::kUndefined ? a->dtype() : out_dt,
-                                          shape.value()));
+  KILN_ASSIGN_OR_RETURN(
+      y, Tensor::create(out_dt == DataType::kUndefined ? a->dtype() : out_dt, shape.value()));
   return Status::ok();
 }
 
@@ -69,7 +76,8 @@ template <typename C>
 C w_mul(C x, C y) {
   if constexpr (std::is_integral_v<C>) {
     using U = std::make_unsigned_t<C>;
-    using W = std::conditional_t<(sizeof(U) < sizeof(unsigned)), unsigned, U>;  // avoid int promotion
+    using W =
+        std::conditional_t<(sizeof(U) < sizeof(unsigned)), unsigned, U>;  // avoid int promotion
     return static_cast<C>(static_cast<W>(static_cast<U>(x)) * static_cast<W>(static_cast<U>(y)));
   } else {
     return x * y;
@@ -164,22 +172,23 @@ Status eval_PRelu(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
 
 // Comparisons: numeric and bool (Equal also strings) -> bool.
 template <typename F>
-Status compare(OpContext& ctx, std::span<const Value> in, std::span<Value> out, bool strings, F&& f) {
+Status compare(OpContext& ctx, std::span<const Value> in, std::span<Value> out, bool strings,
+               F&& f) {
   const Tensor *a, *b;
   Tensor y;
   KILN_RETURN_IF_ERROR(prep_binary(ctx, in, a, b, y, DataType::kBool));
   if (a->dtype() == DataType::kString) {
     if (!strings) return bad_type(ctx, a->dtype());
-    binary_loop<std::string, std::string, bool>(*a, *b, y, [](const std::string& x, const std::string& z) {
-      return x == z;
-    });
+    binary_loop<std::string, std::string, bool>(
+        *a, *b, y, [](const std::string& x, const std::string& z) { return x == z; });
     out[0] = std::move(y);
     return Status::ok();
   }
   bool ok = dispatch_std(a->dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    binary_loop<T, T, bool>(*a, *b, y, [&](T x, T z) { return f(static_cast<C>(x), static_cast<C>(z)); });
+    binary_loop<T, T, bool>(*a, *b, y,
+                            [&](T x, T z) { return f(static_cast<C>(x), static_cast<C>(z)); });
   });
   if (!ok) return bad_type(ctx, a->dtype());
   out[0] = std::move(y);
@@ -261,7 +270,8 @@ Status eval_BitwiseNot(OpContext& ctx, std::span<const Value> in, std::span<Valu
 }
 Status eval_BitShift(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   const std::string dir = ctx.node.attr_string("direction", "");
-  if (dir != "LEFT" && dir != "RIGHT") return ctx.bad_input("direction must be LEFT or RIGHT, got '" + dir + "'");
+  if (dir != "LEFT" && dir != "RIGHT")
+    return ctx.bad_input("direction must be LEFT or RIGHT, got '" + dir + "'");
   const bool left = dir == "LEFT";
   const Tensor *a, *b;
   Tensor y;
@@ -325,7 +335,8 @@ Status eval_Pow(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
     if constexpr (std::is_same_v<T, float>) {
       // float32 base with float32 exponent: powf, as numpy does.
       if (b->dtype() == DataType::kFloat) {
-        binary_loop<float, float, float>(*a, *b, y, [](float x, float k) { return std::pow(x, k); });
+        binary_loop<float, float, float>(*a, *b, y,
+                                         [](float x, float k) { return std::pow(x, k); });
         return;
       }
     }
@@ -354,8 +365,8 @@ Status variadic(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
   for (size_t i = 0; i < in.size(); ++i) {
     KILN_ASSIGN_OR_RETURN(const Tensor* t, req_tensor(ctx, in, i));
     if (!ts.empty() && t->dtype() != ts[0]->dtype())
-      return ctx.bad_input("input types differ: " + std::string(dtype_name(ts[0]->dtype())) + " vs " +
-                           dtype_name(t->dtype()));
+      return ctx.bad_input("input types differ: " + std::string(dtype_name(ts[0]->dtype())) +
+                           " vs " + dtype_name(t->dtype()));
     ts.push_back(t);
   }
   if (ts.empty()) return ctx.bad_input("needs at least one input");
@@ -382,7 +393,8 @@ Status variadic(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
       using T = typename decltype(tag)::type;
       using C = compute_t<T>;
       T* p = acc.data<T>();
-      for (int64_t i = 0; i < acc.numel(); ++i) p[i] = static_cast<T>(static_cast<C>(p[i]) / static_cast<C>(inv));
+      for (int64_t i = 0; i < acc.numel(); ++i)
+        p[i] = static_cast<T>(static_cast<C>(p[i]) / static_cast<C>(inv));
     });
   }
   out[0] = std::move(acc);

@@ -46,7 +46,8 @@ Status eval_BitCast(OpContext& ctx, std::span<const Value> in, std::span<Value> 
   const DataType dt = static_cast<DataType>(to);
   if (dt == DataType::kString || x->dtype() == DataType::kString)
     return ctx.bad_input("BitCast does not apply to strings");
-  if (dtype_size(dt) != dtype_size(x->dtype()) || dtype_file_bits(dt) != dtype_file_bits(x->dtype()))
+  if (dtype_size(dt) != dtype_size(x->dtype()) ||
+      dtype_file_bits(dt) != dtype_file_bits(x->dtype()))
     return unsupported(ctx.node.where() + ": BitCast between types of different sizes (" +
                        dtype_name(x->dtype()) + " -> " + dtype_name(dt) + ")");
   KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(dt, x->shape()));

@@ -29,8 +29,10 @@ bool infer_broadcast_dims(const std::vector<const TypeInfo*>& ins, std::vector<D
         mixed = true;
       }
     }
-    if (known >= 0) out[pos] = Dim::of(known);
-    else if (sym) out[pos] = mixed || param.empty() ? Dim() : Dim::sym(param);
+    if (known >= 0)
+      out[pos] = Dim::of(known);
+    else if (sym)
+      out[pos] = mixed || param.empty() ? Dim() : Dim::sym(param);
   }
   return true;
 }

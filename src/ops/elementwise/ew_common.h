@@ -33,7 +33,10 @@ void broadcast_rows2(const Shape& out, const Shape& sa, const Shape& sb, F&& f) 
   for (auto d : out) total *= d;
   if (total == 0) return;
   const size_t rank = out.size();
-  if (rank == 0) { f(0, 0, 0, 1, 1, 1); return; }
+  if (rank == 0) {
+    f(0, 0, 0, 1, 1, 1);
+    return;
+  }
   auto st_a = broadcast_strides(sa, out), st_b = broadcast_strides(sb, out);
   const int64_t inner = out[rank - 1];
   const int64_t step_a = st_a[rank - 1], step_b = st_b[rank - 1];
@@ -43,7 +46,11 @@ void broadcast_rows2(const Shape& out, const Shape& sa, const Shape& sb, F&& f) 
   for (int64_t r = 0; r < rows; ++r) {
     f(r * inner, oa, ob, inner, step_a, step_b);
     for (size_t d = rank - 1; d-- > 0;) {
-      if (++idx[d] < out[d]) { oa += st_a[d]; ob += st_b[d]; break; }
+      if (++idx[d] < out[d]) {
+        oa += st_a[d];
+        ob += st_b[d];
+        break;
+      }
       oa -= st_a[d] * (out[d] - 1);
       ob -= st_b[d] * (out[d] - 1);
       idx[d] = 0;
@@ -69,7 +76,8 @@ void binary_loop(const Tensor& a, const Tensor& b, Tensor& out, F&& f) {
   } else {
     broadcast_rows2(out.shape(), a.shape(), b.shape(),
                     [&](int64_t o, int64_t ia, int64_t ib, int64_t cnt, int64_t sa, int64_t sb) {
-                      for (int64_t k = 0; k < cnt; ++k) po[o + k] = f(pa[ia + k * sa], pb[ib + k * sb]);
+                      for (int64_t k = 0; k < cnt; ++k)
+                        po[o + k] = f(pa[ia + k * sa], pb[ib + k * sb]);
                     });
   }
 }

@@ -21,11 +21,13 @@ struct ParamMap {
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t a = 0; a < axis_dim; ++a) {
         int64_t base;
-        if (scalar) base = -1;
-        else if (block > 0) base = (o * nblocks + a / block) * inner;
-        else base = a;
-        for (int64_t k = 0; k < inner; ++k, ++i)
-          f(i, scalar ? 0 : (block > 0 ? base + k : base));
+        if (scalar)
+          base = -1;
+        else if (block > 0)
+          base = (o * nblocks + a / block) * inner;
+        else
+          base = a;
+        for (int64_t k = 0; k < inner; ++k, ++i) f(i, scalar ? 0 : (block > 0 ? base + k : base));
       }
   }
 };
@@ -58,24 +60,52 @@ Result<ParamMap> make_param_map(const OpContext& ctx, const Tensor& x, const Ten
   for (int64_t d = 0; d < x.rank(); ++d) {
     int64_t want = d == axis ? m.nblocks : s[d];
     if (scale.dim(static_cast<int>(d)) != want)
-      return ctx.bad_input("blocked scale " + scale.describe() + " does not match input " + x.describe() +
-                           " with block_size " + std::to_string(block));
+      return ctx.bad_input("blocked scale " + scale.describe() + " does not match input " +
+                           x.describe() + " with block_size " + std::to_string(block));
   }
   return m;
 }
 
 bool int_range(DataType t, int64_t& lo, int64_t& hi) {
   switch (t) {
-    case DataType::kUInt8: lo = 0; hi = 255; return true;
-    case DataType::kInt8: lo = -128; hi = 127; return true;
-    case DataType::kUInt16: lo = 0; hi = 65535; return true;
-    case DataType::kInt16: lo = -32768; hi = 32767; return true;
-    case DataType::kUInt4: lo = 0; hi = 15; return true;
-    case DataType::kInt4: lo = -8; hi = 7; return true;
-    case DataType::kUInt2: lo = 0; hi = 3; return true;
-    case DataType::kInt2: lo = -2; hi = 1; return true;
-    case DataType::kInt32: lo = std::numeric_limits<int32_t>::min(); hi = std::numeric_limits<int32_t>::max(); return true;
-    default: return false;
+    case DataType::kUInt8:
+      lo = 0;
+      hi = 255;
+      return true;
+    case DataType::kInt8:
+      lo = -128;
+      hi = 127;
+      return true;
+    case DataType::kUInt16:
+      lo = 0;
+      hi = 65535;
+      return true;
+    case DataType::kInt16:
+      lo = -32768;
+      hi = 32767;
+      return true;
+    case DataType::kUInt4:
+      lo = 0;
+      hi = 15;
+      return true;
+    case DataType::kInt4:
+      lo = -8;
+      hi = 7;
+      return true;
+    case DataType::kUInt2:
+      lo = 0;
+      hi = 3;
+      return true;
+    case DataType::kInt2:
+      lo = -2;
+      hi = 1;
+      return true;
+    case DataType::kInt32:
+      lo = std::numeric_limits<int32_t>::min();
+      hi = std::numeric_limits<int32_t>::max();
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -83,14 +113,25 @@ void store_int(Tensor& y, int64_t i, int64_t v) {
   switch (y.dtype()) {
     case DataType::kUInt8:
     case DataType::kUInt4:
-    case DataType::kUInt2: y.data<uint8_t>()[i] = static_cast<uint8_t>(v); return;
+    case DataType::kUInt2:
+      y.data<uint8_t>()[i] = static_cast<uint8_t>(v);
+      return;
     case DataType::kInt8:
     case DataType::kInt4:
-    case DataType::kInt2: y.data<int8_t>()[i] = static_cast<int8_t>(v); return;
-    case DataType::kUInt16: y.data<uint16_t>()[i] = static_cast<uint16_t>(v); return;
-    case DataType::kInt16: y.data<int16_t>()[i] = static_cast<int16_t>(v); return;
-    case DataType::kInt32: y.data<int32_t>()[i] = static_cast<int32_t>(v); return;
-    default: return;
+    case DataType::kInt2:
+      y.data<int8_t>()[i] = static_cast<int8_t>(v);
+      return;
+    case DataType::kUInt16:
+      y.data<uint16_t>()[i] = static_cast<uint16_t>(v);
+      return;
+    case DataType::kInt16:
+      y.data<int16_t>()[i] = static_cast<int16_t>(v);
+      return;
+    case DataType::kInt32:
+      y.data<int32_t>()[i] = static_cast<int32_t>(v);
+      return;
+    default:
+      return;
   }
 }
 
@@ -110,7 +151,8 @@ Status eval_QuantizeLinear(OpContext& ctx, std::span<const Value> in, std::span<
   }
   int64_t lo = 0, hi = 0;
   const bool is_int = int_range(qt, lo, hi);
-  if (!is_int && !is_small_float(qt)) return unsupported(ctx.node.where() + ": output type " + dtype_name(qt));
+  if (!is_int && !is_small_float(qt))
+    return unsupported(ctx.node.where() + ": output type " + dtype_name(qt));
   if (!dispatch_float(x->dtype(), [](auto) {}) && x->dtype() != DataType::kInt32)
     return unsupported(ctx.node.where() + ": input type " + dtype_name(x->dtype()));
   KILN_ASSIGN_OR_RETURN(ParamMap pm, make_param_map(ctx, *x, *scale));
@@ -119,7 +161,9 @@ Status eval_QuantizeLinear(OpContext& ctx, std::span<const Value> in, std::span<
                          shape_str(scale->shape()));
   KILN_ASSIGN_OR_RETURN(Tensor sc, cast_tensor(*scale, DataType::kFloat));
   Tensor zpf;
-  if (zp) { KILN_ASSIGN_OR_RETURN(zpf, cast_tensor(*zp, DataType::kFloat)); }
+  if (zp) {
+    KILN_ASSIGN_OR_RETURN(zpf, cast_tensor(*zp, DataType::kFloat));
+  }
   const bool saturate = ctx.node.attr_int("saturate", 1) != 0;
   KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(qt, x->shape()));
   const float* ps = sc.data<float>();
@@ -169,13 +213,15 @@ Status eval_DequantizeLinear(OpContext& ctx, std::span<const Value> in, std::spa
   KILN_ASSIGN_OR_RETURN(const Tensor* scale, req_tensor(ctx, in, 1));
   const Tensor* zp = opt_tensor(in, 2);
   if (!dispatch_float(scale->dtype(), [](auto) {}))
-    return ctx.bad_input(std::string("scale must be a float tensor, got ") + dtype_name(scale->dtype()));
+    return ctx.bad_input(std::string("scale must be a float tensor, got ") +
+                         dtype_name(scale->dtype()));
   DataType odt = scale->dtype();
   if (int64_t o = ctx.node.attr_int("output_dtype", 0); o != 0) {
     if (!dtype_valid(static_cast<int32_t>(o))) return ctx.bad_input("invalid output_dtype");
     odt = static_cast<DataType>(o);
   }
-  if (!dispatch_float(odt, [](auto) {})) return unsupported(ctx.node.where() + ": output type " + dtype_name(odt));
+  if (!dispatch_float(odt, [](auto) {}))
+    return unsupported(ctx.node.where() + ": output type " + dtype_name(odt));
   KILN_ASSIGN_OR_RETURN(ParamMap pm, make_param_map(ctx, *x, *scale));
   if (zp && zp->shape() != scale->shape() && !(zp->numel() == 1 && scale->numel() == 1))
     return ctx.bad_input("zero point shape " + shape_str(zp->shape()) + " differs from scale " +
@@ -205,7 +251,8 @@ Status eval_DequantizeLinear(OpContext& ctx, std::span<const Value> in, std::spa
 
 Status eval_DynamicQuantizeLinear(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x0, req_tensor(ctx, in, 0));
-  if (!dispatch_float(x0->dtype(), [](auto) {})) return unsupported(ctx.node.where() + ": input type " + dtype_name(x0->dtype()));
+  if (!dispatch_float(x0->dtype(), [](auto) {}))
+    return unsupported(ctx.node.where() + ": input type " + dtype_name(x0->dtype()));
   KILN_ASSIGN_OR_RETURN(Tensor xf, cast_tensor(*x0, DataType::kFloat));
   const float* px = xf.data<float>();
   const int64_t n = xf.numel();
@@ -237,7 +284,8 @@ Status infer_quantize(InferContext& ctx) {
   DataType qt = DataType::kUInt8;
   if (ctx.input_types.size() > 2 && ctx.input_types[2].kind == TypeInfo::Kind::kTensor)
     qt = ctx.input_types[2].dtype;
-  else if (int64_t o = ctx.node.attr_int("output_dtype", 0); o != 0 && dtype_valid(static_cast<int32_t>(o)))
+  else if (int64_t o = ctx.node.attr_int("output_dtype", 0);
+           o != 0 && dtype_valid(static_cast<int32_t>(o)))
     qt = static_cast<DataType>(o);
   ctx.output_types[0] = ctx.input_types[0];
   ctx.output_types[0].kind = TypeInfo::Kind::kTensor;
@@ -248,7 +296,8 @@ Status infer_quantize(InferContext& ctx) {
 Status infer_dequantize(InferContext& ctx) {
   if (ctx.input_types.size() < 2 || ctx.output_types.empty()) return Status::ok();
   DataType dt = ctx.input_types[1].dtype;
-  if (int64_t o = ctx.node.attr_int("output_dtype", 0); o != 0 && dtype_valid(static_cast<int32_t>(o)))
+  if (int64_t o = ctx.node.attr_int("output_dtype", 0);
+      o != 0 && dtype_valid(static_cast<int32_t>(o)))
     dt = static_cast<DataType>(o);
   if (dt == DataType::kUndefined) return Status::ok();
   ctx.output_types[0] = ctx.input_types[0];
@@ -267,14 +316,16 @@ Status infer_dynquant(InferContext& ctx) {
   }
   if (ctx.output_types.size() > 1 && x.kind == TypeInfo::Kind::kTensor)
     ctx.output_types[1] = TypeInfo::tensor(x.dtype, Shape{});
-  if (ctx.output_types.size() > 2) ctx.output_types[2] = TypeInfo::tensor(DataType::kUInt8, Shape{});
+  if (ctx.output_types.size() > 2)
+    ctx.output_types[2] = TypeInfo::tensor(DataType::kUInt8, Shape{});
   return Status::ok();
 }
 
 }  // namespace
 
 const OpDef kOp_QuantizeLinear = {"QuantizeLinear", "", &eval_QuantizeLinear, &infer_quantize};
-const OpDef kOp_DequantizeLinear = {"DequantizeLinear", "", &eval_DequantizeLinear, &infer_dequantize};
+const OpDef kOp_DequantizeLinear = {"DequantizeLinear", "", &eval_DequantizeLinear,
+                                    &infer_dequantize};
 const OpDef kOp_DynamicQuantizeLinear = {"DynamicQuantizeLinear", "", &eval_DynamicQuantizeLinear,
                                          &infer_dynquant};
 

@@ -10,7 +10,8 @@ namespace kiln {
 namespace {
 
 Status infer_same(InferContext& ctx) {
-  if (!ctx.input_types.empty() && !ctx.output_types.empty()) ctx.output_types[0] = ctx.input_types[0];
+  if (!ctx.input_types.empty() && !ctx.output_types.empty())
+    ctx.output_types[0] = ctx.input_types[0];
   return Status::ok();
 }
 
@@ -23,7 +24,8 @@ Status infer_bool(InferContext& ctx) {
 }
 
 Status bad_type(const OpContext& ctx, const Tensor& x) {
-  return unsupported(ctx.node.where() + ": input type " + dtype_name(x.dtype()) + " is not supported");
+  return unsupported(ctx.node.where() + ": input type " + dtype_name(x.dtype()) +
+                     " is not supported");
 }
 
 // y = f(x) over a float tensor; f is called with compute_t<T>.
@@ -92,7 +94,7 @@ C softplus(C v) {
 }
 
 // ---- plain math ----
-#define KILN_FLOAT_UNARY(Name, expr)                                                   \
+#define KILN_FLOAT_UNARY(Name, expr)                                                    \
   Status eval_##Name(OpContext& ctx, std::span<const Value> in, std::span<Value> out) { \
     return unary_float(ctx, in, out, [&](auto v) -> decltype(v) {                       \
       using C = decltype(v);                                                            \
@@ -124,14 +126,16 @@ KILN_FLOAT_UNARY(Atanh, std::atanh(v))
 KILN_FLOAT_UNARY(Sigmoid, sigmoid(v))
 KILN_FLOAT_UNARY(Softplus, softplus(v))
 KILN_FLOAT_UNARY(Softsign, v / (C(1) + std::fabs(v)))
-KILN_FLOAT_UNARY(Mish, v * std::tanh(softplus(v)))
-KILN_FLOAT_UNARY(HardSwish, v * std::max(C(0), std::min(C(1), v / C(6) + C(0.5))))
+KILN_FLOAT_UNARY(Mish, v* std::tanh(softplus(v)))
+KILN_FLOAT_UNARY(HardSwish, v* std::max(C(0), std::min(C(1), v / C(6) + C(0.5))))
 
 Status eval_Abs(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   return unary_numeric(ctx, in, out, [](auto v) -> decltype(v) {
     using C = decltype(v);
-    if constexpr (std::is_unsigned_v<C>) return v;
-    else return v < C(0) ? static_cast<C>(-v) : v;
+    if constexpr (std::is_unsigned_v<C>)
+      return v;
+    else
+      return v < C(0) ? static_cast<C>(-v) : v;
   });
 }
 Status eval_Neg(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
@@ -167,8 +171,8 @@ Status eval_IsNaN(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
 Status eval_IsInf(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   const bool neg = ctx.node.attr_int("detect_negative", 1) != 0;
   const bool pos = ctx.node.attr_int("detect_positive", 1) != 0;
-  return unary_float_pred(ctx, in, out,
-                          [&](auto v) { return std::isinf(v) && ((v > 0 && pos) || (v < 0 && neg)); });
+  return unary_float_pred(
+      ctx, in, out, [&](auto v) { return std::isinf(v) && ((v > 0 && pos) || (v < 0 && neg)); });
 }
 
 Status eval_Not(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
@@ -271,7 +275,8 @@ Status eval_Clip(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   Tensor lo_c, hi_c;  // legacy Clip's float attributes arrive as float32: cast to x's type
   for (auto [b, c] : {std::pair{&lo, &lo_c}, std::pair{&hi, &hi_c}}) {
     if (!*b) continue;
-    if ((*b)->numel() != 1) return ctx.bad_input("min/max must be scalars, got " + (*b)->describe());
+    if ((*b)->numel() != 1)
+      return ctx.bad_input("min/max must be scalars, got " + (*b)->describe());
     if ((*b)->dtype() != x->dtype()) {
       KILN_ASSIGN_OR_RETURN(*c, cast_tensor(**b, x->dtype()));
       *b = c;

@@ -133,6 +133,8 @@ Status eval_attention(OpContext& ctx, std::span<const Value> inputs, std::span<V
   const bool causal = n.attr_int("is_causal", 0) != 0;
   const double softcap = n.attr_float("softcap", 0.0f);
   const int64_t mode = n.attr_int("qk_matmul_output_mode", 0);
+  if (mode < 0 || mode > 3)
+    return ctx.bad_input("qk_matmul_output_mode must be 0..3, got " + std::to_string(mode));
   double scale = n.has_attr("scale") ? n.attr_float("scale", 1.0f) : 1.0 / std::sqrt(double(Dh));
   // The reference scales Q and K each by sqrt(scale), rounded to the input type.
   {
@@ -169,12 +171,14 @@ Status eval_attention(OpContext& ctx, std::span<const Value> inputs, std::span<V
           double dot = 0;
           for (int64_t d = 0; d < Dh; ++d)
             dot += Q.at(b, h, i, d) * presk[static_cast<size_t>(((b * Hkv + hk) * T + j) * Dh + d)];
-          double qk = dot * scale;
-          if (softcap > 0) qk = softcap * std::tanh(qk / softcap);
+          const double raw = dot * scale;
+          // Softcap comes before the mask so masked (-inf) scores stay masked.
+          const double qk = softcap > 0 ? softcap * std::tanh(raw / softcap) : raw;
           const double withb = qk + bj;
           logits[static_cast<size_t>(j)] = withb;
+          // qk_matmul_output_mode: 0 raw scaled QK^T, 1 after softcap, 2 after mask, 3 softmax.
           double& out = qkout[static_cast<size_t>(((b * Hq + h) * S + i) * T + j)];
-          out = mode == 2 ? withb : qk;
+          out = mode == 0 ? raw : mode == 1 ? qk : withb;
         }
         double mx = kNegInf;
         for (int64_t j = 0; j < T; ++j) mx = std::max(mx, logits[static_cast<size_t>(j)]);

@@ -661,19 +661,19 @@ Status infer_nonzero(InferContext& ctx) {
 
 }  // namespace
 
-const OpDef kOp_Gather = {"Gather", "", &eval_gather, &infer_gather};
-const OpDef kOp_GatherElements = {"GatherElements", "", &eval_gather_elements, &infer_indices_shape};
-const OpDef kOp_GatherND = {"GatherND", "", &eval_gather_nd, &infer_gather_nd};
-const OpDef kOp_ScatterElements = {"ScatterElements", "", &eval_scatter_elements, &infer_same_as_input};
-const OpDef kOp_ScatterND = {"ScatterND", "", &eval_scatter_nd, &infer_same_as_input};
-const OpDef kOp_TensorScatter = {"TensorScatter", "", &eval_tensor_scatter, &infer_same_as_input};
-const OpDef kOp_OneHot = {"OneHot", "", &eval_onehot, &infer_onehot};
-const OpDef kOp_NonZero = {"NonZero", "", &eval_nonzero, &infer_nonzero};
-const OpDef kOp_Compress = {"Compress", "", &eval_compress, nullptr};
-const OpDef kOp_Pad = {"Pad", "", &eval_pad, &infer_pad};
-const OpDef kOp_CenterCropPad = {"CenterCropPad", "", &eval_center_crop_pad, nullptr};
-const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &eval_depth_to_space, &infer_d2s<true>};
-const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &eval_space_to_depth, &infer_d2s<false>};
-const OpDef kOp_ReverseSequence = {"ReverseSequence", "", &eval_reverse_sequence, &infer_same_as_input};
+const OpDef kOp_Gather = {"Gather", "", &guarded<&eval_gather>, &infer_gather};
+const OpDef kOp_GatherElements = {"GatherElements", "", &guarded<&eval_gather_elements>, &infer_indices_shape};
+const OpDef kOp_GatherND = {"GatherND", "", &guarded<&eval_gather_nd>, &infer_gather_nd};
+const OpDef kOp_ScatterElements = {"ScatterElements", "", &guarded<&eval_scatter_elements>, &infer_same_as_input};
+const OpDef kOp_ScatterND = {"ScatterND", "", &guarded<&eval_scatter_nd>, &infer_same_as_input};
+const OpDef kOp_TensorScatter = {"TensorScatter", "", &guarded<&eval_tensor_scatter>, &infer_same_as_input};
+const OpDef kOp_OneHot = {"OneHot", "", &guarded<&eval_onehot>, &infer_onehot};
+const OpDef kOp_NonZero = {"NonZero", "", &guarded<&eval_nonzero>, &infer_nonzero};
+const OpDef kOp_Compress = {"Compress", "", &guarded<&eval_compress>, nullptr};
+const OpDef kOp_Pad = {"Pad", "", &guarded<&eval_pad>, &infer_pad};
+const OpDef kOp_CenterCropPad = {"CenterCropPad", "", &guarded<&eval_center_crop_pad>, nullptr};
+const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &guarded<&eval_depth_to_space>, &infer_d2s<true>};
+const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &guarded<&eval_space_to_depth>, &infer_d2s<false>};
+const OpDef kOp_ReverseSequence = {"ReverseSequence", "", &guarded<&eval_reverse_sequence>, &infer_same_as_input};
 
 }  // namespace kiln

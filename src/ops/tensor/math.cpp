@@ -319,11 +319,11 @@ Status infer_mel(InferContext& ctx) {
 
 }  // namespace
 
-const OpDef kOp_Einsum = {"Einsum", "", &eval_einsum, nullptr};
-const OpDef kOp_Det = {"Det", "", &eval_det, &infer_det};
-const OpDef kOp_HannWindow = {"HannWindow", "", &eval_window<Win::kHann>, &infer_window};
-const OpDef kOp_HammingWindow = {"HammingWindow", "", &eval_window<Win::kHamming>, &infer_window};
-const OpDef kOp_BlackmanWindow = {"BlackmanWindow", "", &eval_window<Win::kBlackman>, &infer_window};
-const OpDef kOp_MelWeightMatrix = {"MelWeightMatrix", "", &eval_mel, &infer_mel};
+const OpDef kOp_Einsum = {"Einsum", "", &guarded<&eval_einsum>, nullptr};
+const OpDef kOp_Det = {"Det", "", &guarded<&eval_det>, &infer_det};
+const OpDef kOp_HannWindow = {"HannWindow", "", &guarded<&eval_window<Win::kHann>>, &infer_window};
+const OpDef kOp_HammingWindow = {"HammingWindow", "", &guarded<&eval_window<Win::kHamming>>, &infer_window};
+const OpDef kOp_BlackmanWindow = {"BlackmanWindow", "", &guarded<&eval_window<Win::kBlackman>>, &infer_window};
+const OpDef kOp_MelWeightMatrix = {"MelWeightMatrix", "", &guarded<&eval_mel>, &infer_mel};
 
 }  // namespace kiln

@@ -408,21 +408,21 @@ Status eval_unique(OpContext& ctx, std::span<const Value> in, std::span<Value> o
 
 }  // namespace
 
-const OpDef kOp_ReduceSum = {"ReduceSum", "", &eval_reduce<RK::kSum>, &infer_reduce};
-const OpDef kOp_ReduceMean = {"ReduceMean", "", &eval_reduce<RK::kMean>, &infer_reduce};
-const OpDef kOp_ReduceMax = {"ReduceMax", "", &eval_reduce<RK::kMax>, &infer_reduce};
-const OpDef kOp_ReduceMin = {"ReduceMin", "", &eval_reduce<RK::kMin>, &infer_reduce};
-const OpDef kOp_ReduceProd = {"ReduceProd", "", &eval_reduce<RK::kProd>, &infer_reduce};
-const OpDef kOp_ReduceL1 = {"ReduceL1", "", &eval_reduce<RK::kL1>, &infer_reduce};
-const OpDef kOp_ReduceL2 = {"ReduceL2", "", &eval_reduce<RK::kL2>, &infer_reduce};
-const OpDef kOp_ReduceLogSum = {"ReduceLogSum", "", &eval_reduce<RK::kLogSum>, &infer_reduce};
-const OpDef kOp_ReduceLogSumExp = {"ReduceLogSumExp", "", &eval_reduce<RK::kLogSumExp>, &infer_reduce};
-const OpDef kOp_ReduceSumSquare = {"ReduceSumSquare", "", &eval_reduce<RK::kSumSquare>, &infer_reduce};
-const OpDef kOp_ArgMax = {"ArgMax", "", &eval_arg<true>, &infer_arg};
-const OpDef kOp_ArgMin = {"ArgMin", "", &eval_arg<false>, &infer_arg};
-const OpDef kOp_CumSum = {"CumSum", "", &eval_cum<false>, &infer_same};
-const OpDef kOp_CumProd = {"CumProd", "", &eval_cum<true>, &infer_same};
-const OpDef kOp_TopK = {"TopK", "", &eval_topk, &infer_topk};
-const OpDef kOp_Unique = {"Unique", "", &eval_unique, nullptr};
+const OpDef kOp_ReduceSum = {"ReduceSum", "", &guarded<&eval_reduce<RK::kSum>>, &infer_reduce};
+const OpDef kOp_ReduceMean = {"ReduceMean", "", &guarded<&eval_reduce<RK::kMean>>, &infer_reduce};
+const OpDef kOp_ReduceMax = {"ReduceMax", "", &guarded<&eval_reduce<RK::kMax>>, &infer_reduce};
+const OpDef kOp_ReduceMin = {"ReduceMin", "", &guarded<&eval_reduce<RK::kMin>>, &infer_reduce};
+const OpDef kOp_ReduceProd = {"ReduceProd", "", &guarded<&eval_reduce<RK::kProd>>, &infer_reduce};
+const OpDef kOp_ReduceL1 = {"ReduceL1", "", &guarded<&eval_reduce<RK::kL1>>, &infer_reduce};
+const OpDef kOp_ReduceL2 = {"ReduceL2", "", &guarded<&eval_reduce<RK::kL2>>, &infer_reduce};
+const OpDef kOp_ReduceLogSum = {"ReduceLogSum", "", &guarded<&eval_reduce<RK::kLogSum>>, &infer_reduce};
+const OpDef kOp_ReduceLogSumExp = {"ReduceLogSumExp", "", &guarded<&eval_reduce<RK::kLogSumExp>>, &infer_reduce};
+const OpDef kOp_ReduceSumSquare = {"ReduceSumSquare", "", &guarded<&eval_reduce<RK::kSumSquare>>, &infer_reduce};
+const OpDef kOp_ArgMax = {"ArgMax", "", &guarded<&eval_arg<true>>, &infer_arg};
+const OpDef kOp_ArgMin = {"ArgMin", "", &guarded<&eval_arg<false>>, &infer_arg};
+const OpDef kOp_CumSum = {"CumSum", "", &guarded<&eval_cum<false>>, &infer_same};
+const OpDef kOp_CumProd = {"CumProd", "", &guarded<&eval_cum<true>>, &infer_same};
+const OpDef kOp_TopK = {"TopK", "", &guarded<&eval_topk>, &infer_topk};
+const OpDef kOp_Unique = {"Unique", "", &guarded<&eval_unique>, nullptr};
 
 }  // namespace kiln

@@ -524,6 +524,7 @@ Result<SliceSpec> slice_spec(const Node& n, const Shape& in, const std::vector<i
     seen[static_cast<size_t>(a)] = true;
     int64_t d = in[static_cast<size_t>(a)], st = steps[i];
     if (st == 0) return invalid_argument(n.where() + ": step is 0");
+    if (st == std::numeric_limits<int64_t>::min()) ++st;  // keep -st representable
     int64_t s = starts[i], e = ends[i];
     if (s < 0) s = s < -d ? (st > 0 ? 0 : -1) : s + d;  // avoid overflow on INT64_MIN
     if (e < 0) e = e < -d ? -1 : e + d;
@@ -535,11 +536,11 @@ Result<SliceSpec> slice_spec(const Node& n, const Shape& in, const std::vector<i
       e = std::clamp<int64_t>(e, -1, d - 1);
     }
     int64_t len = 0;
-    if (st > 0 && e > s) len = (e - s + st - 1) / st;
-    if (st < 0 && s > e) len = (s - e + (-st) - 1) / (-st);
+    if (st > 0 && e > s) len = 1 + (e - s - 1) / st;
+    if (st < 0 && s > e) len = 1 + (s - e - 1) / (-st);
     sp.out[static_cast<size_t>(a)] = len;
     sp.start[static_cast<size_t>(a)] = len > 0 ? s : 0;
-    sp.step[static_cast<size_t>(a)] = st;
+    sp.step[static_cast<size_t>(a)] = len > 1 ? st : 1;  // huge steps never multiply a stride
   }
   return sp;
 }
@@ -757,23 +758,23 @@ Status eval_trilu(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
 
 }  // namespace
 
-const OpDef kOp_Constant = {"Constant", "", &eval_constant, &infer_constant};
-const OpDef kOp_ConstantOfShape = {"ConstantOfShape", "", &eval_constant_of_shape, &infer_constant_of_shape};
-const OpDef kOp_Identity = {"Identity", "", &eval_identity, &infer_identity};
-const OpDef kOp_Shape = {"Shape", "", &eval_shape, &infer_shape};
-const OpDef kOp_Size = {"Size", "", &eval_size, &infer_size};
-const OpDef kOp_Reshape = {"Reshape", "", &eval_reshape, &infer_reshape};
-const OpDef kOp_Flatten = {"Flatten", "", &eval_flatten, &infer_flatten};
-const OpDef kOp_Squeeze = {"Squeeze", "", &eval_squeeze, &infer_squeeze};
-const OpDef kOp_Unsqueeze = {"Unsqueeze", "", &eval_unsqueeze, &infer_unsqueeze};
-const OpDef kOp_Transpose = {"Transpose", "", &eval_transpose, &infer_transpose};
-const OpDef kOp_Concat = {"Concat", "", &eval_concat, &infer_concat};
-const OpDef kOp_Split = {"Split", "", &eval_split, &infer_split};
-const OpDef kOp_Slice = {"Slice", "", &eval_slice, &infer_slice};
-const OpDef kOp_Expand = {"Expand", "", &eval_expand, &infer_expand};
-const OpDef kOp_Tile = {"Tile", "", &eval_tile, &infer_tile};
-const OpDef kOp_Range = {"Range", "", &eval_range, &infer_range};
-const OpDef kOp_EyeLike = {"EyeLike", "", &eval_eyelike, &infer_eyelike};
-const OpDef kOp_Trilu = {"Trilu", "", &eval_trilu, &infer_identity};
+const OpDef kOp_Constant = {"Constant", "", &guarded<&eval_constant>, &infer_constant};
+const OpDef kOp_ConstantOfShape = {"ConstantOfShape", "", &guarded<&eval_constant_of_shape>, &infer_constant_of_shape};
+const OpDef kOp_Identity = {"Identity", "", &guarded<&eval_identity>, &infer_identity};
+const OpDef kOp_Shape = {"Shape", "", &guarded<&eval_shape>, &infer_shape};
+const OpDef kOp_Size = {"Size", "", &guarded<&eval_size>, &infer_size};
+const OpDef kOp_Reshape = {"Reshape", "", &guarded<&eval_reshape>, &infer_reshape};
+const OpDef kOp_Flatten = {"Flatten", "", &guarded<&eval_flatten>, &infer_flatten};
+const OpDef kOp_Squeeze = {"Squeeze", "", &guarded<&eval_squeeze>, &infer_squeeze};
+const OpDef kOp_Unsqueeze = {"Unsqueeze", "", &guarded<&eval_unsqueeze>, &infer_unsqueeze};
+const OpDef kOp_Transpose = {"Transpose", "", &guarded<&eval_transpose>, &infer_transpose};
+const OpDef kOp_Concat = {"Concat", "", &guarded<&eval_concat>, &infer_concat};
+const OpDef kOp_Split = {"Split", "", &guarded<&eval_split>, &infer_split};
+const OpDef kOp_Slice = {"Slice", "", &guarded<&eval_slice>, &infer_slice};
+const OpDef kOp_Expand = {"Expand", "", &guarded<&eval_expand>, &infer_expand};
+const OpDef kOp_Tile = {"Tile", "", &guarded<&eval_tile>, &infer_tile};
+const OpDef kOp_Range = {"Range", "", &guarded<&eval_range>, &infer_range};
+const OpDef kOp_EyeLike = {"EyeLike", "", &guarded<&eval_eyelike>, &infer_eyelike};
+const OpDef kOp_Trilu = {"Trilu", "", &guarded<&eval_trilu>, &infer_identity};
 
 }  // namespace kiln

@@ -26,6 +26,13 @@ bool dispatch_bytes(DataType dt, F&& f) {
   }
 }
 
+// Wraps a kernel so that a node declared without outputs fails instead of writing out of range.
+template <EvalFn F>
+Status guarded(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  if (out.empty()) return ctx.bad_input("node has no outputs");
+  return F(ctx, in, out);
+}
+
 inline Status unsupported_dtype(const OpContext& ctx, DataType dt) {
   return unsupported(ctx.node.where() + ": element type " + dtype_name(dt) + " is not supported");
 }

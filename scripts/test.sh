@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README command 2: sets up, builds and runs every test (unit, conformance with the expected-pass
+# list enforced, CLI end to end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build.sh
+ctest --test-dir "${KILN_BUILD_DIR:-build}" --output-on-failure
