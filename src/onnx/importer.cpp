@@ -410,6 +410,7 @@ Result<Model> import_impl(std::shared_ptr<MappedFile> file, const std::string& b
   Importer imp(mm, src);
   KILN_RETURN_IF_ERROR(imp.import_graph(mm.graph, mm.opsets, {}, model.graph, 0));
   KILN_RETURN_IF_ERROR(verify_graph(model.graph));
+  for (auto& [loc, f] : src.ext_files) model.external_files.push_back(f->path());
   if (opts.check_ops) {
     std::vector<std::pair<std::string, std::string>> found;
     std::set<std::string> seen;

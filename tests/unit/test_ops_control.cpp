@@ -297,3 +297,25 @@ TEST(Control, StringNormalizerUtf8Case) {
             "AND\xC3\x9A");
   EXPECT_EQ(u->at(0).tensor.data<std::string>()[1], x.data<std::string>()[1]);
 }
+
+TEST(Control, RegexFullMatchCountsCharactersNotBytes) {
+  Node n;
+  n.op_type = "RegexFullMatch";
+  Attribute a;
+  a.name = "pattern";
+  a.kind = Attribute::Kind::kString;
+  a.s = "(?i)H.{2}";
+  n.attrs = {a};
+  Tensor x = Tensor::create(DataType::kString, {3}).value();
+  x.data<std::string>()[0] = "h\xC3\xA9\xC3\xA9";  // héé: 3 characters, 5 bytes
+  x.data<std::string>()[1] = "hab";
+  x.data<std::string>()[2] = "habc";
+  auto r = ctl_run(n, {Value(x)}, 1);
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string();
+  const Tensor& y = (*r)[0].tensor;
+  EXPECT_TRUE(y.data<bool>()[0]);
+  EXPECT_TRUE(y.data<bool>()[1]);
+  EXPECT_FALSE(y.data<bool>()[2]);
+  n.attrs[0].s = "a(?s).";  // inline flag mid-pattern: refused, not misread
+  EXPECT_FALSE(ctl_run(n, {Value(x)}, 1).is_ok());
+}

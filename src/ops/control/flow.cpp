@@ -35,7 +35,7 @@ Result<Tensor> empty_scan_output(const TypeInfo& t, int64_t axis) {
 TypeInfo merge_types(const TypeInfo& a, const TypeInfo& b) {
   if (a.kind != b.kind) return {};
   if (a.kind != TypeInfo::Kind::kTensor) return a;
-  if (a.dtype != b.dtype) return {};
+  if (a.dtype != b.dtype || a.dtype == DataType::kUndefined) return {};
   TypeInfo r = TypeInfo::tensor(a.dtype);
   if (a.has_shape && b.has_shape && a.dims.size() == b.dims.size()) {
     r.has_shape = true;
@@ -153,11 +153,13 @@ Status infer_loop(InferContext& ctx) {
     const TypeInfo& bt = body->outputs[1 + i].type;
     if (i < n_carried) {
       // Shapes may change across iterations; the type does not.
-      if (bt.kind == TypeInfo::Kind::kTensor)
+      if (bt.kind == TypeInfo::Kind::kTensor && bt.dtype != DataType::kUndefined)
         ctx.output_types[i] = TypeInfo::tensor(bt.dtype);
-      else if (i + 2 < ctx.input_types.size())
-        ctx.output_types[i] = ctx.input_types[i + 2];
-    } else if (bt.kind == TypeInfo::Kind::kTensor) {
+      else if (i + 2 < ctx.input_types.size()) {
+        const TypeInfo& it = ctx.input_types[i + 2];
+        ctx.output_types[i] = it.kind == TypeInfo::Kind::kTensor ? TypeInfo::tensor(it.dtype) : it;
+      }
+    } else if (bt.kind == TypeInfo::Kind::kTensor && bt.dtype != DataType::kUndefined) {
       TypeInfo t = TypeInfo::tensor(bt.dtype);
       if (bt.has_shape) {
         t.has_shape = true;

@@ -212,13 +212,10 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
   size_t mp = 0;
   for (size_t i = 0; i < nn; ++i) {
     if (modes_d[i] != 6) continue;
+    if (mp >= members.size())
+      return ctx.bad_input("membership_values has fewer sets than member nodes");
     while (mp < members.size() && !std::isnan(members[mp])) sets[i].push_back(members[mp++]);
-    if (mp >= members.size()) {
-      if (i + 1 < nn &&
-          std::count(modes_d.begin() + static_cast<std::ptrdiff_t>(i) + 1, modes_d.end(), 6.0) > 0)
-        return ctx.bad_input("membership_values has fewer sets than member nodes");
-    }
-    ++mp;
+    ++mp;  // the NaN terminator
   }
   KILN_ASSIGN_OR_RETURN(Tensor xf, cast_tensor(*x, DataType::kDouble));
   const double* px = xf.data<double>();

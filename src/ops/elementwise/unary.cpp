@@ -37,8 +37,8 @@ Status unary_float(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   bool ok = dispatch_float(x->dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const T* p = x->data<T>();
-    T* q = y.data<T>();
+    const T* __restrict p = x->data<T>();
+    T* __restrict q = y.data<T>();
     for (int64_t i = 0; i < n; ++i) q[i] = static_cast<T>(f(static_cast<C>(p[i])));
   });
   if (!ok) return bad_type(ctx, *x);
@@ -55,8 +55,8 @@ Status unary_numeric(OpContext& ctx, std::span<const Value> in, std::span<Value>
   bool ok = dispatch_numeric(x->dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const T* p = x->data<T>();
-    T* q = y.data<T>();
+    const T* __restrict p = x->data<T>();
+    T* __restrict q = y.data<T>();
     for (int64_t i = 0; i < n; ++i) q[i] = static_cast<T>(f(static_cast<C>(p[i])));
   });
   if (!ok) return bad_type(ctx, *x);
@@ -73,7 +73,7 @@ Status unary_float_pred(OpContext& ctx, std::span<const Value> in, std::span<Val
   bool ok = dispatch_float(x->dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const T* p = x->data<T>();
+    const T* __restrict p = x->data<T>();
     bool* q = y.data<bool>();
     for (int64_t i = 0; i < n; ++i) q[i] = f(static_cast<C>(p[i]));
   });
@@ -287,8 +287,8 @@ Status eval_Clip(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   bool ok = dispatch_numeric(x->dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
-    const T* p = x->data<T>();
-    T* q = y.data<T>();
+    const T* __restrict p = x->data<T>();
+    T* __restrict q = y.data<T>();
     const bool has_lo = lo != nullptr, has_hi = hi != nullptr;
     const C l = has_lo ? static_cast<C>(lo->data<T>()[0]) : C(0);
     const C h = has_hi ? static_cast<C>(hi->data<T>()[0]) : C(0);
