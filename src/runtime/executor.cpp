@@ -53,8 +53,15 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
     cn.node = &n;
     std::string kernel = n.kernel;
     if (kernel.empty() && fallback) kernel = backend.choose_kernel(n);
+    ConstantLookup lookup = [&g](const std::string& name) -> const Tensor* {
+      auto it = g.initializers.find(name);
+      return it == g.initializers.end() ? nullptr : &it->second;
+    };
+    auto prepared = backend.prepare(kernel, n, lookup);
+    if (!prepared.is_ok()) return prepared.status().with_context(n.where());
+    cn.kernel = prepared.value();
     cn.fn = backend.resolve(kernel);
-    if (!cn.fn) {
+    if (!cn.fn && !cn.kernel) {
       if (kernel.empty())
         return unsupported(n.where() + ": no " + backend.name() + " kernel for this operator");
       return Status(StatusCode::kIncompatiblePlan,
@@ -153,7 +160,7 @@ Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
       for (int s : sc.output_slots) res.push_back(child.slots[static_cast<size_t>(s)]);
       return res;
     };
-    Status st = cn.fn(ctx, ins, outs);
+    Status st = cn.kernel ? cn.kernel->run(ctx, ins, outs) : cn.fn(ctx, ins, outs);
     if (!st.is_ok()) {
       if (st.message().rfind("node '", 0) == 0) return st;
       return st.with_context(cn.node->where());

@@ -15,6 +15,7 @@ namespace kiln {
 struct CompiledNode {
   const Node* node = nullptr;
   EvalFn fn = nullptr;
+  std::shared_ptr<const Kernel> kernel;  // prepared kernel; when set it runs instead of fn
   std::vector<int> in, out;
   std::vector<int> release;  // slots whose last reader is this node
 };

@@ -49,7 +49,9 @@ Result<std::vector<Value>> run(const std::string& op, std::vector<Attribute> att
   return outs;
 }
 
-Tensor i64(const Shape& s, std::vector<int64_t> v) { return Tensor::from_vector<int64_t>(s, v); }
+Tensor i64(const Shape& s, std::vector<int64_t> v) {
+  return Tensor::from_vector<int64_t>(s, v);
+}
 
 }  // namespace
 
@@ -80,7 +82,8 @@ TEST(TensorOps, ReshapeInferFromConstant) {
   TypeInfo xt = TypeInfo::tensor(DataType::kFloat);
   xt.has_shape = true;
   xt.dims = {Dim::sym("N"), Dim::of(4), Dim::of(6)};
-  InferContext ic{n, {xt, TypeInfo::tensor(DataType::kInt64, {3})}, {nullptr, &shape}, {TypeInfo{}}};
+  InferContext ic{
+      n, {xt, TypeInfo::tensor(DataType::kInt64, {3})}, {nullptr, &shape}, {TypeInfo{}}};
   ASSERT_TRUE(find_op("", "Reshape")->infer(ic).is_ok());
   const TypeInfo& o = ic.output_types[0];
   ASSERT_TRUE(o.has_shape);
@@ -146,7 +149,9 @@ TEST(TensorOps, CanonicalizeOldAttributes) {
 
 TEST(TensorOps, HostileInputsFailCleanly) {
   Tensor x = Tensor::from_vector<float>({2}, {1, 2});
-  EXPECT_FALSE(run("Expand", {}, {Value(x), Value(i64({3}, {int64_t{1} << 40, int64_t{1} << 40, 2}))}).is_ok());
+  EXPECT_FALSE(
+      run("Expand", {}, {Value(x), Value(i64({3}, {int64_t{1} << 40, int64_t{1} << 40, 2}))})
+          .is_ok());
   EXPECT_FALSE(run("Tile", {}, {Value(x), Value(i64({1}, {int64_t{1} << 62}))}).is_ok());
   EXPECT_FALSE(run("Gather", {}, {Value(x), Value(i64({1}, {5}))}).is_ok());
   EXPECT_FALSE(run("Reshape", {}, {Value(x), Value(i64({2}, {-1, -1}))}).is_ok());
@@ -189,8 +194,9 @@ TEST(TensorOps, OddInputsNeverCrash) {
       {Value(), Value(f23)},
       {Value(b22), Value(i64({2, 1}, {1, 0})), Value(b22)},
       {Value(f23), Value(i64({2, 3}, {0, 1, 9, -9, 0, 1})), Value(f23)},
-      {Value(Tensor::scalar<int64_t>(3)), Value(Tensor::scalar<int64_t>(0)), Value(Tensor::scalar<int64_t>(1)),
-       Value(Tensor::scalar<int64_t>(-5)), Value(Tensor::scalar<int64_t>(7))},
+      {Value(Tensor::scalar<int64_t>(3)), Value(Tensor::scalar<int64_t>(0)),
+       Value(Tensor::scalar<int64_t>(1)), Value(Tensor::scalar<int64_t>(-5)),
+       Value(Tensor::scalar<int64_t>(7))},
   };
   std::vector<std::vector<Attribute>> attr_sets = {
       {},

@@ -222,10 +222,12 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
   const double init = agg == 2   ? std::numeric_limits<double>::max()
                       : agg == 3 ? std::numeric_limits<double>::lowest()
                                  : 0.0;
-  std::vector<double> res(static_cast<size_t>(rows * n_targets), init);
+  KILN_ASSIGN_OR_RETURN(Tensor rt, Tensor::create(DataType::kDouble, {rows, n_targets}));
+  double* res = rt.data<double>();
+  std::fill(res, res + rt.numel(), init);
   for (int64_t r = 0; r < rows; ++r) {
     const double* row = px + r * feats;
-    double* acc = res.data() + r * n_targets;
+    double* acc = res + r * n_targets;
     for (int64_t root : roots) {
       if (root < 0 || root >= static_cast<int64_t>(nn))
         return ctx.bad_input("tree root out of range");
@@ -295,7 +297,6 @@ Status eval_tree_ensemble(OpContext& ctx, std::span<const Value> in, std::span<V
       for (int64_t t = 0; t < n_targets; ++t) acc[t] = std::sqrt(2.0) * std::erf(2 * acc[t] - 1);
     }
   }
-  Tensor rt = Tensor::from_vector<double>({rows, n_targets}, res);
   KILN_ASSIGN_OR_RETURN(Tensor y, cast_tensor(rt, x->dtype()));
   out[0] = std::move(y);
   return Status::ok();

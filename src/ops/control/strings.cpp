@@ -401,7 +401,10 @@ Status tfidf_run(OpContext& ctx, const Tensor& x, const std::vector<K>& pool,
   } else {
     return ctx.bad_input("input must be [C] or [B,C], got " + x.describe());
   }
-  std::vector<int64_t> freq(static_cast<size_t>(rows * out_size), 0);
+  // Allocate the output first: its size check guards against hostile ngram_indexes.
+  Shape os = B == 0 ? Shape{out_size} : Shape{B, out_size};
+  KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(DataType::kFloat, os));
+  std::vector<int64_t> freq(static_cast<size_t>(y.numel()), 0);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t start_n = min_n;
     for (int64_t skip = 1; skip <= max_skip + 1; ++skip) {
@@ -424,8 +427,6 @@ Status tfidf_run(OpContext& ctx, const Tensor& x, const std::vector<K>& pool,
       }
     }
   }
-  Shape os = B == 0 ? Shape{out_size} : Shape{B, out_size};
-  KILN_ASSIGN_OR_RETURN(Tensor y, Tensor::create(DataType::kFloat, os));
   float* py = y.data<float>();
   for (size_t p = 0; p < freq.size(); ++p) {
     const float f = static_cast<float>(freq[p]);

@@ -338,6 +338,8 @@ Status eval_qlinear_conv(OpContext& ctx, std::span<const Value> in, std::span<Va
   }
   const Tensor &X = *t[0], &W = *t[3];
   if (X.rank() < 3 || W.rank() != X.rank()) return ctx.bad_input("bad X/W ranks");
+  if (t[1]->numel() != 1 || t[6]->numel() != 1 || (t[7] && t[7]->numel() != 1))
+    return ctx.bad_input("x_scale, y_scale and y_zero_point must be scalars");
   const DataType yt = t[7] ? t[7]->dtype() : X.dtype();
   if (yt != DataType::kUInt8 && yt != DataType::kInt8)
     return unsupported(ctx.node.where() + ": output type " + dtype_name(yt));

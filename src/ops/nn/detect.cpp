@@ -40,9 +40,13 @@ Status eval_roi_align(OpContext& ctx, std::span<const Value> in, std::span<Value
       rw = std::max(rw, 1.0);
       rh = std::max(rh, 1.0);
     }
+    if (!std::isfinite(rw) || !std::isfinite(rh))
+      return ctx.bad_input("roi " + std::to_string(r) + " has non-finite coordinates");
     const double bh = rh / OH, bw = rw / OW;
     const int64_t gh = sr > 0 ? sr : static_cast<int64_t>(std::ceil(rh / OH));
     const int64_t gw = sr > 0 ? sr : static_cast<int64_t>(std::ceil(rw / OW));
+    if (gh > 4096 || gw > 4096)
+      return ctx.bad_input("roi " + std::to_string(r) + " needs an unreasonable sampling grid");
     const double count = static_cast<double>(std::max<int64_t>(gh * gw, 1));
     for (int64_t c = 0; c < C; ++c) {
       const float* xc = xf.data<float>() + (b * C + c) * H * W;
@@ -132,7 +136,7 @@ Status eval_nms(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
       const float* s = sf.data<float>() + (b * NC + c) * NB;
       std::vector<int64_t> cand;
       for (int64_t i = 0; i < NB; ++i)
-        if (!has_st || s[i] > score_t) cand.push_back(i);
+        if (!std::isnan(s[i]) && (!has_st || s[i] > score_t)) cand.push_back(i);
       std::stable_sort(cand.begin(), cand.end(), [&](int64_t x, int64_t y) { return s[x] > s[y]; });
       std::vector<int64_t> kept;
       for (int64_t i : cand) {

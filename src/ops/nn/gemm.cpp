@@ -45,7 +45,8 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
   if (K <= 0 || alpha == 0.f) return;
   // Buffers sized for the larger (AVX2) tiles: MC x KC and KC x NC, rounded up to tiles.
   constexpr int64_t kABuf = (96 + 8) * 256, kBBuf = 256 * (1024 + 16);
-  std::unique_ptr<float[]> buf(new (std::nothrow) float[kABuf + kBBuf + 16]);
+  // Packing buffers, reused per thread (depthwise convs call this thousands of times).
+  thread_local std::unique_ptr<float[]> buf(new (std::nothrow) float[kABuf + kBBuf + 16]);
   if (!buf) return;
   float* abuf = buf.get();
   float* bbuf = buf.get() + kABuf;

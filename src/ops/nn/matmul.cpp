@@ -295,7 +295,7 @@ Status eval_qlinear_matmul(OpContext& ctx, std::span<const Value> in, std::span<
   const Tensor &as = *t[1], &bs = *t[4], &ys = *t[6];
   if (as.numel() != 1 && as.numel() != p.M) return ctx.bad_input("a_scale size mismatch");
   if (bs.numel() != 1 && bs.numel() != p.N) return ctx.bad_input("b_scale size mismatch");
-  if (ys.numel() != 1 || (t[7] && t[7]->numel() != 1))
+  if (ys.numel() != 1 || (t[7] && t[7]->numel() != 1) || as.numel() == 0 || bs.numel() == 0)
     return unsupported(ctx.node.where() + ": per-axis y_scale/y_zero_point");
   const float ysc = static_cast<float>(ys.get_f64(0));
   const int64_t yzp = t[7] ? t[7]->get_i64(0) : 0;

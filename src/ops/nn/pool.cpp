@@ -68,7 +68,7 @@ Status eval_pool(OpContext& ctx, std::span<const Value> in, std::span<Value> out
     }
     // Gather the valid taps (flat spatial offsets).
     std::vector<int64_t> taps;
-    taps.reserve(static_cast<size_t>(kprod));
+    taps.reserve(static_cast<size_t>(std::min<int64_t>(kprod, 4096)));
     std::vector<int64_t> ctaps;
     std::fill(kidx.begin(), kidx.end(), 0);
     for (int64_t k = 0; k < kprod; ++k) {

@@ -64,6 +64,7 @@ Taps make_taps(const ResizeAttrs& a, int64_t in, int64_t out, double scale, doub
     } else {  // half_pixel
       x = (xr + 0.5) / scale - 0.5;
     }
+    if (!std::isfinite(x)) x = 0;  // NaN/inf roi or scale: keep indices defined
     auto& taps = t.at[i];
     auto clampi = [&](int64_t v) { return std::min<int64_t>(std::max<int64_t>(v, 0), in - 1); };
     if (a.mode == "nearest") {
@@ -151,7 +152,7 @@ Status eval_resize(OpContext& ctx, std::span<const Value> in, std::span<Value> o
                            std::to_string(na) + " axes");
     for (size_t i = 0; i < na; ++i) {
       const double s = static_cast<float>(sc->get_f64(i));
-      if (!(s > 0)) return ctx.bad_input("scales must be positive");
+      if (!(s > 0) || !std::isfinite(s)) return ctx.bad_input("scales must be positive and finite");
       scale[axes[i]] = s;
       os[axes[i]] = static_cast<int64_t>(std::floor(X->dim(axes[i]) * s));
     }
@@ -176,6 +177,15 @@ Status eval_resize(OpContext& ctx, std::span<const Value> in, std::span<Value> o
         os[axes[i]] = static_cast<int64_t>(std::nearbyint(s * X->dim(axes[i])));
       }
     }
+  }
+  {
+    // Refuse hostile output sizes before building per-index tap tables.
+    KILN_ASSIGN_OR_RETURN(int64_t total, checked_numel(os));
+    for (int64_t d : os)
+      if (d > (int64_t{1} << 31))
+        return ctx.bad_input("output shape " + shape_str(os) + " is too large");
+    if (static_cast<uint64_t>(total) * 8 > kMaxTensorBytes)
+      return ctx.bad_input("output shape " + shape_str(os) + " is too large");
   }
   std::vector<double> rs(static_cast<size_t>(r), 0.0), re(static_cast<size_t>(r), 1.0);
   if (roi && a.ctm == "tf_crop_and_resize") {
@@ -351,6 +361,7 @@ Status eval_grid_sample(OpContext& ctx, std::span<const Value> in, std::span<Val
         const double v = g[nd - 1 - d];  // grid holds (x, y[, z]): reversed dim order
         double c = ac ? (v + 1) / 2.0 * (dims[d] - 1) : ((v + 1) * dims[d] - 1) / 2.0;
         c = static_cast<float>(c);
+        c = std::isnan(c) ? -1e9 : std::min(std::max(c, -1e9), 1e9);  // keep int casts defined
         if (mode == "nearest") c = std::nearbyint(c);
         if (c < lo[d] || c > hi[d]) {
           if (pad == "border") c = std::min<double>(std::max<double>(c, 0), dims[d] - 1);

@@ -27,7 +27,9 @@ Status eval_gather(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   KILN_ASSIGN_OR_RETURN(auto ind, int_input(ctx, *it, "indices"));
   const Shape& xs = x->shape();
   int64_t dim = xs[static_cast<size_t>(axis)];
-  for (auto& i : ind) { KILN_ASSIGN_OR_RETURN(i, fix_index(ctx, i, dim)); }
+  for (auto& i : ind) {
+    KILN_ASSIGN_OR_RETURN(i, fix_index(ctx, i, dim));
+  }
   Shape os(xs.begin(), xs.begin() + axis);
   os.insert(os.end(), it->shape().begin(), it->shape().end());
   os.insert(os.end(), xs.begin() + axis + 1, xs.end());
@@ -53,7 +55,10 @@ Status eval_gather(OpContext& ctx, std::span<const Value> in, std::span<Value> o
 Status infer_gather(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& ti = ctx.input_types[0];
-  if (!ti.has_shape || !in_ranked(ctx, 1)) { set_out_unranked(ctx, 0, ti.dtype); return Status::ok(); }
+  if (!ti.has_shape || !in_ranked(ctx, 1)) {
+    set_out_unranked(ctx, 0, ti.dtype);
+    return Status::ok();
+  }
   int64_t axis = norm_axis_or(ctx.node.attr_int("axis", 0), static_cast<int64_t>(ti.dims.size()));
   if (axis < 0 || ti.dims.empty()) return Status::ok();
   std::vector<Dim> d(ti.dims.begin(), ti.dims.begin() + axis);
@@ -68,7 +73,8 @@ Status infer_gather(InferContext& ctx) {
 Status eval_gather_elements(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* it, req_tensor(ctx, in, 1));
-  if (x->rank() == 0 || it->rank() != x->rank()) return ctx.bad_input("data and indices ranks differ");
+  if (x->rank() == 0 || it->rank() != x->rank())
+    return ctx.bad_input("data and indices ranks differ");
   KILN_ASSIGN_OR_RETURN(int64_t axis, norm_axis(ctx, ctx.node.attr_int("axis", 0), x->rank()));
   KILN_ASSIGN_OR_RETURN(auto ind, int_input(ctx, *it, "indices"));
   auto st = strides_of(x->shape());
@@ -82,7 +88,10 @@ Status eval_gather_elements(OpContext& ctx, std::span<const Value> in, std::span
       if (static_cast<int64_t>(d) == axis) {
         v = ind[static_cast<size_t>(i)];
         if (v < 0) v += dim;
-        if (v < 0 || v >= dim) { bad = ctx.bad_input("index out of range"); v = 0; }
+        if (v < 0 || v >= dim) {
+          bad = ctx.bad_input("index out of range");
+          v = 0;
+        }
       } else if (v >= x->shape()[d]) {
         bad = ctx.bad_input("indices shape exceeds data shape");
         v = 0;
@@ -104,7 +113,8 @@ Status eval_gather_nd(OpContext& ctx, std::span<const Value> in, std::span<Value
   KILN_ASSIGN_OR_RETURN(auto ind, int_input(ctx, *it, "indices"));
   int64_t b = ctx.node.attr_int("batch_dims", 0);
   int64_t r = x->rank(), q = it->rank();
-  if (q < 1 || r < 1 || b < 0 || b >= std::min(r, q)) return ctx.bad_input("invalid ranks or batch_dims");
+  if (q < 1 || r < 1 || b < 0 || b >= std::min(r, q))
+    return ctx.bad_input("invalid ranks or batch_dims");
   int64_t m = it->shape().back();
   if (m < 1 || b + m > r) return ctx.bad_input("indices last dimension is too large");
   for (int64_t d = 0; d < b; ++d)
@@ -124,7 +134,8 @@ Status eval_gather_nd(OpContext& ctx, std::span<const Value> in, std::span<Value
   for (int64_t t = 0; t < ntup; ++t) {
     int64_t base = per_batch ? (t / per_batch) * batch_stride : 0;
     for (int64_t k = 0; k < m; ++k) {
-      KILN_ASSIGN_OR_RETURN(int64_t v, fix_index(ctx, ind[static_cast<size_t>(t * m + k)], x->dim(static_cast<int>(b + k))));
+      KILN_ASSIGN_OR_RETURN(int64_t v, fix_index(ctx, ind[static_cast<size_t>(t * m + k)],
+                                                 x->dim(static_cast<int>(b + k))));
       base += v * st[static_cast<size_t>(b + k)];
     }
     for (int64_t s = 0; s < slice; ++s) offs.push_back(base + s);
@@ -160,9 +171,10 @@ Status scatter_apply(const OpContext& ctx, Tensor& dst, const Tensor& upd,
     using C = compute_t<T>;
     for (auto [d, u] : pairs) {
       C a = static_cast<C>(dst.data<T>()[d]), b = static_cast<C>(upd.data<T>()[u]);
-      C r = red == Red::kAdd ? static_cast<C>(a + b)
+      C r = red == Red::kAdd   ? static_cast<C>(a + b)
             : red == Red::kMul ? static_cast<C>(a * b)
-            : red == Red::kMax ? std::max(a, b) : std::min(a, b);
+            : red == Red::kMax ? std::max(a, b)
+                               : std::min(a, b);
       dst.data<T>()[d] = T(r);
     }
   };
@@ -181,7 +193,8 @@ Status eval_scatter_elements(OpContext& ctx, std::span<const Value> in, std::spa
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* it, req_tensor(ctx, in, 1));
   KILN_ASSIGN_OR_RETURN(const Tensor* up, req_tensor(ctx, in, 2));
-  if (x->rank() == 0 || it->rank() != x->rank() || up->shape() != it->shape() || up->dtype() != x->dtype())
+  if (x->rank() == 0 || it->rank() != x->rank() || up->shape() != it->shape() ||
+      up->dtype() != x->dtype())
     return ctx.bad_input("data, indices and updates shapes disagree");
   KILN_ASSIGN_OR_RETURN(int64_t axis, norm_axis(ctx, ctx.node.attr_int("axis", 0), x->rank()));
   KILN_ASSIGN_OR_RETURN(Red red, get_reduction(ctx));
@@ -197,7 +210,10 @@ Status eval_scatter_elements(OpContext& ctx, std::span<const Value> in, std::spa
       if (static_cast<int64_t>(d) == axis) {
         v = ind[static_cast<size_t>(i)];
         if (v < 0) v += dim;
-        if (v < 0 || v >= dim) { bad = ctx.bad_input("index out of range"); v = 0; }
+        if (v < 0 || v >= dim) {
+          bad = ctx.bad_input("index out of range");
+          v = 0;
+        }
       } else if (v >= x->shape()[d]) {
         bad = ctx.bad_input("indices shape exceeds data shape");
         v = 0;
@@ -230,12 +246,14 @@ Status eval_scatter_nd(OpContext& ctx, std::span<const Value> in, std::span<Valu
   auto st = strides_of(x->shape());
   int64_t slice = 1;
   for (int64_t d = m; d < r; ++d) slice *= x->dim(static_cast<int>(d));
-  int64_t ntup = m > 0 ? static_cast<int64_t>(ind.size()) / m : numel_of(Shape(it->shape().begin(), it->shape().end() - 1));
+  int64_t ntup = m > 0 ? static_cast<int64_t>(ind.size()) / m
+                       : numel_of(Shape(it->shape().begin(), it->shape().end() - 1));
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t t = 0; t < ntup; ++t) {
     int64_t base = 0;
     for (int64_t k = 0; k < m; ++k) {
-      KILN_ASSIGN_OR_RETURN(int64_t v, fix_index(ctx, ind[static_cast<size_t>(t * m + k)], x->dim(static_cast<int>(k))));
+      KILN_ASSIGN_OR_RETURN(int64_t v, fix_index(ctx, ind[static_cast<size_t>(t * m + k)],
+                                                 x->dim(static_cast<int>(k))));
       base += v * st[static_cast<size_t>(k)];
     }
     for (int64_t s = 0; s < slice; ++s) pairs.push_back({base + s, t * slice + s});
@@ -253,7 +271,8 @@ Status eval_tensor_scatter(OpContext& ctx, std::span<const Value> in, std::span<
   KILN_ASSIGN_OR_RETURN(const Tensor* up, req_tensor(ctx, in, 1));
   const Tensor* wi = opt_tensor(in, 2);
   int64_t r = x->rank();
-  if (r < 2 || up->rank() != r || up->dtype() != x->dtype()) return ctx.bad_input("cache and update ranks differ");
+  if (r < 2 || up->rank() != r || up->dtype() != x->dtype())
+    return ctx.bad_input("cache and update ranks differ");
   KILN_ASSIGN_OR_RETURN(int64_t axis, norm_axis(ctx, ctx.node.attr_int("axis", -2), r));
   if (axis == 0) return ctx.bad_input("axis must not be the batch axis");
   bool circular = ctx.node.attr_string("mode", "linear") == "circular";
@@ -263,7 +282,8 @@ Status eval_tensor_scatter(OpContext& ctx, std::span<const Value> in, std::span<
   std::vector<int64_t> widx(static_cast<size_t>(x->dim(0)), 0);
   if (wi) {
     KILN_ASSIGN_OR_RETURN(widx, int_input(ctx, *wi, "write_indices"));
-    if (static_cast<int64_t>(widx.size()) != x->dim(0)) return ctx.bad_input("write_indices length differs from batch");
+    if (static_cast<int64_t>(widx.size()) != x->dim(0))
+      return ctx.bad_input("write_indices length differs from batch");
   }
   int64_t L = x->dim(static_cast<int>(axis));
   auto xst = strides_of(x->shape());
@@ -272,9 +292,13 @@ Status eval_tensor_scatter(OpContext& ctx, std::span<const Value> in, std::span<
   for_each_index(up->shape(), [&](int64_t i, const std::vector<int64_t>& idx) {
     int64_t p = widx[static_cast<size_t>(idx[0])] + idx[static_cast<size_t>(axis)];
     if (circular && L > 0) p %= L;
-    if (p < 0 || p >= L) { bad = ctx.bad_input("write position out of range"); return; }
+    if (p < 0 || p >= L) {
+      bad = ctx.bad_input("write position out of range");
+      return;
+    }
     int64_t o = 0;
-    for (size_t d = 0; d < idx.size(); ++d) o += (static_cast<int64_t>(d) == axis ? p : idx[d]) * xst[d];
+    for (size_t d = 0; d < idx.size(); ++d)
+      o += (static_cast<int64_t>(d) == axis ? p : idx[d]) * xst[d];
     pairs.push_back({o, i});
   });
   KILN_RETURN_IF_ERROR(bad);
@@ -289,7 +313,8 @@ Status eval_onehot(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   KILN_ASSIGN_OR_RETURN(const Tensor* it, req_tensor(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* dt, req_tensor(ctx, in, 1));
   KILN_ASSIGN_OR_RETURN(const Tensor* vt, req_tensor(ctx, in, 2));
-  if (dt->numel() != 1 || vt->numel() != 2) return ctx.bad_input("depth must be a scalar, values 2 elements");
+  if (dt->numel() != 1 || vt->numel() != 2)
+    return ctx.bad_input("depth must be a scalar, values 2 elements");
   double depth_f = dt->get_f64(0);
   if (!(depth_f >= 1 && depth_f < 1e15)) return ctx.bad_input("depth must be positive");
   int64_t depth = static_cast<int64_t>(depth_f);
@@ -345,7 +370,8 @@ Status eval_nonzero(OpContext& ctx, std::span<const Value> in, std::span<Value> 
   if (r == 0 && x->numel() == 1 && nz[0]) n = 1;
   KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(DataType::kInt64, {r, n}));
   for (int64_t d = 0; d < r; ++d)
-    for (int64_t i = 0; i < n; ++i) t.data<int64_t>()[d * n + i] = coords[static_cast<size_t>(i)][static_cast<size_t>(d)];
+    for (int64_t i = 0; i < n; ++i)
+      t.data<int64_t>()[d * n + i] = coords[static_cast<size_t>(i)][static_cast<size_t>(d)];
   out[0] = t;
   return Status::ok();
 }
@@ -362,7 +388,8 @@ Status eval_compress(OpContext& ctx, std::span<const Value> in, std::span<Value>
   }
   if (xs.empty()) return ctx.bad_input("cannot compress a scalar along an axis");
   int64_t dim = xs[static_cast<size_t>(axis)];
-  if (static_cast<int64_t>(cond.size()) > dim) return ctx.bad_input("condition longer than the axis");
+  if (static_cast<int64_t>(cond.size()) > dim)
+    return ctx.bad_input("condition longer than the axis");
   std::vector<int64_t> keep;
   for (size_t i = 0; i < cond.size(); ++i)
     if (cond[i]) keep.push_back(static_cast<int64_t>(i));
@@ -391,7 +418,9 @@ Status eval_pad(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   std::vector<int64_t> axes;
   if (auto* at = opt_tensor(in, 3)) {
     KILN_ASSIGN_OR_RETURN(axes, int_input(ctx, *at, "axes"));
-    for (auto& a : axes) { KILN_ASSIGN_OR_RETURN(a, norm_axis(ctx, a, r)); }
+    for (auto& a : axes) {
+      KILN_ASSIGN_OR_RETURN(a, norm_axis(ctx, a, r));
+    }
   } else {
     for (int64_t i = 0; i < r; ++i) axes.push_back(i);
   }
@@ -409,10 +438,12 @@ Status eval_pad(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   const Shape& xs = x->shape();
   Shape os(xs.size());
   for (size_t d = 0; d < xs.size(); ++d) {
-    if (__builtin_add_overflow(xs[d], pb[d], &os[d]) || __builtin_add_overflow(os[d], pe[d], &os[d]))
+    if (__builtin_add_overflow(xs[d], pb[d], &os[d]) ||
+        __builtin_add_overflow(os[d], pe[d], &os[d]))
       return ctx.bad_input("pads overflow");
     if (os[d] < 0) return ctx.bad_input("negative output dimension");
-    if (mode != "constant" && xs[d] == 0 && os[d] > 0) return ctx.bad_input("cannot pad an empty axis");
+    if (mode != "constant" && xs[d] == 0 && os[d] > 0)
+      return ctx.bad_input("cannot pad an empty axis");
   }
   KILN_RETURN_IF_ERROR(check_out_shape(ctx, os));
   auto st = strides_of(xs);
@@ -422,10 +453,16 @@ Status eval_pad(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
     for (size_t d = 0; d < idx.size(); ++d) {
       int64_t v = idx[d] - pb[d], n = xs[d];
       if (v < 0 || v >= n) {
-        if (mode == "constant") { o = -1; break; }
-        if (mode == "edge") v = v < 0 ? 0 : n - 1;
-        else if (mode == "wrap") v = ((v % n) + n) % n;
-        else if (n == 1) v = 0;
+        if (mode == "constant") {
+          o = -1;
+          break;
+        }
+        if (mode == "edge")
+          v = v < 0 ? 0 : n - 1;
+        else if (mode == "wrap")
+          v = ((v % n) + n) % n;
+        else if (n == 1)
+          v = 0;
         else {
           int64_t period = 2 * (n - 1);
           v = ((v % period) + period) % period;
@@ -461,7 +498,8 @@ Status eval_center_crop_pad(OpContext& ctx, std::span<const Value> in, std::span
   KILN_ASSIGN_OR_RETURN(auto shape, int_input(ctx, *stt, "shape"));
   int64_t r = x->rank();
   std::vector<int64_t> axes = ctx.node.attr_ints("axes");
-  if (axes.empty()) for (int64_t i = 0; i < r; ++i) axes.push_back(i);
+  if (axes.empty())
+    for (int64_t i = 0; i < r; ++i) axes.push_back(i);
   if (axes.size() != shape.size()) return ctx.bad_input("shape and axes lengths differ");
   const Shape& xs = x->shape();
   Shape os = xs;
@@ -480,7 +518,10 @@ Status eval_center_crop_pad(OpContext& ctx, std::span<const Value> in, std::span
     int64_t o = 0;
     for (size_t d = 0; d < idx.size(); ++d) {
       int64_t v = idx[d] + shift[d];
-      if (v < 0 || v >= xs[d]) { o = -1; break; }
+      if (v < 0 || v >= xs[d]) {
+        o = -1;
+        break;
+      }
       o += v * st[d];
     }
     offs[static_cast<size_t>(i)] = o;
@@ -604,7 +645,8 @@ Status infer_onehot(InferContext& ctx) {
   if (axis < 0) return Status::ok();
   Dim depth;
   const Tensor* dc = ctx.input_constants.size() > 1 ? ctx.input_constants[1] : nullptr;
-  if (dc && dc->numel() == 1 && dc->dtype() != DataType::kString) depth = Dim::of(static_cast<int64_t>(dc->get_f64(0)));
+  if (dc && dc->numel() == 1 && dc->dtype() != DataType::kString)
+    depth = Dim::of(static_cast<int64_t>(dc->get_f64(0)));
   d.insert(d.begin() + axis, depth);
   set_out_dims(ctx, 0, dt, d);
   return Status::ok();
@@ -622,7 +664,8 @@ Status infer_pad(InferContext& ctx) {
     set_out_dims(ctx, 0, x.dtype, d);
     return Status::ok();
   }
-  if (!has_axes) for (int64_t i = 0; i < r; ++i) axes.push_back(i);
+  if (!has_axes)
+    for (int64_t i = 0; i < r; ++i) axes.push_back(i);
   if (pads.size() != 2 * axes.size()) return Status::ok();
   d = x.dims;
   for (size_t i = 0; i < axes.size(); ++i) {
@@ -630,8 +673,10 @@ Status infer_pad(InferContext& ctx) {
     if (a < 0 || r == 0) return Status::ok();
     Dim& di = d[static_cast<size_t>(a)];
     int64_t add = pads[i] + pads[i + axes.size()];
-    if (di.known()) di = Dim::of(di.value + add);
-    else if (add != 0) di = Dim{};
+    if (di.known())
+      di = Dim::of(di.value + add);
+    else if (add != 0)
+      di = Dim{};
   }
   set_out_dims(ctx, 0, x.dtype, d);
   return Status::ok();
@@ -641,19 +686,33 @@ Status infer_d2s(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& x = ctx.input_types[0];
   int64_t b = ctx.node.attr_int("blocksize", 0);
-  if (!x.has_shape || x.dims.size() != 4 || b <= 0) { set_out_unranked(ctx, 0, x.dtype); return Status::ok(); }
+  if (!x.has_shape || x.dims.size() != 4 || b <= 0) {
+    set_out_unranked(ctx, 0, x.dtype);
+    return Status::ok();
+  }
   std::vector<Dim> d = x.dims;
   auto scale = [](Dim& v, int64_t mul, int64_t div) {
-    if (v.known()) v = Dim::of(v.value * mul / div); else v = Dim{};
+    if (v.known())
+      v = Dim::of(v.value * mul / div);
+    else
+      v = Dim{};
   };
-  if (kD2S) { scale(d[1], 1, b * b); scale(d[2], b, 1); scale(d[3], b, 1); }
-  else { scale(d[1], b * b, 1); scale(d[2], 1, b); scale(d[3], 1, b); }
+  if (kD2S) {
+    scale(d[1], 1, b * b);
+    scale(d[2], b, 1);
+    scale(d[3], b, 1);
+  } else {
+    scale(d[1], b * b, 1);
+    scale(d[2], 1, b);
+    scale(d[3], 1, b);
+  }
   set_out_dims(ctx, 0, x.dtype, d);
   return Status::ok();
 }
 Status infer_nonzero(InferContext& ctx) {
   if (in_ranked(ctx, 0))
-    set_out_dims(ctx, 0, DataType::kInt64, {Dim::of(static_cast<int64_t>(ctx.input_types[0].dims.size())), Dim{}});
+    set_out_dims(ctx, 0, DataType::kInt64,
+                 {Dim::of(static_cast<int64_t>(ctx.input_types[0].dims.size())), Dim{}});
   else
     set_out_dims(ctx, 0, DataType::kInt64, {Dim{}, Dim{}});
   return Status::ok();
@@ -662,18 +721,24 @@ Status infer_nonzero(InferContext& ctx) {
 }  // namespace
 
 const OpDef kOp_Gather = {"Gather", "", &guarded<&eval_gather>, &infer_gather};
-const OpDef kOp_GatherElements = {"GatherElements", "", &guarded<&eval_gather_elements>, &infer_indices_shape};
+const OpDef kOp_GatherElements = {"GatherElements", "", &guarded<&eval_gather_elements>,
+                                  &infer_indices_shape};
 const OpDef kOp_GatherND = {"GatherND", "", &guarded<&eval_gather_nd>, &infer_gather_nd};
-const OpDef kOp_ScatterElements = {"ScatterElements", "", &guarded<&eval_scatter_elements>, &infer_same_as_input};
+const OpDef kOp_ScatterElements = {"ScatterElements", "", &guarded<&eval_scatter_elements>,
+                                   &infer_same_as_input};
 const OpDef kOp_ScatterND = {"ScatterND", "", &guarded<&eval_scatter_nd>, &infer_same_as_input};
-const OpDef kOp_TensorScatter = {"TensorScatter", "", &guarded<&eval_tensor_scatter>, &infer_same_as_input};
+const OpDef kOp_TensorScatter = {"TensorScatter", "", &guarded<&eval_tensor_scatter>,
+                                 &infer_same_as_input};
 const OpDef kOp_OneHot = {"OneHot", "", &guarded<&eval_onehot>, &infer_onehot};
 const OpDef kOp_NonZero = {"NonZero", "", &guarded<&eval_nonzero>, &infer_nonzero};
 const OpDef kOp_Compress = {"Compress", "", &guarded<&eval_compress>, nullptr};
 const OpDef kOp_Pad = {"Pad", "", &guarded<&eval_pad>, &infer_pad};
 const OpDef kOp_CenterCropPad = {"CenterCropPad", "", &guarded<&eval_center_crop_pad>, nullptr};
-const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &guarded<&eval_depth_to_space>, &infer_d2s<true>};
-const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &guarded<&eval_space_to_depth>, &infer_d2s<false>};
-const OpDef kOp_ReverseSequence = {"ReverseSequence", "", &guarded<&eval_reverse_sequence>, &infer_same_as_input};
+const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &guarded<&eval_depth_to_space>,
+                                &infer_d2s<true>};
+const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &guarded<&eval_space_to_depth>,
+                                &infer_d2s<false>};
+const OpDef kOp_ReverseSequence = {"ReverseSequence", "", &guarded<&eval_reverse_sequence>,
+                                   &infer_same_as_input};
 
 }  // namespace kiln

@@ -12,8 +12,8 @@ using namespace tensor_ops;
 namespace {
 
 // ---------------------------------------------------------------- Einsum
-// Labels: letters are 0..51 (A-Z, a-z); ellipsis dims get 64 + k (k counted from the left of the widest
-// ellipsis). Evaluation loops over every combination of label values: plain and general
+// Labels: letters are 0..51 (A-Z, a-z); ellipsis dims get 64 + k (k counted from the left of the
+// widest ellipsis). Evaluation loops over every combination of label values: plain and general
 // (diagonals, broadcasting, implicit output), meant as the reference.
 struct EinsumTerm {
   std::vector<int> labels;  // one per dim after ellipsis expansion
@@ -45,7 +45,8 @@ Status parse_term(const OpContext& ctx, const std::string& s, std::vector<int>& 
 
 Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   std::string eq;
-  for (char c : ctx.node.attr_string("equation")) if (c != ' ') eq += c;
+  for (char c : ctx.node.attr_string("equation"))
+    if (c != ' ') eq += c;
   std::vector<const Tensor*> xs;
   for (size_t i = 0; i < in.size(); ++i) {
     KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, i));
@@ -62,8 +63,9 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     if (c == std::string::npos) break;
     p = c + 1;
   }
-  if (terms.size() != xs.size()) return ctx.bad_input("equation has " + std::to_string(terms.size()) +
-                                                      " terms for " + std::to_string(xs.size()) + " inputs");
+  if (terms.size() != xs.size())
+    return ctx.bad_input("equation has " + std::to_string(terms.size()) + " terms for " +
+                         std::to_string(xs.size()) + " inputs");
   // Expand ellipses.
   int ell_rank = 0;
   std::vector<EinsumTerm> ts(xs.size());
@@ -73,7 +75,8 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     KILN_RETURN_IF_ERROR(parse_term(ctx, terms[i], lets[i], ells[i]));
     int r = xs[i]->rank(), nl = static_cast<int>(lets[i].size());
     if (ells[i] < 0 ? r != nl : r < nl)
-      return ctx.bad_input("term '" + terms[i] + "' does not match input rank " + std::to_string(r));
+      return ctx.bad_input("term '" + terms[i] + "' does not match input rank " +
+                           std::to_string(r));
     if (ells[i] >= 0) ell_rank = std::max(ell_rank, r - nl);
   }
   std::map<int, int64_t> size;  // label -> extent
@@ -92,7 +95,8 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
       int l = ts[i].labels[static_cast<size_t>(d)];
       int64_t e = xs[i]->dim(d);
       auto it = size.find(l);
-      if (it == size.end() || it->second == 1) size[l] = e;
+      if (it == size.end() || it->second == 1)
+        size[l] = e;
       else if (e != 1 && e != it->second)
         return ctx.bad_input("label extents disagree (" + std::to_string(e) + " vs " +
                              std::to_string(it->second) + ")");
@@ -108,7 +112,8 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
       if (i == oe)
         for (int k = 0; k < ell_rank; ++k) out_labels.push_back(64 + k);
       if (i < static_cast<int>(ol.size())) {
-        if (!size.count(ol[static_cast<size_t>(i)])) return ctx.bad_input("output label not in inputs");
+        if (!size.count(ol[static_cast<size_t>(i)]))
+          return ctx.bad_input("output label not in inputs");
         out_labels.push_back(ol[static_cast<size_t>(i)]);
       }
     }
@@ -116,8 +121,10 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     for (int k = 0; k < ell_rank; ++k) out_labels.push_back(64 + k);
     std::map<int, int> cnt;
     for (auto& t : ts)
-      for (int l : t.labels) if (l < 64) cnt[l]++;
-    for (auto [l, c] : cnt) if (c == 1) out_labels.push_back(l);  // map is in letter order
+      for (int l : t.labels)
+        if (l < 64) cnt[l]++;
+    for (auto [l, c] : cnt)
+      if (c == 1) out_labels.push_back(l);  // map is in letter order
   }
   std::vector<int> all = out_labels;
   for (auto [l, e] : size)
@@ -155,7 +162,8 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
       }
       acc[static_cast<size_t>(i / inner)] += prod;
     });
-    for (int64_t i = 0; i < out_n; ++i) t.data<T>()[i] = T(static_cast<C>(acc[static_cast<size_t>(i)]));
+    for (int64_t i = 0; i < out_n; ++i)
+      t.data<T>()[i] = T(static_cast<C>(acc[static_cast<size_t>(i)]));
   });
   if (!ok) return unsupported_dtype(ctx, t.dtype());
   out[0] = t;
@@ -166,7 +174,8 @@ Status eval_einsum(OpContext& ctx, std::span<const Value> in, std::span<Value> o
 Status eval_det(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   int r = x->rank();
-  if (r < 2 || x->dim(r - 1) != x->dim(r - 2)) return ctx.bad_input("input must be [*, M, M], got " + x->describe());
+  if (r < 2 || x->dim(r - 1) != x->dim(r - 2))
+    return ctx.bad_input("input must be [*, M, M], got " + x->describe());
   int64_t m = x->dim(r - 1);
   Shape os(x->shape().begin(), x->shape().end() - 2);
   KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(x->dtype(), os));
@@ -181,7 +190,10 @@ Status eval_det(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
         int64_t piv = c;
         for (int64_t rr = c + 1; rr < m; ++rr)
           if (std::abs(a[rr * m + c]) > std::abs(a[piv * m + c])) piv = rr;
-        if (a[piv * m + c] == 0) { det = 0; break; }
+        if (a[piv * m + c] == 0) {
+          det = 0;
+          break;
+        }
         if (piv != c) {
           for (int64_t k = 0; k < m; ++k) std::swap(a[c * m + k], a[piv * m + k]);
           det = -det;
@@ -216,7 +228,8 @@ enum class Win { kHann, kHamming, kBlackman };
 template <Win W>
 Status eval_window(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* st, req_tensor(ctx, in, 0));
-  if (st->numel() != 1 || !is_integer(st->dtype())) return ctx.bad_input("size must be an integer scalar");
+  if (st->numel() != 1 || !is_integer(st->dtype()))
+    return ctx.bad_input("size must be an integer scalar");
   int64_t n = st->get_i64(0);
   if (n < 0 || n > (int64_t{1} << 32)) return ctx.bad_input("bad window size");
   bool periodic = ctx.node.attr_int("periodic", 1) != 0;
@@ -264,7 +277,8 @@ Status eval_mel(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   for (int64_t i = 0; i < mels + 2; ++i) {
     double f = static_cast<double>(i) * step + lmel;
     f = 700 * std::expm1(f / 2595 * std::log(10.0));
-    bins[static_cast<size_t>(i)] = static_cast<int64_t>(std::floor((static_cast<double>(dft + 1) * f) / static_cast<double>(sr)));
+    bins[static_cast<size_t>(i)] = static_cast<int64_t>(
+        std::floor((static_cast<double>(dft + 1) * f) / static_cast<double>(sr)));
   }
   std::vector<double> v(static_cast<size_t>(nspec * mels), 0.0);
   auto at = [&](int64_t j, int64_t i) -> double* {
@@ -302,8 +316,10 @@ Status infer_window(InferContext& ctx) {
   DataType dt = static_cast<DataType>(ctx.node.attr_int("output_datatype", 1));
   if (!dtype_valid(static_cast<int32_t>(dt))) return Status::ok();
   std::vector<int64_t> n;
-  if (const_ints(ctx, 0, n) && n.size() == 1) set_out(ctx, 0, dt, {n[0]});
-  else set_out_dims(ctx, 0, dt, {Dim{}});
+  if (const_ints(ctx, 0, n) && n.size() == 1)
+    set_out(ctx, 0, dt, {n[0]});
+  else
+    set_out_dims(ctx, 0, dt, {Dim{}});
   return Status::ok();
 }
 Status infer_mel(InferContext& ctx) {
@@ -322,8 +338,10 @@ Status infer_mel(InferContext& ctx) {
 const OpDef kOp_Einsum = {"Einsum", "", &guarded<&eval_einsum>, nullptr};
 const OpDef kOp_Det = {"Det", "", &guarded<&eval_det>, &infer_det};
 const OpDef kOp_HannWindow = {"HannWindow", "", &guarded<&eval_window<Win::kHann>>, &infer_window};
-const OpDef kOp_HammingWindow = {"HammingWindow", "", &guarded<&eval_window<Win::kHamming>>, &infer_window};
-const OpDef kOp_BlackmanWindow = {"BlackmanWindow", "", &guarded<&eval_window<Win::kBlackman>>, &infer_window};
+const OpDef kOp_HammingWindow = {"HammingWindow", "", &guarded<&eval_window<Win::kHamming>>,
+                                 &infer_window};
+const OpDef kOp_BlackmanWindow = {"BlackmanWindow", "", &guarded<&eval_window<Win::kBlackman>>,
+                                  &infer_window};
 const OpDef kOp_MelWeightMatrix = {"MelWeightMatrix", "", &guarded<&eval_mel>, &infer_mel};
 
 }  // namespace kiln

@@ -18,7 +18,9 @@ Result<std::vector<bool>> reduce_mask(const OpContext& ctx, std::span<const Valu
                                       bool& identity) {
   identity = false;
   std::vector<int64_t> axes;
-  if (auto* at = opt_tensor(in, 1)) { KILN_ASSIGN_OR_RETURN(axes, int_input(ctx, *at, "axes")); }
+  if (auto* at = opt_tensor(in, 1)) {
+    KILN_ASSIGN_OR_RETURN(axes, int_input(ctx, *at, "axes"));
+  }
   std::vector<bool> m(static_cast<size_t>(r), axes.empty());
   if (axes.empty() && ctx.node.attr_int("noop_with_empty_axes", 0) != 0) {
     identity = true;
@@ -90,13 +92,20 @@ Status eval_reduce(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     for (size_t i = 0; i < offsets.size(); ++i) {
       A v = static_cast<A>(static_cast<C>(s[i]));
       A& a = acc[offsets[i]];
-      if constexpr (K == RK::kSum || K == RK::kMean || K == RK::kLogSum) a += v;
-      else if constexpr (K == RK::kMax) a = std::max(a, v);
-      else if constexpr (K == RK::kMin) a = std::min(a, v);
-      else if constexpr (K == RK::kProd) a *= v;
-      else if constexpr (K == RK::kL1) a += v < 0 ? -v : v;
-      else if constexpr (K == RK::kL2 || K == RK::kSumSquare) a += v * v;
-      else if constexpr (K == RK::kLogSumExp) a += static_cast<A>(std::exp(static_cast<double>(v - mx[offsets[i]])));
+      if constexpr (K == RK::kSum || K == RK::kMean || K == RK::kLogSum)
+        a += v;
+      else if constexpr (K == RK::kMax)
+        a = std::max(a, v);
+      else if constexpr (K == RK::kMin)
+        a = std::min(a, v);
+      else if constexpr (K == RK::kProd)
+        a *= v;
+      else if constexpr (K == RK::kL1)
+        a += v < 0 ? -v : v;
+      else if constexpr (K == RK::kL2 || K == RK::kSumSquare)
+        a += v * v;
+      else if constexpr (K == RK::kLogSumExp)
+        a += static_cast<A>(std::exp(static_cast<double>(v - mx[offsets[i]])));
     }
     T* d = t.data<T>();
     for (int64_t i = 0; i < on; ++i) {
@@ -105,11 +114,14 @@ Status eval_reduce(OpContext& ctx, std::span<const Value> in, std::span<Value> o
       if constexpr (K == RK::kMean) r = count ? r / static_cast<double>(count) : std::nan("");
       if constexpr (K == RK::kL2) r = std::sqrt(r);
       if constexpr (K == RK::kLogSum) r = std::log(r);
-      if constexpr (K == RK::kLogSumExp) r = std::log(r) + static_cast<double>(mx[static_cast<size_t>(i)]);
-      if constexpr (std::is_floating_point_v<A>) d[i] = T(static_cast<C>(r));
+      if constexpr (K == RK::kLogSumExp)
+        r = std::log(r) + static_cast<double>(mx[static_cast<size_t>(i)]);
+      if constexpr (std::is_floating_point_v<A>)
+        d[i] = T(static_cast<C>(r));
       else if constexpr (K == RK::kMean || K == RK::kL2 || K == RK::kLogSum || K == RK::kLogSumExp)
         d[i] = static_cast<T>(r);
-      else d[i] = static_cast<T>(a);
+      else
+        d[i] = static_cast<T>(a);
     }
   };
   if (dispatch_numeric(dt, run)) {
@@ -121,8 +133,10 @@ Status eval_reduce(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     std::vector<uint8_t> acc(static_cast<size_t>(on), K == RK::kMin ? 1 : 0);
     for (size_t i = 0; i < offsets.size(); ++i) {
       bool v = x->data<bool>()[i];
-      if (K == RK::kMax) acc[offsets[i]] |= v;
-      else acc[offsets[i]] &= v;
+      if (K == RK::kMax)
+        acc[offsets[i]] |= v;
+      else
+        acc[offsets[i]] &= v;
     }
     for (int64_t i = 0; i < on; ++i) t.data<bool>()[i] = acc[static_cast<size_t>(i)] != 0;
     out[0] = t;
@@ -153,8 +167,10 @@ Status infer_reduce(InferContext& ctx) {
   bool keep = ctx.node.attr_int("keepdims", 1) != 0;
   std::vector<Dim> d;
   for (size_t i = 0; i < m.size(); ++i) {
-    if (!m[i]) d.push_back(ti.dims[i]);
-    else if (keep) d.push_back(Dim::of(1));
+    if (!m[i])
+      d.push_back(ti.dims[i]);
+    else if (keep)
+      d.push_back(Dim::of(1));
   }
   set_out_dims(ctx, 0, ti.dtype, d);
   return Status::ok();
@@ -176,8 +192,10 @@ Status eval_arg(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   for (int64_t d = 0; d < axis; ++d) outer *= xs[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(axis) + 1; d < xs.size(); ++d) inner *= xs[d];
   Shape os = xs;
-  if (keep) os[static_cast<size_t>(axis)] = 1;
-  else os.erase(os.begin() + axis);
+  if (keep)
+    os[static_cast<size_t>(axis)] = 1;
+  else
+    os.erase(os.begin() + axis);
   KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(DataType::kInt64, os));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -190,7 +208,10 @@ Status eval_arg(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
         for (int64_t k = 1; k < dim; ++k) {
           C v = static_cast<C>(s[(o * dim + k) * inner + j]);
           bool better = kMax ? (v > bv || (last && v == bv)) : (v < bv || (last && v == bv));
-          if (better) { bv = v; best = k; }
+          if (better) {
+            bv = v;
+            best = k;
+          }
         }
         t.data<int64_t>()[o * inner + j] = best;
       }
@@ -210,8 +231,10 @@ Status infer_arg(InferContext& ctx) {
   int64_t axis = norm_axis_or(ctx.node.attr_int("axis", 0), static_cast<int64_t>(ti.dims.size()));
   if (axis < 0) return Status::ok();
   std::vector<Dim> d = ti.dims;
-  if (ctx.node.attr_int("keepdims", 1) != 0) d[static_cast<size_t>(axis)] = Dim::of(1);
-  else d.erase(d.begin() + axis);
+  if (ctx.node.attr_int("keepdims", 1) != 0)
+    d[static_cast<size_t>(axis)] = Dim::of(1);
+  else
+    d.erase(d.begin() + axis);
   set_out_dims(ctx, 0, DataType::kInt64, d);
   return Status::ok();
 }
@@ -221,7 +244,8 @@ template <bool kProd>
 Status eval_cum(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* at, req_tensor(ctx, in, 1));
-  if (at->numel() != 1 || !is_integer(at->dtype())) return ctx.bad_input("axis must be an integer scalar");
+  if (at->numel() != 1 || !is_integer(at->dtype()))
+    return ctx.bad_input("axis must be an integer scalar");
   KILN_ASSIGN_OR_RETURN(int64_t axis, norm_axis(ctx, at->get_i64(0), x->rank()));
   if (x->rank() == 0) return ctx.bad_input("input must have rank >= 1");
   bool excl = ctx.node.attr_int("exclusive", 0) != 0, rev = ctx.node.attr_int("reverse", 0) != 0;
@@ -267,7 +291,8 @@ Status infer_same(InferContext& ctx) {
 Status eval_topk(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_ASSIGN_OR_RETURN(const Tensor* kt, req_tensor(ctx, in, 1));
-  if (kt->numel() != 1 || !is_integer(kt->dtype())) return ctx.bad_input("K must be a 1-element integer tensor");
+  if (kt->numel() != 1 || !is_integer(kt->dtype()))
+    return ctx.bad_input("K must be a 1-element integer tensor");
   int64_t k = kt->get_i64(0);
   int64_t r = x->rank();
   if (r == 0) return ctx.bad_input("input must have rank >= 1");
@@ -275,7 +300,9 @@ Status eval_topk(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   bool largest = ctx.node.attr_int("largest", 1) != 0;
   const Shape& xs = x->shape();
   int64_t dim = xs[static_cast<size_t>(axis)], outer = 1, inner = 1;
-  if (k < 0 || k > dim) return ctx.bad_input("K=" + std::to_string(k) + " out of range for axis of " + std::to_string(dim));
+  if (k < 0 || k > dim)
+    return ctx.bad_input("K=" + std::to_string(k) + " out of range for axis of " +
+                         std::to_string(dim));
   for (int64_t d = 0; d < axis; ++d) outer *= xs[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(axis) + 1; d < xs.size(); ++d) inner *= xs[d];
   Shape os = xs;
@@ -345,14 +372,16 @@ Status eval_unique(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   int64_t dim = xs[static_cast<size_t>(axis)], outer = 1, inner = 1;
   for (int64_t d = 0; d < axis; ++d) outer *= xs[static_cast<size_t>(d)];
   for (size_t d = static_cast<size_t>(axis) + 1; d < xs.size(); ++d) inner *= xs[d];
-  std::vector<int64_t> uniq;                 // slice index of each unique slice (first occurrence)
+  std::vector<int64_t> uniq;  // slice index of each unique slice (first occurrence)
   std::vector<int64_t> inverse(static_cast<size_t>(dim));
   std::vector<int64_t> counts;
   bool ok = dispatch_all(x->dtype(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
     const T* s = x->data<T>();
-    auto elem = [&](int64_t sl, int64_t o, int64_t j) { return static_cast<C>(s[(o * dim + sl) * inner + j]); };
+    auto elem = [&](int64_t sl, int64_t o, int64_t j) {
+      return static_cast<C>(s[(o * dim + sl) * inner + j]);
+    };
     auto less = [&](int64_t a, int64_t b) {  // lexicographic order of slices
       for (int64_t o = 0; o < outer; ++o)
         for (int64_t j = 0; j < inner; ++j) {
@@ -380,14 +409,17 @@ Status eval_unique(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     std::vector<int64_t> gorder(firsts.size());
     std::iota(gorder.begin(), gorder.end(), 0);
     if (!sorted)
-      std::sort(gorder.begin(), gorder.end(), [&](int64_t a, int64_t b) { return firsts[a] < firsts[b]; });
+      std::sort(gorder.begin(), gorder.end(),
+                [&](int64_t a, int64_t b) { return firsts[a] < firsts[b]; });
     std::vector<int64_t> rank_of(firsts.size());
     for (size_t i = 0; i < gorder.size(); ++i) {
       rank_of[static_cast<size_t>(gorder[i])] = static_cast<int64_t>(i);
       uniq.push_back(firsts[static_cast<size_t>(gorder[i])]);
       counts.push_back(gcount[static_cast<size_t>(gorder[i])]);
     }
-    for (int64_t i = 0; i < dim; ++i) inverse[static_cast<size_t>(i)] = rank_of[static_cast<size_t>(group_of[static_cast<size_t>(i)])];
+    for (int64_t i = 0; i < dim; ++i)
+      inverse[static_cast<size_t>(i)] =
+          rank_of[static_cast<size_t>(group_of[static_cast<size_t>(i)])];
   });
   if (!ok) return unsupported_dtype(ctx, x->dtype());
   int64_t u = static_cast<int64_t>(uniq.size());
@@ -415,9 +447,12 @@ const OpDef kOp_ReduceMin = {"ReduceMin", "", &guarded<&eval_reduce<RK::kMin>>, 
 const OpDef kOp_ReduceProd = {"ReduceProd", "", &guarded<&eval_reduce<RK::kProd>>, &infer_reduce};
 const OpDef kOp_ReduceL1 = {"ReduceL1", "", &guarded<&eval_reduce<RK::kL1>>, &infer_reduce};
 const OpDef kOp_ReduceL2 = {"ReduceL2", "", &guarded<&eval_reduce<RK::kL2>>, &infer_reduce};
-const OpDef kOp_ReduceLogSum = {"ReduceLogSum", "", &guarded<&eval_reduce<RK::kLogSum>>, &infer_reduce};
-const OpDef kOp_ReduceLogSumExp = {"ReduceLogSumExp", "", &guarded<&eval_reduce<RK::kLogSumExp>>, &infer_reduce};
-const OpDef kOp_ReduceSumSquare = {"ReduceSumSquare", "", &guarded<&eval_reduce<RK::kSumSquare>>, &infer_reduce};
+const OpDef kOp_ReduceLogSum = {"ReduceLogSum", "", &guarded<&eval_reduce<RK::kLogSum>>,
+                                &infer_reduce};
+const OpDef kOp_ReduceLogSumExp = {"ReduceLogSumExp", "", &guarded<&eval_reduce<RK::kLogSumExp>>,
+                                   &infer_reduce};
+const OpDef kOp_ReduceSumSquare = {"ReduceSumSquare", "", &guarded<&eval_reduce<RK::kSumSquare>>,
+                                   &infer_reduce};
 const OpDef kOp_ArgMax = {"ArgMax", "", &guarded<&eval_arg<true>>, &infer_arg};
 const OpDef kOp_ArgMin = {"ArgMin", "", &guarded<&eval_arg<false>>, &infer_arg};
 const OpDef kOp_CumSum = {"CumSum", "", &guarded<&eval_cum<false>>, &infer_same};

@@ -67,8 +67,10 @@ Status infer_constant_of_shape(InferContext& ctx) {
   const Tensor* v = ctx.node.attr_tensor("value");
   DataType dt = v && v->defined() ? v->dtype() : DataType::kFloat;
   std::vector<int64_t> s;
-  if (const_ints(ctx, 0, s)) set_out(ctx, 0, dt, s);
-  else set_out_unranked(ctx, 0, dt);
+  if (const_ints(ctx, 0, s))
+    set_out(ctx, 0, dt, s);
+  else
+    set_out_unranked(ctx, 0, dt);
   return Status::ok();
 }
 
@@ -79,7 +81,8 @@ Status eval_identity(OpContext& ctx, std::span<const Value> in, std::span<Value>
   return Status::ok();
 }
 Status infer_identity(InferContext& ctx) {
-  if (!ctx.input_types.empty() && !ctx.output_types.empty()) ctx.output_types[0] = ctx.input_types[0];
+  if (!ctx.input_types.empty() && !ctx.output_types.empty())
+    ctx.output_types[0] = ctx.input_types[0];
   return Status::ok();
 }
 
@@ -127,7 +130,8 @@ Result<Shape> reshape_target(const Node& n, const Shape& in, std::vector<int64_t
   int64_t neg = -1, known = 1;
   for (size_t i = 0; i < s.size(); ++i) {
     if (s[i] == 0 && !allowzero) {
-      if (i >= in.size()) return invalid_argument(n.where() + ": shape has 0 at index beyond input rank");
+      if (i >= in.size())
+        return invalid_argument(n.where() + ": shape has 0 at index beyond input rank");
       s[i] = in[i];
     }
     if (s[i] == -1) {
@@ -142,7 +146,8 @@ Result<Shape> reshape_target(const Node& n, const Shape& in, std::vector<int64_t
   if (neg >= 0) {
     int64_t total = numel_of(in);
     if (known == 0 || total % known != 0)
-      return invalid_argument(n.where() + ": cannot reshape " + shape_str(in) + " to " + shape_str(s));
+      return invalid_argument(n.where() + ": cannot reshape " + shape_str(in) + " to " +
+                              shape_str(s));
     s[static_cast<size_t>(neg)] = total / known;
   }
   return s;
@@ -164,7 +169,8 @@ Status infer_reshape(InferContext& ctx) {
   if (!const_ints(ctx, 1, s)) {
     if (ctx.input_types.size() > 1 && ctx.input_types[1].has_shape &&
         ctx.input_types[1].dims.size() == 1 && ctx.input_types[1].dims[0].known()) {
-      set_out_dims(ctx, 0, dt, std::vector<Dim>(static_cast<size_t>(ctx.input_types[1].dims[0].value)));
+      set_out_dims(ctx, 0, dt,
+                   std::vector<Dim>(static_cast<size_t>(ctx.input_types[1].dims[0].value)));
     } else {
       set_out_unranked(ctx, 0, dt);
     }
@@ -178,7 +184,10 @@ Status infer_reshape(InferContext& ctx) {
   for (size_t i = 0; i < s.size(); ++i) {
     if (s[i] == 0 && !allowzero) {
       if (ti.has_shape && i < ti.dims.size()) dims[i] = ti.dims[i];
-      if (!dims[i].known()) all_known = false; else known *= dims[i].value;
+      if (!dims[i].known())
+        all_known = false;
+      else
+        known *= dims[i].value;
     } else if (s[i] == -1) {
       neg = static_cast<int64_t>(i);
     } else if (s[i] >= 0) {
@@ -209,15 +218,20 @@ Status eval_flatten(OpContext& ctx, std::span<const Value> in, std::span<Value> 
 Status infer_flatten(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& ti = ctx.input_types[0];
-  if (!ti.has_shape) { set_out_dims(ctx, 0, ti.dtype, {Dim{}, Dim{}}); return Status::ok(); }
+  if (!ti.has_shape) {
+    set_out_dims(ctx, 0, ti.dtype, {Dim{}, Dim{}});
+    return Status::ok();
+  }
   int64_t r = static_cast<int64_t>(ti.dims.size()), axis = ctx.node.attr_int("axis", 1);
   if (axis < 0) axis += r;
   if (axis < 0 || axis > r) return Status::ok();
   int64_t a = 1, b = 1;
   for (int64_t i = 0; i < r; ++i) {
     int64_t& p = i < axis ? a : b;
-    if (p >= 0 && ti.dims[static_cast<size_t>(i)].known()) p *= ti.dims[static_cast<size_t>(i)].value;
-    else p = -1;
+    if (p >= 0 && ti.dims[static_cast<size_t>(i)].known())
+      p *= ti.dims[static_cast<size_t>(i)].value;
+    else
+      p = -1;
   }
   set_out(ctx, 0, ti.dtype, {a, b});
   return Status::ok();
@@ -267,7 +281,10 @@ Status infer_squeeze(InferContext& ctx) {
     }
   } else {
     for (size_t i = 0; i < ti.dims.size(); ++i) {
-      if (!ti.dims[i].known()) { set_out_unranked(ctx, 0, ti.dtype); return Status::ok(); }
+      if (!ti.dims[i].known()) {
+        set_out_unranked(ctx, 0, ti.dtype);
+        return Status::ok();
+      }
       drop[i] = ti.dims[i].value == 1;
     }
   }
@@ -279,7 +296,8 @@ Status infer_squeeze(InferContext& ctx) {
 }
 
 // Output rank and for each output axis whether it is a new (inserted) one.
-Result<std::vector<bool>> unsqueeze_mask(const Node& n, int64_t r, const std::vector<int64_t>& axes) {
+Result<std::vector<bool>> unsqueeze_mask(const Node& n, int64_t r,
+                                         const std::vector<int64_t>& axes) {
   int64_t orank = r + static_cast<int64_t>(axes.size());
   std::vector<bool> is_new(static_cast<size_t>(orank), false);
   for (auto a : axes) {
@@ -306,7 +324,10 @@ Status infer_unsqueeze(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& ti = ctx.input_types[0];
   std::vector<int64_t> axes;
-  if (!ti.has_shape || !const_ints(ctx, 1, axes)) { set_out_unranked(ctx, 0, ti.dtype); return Status::ok(); }
+  if (!ti.has_shape || !const_ints(ctx, 1, axes)) {
+    set_out_unranked(ctx, 0, ti.dtype);
+    return Status::ok();
+  }
   auto m = unsqueeze_mask(ctx.node, static_cast<int64_t>(ti.dims.size()), axes);
   if (!m.is_ok()) return Status::ok();
   std::vector<Dim> d;
@@ -351,7 +372,10 @@ Status eval_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value
 Status infer_transpose(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& ti = ctx.input_types[0];
-  if (!ti.has_shape) { set_out_unranked(ctx, 0, ti.dtype); return Status::ok(); }
+  if (!ti.has_shape) {
+    set_out_unranked(ctx, 0, ti.dtype);
+    return Status::ok();
+  }
   auto perm = get_perm(ctx.node, static_cast<int64_t>(ti.dims.size()));
   if (!perm.is_ok()) return Status::ok();
   std::vector<Dim> d;
@@ -407,20 +431,32 @@ Status infer_concat(InferContext& ctx) {
   size_t r = 0;
   bool ranked = false;
   for (size_t i = 0; i < ctx.input_types.size(); ++i)
-    if (in_ranked(ctx, i)) { r = ctx.input_types[i].dims.size(); ranked = true; break; }
-  if (!ranked || r == 0) { set_out_unranked(ctx, 0, dt); return Status::ok(); }
+    if (in_ranked(ctx, i)) {
+      r = ctx.input_types[i].dims.size();
+      ranked = true;
+      break;
+    }
+  if (!ranked || r == 0) {
+    set_out_unranked(ctx, 0, dt);
+    return Status::ok();
+  }
   int64_t axis = norm_axis_or(ctx.node.attr_int("axis", 0), static_cast<int64_t>(r));
   if (axis < 0) return Status::ok();
   std::vector<Dim> d(r);
   int64_t sum = 0;
   for (size_t i = 0; i < ctx.input_types.size(); ++i) {
-    if (!in_ranked(ctx, i)) { sum = -1; continue; }
+    if (!in_ranked(ctx, i)) {
+      sum = -1;
+      continue;
+    }
     const auto& di = ctx.input_types[i].dims;
     if (di.size() != r) return Status::ok();
     for (size_t k = 0; k < r; ++k)
       if (static_cast<int64_t>(k) != axis && !d[k].known() && d[k].param.empty()) d[k] = di[k];
-    if (sum >= 0 && di[static_cast<size_t>(axis)].known()) sum += di[static_cast<size_t>(axis)].value;
-    else sum = -1;
+    if (sum >= 0 && di[static_cast<size_t>(axis)].known())
+      sum += di[static_cast<size_t>(axis)].value;
+    else
+      sum = -1;
   }
   d[static_cast<size_t>(axis)] = sum >= 0 ? Dim::of(sum) : Dim{};
   set_out_dims(ctx, 0, dt, d);
@@ -439,7 +475,8 @@ Result<std::vector<int64_t>> split_sizes(const Node& n, const Tensor* split, int
       s += v;
     }
     if (s != dim || sizes.size() != nout)
-      return invalid_argument(n.where() + ": split sizes do not match dimension " + std::to_string(dim));
+      return invalid_argument(n.where() + ": split sizes do not match dimension " +
+                              std::to_string(dim));
     return sizes;
   }
   int64_t k = n.attr_int("num_outputs", static_cast<int64_t>(nout));
@@ -466,7 +503,8 @@ Status eval_split(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
     Shape os = x->shape();
     os[static_cast<size_t>(axis)] = sizes[i];
     if (!ctx.node.outputs[i].empty()) {
-      KILN_ASSIGN_OR_RETURN(Tensor t, gather_strided(ctx, *x, os, start * st[static_cast<size_t>(axis)], st));
+      KILN_ASSIGN_OR_RETURN(Tensor t,
+                            gather_strided(ctx, *x, os, start * st[static_cast<size_t>(axis)], st));
       out[i] = t;
     }
     start += sizes[i];
@@ -482,7 +520,8 @@ Status infer_split(InferContext& ctx) {
   int64_t axis = norm_axis_or(ctx.node.attr_int("axis", 0), r);
   if (axis < 0 || r == 0) return Status::ok();
   const Dim& ad = ti.dims[static_cast<size_t>(axis)];
-  bool has_split = ctx.input_types.size() > 1 && ctx.input_types[1].kind != TypeInfo::Kind::kUnknown;
+  bool has_split =
+      ctx.input_types.size() > 1 && ctx.input_types[1].kind != TypeInfo::Kind::kUnknown;
   const Tensor* sp = has_split && ctx.input_constants.size() > 1 ? ctx.input_constants[1] : nullptr;
   if (has_split && !sp) return Status::ok();
   if (!sp && !ad.known()) return Status::ok();
@@ -507,7 +546,8 @@ Result<SliceSpec> slice_spec(const Node& n, const Shape& in, const std::vector<i
   int64_t r = static_cast<int64_t>(in.size());
   size_t k = starts.size();
   if (ends.size() != k) return invalid_argument(n.where() + ": starts and ends differ in length");
-  if (axes.empty()) for (size_t i = 0; i < k; ++i) axes.push_back(static_cast<int64_t>(i));
+  if (axes.empty())
+    for (size_t i = 0; i < k; ++i) axes.push_back(static_cast<int64_t>(i));
   if (steps.empty()) steps.assign(k, 1);
   if (axes.size() != k || steps.size() != k)
     return invalid_argument(n.where() + ": axes/steps length differs from starts");
@@ -551,8 +591,12 @@ Status eval_slice(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
   KILN_ASSIGN_OR_RETURN(auto starts, int_input(ctx, *ts, "starts"));
   KILN_ASSIGN_OR_RETURN(auto ends, int_input(ctx, *te, "ends"));
   std::vector<int64_t> axes, steps;
-  if (auto* t = opt_tensor(in, 3)) { KILN_ASSIGN_OR_RETURN(axes, int_input(ctx, *t, "axes")); }
-  if (auto* t = opt_tensor(in, 4)) { KILN_ASSIGN_OR_RETURN(steps, int_input(ctx, *t, "steps")); }
+  if (auto* t = opt_tensor(in, 3)) {
+    KILN_ASSIGN_OR_RETURN(axes, int_input(ctx, *t, "axes"));
+  }
+  if (auto* t = opt_tensor(in, 4)) {
+    KILN_ASSIGN_OR_RETURN(steps, int_input(ctx, *t, "steps"));
+  }
   KILN_ASSIGN_OR_RETURN(SliceSpec sp, slice_spec(ctx.node, x->shape(), starts, ends, axes, steps));
   auto st = strides_of(x->shape());
   int64_t base = 0;
@@ -584,7 +628,8 @@ Status infer_slice(InferContext& ctx) {
   // Unknown dims: compute with a huge placeholder, then mark touched unknown axes unknown.
   Shape s = ti.concrete_shape();
   Shape probe = s;
-  for (auto& d : probe) if (d < 0) d = int64_t{1} << 40;
+  for (auto& d : probe)
+    if (d < 0) d = int64_t{1} << 40;
   auto sp = slice_spec(ctx.node, probe, starts, ends, axes, steps);
   if (!sp.is_ok()) return Status::ok();
   std::vector<Dim> d = ti.dims;
@@ -604,7 +649,8 @@ Status eval_expand(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   auto os = broadcast_shapes(x->shape(), s);
   if (!os.is_ok()) return os.status().with_context(ctx.node.where());
   KILN_RETURN_IF_ERROR(check_out_shape(ctx, *os));
-  KILN_ASSIGN_OR_RETURN(Tensor t, gather_strided(ctx, *x, *os, 0, broadcast_strides(x->shape(), *os)));
+  KILN_ASSIGN_OR_RETURN(Tensor t,
+                        gather_strided(ctx, *x, *os, 0, broadcast_strides(x->shape(), *os)));
   out[0] = t;
   return Status::ok();
 }
@@ -614,7 +660,10 @@ Status infer_expand(InferContext& ctx) {
   std::vector<int64_t> s;
   if (ti.fully_known() && const_ints(ctx, 1, s)) {
     auto os = broadcast_shapes(ti.concrete_shape(), s);
-    if (os.is_ok()) { set_out(ctx, 0, ti.dtype, *os); return Status::ok(); }
+    if (os.is_ok()) {
+      set_out(ctx, 0, ti.dtype, *os);
+      return Status::ok();
+    }
   }
   set_out_unranked(ctx, 0, ti.dtype);
   return Status::ok();
@@ -649,7 +698,8 @@ Status infer_tile(InferContext& ctx) {
   std::vector<int64_t> r;
   if (ti.has_shape && const_ints(ctx, 1, r) && r.size() == ti.dims.size()) {
     std::vector<Dim> d = ti.dims;
-    for (size_t i = 0; i < d.size(); ++i) d[i] = d[i].known() ? Dim::of(d[i].value * r[i]) : (r[i] == 1 ? d[i] : Dim{});
+    for (size_t i = 0; i < d.size(); ++i)
+      d[i] = d[i].known() ? Dim::of(d[i].value * r[i]) : (r[i] == 1 ? d[i] : Dim{});
     set_out_dims(ctx, 0, ti.dtype, d);
   } else {
     set_out_unranked(ctx, 0, ti.dtype);
@@ -671,12 +721,22 @@ Status eval_range(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
     using C = compute_t<T>;
     C s = static_cast<C>(ts->data<T>()[0]), l = static_cast<C>(tl->data<T>()[0]),
       d = static_cast<C>(td->data<T>()[0]);
-    if (d == C(0)) { st = ctx.bad_input("delta is 0"); return; }
-    double n = std::ceil((static_cast<double>(l) - static_cast<double>(s)) / static_cast<double>(d));
+    if (d == C(0)) {
+      st = ctx.bad_input("delta is 0");
+      return;
+    }
+    double n =
+        std::ceil((static_cast<double>(l) - static_cast<double>(s)) / static_cast<double>(d));
     if (!(n > 0)) n = 0;
-    if (n > 1e12) { st = ctx.bad_input("range too long"); return; }
+    if (n > 1e12) {
+      st = ctx.bad_input("range too long");
+      return;
+    }
     auto t = Tensor::create(dt, {static_cast<int64_t>(n)});
-    if (!t.is_ok()) { st = t.status(); return; }
+    if (!t.is_ok()) {
+      st = t.status();
+      return;
+    }
     C v = s;
     for (int64_t i = 0; i < t->numel(); ++i) {
       t->data<T>()[i] = T(v);
@@ -721,7 +781,8 @@ Status eval_eyelike(OpContext& ctx, std::span<const Value> in, std::span<Value> 
 }
 Status infer_eyelike(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
-  DataType dt = static_cast<DataType>(ctx.node.attr_int("dtype", static_cast<int64_t>(ctx.input_types[0].dtype)));
+  DataType dt = static_cast<DataType>(
+      ctx.node.attr_int("dtype", static_cast<int64_t>(ctx.input_types[0].dtype)));
   TypeInfo t = ctx.input_types[0];
   t.dtype = dt;
   ctx.output_types[0] = t;
@@ -732,7 +793,8 @@ Status eval_trilu(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
   if (x->rank() < 2) return ctx.bad_input("input rank must be >= 2, got " + x->describe());
   int64_t k = 0;
   if (auto* kt = opt_tensor(in, 1)) {
-    if (kt->numel() != 1 || !is_integer(kt->dtype())) return ctx.bad_input("k must be an integer scalar");
+    if (kt->numel() != 1 || !is_integer(kt->dtype()))
+      return ctx.bad_input("k must be an integer scalar");
     k = kt->get_i64(0);
   }
   bool upper = ctx.node.attr_int("upper", 1) != 0;
@@ -759,7 +821,8 @@ Status eval_trilu(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
 }  // namespace
 
 const OpDef kOp_Constant = {"Constant", "", &guarded<&eval_constant>, &infer_constant};
-const OpDef kOp_ConstantOfShape = {"ConstantOfShape", "", &guarded<&eval_constant_of_shape>, &infer_constant_of_shape};
+const OpDef kOp_ConstantOfShape = {"ConstantOfShape", "", &guarded<&eval_constant_of_shape>,
+                                   &infer_constant_of_shape};
 const OpDef kOp_Identity = {"Identity", "", &guarded<&eval_identity>, &infer_identity};
 const OpDef kOp_Shape = {"Shape", "", &guarded<&eval_shape>, &infer_shape};
 const OpDef kOp_Size = {"Size", "", &guarded<&eval_size>, &infer_size};

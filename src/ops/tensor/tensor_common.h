@@ -1,7 +1,7 @@
 // Helpers shared by the tensor-family kernels (data movement, indexing, reductions).
 #pragma once
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -16,13 +16,25 @@ namespace tensor_ops {
 // copy elements without looking at them, so one instantiation per width covers every dtype.
 template <typename F>
 bool dispatch_bytes(DataType dt, F&& f) {
-  if (dt == DataType::kString) { f(TypeTag<std::string>{}); return true; }
+  if (dt == DataType::kString) {
+    f(TypeTag<std::string>{});
+    return true;
+  }
   switch (dtype_size(dt)) {
-    case 1: f(TypeTag<uint8_t>{}); return true;
-    case 2: f(TypeTag<uint16_t>{}); return true;
-    case 4: f(TypeTag<uint32_t>{}); return true;
-    case 8: f(TypeTag<uint64_t>{}); return true;
-    default: return false;
+    case 1:
+      f(TypeTag<uint8_t>{});
+      return true;
+    case 2:
+      f(TypeTag<uint16_t>{});
+      return true;
+    case 4:
+      f(TypeTag<uint32_t>{});
+      return true;
+    case 8:
+      f(TypeTag<uint64_t>{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -63,8 +75,9 @@ inline Result<Tensor> gather_flat(const OpContext& ctx, const Tensor& src, const
 
 // Strided view copy: out element at multi-index i reads src[base + sum(i[d]*strides[d])].
 // Runs along the innermost axis (contiguous runs become block copies); no offset table.
-inline Result<Tensor> gather_strided(const OpContext& ctx, const Tensor& src, const Shape& out_shape,
-                                     int64_t base, const std::vector<int64_t>& strides) {
+inline Result<Tensor> gather_strided(const OpContext& ctx, const Tensor& src,
+                                     const Shape& out_shape, int64_t base,
+                                     const std::vector<int64_t>& strides) {
   KILN_ASSIGN_OR_RETURN(Tensor out, Tensor::create(src.dtype(), out_shape));
   const int64_t n = out.numel();
   if (n == 0) return out;
@@ -73,17 +86,25 @@ inline Result<Tensor> gather_strided(const OpContext& ctx, const Tensor& src, co
     const T* s = src.data<T>();
     T* d = out.data<T>();
     const size_t r = out_shape.size();
-    if (r == 0) { d[0] = s[base]; return; }
+    if (r == 0) {
+      d[0] = s[base];
+      return;
+    }
     const int64_t inner = out_shape[r - 1], is = strides[r - 1], outer = n / inner;
     std::vector<int64_t> idx(r - 1, 0);
     int64_t off = base;
     for (int64_t o = 0; o < outer; ++o) {
       const T* sp = s + off;
-      if (is == 1) std::copy(sp, sp + inner, d);
-      else for (int64_t k = 0; k < inner; ++k) d[k] = sp[k * is];
+      if (is == 1)
+        std::copy(sp, sp + inner, d);
+      else
+        for (int64_t k = 0; k < inner; ++k) d[k] = sp[k * is];
       d += inner;
       for (size_t dd = r - 1; dd-- > 0;) {
-        if (++idx[dd] < out_shape[dd]) { off += strides[dd]; break; }
+        if (++idx[dd] < out_shape[dd]) {
+          off += strides[dd];
+          break;
+        }
         off -= strides[dd] * (out_shape[dd] - 1);
         idx[dd] = 0;
       }
@@ -130,7 +151,8 @@ inline int64_t numel_of(const Shape& s) {
 }
 
 // Integer-valued input (shape, axes, indices...) as int64, or an error naming it.
-inline Result<std::vector<int64_t>> int_input(const OpContext& ctx, const Tensor& t, const char* what) {
+inline Result<std::vector<int64_t>> int_input(const OpContext& ctx, const Tensor& t,
+                                              const char* what) {
   if (!is_integer(t.dtype()))
     return ctx.bad_input(std::string(what) + " must be an integer tensor, got " + t.describe());
   return t.to_i64_vector();

@@ -1,0 +1,18 @@
+// Backend-oriented rewrites run by the builder after folding and DCE: BatchNormalization folded
+// into Conv/Gemm, Conv/Gemm/MatMul + bias + activation (+ residual) fused, and the other
+// patterns of the CPU performance work. Every rewrite keeps the graph's results (within float
+// rounding) and is unit-tested on small graphs.
+#pragma once
+#include "base/status.h"
+#include "ir/graph.h"
+#include "passes/passes.h"
+
+namespace kiln {
+
+struct FusionOptions {
+  bool enable = true;
+};
+
+Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);
+
+}  // namespace kiln
