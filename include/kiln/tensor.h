@@ -24,6 +24,13 @@ constexpr uint64_t kMaxTensorBytes = uint64_t{1} << 40;
 Result<int64_t> checked_numel(const Shape& shape);
 std::string shape_str(const Shape& s);  // "[1,3,224,224]"
 
+// Process-wide cap on the bytes held by all owned tensor storage (Storage::allocate); an
+// allocation that would pass it fails with kOutOfMemory naming the request and the limit.
+// Default: 75% of physical RAM. Thread-safe (atomic counter); `kiln --maxMemory MIB` sets it.
+void set_memory_limit(uint64_t bytes);
+uint64_t memory_limit();
+uint64_t memory_in_use();  // bytes currently held by owned Storage
+
 class Storage {
  public:
   // Zero-initialized, 64-byte aligned.
@@ -47,6 +54,7 @@ class Storage {
   uint8_t* data_ = nullptr;
   size_t size_ = 0;
   bool owned_ = false;
+  size_t accounted_ = 0;  // bytes counted against memory_limit()
   std::shared_ptr<const void> keepalive_;
   std::vector<std::string> strings_;
 };

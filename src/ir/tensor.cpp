@@ -1,10 +1,27 @@
 #include "ir/tensor.h"
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
 
 namespace kiln {
+
+namespace {
+uint64_t default_memory_limit() {
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return uint64_t{8} << 30;
+  return static_cast<uint64_t>(pages) / 4 * 3 * static_cast<uint64_t>(page);
+}
+std::atomic<uint64_t> g_memory_limit{default_memory_limit()};
+std::atomic<uint64_t> g_memory_in_use{0};
+}  // namespace
+
+void set_memory_limit(uint64_t bytes) { g_memory_limit.store(bytes); }
+uint64_t memory_limit() { return g_memory_limit.load(); }
+uint64_t memory_in_use() { return g_memory_in_use.load(); }
 
 Result<int64_t> checked_numel(const Shape& shape) {
   int64_t n = 1;
@@ -27,14 +44,27 @@ std::string shape_str(const Shape& s) {
 
 Result<std::shared_ptr<Storage>> Storage::allocate(size_t bytes) {
   std::shared_ptr<Storage> s(new Storage());
+  if (bytes > SIZE_MAX - 63) return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
   size_t alloc = (bytes + 63) / 64 * 64;
   if (alloc == 0) alloc = 64;
+  uint64_t limit = g_memory_limit.load();
+  uint64_t before = g_memory_in_use.fetch_add(alloc);
+  if (alloc > limit || before > limit - alloc) {
+    g_memory_in_use.fetch_sub(alloc);
+    return out_of_memory("allocation of " + std::to_string(bytes) + " bytes refused: " +
+                         std::to_string(before) + " bytes in use, memory limit " +
+                         std::to_string(limit) + " bytes (--maxMemory)");
+  }
   void* p = std::aligned_alloc(64, alloc);
-  if (!p) return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
+  if (!p) {
+    g_memory_in_use.fetch_sub(alloc);
+    return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
+  }
   std::memset(p, 0, alloc);
   s->data_ = static_cast<uint8_t*>(p);
   s->size_ = bytes;
   s->owned_ = true;
+  s->accounted_ = alloc;
   return s;
 }
 
@@ -54,7 +84,10 @@ std::shared_ptr<Storage> Storage::external(const void* data, size_t bytes,
 }
 
 Storage::~Storage() {
-  if (owned_) std::free(data_);
+  if (owned_) {
+    std::free(data_);
+    g_memory_in_use.fetch_sub(accounted_);
+  }
 }
 
 Result<Tensor> Tensor::create(DataType dtype, const Shape& shape) {

@@ -43,6 +43,7 @@ struct Options {
   int64_t batch = 0;
   bool fp16 = false;
   uint64_t workspace_mib = 1024;
+  int64_t max_memory_mib = 0;  // 0: keep the default limit (75% of physical RAM)
   std::string device = "cpu";
   bool verify = false, softmax = false, nodes = false;
   double atol = 0.005, rtol = 0.05;
@@ -71,7 +72,9 @@ const char* kBuildOpts =
     "  --fp16               allow fp16 kernels (inputs/outputs stay fp32); warns on a backend\n"
     "                       without fast fp16 and builds fp32\n"
     "  --workspace MIB      scratch memory limit for tactic selection (default 1024)\n"
-    "  --device cpu         backend (default: cpu)\n";
+    "  --device cpu         backend (default: cpu)\n"
+    "  --maxMemory MIB      cap on tensor memory held at once; a larger allocation fails with a\n"
+    "                       clear error (default: 75% of physical RAM)\n";
 
 const char* kEngineOpts =
     "  --onnx FILE          build an engine from this ONNX model (in memory unless --cache/--saveEngine)\n"
@@ -213,6 +216,7 @@ int parse(int argc, char** argv, Options& o) {
     else if (a == "--loadInputs") { std::string s; rc = want_str(s); o.load_inputs.push_back(s); }
     else if (a == "--batch") rc = want_int(o.batch, 1);
     else if (a == "--workspace") { int64_t w; rc = want_int(w, 1); if (rc < 0) o.workspace_mib = static_cast<uint64_t>(w); }
+    else if (a == "--maxMemory") rc = want_int(o.max_memory_mib, 1);
     else if (a == "--iterations") rc = want_int(o.iterations, 1);
     else if (a == "--warmUp" || a == "--warmup") rc = want_int(o.warmup, 0);
     else if (a == "--duration") rc = want_double(o.duration);
@@ -709,6 +713,10 @@ int main(int argc, char** argv) {
   Options o;
   int rc = parse(argc, argv, o);
   if (rc >= 0) return rc;
+  if (o.max_memory_mib > 0) {
+    if (o.max_memory_mib > (int64_t{1} << 43)) return usage_error(o.cmd, "--maxMemory is too large");
+    set_memory_limit(static_cast<uint64_t>(o.max_memory_mib) << 20);
+  }
   StderrLogger logger(o.verbose >= 2 ? Severity::kVerbose : o.verbose == 1 ? Severity::kInfo : Severity::kWarning);
   set_logger(&logger);
   int result = kExitUsage;

@@ -1,6 +1,7 @@
 // Detection / geometry ops: RoiAlign, NonMaxSuppression, AffineGrid.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "ops/nn/nn_util.h"
@@ -220,10 +221,59 @@ Status eval_affine_grid(OpContext& ctx, std::span<const Value> in, std::span<Val
   return Status::ok();
 }
 
+// MaxRoiPool (Fast R-CNN / Caffe semantics): rois are [batch_id, x1, y1, x2, y2].
+Status eval_max_roi_pool(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  KILN_ASSIGN_OR_RETURN(const Tensor* X, req_tensor(ctx, in, 0));
+  KILN_ASSIGN_OR_RETURN(const Tensor* R, req_tensor(ctx, in, 1));
+  KILN_RETURN_IF_ERROR(nn::require_float(ctx, *X, "X"));
+  if (X->rank() != 4) return ctx.bad_input("X must be 4-D");
+  if (R->rank() != 2 || R->dim(1) != 5) return ctx.bad_input("rois must be [num_rois, 5]");
+  auto ps = ctx.node.attr_ints("pooled_shape");
+  if (ps.size() != 2 || ps[0] < 1 || ps[1] < 1) return ctx.bad_input("pooled_shape must be 2 positive ints");
+  const double ss = ctx.node.attr_float("spatial_scale", 1.f);
+  const int64_t N = X->dim(0), C = X->dim(1), H = X->dim(2), W = X->dim(3), nr = R->dim(0);
+  const int64_t PH = ps[0], PW = ps[1];
+  KILN_ASSIGN_OR_RETURN(Tensor xf, nn::as_f32(*X));
+  KILN_ASSIGN_OR_RETURN(Tensor rf, nn::as_f32(*R));
+  KILN_ASSIGN_OR_RETURN(Tensor Y, Tensor::create(DataType::kFloat, {nr, C, PH, PW}));
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* roi = rf.data<float>() + r * 5;
+    for (int k = 0; k < 5; ++k)
+      if (!std::isfinite(roi[k]) || std::fabs(roi[k] * ss) > 1e15)
+        return ctx.bad_input("roi " + std::to_string(r) + " has invalid coordinates");
+    const int64_t b = static_cast<int64_t>(roi[0]);
+    if (b < 0 || b >= N) return ctx.bad_input("roi batch index out of range");
+    const int64_t sw = std::llround(roi[1] * ss), sh = std::llround(roi[2] * ss);
+    const int64_t ew = std::llround(roi[3] * ss), eh = std::llround(roi[4] * ss);
+    const double bh = static_cast<double>(std::max<int64_t>(eh - sh + 1, 1)) / PH;
+    const double bw = static_cast<double>(std::max<int64_t>(ew - sw + 1, 1)) / PW;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* xc = xf.data<float>() + (b * C + c) * H * W;
+      for (int64_t ph = 0; ph < PH; ++ph)
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          const int64_t hs = std::min(std::max<int64_t>(static_cast<int64_t>(std::floor(ph * bh)) + sh, 0), H);
+          const int64_t he = std::min(std::max<int64_t>(static_cast<int64_t>(std::ceil((ph + 1) * bh)) + sh, 0), H);
+          const int64_t ws = std::min(std::max<int64_t>(static_cast<int64_t>(std::floor(pw * bw)) + sw, 0), W);
+          const int64_t we = std::min(std::max<int64_t>(static_cast<int64_t>(std::ceil((pw + 1) * bw)) + sw, 0), W);
+          float m = 0.f;
+          if (he > hs && we > ws) {
+            m = -std::numeric_limits<float>::infinity();
+            for (int64_t h = hs; h < he; ++h)
+              for (int64_t w = ws; w < we; ++w) m = std::max(m, xc[h * W + w]);
+          }
+          Y.data<float>()[((r * C + c) * PH + ph) * PW + pw] = m;
+        }
+    }
+  }
+  KILN_ASSIGN_OR_RETURN(out[0], cast_tensor(Y, X->dtype()));
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_RoiAlign = {"RoiAlign", "", &eval_roi_align, nullptr};
 const OpDef kOp_NonMaxSuppression = {"NonMaxSuppression", "", &eval_nms, nullptr};
+const OpDef kOp_MaxRoiPool = {"MaxRoiPool", "", &eval_max_roi_pool, nullptr};
 const OpDef kOp_AffineGrid = {"AffineGrid", "", &eval_affine_grid, nullptr};
 
 }  // namespace kiln
