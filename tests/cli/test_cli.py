@@ -65,6 +65,12 @@ def main():
     check("multi-input loadInputs", ["run", "--onnx", f"{b}/model.onnx", "--loadInputs",
           f"input_ids:{b}/test_data_set_0/input_0.pb", "--loadInputs", f"attention_mask:{b}/test_data_set_0/input_1.pb",
           "--verify", "--atol", "1e-4", "--rtol", "1e-3"], 0, "OK")
+    x0 = numpy_helper.to_array(onnx.load_tensor(f"{r}/test_data_set_0/input_0.pb"))
+    os.makedirs(os.path.join(WORK, "npy"), exist_ok=True)
+    np.save(os.path.join(WORK, "npy", "input_0.npy"), x0)
+    shutil.copy(f"{r}/test_data_set_0/output_0.pb", os.path.join(WORK, "npy", "output_0.pb"))
+    check(".npy input", ["run", "--loadEngine", "r.plan", "npy/input_0.npy", "--verify", "--atol", "1e-4", "--rtol", "1e-3"],
+          0, "OK")
     check("saveOutputs", ["run", "--loadEngine", "r.plan", f"{r}/test_data_set_0/input_0.pb", "--saveOutputs", "outs"], 0,
           "saved output 'logits'")
     saved = numpy_helper.to_array(onnx.load_tensor(os.path.join(WORK, "outs", "logits.pb")))
