@@ -154,7 +154,12 @@ Result<Value> read_value_file(const std::string& path, const std::string& kind_h
     return Value(std::move(t));
   }
   KILN_ASSIGN_OR_RETURN(auto file, MappedFile::open(path));
-  ValueCtx c{file->data(), file->size(), file, dirname_of(path)};
+  return decode_value(file, kind_hint, dirname_of(path), path);
+}
+
+Result<Value> decode_value(std::shared_ptr<MappedFile> file, const std::string& kind_hint,
+                           const std::string& base_dir, const std::string& path) {
+  ValueCtx c{file->data(), file->size(), file, base_dir};
   auto ctx = [&](Status st) { return st.with_context("'" + path + "'"); };
   if (kind_hint == "tensor" || kind_hint.empty()) {
     auto t = tensor_from(c.data, c.size, 0, c.size, file, c.base_dir, nullptr);
@@ -245,8 +250,10 @@ Status write_npy(const std::string& path, const Tensor& t) {
 
 Result<Tensor> read_npy(const std::string& path) {
   KILN_ASSIGN_OR_RETURN(auto file, MappedFile::open(path));
-  const uint8_t* d = file->data();
-  size_t size = file->size();
+  return decode_npy(file->data(), file->size(), path);
+}
+
+Result<Tensor> decode_npy(const uint8_t* d, size_t size, const std::string& path) {
   auto bad = [&](const std::string& m) { return invalid_model("'" + path + "': " + m); };
   if (size < 10 || std::memcmp(d, "\x93NUMPY", 6) != 0) return bad("not a .npy file (bad magic)");
   int major = d[6];

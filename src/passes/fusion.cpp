@@ -1,11 +1,490 @@
 #include "passes/fusion.h"
 
+#include <cmath>
+#include <limits>
+#include <unordered_map>
+#include <unordered_set>
+
 namespace kiln {
 
+namespace {
+
+// Who reads each value: node indices (a node reading a value twice counts twice), plus graph
+// outputs and subgraph captures, which pin a value (it must keep its name).
+struct Uses {
+  std::unordered_map<std::string, int> count;
+  std::unordered_set<std::string> pinned;
+  std::unordered_map<std::string, size_t> producer;
+
+  explicit Uses(const Graph& g) {
+    for (auto& o : g.outputs) pinned.insert(o.name);
+    for (size_t i = 0; i < g.nodes.size(); ++i) {
+      const Node& n = g.nodes[i];
+      for (auto& in : n.inputs)
+        if (!in.empty()) count[in]++;
+      for (auto& o : n.outputs)
+        if (!o.empty()) producer[o] = i;
+      for (auto& a : n.attrs) {
+        std::vector<const Graph*> subs;
+        if (a.g) subs.push_back(a.g.get());
+        for (auto& sg : a.graphs) subs.push_back(sg.get());
+        for (auto* s : subs) {
+          std::unordered_set<std::string> refs;
+          collect_outer_refs(*s, refs);
+          pinned.insert(refs.begin(), refs.end());
+        }
+      }
+    }
+  }
+  // The value is read by exactly one node and by nothing else.
+  bool single_use(const std::string& v) const {
+    auto it = count.find(v);
+    return it != count.end() && it->second == 1 && !pinned.count(v);
+  }
+};
+
+// A float32 initializer that no graph input can override.
+const Tensor* const_f32(const Graph& g, const std::string& name) {
+  if (name.empty()) return nullptr;
+  auto it = g.initializers.find(name);
+  if (it == g.initializers.end() || it->second.dtype() != DataType::kFloat) return nullptr;
+  for (auto& in : g.inputs)
+    if (in.name == name) return nullptr;
+  return &it->second;
+}
+
+// The unique index of the node reading `v` (call only when single_use(v)).
+size_t consumer_of(const Graph& g, const std::string& v, const std::vector<bool>& dead) {
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    if (dead[i]) continue;
+    for (auto& in : g.nodes[i].inputs)
+      if (in == v) return i;
+  }
+  return SIZE_MAX;
+}
+
+std::string fresh_name(const Graph& g, const std::string& base) {
+  std::string n = base;
+  for (int k = 1; g.initializers.count(n); ++k) n = base + "_" + std::to_string(k);
+  return n;
+}
+
+bool same_dims(const TypeInfo& a, const TypeInfo& b) {
+  if (a.kind != TypeInfo::Kind::kTensor || b.kind != TypeInfo::Kind::kTensor) return false;
+  if (!a.has_shape || !b.has_shape || a.dims.size() != b.dims.size() || a.dtype != b.dtype)
+    return false;
+  for (size_t i = 0; i < a.dims.size(); ++i) {
+    const Dim &x = a.dims[i], &y = b.dims[i];
+    if (x.known() && y.known() && x.value == y.value) continue;
+    if (!x.known() && !y.known() && !x.param.empty() && x.param == y.param) continue;
+    return false;
+  }
+  return true;
+}
+
+const TypeInfo* type_of(const Graph& g, const std::string& v) {
+  const ValueInfo* vi = g.find_value_info(v);
+  if (vi) return &vi->type;
+  for (auto& in : g.inputs)
+    if (in.name == v) return &in.type;
+  return nullptr;
+}
+
+void erase_dead(Graph& g, const std::vector<bool>& dead, PassStats* stats) {
+  std::vector<Node> kept;
+  kept.reserve(g.nodes.size());
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    if (!dead[i]) kept.push_back(std::move(g.nodes[i]));
+    else if (stats) stats->eliminated++;
+  }
+  g.nodes = std::move(kept);
+}
+
+// Conv -> BatchNormalization (inference form, per-channel constants) becomes one Conv with
+// scaled weights and a shifted bias: y = (conv(x, W) + b - mean) * s + beta, s = scale/sqrt(var+eps).
+Status fold_batchnorm_into_conv(Graph& g, PassStats* stats) {
+  Uses uses(g);
+  std::vector<bool> dead(g.nodes.size(), false);
+  bool changed = false;
+  for (size_t bi = 0; bi < g.nodes.size(); ++bi) {
+    Node& bn = g.nodes[bi];
+    if (bn.op_type != "BatchNormalization" || !bn.domain.empty() || bn.inputs.size() != 5) continue;
+    if (bn.attr_int("training_mode", 0) != 0) continue;
+    bool extra_out = false;
+    for (size_t k = 1; k < bn.outputs.size(); ++k) extra_out = extra_out || !bn.outputs[k].empty();
+    if (extra_out || bn.outputs.empty() || bn.outputs[0].empty()) continue;
+    const std::string& x = bn.inputs[0];
+    auto pit = uses.producer.find(x);
+    if (pit == uses.producer.end() || !uses.single_use(x)) continue;
+    Node& conv = g.nodes[pit->second];
+    if (dead[pit->second] || conv.op_type != "Conv" || !conv.domain.empty()) continue;
+    if (conv.outputs.size() != 1 || conv.inputs.size() < 2) continue;
+    const Tensor* W = const_f32(g, conv.inputs[1]);
+    const Tensor* B = conv.has_input(2) ? const_f32(g, conv.inputs[2]) : nullptr;
+    if (!W || W->rank() < 3 || (conv.has_input(2) && !B)) continue;
+    const int64_t M = W->dim(0);
+    if (M <= 0) continue;
+    const Tensor *scale = const_f32(g, bn.inputs[1]), *beta = const_f32(g, bn.inputs[2]),
+                 *mean = const_f32(g, bn.inputs[3]), *var = const_f32(g, bn.inputs[4]);
+    if (!scale || !beta || !mean || !var) continue;
+    bool ok = true;
+    for (const Tensor* t : {scale, beta, mean, var}) ok = ok && t->numel() == M && t->rank() == 1;
+    if (B) ok = ok && B->numel() == M;
+    if (!ok) continue;
+    const float eps = bn.attr_float("epsilon", 1e-5f);
+    KILN_ASSIGN_OR_RETURN(Tensor nw, Tensor::create(DataType::kFloat, W->shape()));
+    KILN_ASSIGN_OR_RETURN(Tensor nb, Tensor::create(DataType::kFloat, {M}));
+    const int64_t per = W->numel() / M;
+    const float* w = W->data<float>();
+    float* o = nw.data<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const double s = double(scale->data<float>()[m]) /
+                       std::sqrt(double(var->data<float>()[m]) + double(eps));
+      for (int64_t k = 0; k < per; ++k) o[m * per + k] = float(double(w[m * per + k]) * s);
+      const double b0 = B ? double(B->data<float>()[m]) : 0.0;
+      nb.data<float>()[m] =
+          float((b0 - double(mean->data<float>()[m])) * s + double(beta->data<float>()[m]));
+    }
+    std::string wn = fresh_name(g, conv.name + "/bnfold_W");
+    g.initializers[wn] = std::move(nw);
+    std::string bname = fresh_name(g, conv.name + "/bnfold_B");
+    g.initializers[bname] = std::move(nb);
+    if (conv.inputs.size() < 3) conv.inputs.resize(3);
+    conv.inputs[1] = wn;
+    conv.inputs[2] = bname;
+    conv.outputs[0] = bn.outputs[0];
+    dead[bi] = true;
+    changed = true;
+  }
+  if (changed) erase_dead(g, dead, stats);
+  return Status::ok();
+}
+
+// Conv(+bias) [-> Add(residual)] [-> Relu | Clip | LeakyRelu] becomes one kiln.FusedConv placed
+// where the last node of the chain was (the residual is computed by then).
+Status fuse_conv_chains(Graph& g, PassStats* stats) {
+  Uses uses(g);
+  std::vector<bool> dead(g.nodes.size(), false);
+  bool changed = false;
+  for (size_t ci = 0; ci < g.nodes.size(); ++ci) {
+    if (dead[ci]) continue;
+    const Node& conv = g.nodes[ci];
+    if (conv.op_type != "Conv" || !conv.domain.empty() || conv.outputs.size() != 1) continue;
+    if (conv.inputs.size() < 2 || conv.inputs.size() > 3) continue;
+    const TypeInfo* yt = type_of(g, conv.outputs[0]);
+    if (!yt || yt->kind != TypeInfo::Kind::kTensor || yt->dtype != DataType::kFloat) continue;
+    std::string cur = conv.outputs[0];
+    std::string residual;
+    std::vector<size_t> chain;
+    // Residual Add: the other operand must have exactly the Conv output's shape (no broadcast).
+    if (uses.single_use(cur)) {
+      size_t ai = consumer_of(g, cur, dead);
+      const Node* a = ai == SIZE_MAX ? nullptr : &g.nodes[ai];
+      if (a && a->op_type == "Add" && a->domain.empty() && a->inputs.size() == 2 &&
+          a->outputs.size() == 1 && a->inputs[0] != a->inputs[1]) {
+        const std::string& other = a->inputs[0] == cur ? a->inputs[1] : a->inputs[0];
+        const TypeInfo* ot = type_of(g, other);
+        const TypeInfo* at = type_of(g, a->outputs[0]);
+        if (!other.empty() && ot && at && same_dims(*ot, *yt) && same_dims(*at, *yt)) {
+          residual = other;
+          chain.push_back(ai);
+          cur = a->outputs[0];
+        }
+      }
+    }
+    std::string act;
+    std::vector<float> params;
+    if (uses.single_use(cur)) {
+      size_t ri = consumer_of(g, cur, dead);
+      const Node* r = ri == SIZE_MAX ? nullptr : &g.nodes[ri];
+      if (r && r->domain.empty() && r->outputs.size() == 1 && !r->inputs.empty() && r->inputs[0] == cur) {
+        if (r->op_type == "Relu" && r->inputs.size() == 1) {
+          act = "Relu";
+        } else if (r->op_type == "LeakyRelu" && r->inputs.size() == 1) {
+          act = "LeakyRelu";
+          params = {r->attr_float("alpha", 0.01f)};
+        } else if (r->op_type == "Clip" && r->inputs.size() <= 3) {
+          float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+          bool ok = true;
+          for (size_t k = 1; k < r->inputs.size(); ++k) {
+            if (r->inputs[k].empty()) continue;
+            const Tensor* t = const_f32(g, r->inputs[k]);
+            if (!t || t->numel() != 1) { ok = false; break; }
+            (k == 1 ? lo : hi) = t->data<float>()[0];
+          }
+          if (ok) {
+            act = "Clip";
+            params = {lo, hi};
+          }
+        }
+        if (!act.empty()) {
+          chain.push_back(ri);
+          cur = r->outputs[0];
+        }
+      }
+    }
+    if (chain.empty()) continue;
+    Node f;
+    f.name = conv.name;
+    f.op_type = "FusedConv";
+    f.domain = "kiln";
+    f.opset = 1;
+    f.attrs = conv.attrs;
+    f.inputs = conv.inputs;
+    f.inputs.resize(4);
+    f.inputs[3] = residual;
+    while (!f.inputs.empty() && f.inputs.back().empty()) f.inputs.pop_back();
+    f.outputs = {cur};
+    if (!act.empty()) {
+      Attribute a;
+      a.name = "activation";
+      a.kind = Attribute::Kind::kString;
+      a.s = act;
+      f.set_attr(a);
+      Attribute p;
+      p.name = "activation_params";
+      p.kind = Attribute::Kind::kFloats;
+      p.floats = params;
+      f.set_attr(p);
+    }
+    dead[ci] = true;
+    for (size_t k = 0; k + 1 < chain.size(); ++k) dead[chain[k]] = true;
+    g.nodes[chain.back()] = std::move(f);
+    changed = true;
+  }
+  if (changed) erase_dead(g, dead, stats);
+  return Status::ok();
+}
+
+std::vector<size_t> consumers(const Graph& g, const std::string& v, const std::vector<bool>& dead) {
+  std::vector<size_t> r;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    if (dead[i]) continue;
+    for (auto& in : g.nodes[i].inputs)
+      if (in == v) {
+        r.push_back(i);
+        break;
+      }
+  }
+  return r;
+}
+
+bool const_scalar_near(const Graph& g, const std::string& name, double want) {
+  const Tensor* t = const_f32(g, name);
+  return t && t->numel() == 1 && std::fabs(double(t->data<float>()[0]) - want) <= 1e-4 * std::fabs(want);
+}
+
+bool is_binary(const Node& n, const char* op) {
+  return n.domain.empty() && n.op_type == op && n.inputs.size() == 2 && n.outputs.size() == 1;
+}
+
+// The operand of binary node n that is not `v` ("" when both are v).
+std::string other_operand(const Node& n, const std::string& v) {
+  if (n.inputs[0] == v && n.inputs[1] != v) return n.inputs[1];
+  if (n.inputs[1] == v && n.inputs[0] != v) return n.inputs[0];
+  return "";
+}
+
+// Erf-form GELU reading x: Div(x, sqrt2) -> Erf -> Add(., 1) -> Mul(x, .) -> Mul(., 0.5).
+// Returns the chain's node indices (last one produces the GELU output) or {}.
+std::vector<size_t> match_gelu(const Graph& g, const Uses& uses, const std::string& x,
+                               const std::vector<bool>& dead) {
+  auto it = uses.count.find(x);
+  if (it == uses.count.end() || it->second != 2 || uses.pinned.count(x)) return {};
+  std::vector<size_t> cs = consumers(g, x, dead);
+  if (cs.size() != 2) return {};
+  size_t di = SIZE_MAX, mi = SIZE_MAX;
+  for (size_t c : cs) {
+    const Node& n = g.nodes[c];
+    if (is_binary(n, "Div") && n.inputs[0] == x && const_scalar_near(g, n.inputs[1], std::sqrt(2.0))) di = c;
+    else if (is_binary(n, "Mul")) mi = c;
+  }
+  if (di == SIZE_MAX || mi == SIZE_MAX) return {};
+  auto next = [&](size_t i) -> const Node* {
+    const std::string& o = g.nodes[i].outputs[0];
+    if (!uses.single_use(o)) return nullptr;
+    size_t k = consumer_of(g, o, dead);
+    return k == SIZE_MAX ? nullptr : &g.nodes[k];
+  };
+  auto idx = [&](const Node* n) { return static_cast<size_t>(n - g.nodes.data()); };
+  const Node* erf = next(di);
+  if (!erf || erf->op_type != "Erf" || !erf->domain.empty() || erf->inputs.size() != 1) return {};
+  const Node* add = next(idx(erf));
+  if (!add || !is_binary(*add, "Add") || !const_scalar_near(g, other_operand(*add, erf->outputs[0]), 1.0))
+    return {};
+  const Node* mul = next(idx(add));
+  if (!mul || idx(mul) != mi || other_operand(*mul, add->outputs[0]) != x) return {};
+  const Node* half = next(mi);
+  if (!half || !is_binary(*half, "Mul") || !const_scalar_near(g, other_operand(*half, mul->outputs[0]), 0.5))
+    return {};
+  return {di, idx(erf), idx(add), mi, idx(half)};
+}
+
+// MatMul(A, B const 2D) -> Add(bias [N]) [-> GELU | -> Add(residual)] becomes kiln.FusedMatMul.
+Status fuse_matmul_chains(Graph& g, PassStats* stats) {
+  Uses uses(g);
+  std::vector<bool> dead(g.nodes.size(), false);
+  bool changed = false;
+  for (size_t mi = 0; mi < g.nodes.size(); ++mi) {
+    if (dead[mi]) continue;
+    const Node& mm = g.nodes[mi];
+    if (!is_binary(mm, "MatMul")) continue;
+    const Tensor* B = const_f32(g, mm.inputs[1]);
+    const TypeInfo* yt = type_of(g, mm.outputs[0]);
+    if (!B || B->rank() != 2 || !yt || yt->kind != TypeInfo::Kind::kTensor || yt->dtype != DataType::kFloat)
+      continue;
+    const int64_t N = B->dim(1);
+    std::string cur = mm.outputs[0];
+    if (!uses.single_use(cur)) continue;
+    size_t ai = consumer_of(g, cur, dead);
+    if (ai == SIZE_MAX || !is_binary(g.nodes[ai], "Add")) continue;
+    const std::string bias = other_operand(g.nodes[ai], cur);
+    const Tensor* bt = const_f32(g, bias);
+    if (!bt || bt->numel() != N || bt->rank() < 1 || bt->dim(static_cast<int>(bt->rank()) - 1) != N) continue;
+    const TypeInfo* at = type_of(g, g.nodes[ai].outputs[0]);
+    if (!at || !same_dims(*at, *yt)) continue;  // the bias must not broadcast the result bigger
+    std::vector<size_t> chain = {ai};
+    cur = g.nodes[ai].outputs[0];
+    std::string act, residual;
+    std::vector<size_t> gelu = match_gelu(g, uses, cur, dead);
+    if (!gelu.empty()) {
+      act = "Gelu";
+      chain.insert(chain.end(), gelu.begin(), gelu.end());
+      cur = g.nodes[gelu.back()].outputs[0];
+    } else if (uses.single_use(cur)) {
+      size_t ri = consumer_of(g, cur, dead);
+      if (ri != SIZE_MAX && is_binary(g.nodes[ri], "Add")) {
+        const std::string z = other_operand(g.nodes[ri], cur);
+        const TypeInfo* zt = z.empty() ? nullptr : type_of(g, z);
+        const TypeInfo* rt = type_of(g, g.nodes[ri].outputs[0]);
+        if (zt && rt && same_dims(*zt, *yt) && same_dims(*rt, *yt)) {
+          residual = z;
+          chain.push_back(ri);
+          cur = g.nodes[ri].outputs[0];
+        }
+      }
+    }
+    Node f;
+    f.name = mm.name;
+    f.op_type = "FusedMatMul";
+    f.domain = "kiln";
+    f.opset = 1;
+    f.inputs = {mm.inputs[0], mm.inputs[1], bias};
+    if (!residual.empty()) f.inputs.push_back(residual);
+    f.outputs = {cur};
+    if (!act.empty()) {
+      Attribute a;
+      a.name = "activation";
+      a.kind = Attribute::Kind::kString;
+      a.s = act;
+      f.set_attr(a);
+    }
+    dead[mi] = true;
+    for (size_t k = 0; k + 1 < chain.size(); ++k) dead[chain[k]] = true;
+    g.nodes[chain.back()] = std::move(f);
+    changed = true;
+  }
+  if (changed) erase_dead(g, dead, stats);
+  return Status::ok();
+}
+
+// Layout per chain: Conv/FusedConv nodes with constant 4D float32 weights run on NHWC tensors
+// (`layout` = "NHWC"; oneDNN's fast direct convolutions use it without reorders). A Transpose
+// enters NHWC where a chain starts; every conv also gets a Transpose back to the original NCHW
+// name, which DCE drops when only NHWC convs read it. Residuals stay in the chain.
+Node make_transpose(const std::string& name, const std::string& x, const std::string& y,
+                    std::vector<int64_t> perm) {
+  Node t;
+  t.name = name;
+  t.op_type = "Transpose";
+  t.opset = 21;
+  t.inputs = {x};
+  t.outputs = {y};
+  Attribute a;
+  a.name = "perm";
+  a.kind = Attribute::Kind::kInts;
+  a.ints = std::move(perm);
+  t.set_attr(a);
+  return t;
+}
+
+std::string fresh_value(const std::unordered_set<std::string>& used, const std::string& base) {
+  std::string n = base;
+  for (int k = 1; used.count(n); ++k) n = base + "_" + std::to_string(k);
+  return n;
+}
+
+Status choose_conv_layouts(Graph& g) {
+  std::unordered_set<std::string> names;
+  for (auto& n : g.nodes)
+    for (auto& o : n.outputs) names.insert(o);
+  for (auto& [k, v] : g.initializers) names.insert(k);
+  for (auto& v : g.inputs) names.insert(v.name);
+  std::unordered_map<std::string, std::string> nhwc;  // NCHW value -> its NHWC twin
+  std::vector<Node> out;
+  out.reserve(g.nodes.size() * 2);
+  auto to_nhwc = [&](const std::string& v, const std::string& at) {
+    auto it = nhwc.find(v);
+    if (it != nhwc.end()) return it->second;
+    std::string t = fresh_value(names, v + "/nhwc");
+    names.insert(t);
+    out.push_back(make_transpose(fresh_value(names, at + "/to_nhwc"), v, t, {0, 2, 3, 1}));
+    nhwc[v] = t;
+    return t;
+  };
+  bool changed = false;
+  for (auto& n : g.nodes) {
+    const bool conv = n.domain.empty() && n.op_type == "Conv";
+    const bool fconv = n.domain == "kiln" && n.op_type == "FusedConv";
+    bool ok = (conv || fconv) && n.outputs.size() == 1 && n.inputs.size() >= 2 &&
+              n.attr_string("layout", "NCHW") == "NCHW";
+    if (ok) {
+      const Tensor* W = const_f32(g, n.inputs[1]);
+      const TypeInfo* xt = type_of(g, n.inputs[0]);
+      ok = W && W->rank() == 4 && xt && xt->kind == TypeInfo::Kind::kTensor &&
+           xt->dtype == DataType::kFloat && xt->has_shape && xt->dims.size() == 4 &&
+           (!n.has_input(2) || const_f32(g, n.inputs[2]));
+    }
+    if (!ok) {
+      out.push_back(std::move(n));
+      continue;
+    }
+    Node f = std::move(n);
+    if (conv) {
+      f.op_type = "FusedConv";
+      f.domain = "kiln";
+      f.opset = 1;
+    }
+    f.inputs[0] = to_nhwc(f.inputs[0], f.name);
+    if (f.has_input(3)) f.inputs[3] = to_nhwc(f.inputs[3], f.name);
+    const std::string y = f.outputs[0];
+    std::string yt = fresh_value(names, y + "/nhwc");
+    names.insert(yt);
+    f.outputs[0] = yt;
+    Attribute a;
+    a.name = "layout";
+    a.kind = Attribute::Kind::kString;
+    a.s = "NHWC";
+    f.set_attr(a);
+    const std::string fname = f.name;
+    out.push_back(std::move(f));
+    out.push_back(make_transpose(fresh_value(names, fname + "/to_nchw"), yt, y, {0, 3, 1, 2}));
+    nhwc[y] = yt;
+    changed = true;
+  }
+  g.nodes = std::move(out);
+  (void)changed;
+  return Status::ok();
+}
+
+}  // namespace
+
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) {
-  (void)g;
-  (void)opts;
-  (void)stats;
+  if (!opts.enable) return Status::ok();
+  KILN_RETURN_IF_ERROR(fold_batchnorm_into_conv(g, stats));
+  KILN_RETURN_IF_ERROR(fuse_conv_chains(g, stats));
+  KILN_RETURN_IF_ERROR(fuse_matmul_chains(g, stats));
+  if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g));
   return Status::ok();
 }
 

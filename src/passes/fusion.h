@@ -11,6 +11,7 @@ namespace kiln {
 
 struct FusionOptions {
   bool enable = true;
+  bool conv_layouts = true;  // run conv chains in NHWC (Transposes at the chain edges)
 };
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);

@@ -57,9 +57,11 @@ TEST(NnGemm, MatchesNaiveAllTransposes) {
             for (auto& x : B) x = u(rng);
             for (auto& x : C) x = u(rng);
             R = C;
-            sgemm(ta, tb, M, N, K, 0.5f, A.data(), ta ? M : K, B.data(), tb ? K : N, 2.f, C.data(), N);
+            sgemm(ta, tb, M, N, K, 0.5f, A.data(), ta ? M : K, B.data(), tb ? K : N, 2.f, C.data(),
+                  N);
             naive(ta, tb, M, N, K, 0.5f, A, B, 2.f, R);
-            for (int i = 0; i < M * N; ++i) ASSERT_NEAR(C[i], R[i], 1e-3) << M << "x" << N << "x" << K;
+            for (int i = 0; i < M * N; ++i)
+              ASSERT_NEAR(C[i], R[i], 1e-3) << M << "x" << N << "x" << K;
           }
 }
 
@@ -93,7 +95,7 @@ TEST(NnWindow, SameUpperAndCeil) {
   cm.kind = Attribute::Kind::kInt;
   cm.i = 1;
   c.set_attr(cm);
-  // in 4: span = 4 + 2 - 3 = 3 -> ceil(3/2)+1 = 3, but the last window starts at 4 >= 4 + 1? no.
+  // in 4, pads 1+1: span 3 -> ceil(3/2) + 1 = 3 windows; the last starts at 4 < 4 + 1, kept.
   auto w2 = nn::make_window(c, {4}, {}, true);
   ASSERT_TRUE(w2.is_ok());
   EXPECT_EQ(w2->out, (Shape{3}));

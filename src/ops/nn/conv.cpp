@@ -47,8 +47,8 @@ Result<Window> conv_window(const OpContext& ctx, const Tensor& X, const Tensor& 
 Status add_bias(const OpContext& ctx, const Tensor* B, int64_t N, int64_t M, int64_t sp, float* y) {
   if (!B) return Status::ok();
   if (B->numel() != M)
-    return ctx.bad_input("bias B " + shape_str(B->shape()) + " does not have " +
-                         std::to_string(M) + " elements");
+    return ctx.bad_input("bias B " + shape_str(B->shape()) + " does not have " + std::to_string(M) +
+                         " elements");
   KILN_ASSIGN_OR_RETURN(Tensor bf, nn::as_f32(*B));
   const float* b = bf.data<float>();
   for (int64_t n = 0; n < N; ++n)
@@ -125,12 +125,32 @@ Status infer_conv(InferContext& ctx) {
   return Status::ok();
 }
 
+// ConvInteger (int32 out) and QLinearConv (y_zero_point's type, else x's): conv geometry.
+Status infer_conv_integer(InferContext& ctx) {
+  KILN_RETURN_IF_ERROR(infer_conv(ctx));
+  if (!ctx.output_types.empty() && ctx.output_types[0].kind == TypeInfo::Kind::kTensor)
+    ctx.output_types[0].dtype = DataType::kInt32;
+  return Status::ok();
+}
+Status infer_qlinear_conv(InferContext& ctx) {
+  if (ctx.input_types.size() < 4 || ctx.output_types.empty()) return Status::ok();
+  InferContext sub{ctx.node, {ctx.input_types[0], ctx.input_types[3]}, {}, {TypeInfo()}};
+  KILN_RETURN_IF_ERROR(infer_conv(sub));
+  TypeInfo o = sub.output_types[0];
+  if (ctx.input_types.size() > 7 && ctx.input_types[7].kind == TypeInfo::Kind::kTensor)
+    o.dtype = ctx.input_types[7].dtype;
+  ctx.output_types[0] = o;
+  return Status::ok();
+}
+
 // ConvTranspose geometry: pads may come out negative when output_shape asks for more.
 struct TWin {
   Window w;  // w.in = output image, w.out = input grid, as col2im expects
 };
 
-int64_t floordiv2(int64_t v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); }
+int64_t floordiv2(int64_t v) {
+  return v >= 0 ? v / 2 : -((-v + 1) / 2);
+}
 
 Result<Window> convt_window(const OpContext& ctx, const Shape& xs, const Shape& ks) {
   const Node& nd = ctx.node;
@@ -222,7 +242,8 @@ Status infer_conv_transpose(InferContext& ctx) {
     return Status::ok();
   Shape xsh = x.concrete_shape(), wsh = w.concrete_shape();
   OpContext octx{ctx.node, {}, 0};
-  auto win = convt_window(octx, Shape(xsh.begin() + 2, xsh.end()), Shape(wsh.begin() + 2, wsh.end()));
+  auto win =
+      convt_window(octx, Shape(xsh.begin() + 2, xsh.end()), Shape(wsh.begin() + 2, wsh.end()));
   if (!win.is_ok()) return Status::ok();
   Shape ys = {xsh[0], wsh[1] * ctx.node.attr_int("group", 1)};
   ys.insert(ys.end(), win->in.begin(), win->in.end());
@@ -242,7 +263,8 @@ Result<std::vector<int32_t>> shifted(const OpContext& ctx, const Tensor& t, cons
                          std::to_string(channel_axis_dim) + " elements");
   for (int64_t i = 0; i < t.numel(); ++i) {
     int64_t z = 0;
-    if (zp) z = nzp == 1 ? zp->get_i64(0) : zp->get_i64((i / per_channel_stride) % channel_axis_dim);
+    if (zp)
+      z = nzp == 1 ? zp->get_i64(0) : zp->get_i64((i / per_channel_stride) % channel_axis_dim);
     v[i] = static_cast<int32_t>(t.get_i64(i) - z);
   }
   return v;
@@ -288,7 +310,8 @@ Status eval_conv_integer(OpContext& ctx, std::span<const Value> in, std::span<Va
   if (X->rank() < 3 || W->rank() != X->rank()) return ctx.bad_input("bad X/W ranks");
   const int64_t M = W->dim(0);
   KILN_ASSIGN_OR_RETURN(auto xv, shifted(ctx, *X, opt_tensor(in, 2), 1, 1));
-  KILN_ASSIGN_OR_RETURN(auto wv, shifted(ctx, *W, opt_tensor(in, 3), M, W->numel() / std::max<int64_t>(M, 1)));
+  KILN_ASSIGN_OR_RETURN(
+      auto wv, shifted(ctx, *W, opt_tensor(in, 3), M, W->numel() / std::max<int64_t>(M, 1)));
   KILN_ASSIGN_OR_RETURN(out[0], int_conv(ctx, *X, *W, xv, wv));
   return Status::ok();
 }
@@ -296,7 +319,8 @@ Status eval_conv_integer(OpContext& ctx, std::span<const Value> in, std::span<Va
 template <typename Q>
 Q saturate_round(double v) {
   double r = std::nearbyint(v);
-  r = std::min<double>(std::max<double>(r, std::numeric_limits<Q>::min()), std::numeric_limits<Q>::max());
+  r = std::min<double>(std::max<double>(r, std::numeric_limits<Q>::min()),
+                       std::numeric_limits<Q>::max());
   return static_cast<Q>(r);
 }
 
@@ -318,8 +342,10 @@ Status requantize(const OpContext& ctx, const Tensor& acc, const Tensor* bias, d
       for (int64_t i = 0; i < sp; ++i) {
         const int64_t idx = (n * M + m) * sp + i;
         const double v = std::nearbyint((static_cast<double>(a[idx]) + b) * s) + zp;
-        if (yt == DataType::kUInt8) Y.data<uint8_t>()[idx] = saturate_round<uint8_t>(v);
-        else Y.data<int8_t>()[idx] = saturate_round<int8_t>(v);
+        if (yt == DataType::kUInt8)
+          Y.data<uint8_t>()[idx] = saturate_round<uint8_t>(v);
+        else
+          Y.data<int8_t>()[idx] = saturate_round<int8_t>(v);
       }
     }
   (void)channel_dim;
@@ -359,8 +385,7 @@ Status eval_deform_conv(OpContext& ctx, std::span<const Value> in, std::span<Val
   const Tensor* B = opt_tensor(in, 3);
   const Tensor* Mk = opt_tensor(in, 4);
   KILN_RETURN_IF_ERROR(nn::require_float(ctx, *X, "X"));
-  if (X->rank() != 4)
-    return unsupported(ctx.node.where() + ": only 2-D DeformConv is supported");
+  if (X->rank() != 4) return unsupported(ctx.node.where() + ": only 2-D DeformConv is supported");
   const int64_t group = ctx.node.attr_int("group", 1);
   const int64_t og = ctx.node.attr_int("offset_group", 1);
   KILN_RETURN_IF_ERROR(check_conv_shapes(ctx, *X, *W, group, false));
@@ -403,9 +428,11 @@ Status eval_deform_conv(OpContext& ctx, std::span<const Value> in, std::span<Val
             for (int64_t ow = 0; ow < OW; ++ow) {
               const int64_t o = oh * OW + ow;
               const float h = static_cast<float>(oh * win.strides[0] - win.pad_begin[0] +
-                                                 kh * win.dilations[0]) + dy[o];
+                                                 kh * win.dilations[0]) +
+                              dy[o];
               const float w = static_cast<float>(ow * win.strides[1] - win.pad_begin[1] +
-                                                 kw * win.dilations[1]) + dx[o];
+                                                 kw * win.dilations[1]) +
+                              dx[o];
               float v = 0.f;
               if (h > -1.f && w > -1.f && h < H && w < Wd) {
                 const int64_t h0 = static_cast<int64_t>(std::floor(h));
@@ -478,8 +505,8 @@ Status eval_col2im(OpContext& ctx, std::span<const Value> in, std::span<Value> o
 
 const OpDef kOp_Conv = {"Conv", "", &eval_conv, &infer_conv};
 const OpDef kOp_ConvTranspose = {"ConvTranspose", "", &eval_conv_transpose, &infer_conv_transpose};
-const OpDef kOp_ConvInteger = {"ConvInteger", "", &eval_conv_integer, nullptr};
-const OpDef kOp_QLinearConv = {"QLinearConv", "", &eval_qlinear_conv, nullptr};
+const OpDef kOp_ConvInteger = {"ConvInteger", "", &eval_conv_integer, &infer_conv_integer};
+const OpDef kOp_QLinearConv = {"QLinearConv", "", &eval_qlinear_conv, &infer_qlinear_conv};
 const OpDef kOp_DeformConv = {"DeformConv", "", &eval_deform_conv, nullptr};
 const OpDef kOp_Col2Im = {"Col2Im", "", &eval_col2im, nullptr};
 

@@ -168,7 +168,8 @@ Status eval_nms(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
         sel.push_back(i);
       }
     }
-  KILN_ASSIGN_OR_RETURN(Tensor Y, Tensor::create(DataType::kInt64, {static_cast<int64_t>(sel.size() / 3), 3}));
+  KILN_ASSIGN_OR_RETURN(
+      Tensor Y, Tensor::create(DataType::kInt64, {static_cast<int64_t>(sel.size() / 3), 3}));
   std::copy(sel.begin(), sel.end(), Y.data<int64_t>());
   out[0] = Y;
   return Status::ok();
@@ -229,7 +230,8 @@ Status eval_max_roi_pool(OpContext& ctx, std::span<const Value> in, std::span<Va
   if (X->rank() != 4) return ctx.bad_input("X must be 4-D");
   if (R->rank() != 2 || R->dim(1) != 5) return ctx.bad_input("rois must be [num_rois, 5]");
   auto ps = ctx.node.attr_ints("pooled_shape");
-  if (ps.size() != 2 || ps[0] < 1 || ps[1] < 1) return ctx.bad_input("pooled_shape must be 2 positive ints");
+  if (ps.size() != 2 || ps[0] < 1 || ps[1] < 1)
+    return ctx.bad_input("pooled_shape must be 2 positive ints");
   const double ss = ctx.node.attr_float("spatial_scale", 1.f);
   const int64_t N = X->dim(0), C = X->dim(1), H = X->dim(2), W = X->dim(3), nr = R->dim(0);
   const int64_t PH = ps[0], PW = ps[1];
@@ -243,18 +245,23 @@ Status eval_max_roi_pool(OpContext& ctx, std::span<const Value> in, std::span<Va
         return ctx.bad_input("roi " + std::to_string(r) + " has invalid coordinates");
     const int64_t b = static_cast<int64_t>(roi[0]);
     if (b < 0 || b >= N) return ctx.bad_input("roi batch index out of range");
-    const int64_t sw = std::llround(roi[1] * ss), sh = std::llround(roi[2] * ss);
-    const int64_t ew = std::llround(roi[3] * ss), eh = std::llround(roi[4] * ss);
+    const float fs = static_cast<float>(ss);  // products in float, as ONNX Runtime rounds them
+    const int64_t sw = std::llround(roi[1] * fs), sh = std::llround(roi[2] * fs);
+    const int64_t ew = std::llround(roi[3] * fs), eh = std::llround(roi[4] * fs);
     const double bh = static_cast<double>(std::max<int64_t>(eh - sh + 1, 1)) / PH;
     const double bw = static_cast<double>(std::max<int64_t>(ew - sw + 1, 1)) / PW;
     for (int64_t c = 0; c < C; ++c) {
       const float* xc = xf.data<float>() + (b * C + c) * H * W;
       for (int64_t ph = 0; ph < PH; ++ph)
         for (int64_t pw = 0; pw < PW; ++pw) {
-          const int64_t hs = std::min(std::max<int64_t>(static_cast<int64_t>(std::floor(ph * bh)) + sh, 0), H);
-          const int64_t he = std::min(std::max<int64_t>(static_cast<int64_t>(std::ceil((ph + 1) * bh)) + sh, 0), H);
-          const int64_t ws = std::min(std::max<int64_t>(static_cast<int64_t>(std::floor(pw * bw)) + sw, 0), W);
-          const int64_t we = std::min(std::max<int64_t>(static_cast<int64_t>(std::ceil((pw + 1) * bw)) + sw, 0), W);
+          const int64_t hs =
+              std::min(std::max<int64_t>(static_cast<int64_t>(std::floor(ph * bh)) + sh, 0), H);
+          const int64_t he = std::min(
+              std::max<int64_t>(static_cast<int64_t>(std::ceil((ph + 1) * bh)) + sh, 0), H);
+          const int64_t ws =
+              std::min(std::max<int64_t>(static_cast<int64_t>(std::floor(pw * bw)) + sw, 0), W);
+          const int64_t we = std::min(
+              std::max<int64_t>(static_cast<int64_t>(std::ceil((pw + 1) * bw)) + sw, 0), W);
           float m = 0.f;
           if (he > hs && we > ws) {
             m = -std::numeric_limits<float>::infinity();
@@ -269,11 +276,41 @@ Status eval_max_roi_pool(OpContext& ctx, std::span<const Value> in, std::span<Va
   return Status::ok();
 }
 
+Status infer_roi_align(InferContext& ctx) {
+  if (ctx.input_types.size() < 2 || ctx.output_types.empty()) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  const TypeInfo& r = ctx.input_types[1];
+  if (x.kind != TypeInfo::Kind::kTensor) return Status::ok();
+  TypeInfo o = TypeInfo::tensor(x.dtype);
+  if (x.has_shape && r.has_shape && x.dims.size() == 4 && r.dims.size() == 2) {
+    o.has_shape = true;
+    if (ctx.node.op_type == "MaxRoiPool") {
+      auto ps = ctx.node.attr_ints("pooled_shape");
+      if (ps.size() != 2) return Status::ok();
+      o.dims = {r.dims[0], x.dims[1], Dim::of(ps[0]), Dim::of(ps[1])};
+    } else {
+      o.dims = {r.dims[0], x.dims[1], Dim::of(ctx.node.attr_int("output_height", 1)),
+                Dim::of(ctx.node.attr_int("output_width", 1))};
+    }
+  }
+  ctx.output_types[0] = o;
+  return Status::ok();
+}
+
+Status infer_nms(InferContext& ctx) {
+  if (ctx.output_types.empty()) return Status::ok();
+  TypeInfo o = TypeInfo::tensor(DataType::kInt64);
+  o.has_shape = true;
+  o.dims = {Dim(), Dim::of(3)};
+  ctx.output_types[0] = o;
+  return Status::ok();
+}
+
 }  // namespace
 
-const OpDef kOp_RoiAlign = {"RoiAlign", "", &eval_roi_align, nullptr};
-const OpDef kOp_NonMaxSuppression = {"NonMaxSuppression", "", &eval_nms, nullptr};
-const OpDef kOp_MaxRoiPool = {"MaxRoiPool", "", &eval_max_roi_pool, nullptr};
+const OpDef kOp_RoiAlign = {"RoiAlign", "", &eval_roi_align, &infer_roi_align};
+const OpDef kOp_NonMaxSuppression = {"NonMaxSuppression", "", &eval_nms, &infer_nms};
+const OpDef kOp_MaxRoiPool = {"MaxRoiPool", "", &eval_max_roi_pool, &infer_roi_align};
 const OpDef kOp_AffineGrid = {"AffineGrid", "", &eval_affine_grid, nullptr};
 
 }  // namespace kiln

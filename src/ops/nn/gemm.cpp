@@ -23,7 +23,9 @@ static bool has_avx2() {
   return v;
 }
 #else
-static bool has_avx2() { return false; }
+static bool has_avx2() {
+  return false;
+}
 #endif
 
 namespace gemm_base {
@@ -32,13 +34,13 @@ constexpr int kW = 4, kMR = 4, kNR = 8;
 #include "ops/nn/gemm_kernel.inc"
 }  // namespace gemm_base
 
-void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-           int64_t ldc) {
+void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   for (int64_t i = 0; i < M; ++i) {
     float* c = C + i * ldc;
-    if (beta == 0.f) std::fill(c, c + N, 0.f);
+    if (beta == 0.f)
+      std::fill(c, c + N, 0.f);
     else if (beta != 1.f)
       for (int64_t j = 0; j < N; ++j) c[j] *= beta;
   }
@@ -65,7 +67,8 @@ void dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double a
   if (M <= 0 || N <= 0) return;
   for (int64_t i = 0; i < M; ++i) {
     double* c = C + i * ldc;
-    if (beta == 0.0) std::fill(c, c + N, 0.0);
+    if (beta == 0.0)
+      std::fill(c, c + N, 0.0);
     else if (beta != 1.0)
       for (int64_t j = 0; j < N; ++j) c[j] *= beta;
   }

@@ -10,9 +10,8 @@ namespace kiln {
 // op(A) is [M,K]: A is [M,K] with row stride lda, or (trans_a) [K,M] with row stride lda.
 // op(B) is [K,N]: B is [K,N] with row stride ldb, or (trans_b) [N,K] with row stride ldb.
 // beta == 0 ignores C's previous contents (NaNs there do not propagate).
-void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-           int64_t ldc);
+void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
 // Same contract in double precision (simple blocked loop; used for float64 ops).
 void dgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,

@@ -14,7 +14,7 @@ using nn::prod;
 // ---- shape logic shared by the MatMul family ----
 struct MMPlan {
   int64_t M = 1, K = 1, N = 1, batch = 1;
-  Shape out;  // final output shape (1-D promotions removed)
+  Shape out;                          // final output shape (1-D promotions removed)
   std::vector<int64_t> a_off, b_off;  // per batch: element offsets of the A/B matrices
 };
 
@@ -135,10 +135,14 @@ bool infer_mm_dims(const TypeInfo& a, const TypeInfo& b, std::vector<Dim>* out) 
   for (size_t i = 0; i < r; ++i) {
     const Dim da = i < r - ab ? Dim::of(1) : ad[i - (r - ab)];
     const Dim db = i < r - bb ? Dim::of(1) : bd[i - (r - bb)];
-    if (da.known() && da.value == 1) out->push_back(db);
-    else if (db.known() && db.value == 1) out->push_back(da);
-    else if (da.known()) out->push_back(da);
-    else out->push_back(db);
+    if (da.known() && da.value == 1)
+      out->push_back(db);
+    else if (db.known() && db.value == 1)
+      out->push_back(da);
+    else if (da.known())
+      out->push_back(da);
+    else
+      out->push_back(db);
   }
   if (!a1) out->push_back(ad[ad.size() - 2]);
   if (!b1) out->push_back(bd.back());
@@ -213,8 +217,8 @@ Status eval_gemm(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   } else {
     beta = 0.f;
   }
-  sgemm(ta, tb, M, N, K, alpha, af.data<float>(), ta ? M : K, bf.data<float>(), tb ? K : N, beta,
-        y, N);
+  sgemm(ta, tb, M, N, K, alpha, af.data<float>(), ta ? M : K, bf.data<float>(), tb ? K : N, beta, y,
+        N);
   KILN_ASSIGN_OR_RETURN(out[0], cast_tensor(Y, dt));
   return Status::ok();
 }
@@ -257,7 +261,9 @@ Result<std::vector<int32_t>> shift_q(const OpContext& ctx, const Tensor& t, cons
   return v;
 }
 
-bool q8(DataType dt) { return dt == DataType::kInt8 || dt == DataType::kUInt8; }
+bool q8(DataType dt) {
+  return dt == DataType::kInt8 || dt == DataType::kUInt8;
+}
 
 Status eval_matmul_integer(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* A, req_tensor(ctx, in, 0));
@@ -309,8 +315,10 @@ Status eval_qlinear_matmul(OpContext& ctx, std::span<const Value> in, std::span<
                         static_cast<float>(bs.get_f64(bs.numel() == 1 ? 0 : j)) / ysc;
         int64_t v = static_cast<int64_t>(std::nearbyint(static_cast<float>(acc[idx]) * s)) + yzp;
         v = std::min(std::max(v, lo), hi);
-        if (yt == DataType::kUInt8) Y.data<uint8_t>()[idx] = static_cast<uint8_t>(v);
-        else Y.data<int8_t>()[idx] = static_cast<int8_t>(v);
+        if (yt == DataType::kUInt8)
+          Y.data<uint8_t>()[idx] = static_cast<uint8_t>(v);
+        else
+          Y.data<int8_t>()[idx] = static_cast<int8_t>(v);
       }
   out[0] = Y;
   return Status::ok();
@@ -324,7 +332,9 @@ Status infer_mm_int(InferContext& ctx, DataType dt) {
   ctx.output_types[0] = o;
   return Status::ok();
 }
-Status infer_matmul_integer(InferContext& ctx) { return infer_mm_int(ctx, DataType::kInt32); }
+Status infer_matmul_integer(InferContext& ctx) {
+  return infer_mm_int(ctx, DataType::kInt32);
+}
 Status infer_qlinear_matmul(InferContext& ctx) {
   DataType dt = ctx.input_types.size() > 7 && ctx.input_types[7].kind == TypeInfo::Kind::kTensor
                     ? ctx.input_types[7].dtype

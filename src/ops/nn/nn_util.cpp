@@ -12,8 +12,8 @@ Result<Tensor> as_f32(const Tensor& t) {
 
 Status require_float(const OpContext& ctx, const Tensor& t, const char* what) {
   if (is_float_type(t.dtype())) return Status::ok();
-  return unsupported(ctx.node.where() + ": " + what + " has element type " +
-                     dtype_name(t.dtype()) + "; expected a float type");
+  return unsupported(ctx.node.where() + ": " + what + " has element type " + dtype_name(t.dtype()) +
+                     "; expected a float type");
 }
 
 int64_t prod(const Shape& s, size_t from, size_t to) {
@@ -22,7 +22,9 @@ int64_t prod(const Shape& s, size_t from, size_t to) {
   return p;
 }
 
-std::string ints_str(const std::vector<int64_t>& v) { return shape_str(v); }
+std::string ints_str(const std::vector<int64_t>& v) {
+  return shape_str(v);
+}
 
 namespace {
 struct Attrs {
@@ -112,9 +114,9 @@ Result<Window> make_window(const Node& node, const Shape& in_spatial, const Shap
   w.pad_end.resize(w.nsp);
   for (size_t i = 0; i < w.nsp; ++i) {
     if (!one_dim(a, i, w.nsp, in_spatial[i], &w.out[i], &w.pad_begin[i], &w.pad_end[i]))
-      return invalid_argument(node.where() + ": window " + shape_str(a.kernel) +
-                              " (dilations " + shape_str(a.dil) + ") does not fit input " +
-                              shape_str(in_spatial) + " with pads " + shape_str(a.pads));
+      return invalid_argument(node.where() + ": window " + shape_str(a.kernel) + " (dilations " +
+                              shape_str(a.dil) + ") does not fit input " + shape_str(in_spatial) +
+                              " with pads " + shape_str(a.pads));
   }
   return w;
 }

@@ -105,7 +105,8 @@ Status eval_instancenorm(OpContext& ctx, std::span<const Value> in, std::span<Va
       const double mu = sp ? s / sp : 0;
       for (int64_t i = 0; i < sp; ++i) s2 += (p[i] - mu) * (p[i] - mu);
       const double a = sc.data<float>()[c] / std::sqrt((sp ? s2 / sp : 0) + eps);
-      for (int64_t i = 0; i < sp; ++i) q[i] = static_cast<float>((p[i] - mu) * a + bi.data<float>()[c]);
+      for (int64_t i = 0; i < sp; ++i)
+        q[i] = static_cast<float>((p[i] - mu) * a + bi.data<float>()[c]);
     }
   KILN_ASSIGN_OR_RETURN(out[0], cast_tensor(Y, X->dtype()));
   return Status::ok();
@@ -120,7 +121,9 @@ Result<std::vector<int64_t>> block_offsets(const OpContext& ctx, const Tensor* t
   if (s.size() > block.size()) {
     // Allow leading 1s beyond the block rank.
     for (size_t i = 0; i + block.size() < s.size(); ++i)
-      if (s[i] != 1) return ctx.bad_input(std::string(what) + " " + shape_str(s) + " does not broadcast to " + shape_str(block));
+      if (s[i] != 1)
+        return ctx.bad_input(std::string(what) + " " + shape_str(s) + " does not broadcast to " +
+                             shape_str(block));
   }
   Shape ss(s.end() - std::min(s.size(), block.size()), s.end());
   for (size_t i = 0; i < ss.size(); ++i) {
@@ -236,7 +239,8 @@ Status eval_groupnorm(OpContext& ctx, std::span<const Value> in, std::span<Value
   const int64_t G = ctx.node.attr_int("num_groups", 0);
   const int64_t N = X->dim(0), C = X->dim(1), sp = prod(X->shape(), 2);
   if (G <= 0 || C % G != 0)
-    return ctx.bad_input("num_groups " + std::to_string(G) + " must divide C = " + std::to_string(C));
+    return ctx.bad_input("num_groups " + std::to_string(G) +
+                         " must divide C = " + std::to_string(C));
   const bool per_group = ctx.node.attr_int("per_group_affine", 0) != 0;
   const int64_t na = per_group ? G : C;
   KILN_ASSIGN_OR_RETURN(Tensor sc, per_channel(ctx, opt_tensor(in, 1), na, "scale"));
@@ -269,7 +273,8 @@ Status eval_lrn(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   KILN_ASSIGN_OR_RETURN(const Tensor* X, req_tensor(ctx, in, 0));
   KILN_RETURN_IF_ERROR(nn::require_float(ctx, *X, "X"));
   if (X->rank() < 2) return ctx.bad_input("X must have rank >= 2");
-  const double alpha = ctx.node.attr_float("alpha", 1e-4f), beta = ctx.node.attr_float("beta", 0.75f);
+  const double alpha = ctx.node.attr_float("alpha", 1e-4f),
+               beta = ctx.node.attr_float("beta", 0.75f);
   const double bias = ctx.node.attr_float("bias", 1.f);
   const int64_t size = ctx.node.attr_int("size", 0);
   if (size < 1) return ctx.bad_input("size must be >= 1");
@@ -357,7 +362,8 @@ Status eval_lpnorm(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   KILN_RETURN_IF_ERROR(nn::require_float(ctx, *X, "input"));
   const int64_t p = ctx.node.attr_int("p", 2);
   if (p != 1 && p != 2) return ctx.bad_input("p must be 1 or 2");
-  KILN_ASSIGN_OR_RETURN(auto groups, reduction_groups(ctx, X->shape(), {ctx.node.attr_int("axis", -1)}));
+  KILN_ASSIGN_OR_RETURN(auto groups,
+                        reduction_groups(ctx, X->shape(), {ctx.node.attr_int("axis", -1)}));
   KILN_ASSIGN_OR_RETURN(Tensor xf, nn::as_f32(*X));
   KILN_ASSIGN_OR_RETURN(Tensor Y, Tensor::create(DataType::kFloat, X->shape()));
   const float* x = xf.data<float>();
@@ -382,12 +388,14 @@ Status infer_batchnorm(InferContext& ctx) {
 }  // namespace
 
 const OpDef kOp_BatchNormalization = {"BatchNormalization", "", &eval_batchnorm, &infer_batchnorm};
-const OpDef kOp_InstanceNormalization = {"InstanceNormalization", "", &eval_instancenorm, &infer_first_same};
+const OpDef kOp_InstanceNormalization = {"InstanceNormalization", "", &eval_instancenorm,
+                                         &infer_first_same};
 const OpDef kOp_LayerNormalization = {"LayerNormalization", "", &eval_layernorm, &infer_layernorm};
 const OpDef kOp_RMSNormalization = {"RMSNormalization", "", &eval_rmsnorm, &infer_first_same};
 const OpDef kOp_GroupNormalization = {"GroupNormalization", "", &eval_groupnorm, &infer_first_same};
 const OpDef kOp_LRN = {"LRN", "", &eval_lrn, &infer_first_same};
-const OpDef kOp_MeanVarianceNormalization = {"MeanVarianceNormalization", "", &eval_mvn, &infer_first_same};
+const OpDef kOp_MeanVarianceNormalization = {"MeanVarianceNormalization", "", &eval_mvn,
+                                             &infer_first_same};
 const OpDef kOp_LpNormalization = {"LpNormalization", "", &eval_lpnorm, &infer_first_same};
 
 }  // namespace kiln

@@ -103,7 +103,8 @@ Status eval_pool(OpContext& ctx, std::span<const Value> in, std::span<Value> out
             r = xp[taps[t]];
             best = t;
           }
-        if (want_idx) I.data<int64_t>()[nc * oprod + o] = taps.empty() ? 0 : nc * iprod + ctaps[best];
+        if (want_idx)
+          I.data<int64_t>()[nc * oprod + o] = taps.empty() ? 0 : nc * iprod + ctaps[best];
       } else if (kind == PoolKind::kAvg) {
         double s = 0;
         for (int64_t t : taps) s += xp[t];

@@ -14,7 +14,7 @@ using nn::prod;
 
 struct Taps {
   std::vector<std::vector<std::pair<int64_t, double>>> at;  // per output index
-  std::vector<bool> extrapolate;                             // per output index
+  std::vector<bool> extrapolate;                            // per output index
 };
 
 double cubic_w(double x, double A) {
@@ -52,8 +52,7 @@ Taps make_taps(const ResizeAttrs& a, int64_t in, int64_t out, double scale, doub
       const double offset = center * (1 - adj);
       x = offset + (xr + 0.5) / scale - 0.5;
     } else if (m == "tf_crop_and_resize") {
-      x = ow == 1 ? (roi_e - roi_s) * (in - 1) / 2
-                  : xr * (roi_e - roi_s) * (in - 1) / (ow - 1);
+      x = ow == 1 ? (roi_e - roi_s) * (in - 1) / 2 : xr * (roi_e - roi_s) * (in - 1) / (ow - 1);
       x += roi_s * (in - 1);
       if (x < 0 || x > in - 1) {
         t.extrapolate[i] = true;
@@ -73,10 +72,14 @@ Taps make_taps(const ResizeAttrs& a, int64_t in, int64_t out, double scale, doub
       int64_t idx = static_cast<int64_t>(f);
       if (r != 0) {
         bool up = false;
-        if (a.nearest == "round_prefer_ceil") up = r >= 0.5;
-        else if (a.nearest == "floor") up = false;
-        else if (a.nearest == "ceil") up = true;
-        else up = r > 0.5;  // round_prefer_floor
+        if (a.nearest == "round_prefer_ceil")
+          up = r >= 0.5;
+        else if (a.nearest == "floor")
+          up = false;
+        else if (a.nearest == "ceil")
+          up = true;
+        else
+          up = r > 0.5;  // round_prefer_floor
         idx += up ? 1 : 0;
       }
       taps.push_back({clampi(idx), 1.0});
@@ -85,8 +88,10 @@ Taps make_taps(const ResizeAttrs& a, int64_t in, int64_t out, double scale, doub
     const bool cubic = a.mode == "cubic";
     const double s = a.antialias ? std::min(scale, 1.0) : 1.0;
     int64_t n;
-    if (cubic) n = 2 - 2 * static_cast<int64_t>(std::floor(-2 / s) + 1);
-    else n = 2 - 2 * static_cast<int64_t>(std::floor(-1 / s) + 1);
+    if (cubic)
+      n = 2 - 2 * static_cast<int64_t>(std::floor(-2 / s) + 1);
+    else
+      n = 2 - 2 * static_cast<int64_t>(std::floor(-1 / s) + 1);
     // The n nearest integer positions (ties toward the smaller one).
     const int64_t start = static_cast<int64_t>(std::ceil(x)) - n / 2;
     double sum = 0;
@@ -169,7 +174,8 @@ Status eval_resize(OpContext& ctx, std::span<const Value> in, std::span<Value> o
     } else {
       double s = policy == "not_larger" ? 1e300 : 0;
       for (size_t i = 0; i < na; ++i) {
-        const double v = static_cast<double>(sz->get_i64(i)) / std::max<int64_t>(1, X->dim(axes[i]));
+        const double v =
+            static_cast<double>(sz->get_i64(i)) / std::max<int64_t>(1, X->dim(axes[i]));
         s = policy == "not_larger" ? std::min(s, v) : std::max(s, v);
       }
       for (size_t i = 0; i < na; ++i) {
@@ -275,8 +281,8 @@ Status infer_resize(InferContext& ctx) {
         if (sz) {
           o.dims[ax] = Dim::of(sz->get_i64(i));
         } else if (x.dims[ax].known()) {
-          o.dims[ax] = Dim::of(static_cast<int64_t>(
-              std::floor(x.dims[ax].value * static_cast<double>(static_cast<float>(sc->get_f64(i))))));
+          o.dims[ax] = Dim::of(static_cast<int64_t>(std::floor(
+              x.dims[ax].value * static_cast<double>(static_cast<float>(sc->get_f64(i))))));
         } else {
           o.dims[ax] = Dim();
         }
@@ -342,8 +348,10 @@ Status eval_grid_sample(OpContext& ctx, std::span<const Value> in, std::span<Val
       int64_t i = idx[d];
       if (i < 0 || i >= dims[d]) {
         if (pad == "zeros") return 0.0;
-        if (pad == "border") i = std::min<int64_t>(std::max<int64_t>(i, 0), dims[d] - 1);
-        else i = static_cast<int64_t>(gs_reflect(static_cast<double>(i), lo[d], hi[d]));
+        if (pad == "border")
+          i = std::min<int64_t>(std::max<int64_t>(i, 0), dims[d] - 1);
+        else
+          i = static_cast<int64_t>(gs_reflect(static_cast<double>(i), lo[d], hi[d]));
         i = std::min<int64_t>(std::max<int64_t>(i, 0), dims[d] - 1);
       }
       off += i * st[d];
@@ -364,8 +372,10 @@ Status eval_grid_sample(OpContext& ctx, std::span<const Value> in, std::span<Val
         c = std::isnan(c) ? -1e9 : std::min(std::max(c, -1e9), 1e9);  // keep int casts defined
         if (mode == "nearest") c = std::nearbyint(c);
         if (c < lo[d] || c > hi[d]) {
-          if (pad == "border") c = std::min<double>(std::max<double>(c, 0), dims[d] - 1);
-          else if (pad == "reflection") c = gs_reflect(c, lo[d], hi[d]);
+          if (pad == "border")
+            c = std::min<double>(std::max<double>(c, 0), dims[d] - 1);
+          else if (pad == "reflection")
+            c = gs_reflect(c, lo[d], hi[d]);
         }
         x[d] = c;
         if (mode == "nearest") {
@@ -411,9 +421,24 @@ Status eval_grid_sample(OpContext& ctx, std::span<const Value> in, std::span<Val
   return Status::ok();
 }
 
+Status infer_grid_sample(InferContext& ctx) {
+  if (ctx.input_types.size() < 2 || ctx.output_types.empty()) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  const TypeInfo& g = ctx.input_types[1];
+  if (x.kind != TypeInfo::Kind::kTensor) return Status::ok();
+  TypeInfo o = TypeInfo::tensor(x.dtype);
+  if (x.has_shape && g.has_shape && x.dims.size() >= 3 && g.dims.size() == x.dims.size()) {
+    o.has_shape = true;
+    o.dims = {x.dims[0], x.dims[1]};
+    o.dims.insert(o.dims.end(), g.dims.begin() + 1, g.dims.end() - 1);
+  }
+  ctx.output_types[0] = o;
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_Resize = {"Resize", "", &eval_resize, &infer_resize};
-const OpDef kOp_GridSample = {"GridSample", "", &eval_grid_sample, nullptr};
+const OpDef kOp_GridSample = {"GridSample", "", &eval_grid_sample, &infer_grid_sample};
 
 }  // namespace kiln

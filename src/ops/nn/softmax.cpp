@@ -56,7 +56,8 @@ Status eval_softmax_like(OpContext& ctx, std::span<const Value> in, std::span<Va
       if (kind == SmKind::kSoftmax) {
         const double inv = 1.0 / sum;
         for (int64_t k = 0; k < n; ++k)
-          yp[k * inner] = static_cast<float>(std::exp(static_cast<double>(xp[k * inner] - mx)) * inv);
+          yp[k * inner] =
+              static_cast<float>(std::exp(static_cast<double>(xp[k * inner] - mx)) * inv);
       } else {
         const double ls = std::log(sum);
         for (int64_t k = 0; k < n; ++k)
@@ -101,8 +102,8 @@ Status eval_dropout(OpContext& ctx, std::span<const Value> in, std::span<Value> 
   }
   KILN_RETURN_IF_ERROR(nn::require_float(ctx, *X, "data"));
   if (ratio < 0 || ratio >= 1) return ctx.bad_input("ratio must be in [0, 1)");
-  const uint64_t seed = ctx.node.has_attr("seed") ? static_cast<uint64_t>(ctx.node.attr_int("seed", 0))
-                                                  : ctx.seed;
+  const uint64_t seed =
+      ctx.node.has_attr("seed") ? static_cast<uint64_t>(ctx.node.attr_int("seed", 0)) : ctx.seed;
   // Same stream as NumPy's legacy np.random.seed(seed); np.random.uniform(0, 1, shape), which
   // the ONNX test data was generated with: MT19937 + 53-bit doubles from two draws.
   std::mt19937 rng(static_cast<uint32_t>(seed));

@@ -709,6 +709,10 @@ Status infer_d2s(InferContext& ctx) {
   set_out_dims(ctx, 0, x.dtype, d);
   return Status::ok();
 }
+Status infer_dtype_only(InferContext& ctx) {  // Compress, CenterCropPad: data-dependent shape
+  if (in_tensor(ctx, 0)) set_out_unranked(ctx, 0, ctx.input_types[0].dtype);
+  return Status::ok();
+}
 Status infer_nonzero(InferContext& ctx) {
   if (in_ranked(ctx, 0))
     set_out_dims(ctx, 0, DataType::kInt64,
@@ -731,9 +735,10 @@ const OpDef kOp_TensorScatter = {"TensorScatter", "", &guarded<&eval_tensor_scat
                                  &infer_same_as_input};
 const OpDef kOp_OneHot = {"OneHot", "", &guarded<&eval_onehot>, &infer_onehot};
 const OpDef kOp_NonZero = {"NonZero", "", &guarded<&eval_nonzero>, &infer_nonzero};
-const OpDef kOp_Compress = {"Compress", "", &guarded<&eval_compress>, nullptr};
+const OpDef kOp_Compress = {"Compress", "", &guarded<&eval_compress>, &infer_dtype_only};
 const OpDef kOp_Pad = {"Pad", "", &guarded<&eval_pad>, &infer_pad};
-const OpDef kOp_CenterCropPad = {"CenterCropPad", "", &guarded<&eval_center_crop_pad>, nullptr};
+const OpDef kOp_CenterCropPad = {"CenterCropPad", "", &guarded<&eval_center_crop_pad>,
+                                 &infer_dtype_only};
 const OpDef kOp_DepthToSpace = {"DepthToSpace", "", &guarded<&eval_depth_to_space>,
                                 &infer_d2s<true>};
 const OpDef kOp_SpaceToDepth = {"SpaceToDepth", "", &guarded<&eval_space_to_depth>,

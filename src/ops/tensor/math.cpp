@@ -303,6 +303,10 @@ Status eval_mel(OpContext& ctx, std::span<const Value> in, std::span<Value> out)
   return Status::ok();
 }
 
+Status infer_einsum(InferContext& ctx) {  // element type only; the shape needs the equation
+  if (in_tensor(ctx, 0)) set_out_unranked(ctx, 0, ctx.input_types[0].dtype);
+  return Status::ok();
+}
 Status infer_det(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& x = ctx.input_types[0];
@@ -335,7 +339,7 @@ Status infer_mel(InferContext& ctx) {
 
 }  // namespace
 
-const OpDef kOp_Einsum = {"Einsum", "", &guarded<&eval_einsum>, nullptr};
+const OpDef kOp_Einsum = {"Einsum", "", &guarded<&eval_einsum>, &infer_einsum};
 const OpDef kOp_Det = {"Det", "", &guarded<&eval_det>, &infer_det};
 const OpDef kOp_HannWindow = {"HannWindow", "", &guarded<&eval_window<Win::kHann>>, &infer_window};
 const OpDef kOp_HammingWindow = {"HammingWindow", "", &guarded<&eval_window<Win::kHamming>>,

@@ -438,6 +438,22 @@ Status eval_unique(OpContext& ctx, std::span<const Value> in, std::span<Value> o
   return Status::ok();
 }
 
+Status infer_unique(InferContext& ctx) {
+  if (!in_tensor(ctx, 0)) return Status::ok();
+  const TypeInfo& x = ctx.input_types[0];
+  if (x.has_shape && ctx.node.has_attr("axis")) {
+    std::vector<Dim> d = x.dims;
+    int64_t a = norm_axis_or(ctx.node.attr_int("axis", 0), static_cast<int64_t>(d.size()));
+    if (a >= 0 && !d.empty()) d[static_cast<size_t>(a)] = Dim{};
+    set_out_dims(ctx, 0, x.dtype, d);
+  } else {
+    set_out_dims(ctx, 0, x.dtype, {Dim{}});
+  }
+  for (size_t i = 1; i < ctx.output_types.size(); ++i)
+    set_out_dims(ctx, i, DataType::kInt64, {Dim{}});
+  return Status::ok();
+}
+
 }  // namespace
 
 const OpDef kOp_ReduceSum = {"ReduceSum", "", &guarded<&eval_reduce<RK::kSum>>, &infer_reduce};
@@ -458,6 +474,6 @@ const OpDef kOp_ArgMin = {"ArgMin", "", &guarded<&eval_arg<false>>, &infer_arg};
 const OpDef kOp_CumSum = {"CumSum", "", &guarded<&eval_cum<false>>, &infer_same};
 const OpDef kOp_CumProd = {"CumProd", "", &guarded<&eval_cum<true>>, &infer_same};
 const OpDef kOp_TopK = {"TopK", "", &guarded<&eval_topk>, &infer_topk};
-const OpDef kOp_Unique = {"Unique", "", &guarded<&eval_unique>, nullptr};
+const OpDef kOp_Unique = {"Unique", "", &guarded<&eval_unique>, &infer_unique};
 
 }  // namespace kiln

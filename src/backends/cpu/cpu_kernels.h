@@ -1,0 +1,46 @@
+// CPU backend kernels behind tactic names (oneDNN when the build has it).
+#pragma once
+#include <memory>
+
+#include "runtime/backend.h"
+
+#if KILN_WITH_DNNL
+#include <dnnl.hpp>
+#endif
+
+namespace kiln {
+namespace cpu {
+
+#if KILN_WITH_DNNL
+// The process-wide oneDNN CPU engine.
+const dnnl::engine& cpu_engine();
+
+// A oneDNN convolution for a Conv / kiln.FusedConv node with constant 4D float32 weights, or
+// nullptr when it does not apply (the reference kernel `ref` runs then). The kernel itself falls
+// back to `ref` for inputs it cannot take (other dtypes, shapes oneDNN refuses).
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_conv(const Node& n, const ConstantLookup& constants,
+                                                        EvalFn ref);
+// A float32 kernel output: 64-byte aligned, not zero-filled.
+Result<Tensor> new_output(const Shape& shape);
+// The calling thread's oneDNN scratchpad (grow-only), or nullptr when out of memory.
+uint8_t* scratch_buffer(size_t bytes);
+
+// MatMul / Gemm / kiln.FusedMatMul (f32) as oneDNN matmul (constant B of FusedMatMul packed
+// once), or nullptr when the node's form is not covered.
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_matmul(const Node& n, const ConstantLookup& constants,
+                                                          EvalFn ref);
+
+// Transpose (explicit perm, rank 2..6) as a oneDNN reorder for float32, else nullptr.
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_transpose(const Node& n, EvalFn ref);
+// Add / Sub / Mul / Div of float32 with one-sided broadcasting as a oneDNN binary primitive.
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_binary(const Node& n, EvalFn ref);
+// MaxPool (2D, Y only) / GlobalAveragePool (4D) of NCHW float32 as oneDNN pooling.
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_pool(const Node& n, EvalFn ref);
+// LayerNormalization over the last axis (Y only) as oneDNN layer normalization for float32.
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_layernorm(const Node& n, EvalFn ref);
+// Softmax (opset-13 form: one axis) as oneDNN softmax for float32.
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_softmax(const Node& n, EvalFn ref);
+#endif
+
+}  // namespace cpu
+}  // namespace kiln

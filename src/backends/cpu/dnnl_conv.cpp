@@ -1,0 +1,674 @@
+// oneDNN 2D convolution (f32) for Conv and kiln.FusedConv: bias, residual sum and activation as
+// post-ops. NCHW in and out; inside, oneDNN picks its own (blocked) layouts and we reorder at the
+// edges. Weights are reordered once per input shape, at first use, and kept.
+#include "backends/cpu/cpu_kernels.h"
+
+#if KILN_WITH_DNNL
+#include <malloc.h>
+
+#include <cstdlib>
+#include <new>
+#include <cstring>
+#include <string>
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+#include <dnnl.hpp>
+
+#include "ops/fused/fused.h"
+#include "ops/nn/nn_util.h"
+
+namespace kiln {
+namespace cpu {
+
+namespace {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+// One compiled convolution for one input shape.
+struct ConvPlan {
+  dnnl::convolution_forward conv;
+  memory::desc src_md, dst_md, user_src_md, user_dst_md;
+  memory weights, bias;
+  bool reorder_src = false, reorder_dst = false;
+  dnnl::reorder src_reorder, dst_reorder, z_reorder;
+  memory::dims dst_dims;
+  size_t scratch_bytes = 0;
+  memory::desc scratch_md;
+};
+
+bool act_layout_any() {
+  static const bool any = [] {
+    const char* e = std::getenv("KILN_DNNL_CONV_LAYOUT");
+    return e && std::string(e) == "any";
+  }();
+  return any;
+}
+
+dnnl::reorder make_reorder(const memory::desc& from, const memory::desc& to) {
+  const dnnl::engine& eng = cpu_engine();
+  return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
+}
+
+class DnnlConv final : public Kernel {
+ public:
+  DnnlConv(const Node& n, Tensor w, Tensor b, bool has_bias, EvalFn ref, fused::Epilogue ep,
+           bool residual)
+      : w_(std::move(w)), b_(std::move(b)), has_bias_(has_bias), ref_(ref), ep_(ep),
+        residual_(residual), nhwc_(n.attr_string("layout", "NCHW") == "NHWC") {}
+
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    const Tensor* X = opt_tensor(in, 0);
+    const Tensor* Z = residual_ ? opt_tensor(in, 3) : nullptr;
+    if (!X || X->dtype() != DataType::kFloat || X->rank() != 4 || X->dim(nhwc_ ? 3 : 1) != w_.dim(1) * group(ctx) ||
+        X->numel() == 0 || (residual_ && (!Z || Z->dtype() != DataType::kFloat)))
+      return ref_(ctx, in, out);
+    std::shared_ptr<const ConvPlan> p;
+    KILN_ASSIGN_OR_RETURN(p, plan_for(ctx, *X));
+    if (!p) return ref_(ctx, in, out);
+    const auto& dd = p->dst_dims;
+    Shape ys = nhwc_ ? Shape{dd[0], dd[2], dd[3], dd[1]} : Shape(dd.begin(), dd.end());
+    if (Z && Z->shape() != ys) return ref_(ctx, in, out);
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(ys));
+    try {
+      const dnnl::engine& eng = cpu_engine();
+      dnnl::stream s(eng);
+      memory user_src(p->user_src_md, eng, const_cast<float*>(X->data<float>()));
+      memory user_dst(p->user_dst_md, eng, Y.data<float>());
+      memory src = user_src, dst = user_dst;
+      if (p->reorder_src) {
+        src = memory(p->src_md, eng);
+        p->src_reorder.execute(s, user_src, src);
+      }
+      if (p->reorder_dst) dst = memory(p->dst_md, eng);
+      if (Z) {
+        if (p->reorder_dst) {
+          memory user_z(p->user_dst_md, eng, const_cast<float*>(Z->data<float>()));
+          p->z_reorder.execute(s, user_z, dst);
+        } else {
+          std::memcpy(Y.data<float>(), Z->data<float>(), Y.nbytes());
+        }
+      }
+      uint8_t* scratch = scratch_buffer(p->scratch_bytes);
+      if (!scratch && p->scratch_bytes) return ctx.fail("out of memory for the oneDNN scratchpad");
+      memory sp(p->scratch_md, eng, scratch);
+      std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src},
+                                              {DNNL_ARG_WEIGHTS, p->weights},
+                                              {DNNL_ARG_DST, dst},
+                                              {DNNL_ARG_SCRATCHPAD, sp}};
+      if (has_bias_) args[DNNL_ARG_BIAS] = p->bias;
+      p->conv.execute(s, args);
+      if (p->reorder_dst) p->dst_reorder.execute(s, dst, user_dst);
+      s.wait();
+    } catch (const dnnl::error& e) {
+      return ctx.fail(std::string("oneDNN convolution failed: ") + e.what());
+    } catch (const std::bad_alloc&) {
+      return ctx.fail("out of memory in oneDNN convolution");
+    }
+    out[0] = Value(std::move(Y));
+    return Status::ok();
+  }
+
+ private:
+  static int64_t group(const OpContext& ctx) { return ctx.node.attr_int("group", 1); }
+
+  Result<std::shared_ptr<const ConvPlan>> plan_for(const OpContext& ctx, const Tensor& X) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = plans_.find(X.shape());
+    if (it != plans_.end()) return it->second;
+    std::shared_ptr<const ConvPlan> p;
+    KILN_ASSIGN_OR_RETURN(p, build(ctx, X));
+    plans_[X.shape()] = p;
+    return p;
+  }
+
+  Result<std::shared_ptr<const ConvPlan>> build(const OpContext& ctx, const Tensor& X) const {
+    const Node& n = ctx.node;
+    const int64_t G = group(ctx);
+    if (G <= 0 || w_.dim(0) % G != 0) return std::shared_ptr<const ConvPlan>();
+    const int64_t H = X.dim(nhwc_ ? 1 : 2), Wd = X.dim(nhwc_ ? 2 : 3);
+    Shape in_sp = {H, Wd}, ks = {w_.dim(2), w_.dim(3)};
+    auto win = nn::make_window(n, in_sp, ks, false);
+    if (!win.is_ok()) return std::shared_ptr<const ConvPlan>();  // the reference names the error
+    const nn::Window& w = win.value();
+    if (w.out[0] <= 0 || w.out[1] <= 0) return std::shared_ptr<const ConvPlan>();
+    auto p = std::make_shared<ConvPlan>();
+    try {
+      const dnnl::engine& eng = cpu_engine();
+      const int64_t N = X.dim(0), C = X.dim(nhwc_ ? 3 : 1), M = w_.dim(0);
+      memory::dims src_dims = {N, C, H, Wd};
+      p->dst_dims = {N, M, w.out[0], w.out[1]};
+      memory::dims wdims = G == 1 ? memory::dims{M, C, ks[0], ks[1]}
+                                  : memory::dims{G, M / G, C / G, ks[0], ks[1]};
+      // KILN_DNNL_CONV_LAYOUT=any lets oneDNN pick blocked/NHWC activations (reordered at the
+      // edges of every conv, until layouts are chosen per chain); default: plain NCHW.
+      const tag user = nhwc_ ? tag::nhwc : tag::nchw;
+      const tag act = nhwc_ || act_layout_any() ? tag::any : tag::nchw;
+      memory::desc src_any(src_dims, dt::f32, act), dst_any(p->dst_dims, dt::f32, act);
+      memory::desc w_any(wdims, dt::f32, tag::any), b_md({M}, dt::f32, tag::a);
+      memory::dims strides = {w.strides[0], w.strides[1]};
+      memory::dims dil = {w.dilations[0] - 1, w.dilations[1] - 1};
+      memory::dims pl = {w.pad_begin[0], w.pad_begin[1]}, pr = {w.pad_end[0], w.pad_end[1]};
+      auto desc = has_bias_
+                      ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                        dnnl::algorithm::convolution_direct, src_any,
+                                                        w_any, b_md, dst_any, strides, dil, pl, pr)
+                      : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                        dnnl::algorithm::convolution_direct, src_any,
+                                                        w_any, dst_any, strides, dil, pl, pr);
+      dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      dnnl::post_ops po;
+      if (residual_) po.append_sum(1.f);
+      switch (ep_.kind) {
+        case fused::Epilogue::kNone:
+          break;
+        case fused::Epilogue::kRelu:
+          po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+          break;
+        case fused::Epilogue::kLeakyRelu:
+          po.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, ep_.a, 0.f);
+          break;
+        case fused::Epilogue::kClip:
+          po.append_eltwise(1.f, dnnl::algorithm::eltwise_clip_v2, ep_.a, ep_.b);
+          break;
+      }
+      attr.set_post_ops(po);
+      dnnl::convolution_forward::primitive_desc pd(desc, attr, eng);
+      p->conv = dnnl::convolution_forward(pd);
+      p->scratch_md = pd.scratchpad_desc();
+      p->scratch_bytes = p->scratch_md.get_size();
+      p->src_md = pd.src_desc();
+      p->dst_md = pd.dst_desc();
+      p->user_src_md = memory::desc(src_dims, dt::f32, user);
+      p->user_dst_md = memory::desc(p->dst_dims, dt::f32, user);
+      p->reorder_src = p->src_md != p->user_src_md;
+      p->reorder_dst = p->dst_md != p->user_dst_md;
+      if (p->reorder_src) p->src_reorder = make_reorder(p->user_src_md, p->src_md);
+      if (p->reorder_dst) {
+        p->dst_reorder = make_reorder(p->dst_md, p->user_dst_md);
+        if (residual_) p->z_reorder = make_reorder(p->user_dst_md, p->dst_md);
+      }
+      dnnl::stream s(eng);
+      memory user_w(memory::desc(wdims, dt::f32, G == 1 ? tag::oihw : tag::goihw), eng,
+                    const_cast<float*>(w_.data<float>()));
+      p->weights = memory(pd.weights_desc(), eng);
+      dnnl::reorder(user_w, p->weights).execute(s, user_w, p->weights);
+      if (has_bias_) {
+        p->bias = memory(b_md, eng);
+        std::memcpy(p->bias.get_data_handle(), b_.data<float>(), b_.nbytes());
+      }
+      s.wait();
+    } catch (const dnnl::error& e) {
+      (void)e;
+      return std::shared_ptr<const ConvPlan>();  // oneDNN cannot do it: the reference will
+    }
+    return std::shared_ptr<const ConvPlan>(p);
+  }
+
+  Tensor w_, b_;
+  bool has_bias_;
+  EvalFn ref_;
+  fused::Epilogue ep_;
+  bool residual_;
+  bool nhwc_;  // X, Z and Y are NHWC tensors (layout chosen per chain by the builder)
+  mutable std::mutex mu_;
+  mutable std::map<Shape, std::shared_ptr<const ConvPlan>> plans_;
+};
+
+// Transpose of a float32 tensor (rank 2..6, any perm) as a oneDNN reorder: the source is
+// described with permuted strides over the output's dims.
+class DnnlTranspose final : public Kernel {
+ public:
+  DnnlTranspose(std::vector<int64_t> perm, EvalFn ref) : perm_(std::move(perm)), ref_(ref) {}
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    const Tensor* X = opt_tensor(in, 0);
+    if (!X || X->dtype() != DataType::kFloat || X->rank() != perm_.size() || X->numel() == 0)
+      return ref_(ctx, in, out);
+    const Shape& xs = X->shape();
+    const size_t r = xs.size();
+    memory::dims xstr(r, 1);
+    for (size_t i = r - 1; i-- > 0;) xstr[i] = xstr[i + 1] * xs[i + 1];
+    Shape ys(r);
+    memory::dims sstr(r);
+    for (size_t k = 0; k < r; ++k) {
+      ys[k] = xs[static_cast<size_t>(perm_[k])];
+      sstr[k] = xstr[static_cast<size_t>(perm_[k])];
+    }
+    memory::dims ystr(r, 1);
+    for (size_t i = r - 1; i-- > 0;) ystr[i] = ystr[i + 1] * ys[i + 1];
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(ys));
+    try {
+      std::shared_ptr<const dnnl::reorder> ro;
+      memory::dims yd(ys.begin(), ys.end());
+      memory::desc smd(yd, dt::f32, sstr), dmd(yd, dt::f32, ystr);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = cache_.find(xs);
+        if (it == cache_.end())
+          it = cache_.emplace(xs, std::make_shared<const dnnl::reorder>(make_reorder(smd, dmd))).first;
+        ro = it->second;
+      }
+      const dnnl::engine& eng = cpu_engine();
+      dnnl::stream s(eng);
+      memory src(smd, eng, const_cast<float*>(X->data<float>())), dst(dmd, eng, Y.data<float>());
+      ro->execute(s, src, dst);
+      s.wait();
+    } catch (const dnnl::error&) {
+      return ref_(ctx, in, out);
+    }
+    out[0] = Value(std::move(Y));
+    return Status::ok();
+  }
+
+ private:
+  std::vector<int64_t> perm_;
+  EvalFn ref_;
+  mutable std::mutex mu_;
+  mutable std::map<Shape, std::shared_ptr<const dnnl::reorder>> cache_;
+};
+
+// Softmax over one axis of a float32 tensor (oneDNN softmax, in place into a fresh output).
+class DnnlSoftmax final : public Kernel {
+ public:
+  DnnlSoftmax(int64_t axis, EvalFn ref) : axis_(axis), ref_(ref) {}
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    const Tensor* X = opt_tensor(in, 0);
+    if (!X || X->dtype() != DataType::kFloat || X->rank() < 1 || X->rank() > 6 || X->numel() == 0)
+      return ref_(ctx, in, out);
+    const int64_t r = static_cast<int64_t>(X->rank());
+    const int64_t axis = axis_ < 0 ? axis_ + r : axis_;
+    if (axis < 0 || axis >= r) return ref_(ctx, in, out);
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(X->shape()));
+    try {
+      std::shared_ptr<const SmPlan> sm;
+      memory::dims d(X->shape().begin(), X->shape().end());
+      memory::desc md(d, dt::f32, plain_tag(d.size()));
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = cache_.find(X->shape());
+        if (it == cache_.end()) {
+          dnnl::softmax_forward::desc sd(dnnl::prop_kind::forward_inference, md, static_cast<int>(axis));
+          // User scratchpad: the library's shared one races when contexts run concurrently.
+          dnnl::primitive_attr attr;
+          attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+          dnnl::softmax_forward::primitive_desc pd(sd, attr, cpu_engine());
+          it = cache_.emplace(X->shape(), std::make_shared<const SmPlan>(
+                                              SmPlan{dnnl::softmax_forward(pd), pd.scratchpad_desc()}))
+                   .first;
+        }
+        sm = it->second;
+      }
+      const dnnl::engine& eng = cpu_engine();
+      dnnl::stream s(eng);
+      memory src(md, eng, const_cast<float*>(X->data<float>())), dst(md, eng, Y.data<float>());
+      const size_t sbytes = sm->scratch_md.get_size();
+      uint8_t* scratch = scratch_buffer(sbytes);
+      if (!scratch && sbytes) return ctx.fail("out of memory for the oneDNN scratchpad");
+      memory sp(sm->scratch_md, eng, scratch);
+      sm->sm.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, sp}});
+      s.wait();
+    } catch (const dnnl::error&) {
+      return ref_(ctx, in, out);
+    }
+    out[0] = Value(std::move(Y));
+    return Status::ok();
+  }
+
+ private:
+  static tag plain_tag(size_t r) {
+    switch (r) {
+      case 1: return tag::a;
+      case 2: return tag::ab;
+      case 3: return tag::abc;
+      case 4: return tag::abcd;
+      case 5: return tag::abcde;
+      default: return tag::abcdef;
+    }
+  }
+  struct SmPlan {
+    dnnl::softmax_forward sm;
+    memory::desc scratch_md;
+  };
+  int64_t axis_;
+  EvalFn ref_;
+  mutable std::mutex mu_;
+  mutable std::map<Shape, std::shared_ptr<const SmPlan>> cache_;
+};
+
+// LayerNormalization over the last axis (float32; scale and optional bias of that axis' size;
+// no Mean / InvStdDev outputs) as oneDNN layer normalization.
+class DnnlLayerNorm final : public Kernel {
+ public:
+  DnnlLayerNorm(float eps, EvalFn ref) : eps_(eps), ref_(ref) {}
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    const Tensor* X = opt_tensor(in, 0);
+    const Tensor* S = opt_tensor(in, 1);
+    const Tensor* B = opt_tensor(in, 2);
+    if (!X || !S || X->dtype() != DataType::kFloat || X->rank() < 2 || X->rank() > 5 || X->numel() == 0)
+      return ref_(ctx, in, out);
+    const int64_t r = static_cast<int64_t>(X->rank());
+    int64_t axis = ctx.node.attr_int("axis", -1);
+    if (axis < 0) axis += r;
+    const int64_t C = X->dim(static_cast<int>(r - 1));
+    if (axis != r - 1 || S->dtype() != DataType::kFloat || S->numel() != C ||
+        (B && (B->dtype() != DataType::kFloat || B->numel() != C)))
+      return ref_(ctx, in, out);
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(X->shape()));
+    try {
+      std::shared_ptr<const LnPlan> p;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto key = std::make_pair(X->shape(), B != nullptr);
+        auto it = cache_.find(key);
+        if (it == cache_.end()) {
+          auto np = std::make_shared<LnPlan>();
+          memory::dims d(X->shape().begin(), X->shape().end());
+          memory::dims st(d.size(), 1);
+          for (size_t i = d.size() - 1; i-- > 0;) st[i] = st[i + 1] * d[i + 1];
+          np->md = memory::desc(d, dt::f32, st);
+          np->sd = memory::desc({C}, dt::f32, tag::a);
+          auto flags = dnnl::normalization_flags::use_scale;
+          if (B) flags = flags | dnnl::normalization_flags::use_shift;
+          dnnl::layer_normalization_forward::desc ld(dnnl::prop_kind::forward_inference, np->md, eps_, flags);
+          dnnl::layer_normalization_forward::primitive_desc pd(ld, cpu_engine());
+          np->ln = dnnl::layer_normalization_forward(pd);
+          it = cache_.emplace(key, np).first;
+        }
+        p = it->second;
+      }
+      const dnnl::engine& eng = cpu_engine();
+      dnnl::stream s(eng);
+      std::unordered_map<int, memory> args = {
+          {DNNL_ARG_SRC, memory(p->md, eng, const_cast<float*>(X->data<float>()))},
+          {DNNL_ARG_DST, memory(p->md, eng, Y.data<float>())},
+          {DNNL_ARG_SCALE, memory(p->sd, eng, const_cast<float*>(S->data<float>()))}};
+      if (B) args[DNNL_ARG_SHIFT] = memory(p->sd, eng, const_cast<float*>(B->data<float>()));
+      p->ln.execute(s, args);
+      s.wait();
+    } catch (const dnnl::error&) {
+      return ref_(ctx, in, out);
+    }
+    out[0] = Value(std::move(Y));
+    return Status::ok();
+  }
+
+ private:
+  struct LnPlan {
+    dnnl::layer_normalization_forward ln;
+    memory::desc md, sd;
+  };
+  float eps_;
+  EvalFn ref_;
+  mutable std::mutex mu_;
+  mutable std::map<std::pair<Shape, bool>, std::shared_ptr<const LnPlan>> cache_;
+};
+
+// MaxPool (2D, no Indices output, dilations 1) and GlobalAveragePool of NCHW float32 tensors as
+// oneDNN pooling.
+class DnnlPool final : public Kernel {
+ public:
+  DnnlPool(bool global_avg, EvalFn ref) : global_avg_(global_avg), ref_(ref) {}
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    const Tensor* X = opt_tensor(in, 0);
+    if (!X || X->dtype() != DataType::kFloat || X->rank() != 4 || X->numel() == 0)
+      return ref_(ctx, in, out);
+    std::shared_ptr<const PoolPlan> p;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = cache_.find(X->shape());
+      if (it == cache_.end()) it = cache_.emplace(X->shape(), build(ctx.node, *X)).first;
+      p = it->second;
+    }
+    if (!p) return ref_(ctx, in, out);
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(p->ys));
+    try {
+      const dnnl::engine& eng = cpu_engine();
+      dnnl::stream s(eng);
+      p->pool.execute(s, {{DNNL_ARG_SRC, memory(p->src, eng, const_cast<float*>(X->data<float>()))},
+                          {DNNL_ARG_DST, memory(p->dst, eng, Y.data<float>())}});
+      s.wait();
+    } catch (const dnnl::error&) {
+      return ref_(ctx, in, out);
+    }
+    out[0] = Value(std::move(Y));
+    return Status::ok();
+  }
+
+ private:
+  struct PoolPlan {
+    dnnl::pooling_forward pool;
+    memory::desc src, dst;
+    Shape ys;
+  };
+  std::shared_ptr<const PoolPlan> build(const Node& n, const Tensor& X) const {
+    const Shape& xs = X.shape();
+    memory::dims k, st, pl, pr, od;
+    if (global_avg_) {
+      k = {xs[2], xs[3]};
+      st = {1, 1};
+      pl = {0, 0};
+      pr = {0, 0};
+      od = {1, 1};
+    } else {
+      for (int64_t d : n.attr_ints("dilations"))
+        if (d != 1) return nullptr;
+      auto win = nn::make_window(n, Shape{xs[2], xs[3]}, {}, true);
+      if (!win.is_ok()) return nullptr;
+      const nn::Window& w = win.value();
+      if (w.nsp != 2) return nullptr;
+      for (size_t i = 0; i < 2; ++i) {
+        if (w.out[i] <= 0 || w.pad_begin[i] >= w.kernel[i]) return nullptr;
+        k.push_back(w.kernel[i]);
+        st.push_back(w.strides[i]);
+        pl.push_back(w.pad_begin[i]);
+        // ceil_mode windows may reach past the given end padding: pad to what the output needs.
+        pr.push_back((w.out[i] - 1) * w.strides[i] + w.kernel[i] - xs[2 + i] - w.pad_begin[i]);
+        od.push_back(w.out[i]);
+      }
+    }
+    auto p = std::make_shared<PoolPlan>();
+    try {
+      memory::dims sd(xs.begin(), xs.end()), dd = {xs[0], xs[1], od[0], od[1]};
+      p->src = memory::desc(sd, dt::f32, tag::nchw);
+      p->dst = memory::desc(dd, dt::f32, tag::nchw);
+      p->ys = Shape(dd.begin(), dd.end());
+      dnnl::pooling_forward::desc pdsc(dnnl::prop_kind::forward_inference,
+                                       global_avg_ ? dnnl::algorithm::pooling_avg_exclude_padding
+                                                   : dnnl::algorithm::pooling_max,
+                                       p->src, p->dst, st, k, pl, pr);
+      p->pool = dnnl::pooling_forward(dnnl::pooling_forward::primitive_desc(pdsc, cpu_engine()));
+    } catch (const dnnl::error&) {
+      return nullptr;
+    }
+    return p;
+  }
+  bool global_avg_;
+  EvalFn ref_;
+  mutable std::mutex mu_;
+  mutable std::map<Shape, std::shared_ptr<const PoolPlan>> cache_;
+};
+
+// Add / Sub / Mul / Div of float32 tensors as a oneDNN binary primitive: src1 broadcasts (dims of
+// 1, right-aligned); when only src0 would broadcast, Add/Mul swap their operands.
+class DnnlBinary final : public Kernel {
+ public:
+  DnnlBinary(dnnl::algorithm alg, bool commutative, EvalFn ref) : alg_(alg), comm_(commutative), ref_(ref) {}
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    const Tensor* A = opt_tensor(in, 0);
+    const Tensor* B = opt_tensor(in, 1);
+    if (!A || !B || A->dtype() != DataType::kFloat || B->dtype() != DataType::kFloat || A->numel() == 0 ||
+        B->numel() == 0 || A->rank() > 6 || B->rank() > 6 || A->numel() < 4096)
+      return ref_(ctx, in, out);  // small tensors: the reference is cheaper than a primitive call
+    const size_t r = std::max(A->rank(), B->rank());
+    auto padded = [r](const Shape& s) {
+      Shape p(r - s.size(), 1);
+      p.insert(p.end(), s.begin(), s.end());
+      return p;
+    };
+    Shape as = padded(A->shape()), bs = padded(B->shape());
+    auto covers = [](const Shape& big, const Shape& small) {
+      for (size_t i = 0; i < big.size(); ++i)
+        if (small[i] != big[i] && small[i] != 1) return false;
+      return true;
+    };
+    if (!covers(as, bs)) {
+      if (!comm_ || !covers(bs, as)) return ref_(ctx, in, out);
+      std::swap(A, B);
+      std::swap(as, bs);
+    }
+    if (r == 0) return ref_(ctx, in, out);
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(as));
+    try {
+      std::shared_ptr<const dnnl::binary> prim;
+      auto desc_of = [](const Shape& s) {
+        memory::dims d(s.begin(), s.end()), st(s.size(), 1);
+        for (size_t i = s.size() - 1; i-- > 0;) st[i] = st[i + 1] * d[i + 1];
+        return memory::desc(d, dt::f32, st);
+      };
+      memory::desc ad = desc_of(as), bd = desc_of(bs);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto key = std::make_pair(as, bs);
+        auto it = cache_.find(key);
+        if (it == cache_.end()) {
+          dnnl::binary::desc d(alg_, ad, bd, ad);
+          it = cache_.emplace(key, std::make_shared<const dnnl::binary>(
+                                       dnnl::binary::primitive_desc(d, cpu_engine()))).first;
+        }
+        prim = it->second;
+      }
+      const dnnl::engine& eng = cpu_engine();
+      dnnl::stream s(eng);
+      prim->execute(s, {{DNNL_ARG_SRC_0, memory(ad, eng, const_cast<float*>(A->data<float>()))},
+                        {DNNL_ARG_SRC_1, memory(bd, eng, const_cast<float*>(B->data<float>()))},
+                        {DNNL_ARG_DST, memory(ad, eng, Y.data<float>())}});
+      s.wait();
+    } catch (const dnnl::error&) {
+      return ref_(ctx, in, out);
+    }
+    out[0] = Value(std::move(Y));
+    return Status::ok();
+  }
+
+ private:
+  dnnl::algorithm alg_;
+  bool comm_;
+  EvalFn ref_;
+  mutable std::mutex mu_;
+  mutable std::map<std::pair<Shape, Shape>, std::shared_ptr<const dnnl::binary>> cache_;
+};
+
+}  // namespace
+
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_binary(const Node& n, EvalFn ref) {
+  if (n.inputs.size() != 2 || n.outputs.size() != 1) return std::shared_ptr<const Kernel>();
+  dnnl::algorithm alg;
+  bool comm = false;
+  if (n.op_type == "Add") alg = dnnl::algorithm::binary_add, comm = true;
+  else if (n.op_type == "Mul") alg = dnnl::algorithm::binary_mul, comm = true;
+  else if (n.op_type == "Sub") alg = dnnl::algorithm::binary_sub;
+  else if (n.op_type == "Div") alg = dnnl::algorithm::binary_div;
+  else return std::shared_ptr<const Kernel>();
+  return std::shared_ptr<const Kernel>(std::make_shared<DnnlBinary>(alg, comm, ref));
+}
+
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_pool(const Node& n, EvalFn ref) {
+  if (n.inputs.size() != 1) return std::shared_ptr<const Kernel>();
+  if (n.op_type == "GlobalAveragePool")
+    return std::shared_ptr<const Kernel>(std::make_shared<DnnlPool>(true, ref));
+  for (size_t i = 1; i < n.outputs.size(); ++i)
+    if (!n.outputs[i].empty()) return std::shared_ptr<const Kernel>();
+  return std::shared_ptr<const Kernel>(std::make_shared<DnnlPool>(false, ref));
+}
+
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_layernorm(const Node& n, EvalFn ref) {
+  for (size_t i = 1; i < n.outputs.size(); ++i)
+    if (!n.outputs[i].empty()) return std::shared_ptr<const Kernel>();
+  if (n.inputs.size() < 2 || n.inputs.size() > 3) return std::shared_ptr<const Kernel>();
+  return std::shared_ptr<const Kernel>(std::make_shared<DnnlLayerNorm>(n.attr_float("epsilon", 1e-5f), ref));
+}
+
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_transpose(const Node& n, EvalFn ref) {
+  std::vector<int64_t> perm = n.attr_ints("perm");
+  if (perm.size() < 2 || perm.size() > 6) return std::shared_ptr<const Kernel>();
+  std::vector<bool> seen(perm.size(), false);
+  for (int64_t p : perm) {
+    if (p < 0 || p >= static_cast<int64_t>(perm.size()) || seen[static_cast<size_t>(p)])
+      return std::shared_ptr<const Kernel>();
+    seen[static_cast<size_t>(p)] = true;
+  }
+  return std::shared_ptr<const Kernel>(std::make_shared<DnnlTranspose>(std::move(perm), ref));
+}
+
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_softmax(const Node& n, EvalFn ref) {
+  if (n.inputs.size() != 1) return std::shared_ptr<const Kernel>();
+  return std::shared_ptr<const Kernel>(std::make_shared<DnnlSoftmax>(n.attr_int("axis", -1), ref));
+}
+
+// Kernel outputs: 64-byte aligned, not zero-filled (every element is written), and malloc keeps
+// freed blocks for reuse instead of returning them to the OS, so steady-state runs don't page-fault.
+// TODO(arena): the executor's planned arena replaces this.
+Result<Tensor> new_output(const Shape& shape) {
+  static const bool tuned = [] {
+    mallopt(M_MMAP_THRESHOLD, 512 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    return true;
+  }();
+  (void)tuned;
+  KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
+  if (static_cast<uint64_t>(n) > kMaxTensorBytes / 4) return out_of_memory("tensor too large");
+  size_t bytes = (static_cast<size_t>(n) * 4 + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+  if (!p) return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
+  std::shared_ptr<const void> keep(p, [](const void* q) { std::free(const_cast<void*>(q)); });
+  return Tensor::external(DataType::kFloat, shape, p, std::move(keep));
+}
+
+// oneDNN scratchpad memory: one grow-only buffer per thread (a run is synchronous on its thread).
+uint8_t* scratch_buffer(size_t bytes) {
+  thread_local std::unique_ptr<uint8_t[]> buf;
+  thread_local size_t cap = 0;
+  if (bytes > cap) {
+    buf.reset(new (std::nothrow) uint8_t[bytes]);
+    cap = buf ? bytes : 0;
+  }
+  return buf.get();
+}
+
+const dnnl::engine& cpu_engine() {
+  static const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+Result<std::shared_ptr<const Kernel>> prepare_dnnl_conv(const Node& n, const ConstantLookup& constants,
+                                                        EvalFn ref) {
+  std::shared_ptr<const Kernel> none;
+  const bool fused_op = n.op_type == "FusedConv";
+  if (n.inputs.size() < 2 || n.inputs.size() > (fused_op ? 4u : 3u)) return none;
+  const Tensor* W = constants(n.inputs[1]);
+  if (!W || W->dtype() != DataType::kFloat || W->rank() != 4 || W->numel() == 0) return none;
+  const Tensor* B = nullptr;
+  if (n.has_input(2)) {
+    B = constants(n.inputs[2]);
+    if (!B || B->dtype() != DataType::kFloat || B->numel() != W->dim(0)) return none;
+  }
+  fused::Epilogue ep;
+  if (fused_op) {
+    auto e = fused::read_epilogue(n);
+    if (!e.is_ok()) return none;
+    ep = e.value();
+  }
+  bool residual = fused_op && n.has_input(3);
+  return std::shared_ptr<const Kernel>(
+      std::make_shared<DnnlConv>(n, *W, B ? *B : Tensor(), B != nullptr, ref, ep, residual));
+}
+
+}  // namespace cpu
+}  // namespace kiln
+
+#endif  // KILN_WITH_DNNL

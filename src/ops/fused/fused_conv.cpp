@@ -1,0 +1,140 @@
+// Reference evaluation of kiln.FusedConv: the plain Conv, then the residual add, then the
+// activation, exactly as the unfused graph computes them.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "ops/fused/fused.h"
+#include "ops/op.h"
+
+namespace kiln {
+
+namespace {
+
+// 4D float32 transpose between NHWC and NCHW (to_nchw: NHWC -> NCHW).
+Result<Tensor> relayout(const Tensor& t, bool to_nchw) {
+  const int64_t N = t.dim(0), A = t.dim(1), B = t.dim(2), C = t.dim(3);
+  Shape s = to_nchw ? Shape{N, C, A, B} : Shape{N, B, C, A};
+  KILN_ASSIGN_OR_RETURN(Tensor o, Tensor::create(DataType::kFloat, s));
+  const float* x = t.data<float>();
+  float* y = o.data<float>();
+  if (to_nchw) {  // x [N,H=A,W=B,C] -> y [N,C,H,W]
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < A; ++h)
+        for (int64_t w = 0; w < B; ++w)
+          for (int64_t c = 0; c < C; ++c) y[((n * C + c) * A + h) * B + w] = x[((n * A + h) * B + w) * C + c];
+  } else {  // x [N,C=A,H=B,W=C] -> y [N,H,W,C]
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < A; ++c)
+        for (int64_t h = 0; h < B; ++h)
+          for (int64_t w = 0; w < C; ++w) y[((n * B + h) * C + w) * A + c] = x[((n * A + c) * B + h) * C + w];
+  }
+  return o;
+}
+
+bool is_nhwc(const Node& n) { return n.attr_string("layout", "NCHW") == "NHWC"; }
+
+Status eval_fused_conv(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  if (in.size() < 2 || out.empty()) return ctx.bad_input("FusedConv needs inputs X, W and one output");
+  KILN_ASSIGN_OR_RETURN(const Tensor* X, req_tensor(ctx, in, 0));
+  if (X->dtype() != DataType::kFloat) return ctx.bad_input("FusedConv supports float32 only");
+  const Tensor* Z = opt_tensor(in, 3);
+  const bool nhwc = is_nhwc(ctx.node);
+  std::vector<Value> args(in.begin(), in.begin() + std::min<size_t>(in.size(), 3));
+  Tensor zt;
+  if (nhwc) {
+    if (X->rank() != 4 || (Z && Z->rank() != 4)) return ctx.bad_input("NHWC FusedConv needs 4D X and Z");
+    KILN_ASSIGN_OR_RETURN(args[0], relayout(*X, true));
+    if (Z) {
+      KILN_ASSIGN_OR_RETURN(zt, relayout(*Z, true));
+      Z = &zt;
+    }
+  }
+  std::vector<Value> conv_out(1);
+  KILN_RETURN_IF_ERROR(kOp_Conv.eval(ctx, args, conv_out));
+  Tensor Y = conv_out[0].tensor;
+  if (Y.dtype() != DataType::kFloat) return ctx.fail("Conv produced a non-float32 result");
+  if (Z) {
+    if (Z->dtype() != DataType::kFloat || Z->shape() != Y.shape())
+      return ctx.bad_input("residual input Z must be float32 with the Conv output's shape");
+  }
+  KILN_RETURN_IF_ERROR(fused::apply_epilogue(ctx, Z ? Z->data<float>() : nullptr, Y.data<float>(),
+                                             Y.numel()));
+  if (nhwc) {
+    KILN_ASSIGN_OR_RETURN(Y, relayout(Y, false));
+  }
+  out[0] = Value(std::move(Y));
+  return Status::ok();
+}
+
+Status infer_fused_conv(InferContext& ctx) {
+  InferContext c{ctx.node, {}, {}, ctx.output_types};
+  for (size_t i = 0; i < ctx.input_types.size() && i < 3; ++i) {
+    c.input_types.push_back(ctx.input_types[i]);
+    c.input_constants.push_back(i < ctx.input_constants.size() ? ctx.input_constants[i] : nullptr);
+  }
+  const bool nhwc = is_nhwc(ctx.node);
+  auto permute = [](TypeInfo& t, bool to_nchw) {
+    if (t.kind != TypeInfo::Kind::kTensor || !t.has_shape || t.dims.size() != 4) return;
+    std::vector<Dim> d = t.dims;
+    t.dims = to_nchw ? std::vector<Dim>{d[0], d[3], d[1], d[2]} : std::vector<Dim>{d[0], d[2], d[3], d[1]};
+  };
+  if (nhwc && !c.input_types.empty()) permute(c.input_types[0], true);
+  KILN_RETURN_IF_ERROR(kOp_Conv.infer(c));
+  if (nhwc && !c.output_types.empty()) permute(c.output_types[0], false);
+  ctx.output_types = c.output_types;
+  return Status::ok();
+}
+
+}  // namespace
+
+namespace fused {
+
+Result<Epilogue> read_epilogue(const Node& n) {
+  Epilogue e;
+  std::string act = n.attr_string("activation", "");
+  std::vector<float> p = n.attr_floats("activation_params");
+  if (act.empty()) {
+    e.kind = Epilogue::kNone;
+  } else if (act == "Relu") {
+    e.kind = Epilogue::kRelu;
+  } else if (act == "Clip") {
+    e.kind = Epilogue::kClip;
+    e.a = p.size() > 0 ? p[0] : -std::numeric_limits<float>::infinity();
+    e.b = p.size() > 1 ? p[1] : std::numeric_limits<float>::infinity();
+  } else if (act == "LeakyRelu") {
+    e.kind = Epilogue::kLeakyRelu;
+    e.a = p.size() > 0 ? p[0] : 0.01f;
+  } else {
+    return invalid_argument(n.where() + ": unknown fused activation '" + act + "'");
+  }
+  return e;
+}
+
+Status apply_epilogue(const OpContext& ctx, const float* z, float* y, int64_t n) {
+  auto e = read_epilogue(ctx.node);
+  if (!e.is_ok()) return e.status();
+  if (z)
+    for (int64_t i = 0; i < n; ++i) y[i] += z[i];
+  switch (e->kind) {
+    case Epilogue::kNone:
+      break;
+    case Epilogue::kRelu:
+      for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.f ? 0.f : y[i];
+      break;
+    case Epilogue::kClip:
+      // As ONNX Clip: max(min(x, hi), lo) keeps NaN.
+      for (int64_t i = 0; i < n; ++i) y[i] = y[i] < e->a ? e->a : (y[i] > e->b ? e->b : y[i]);
+      break;
+    case Epilogue::kLeakyRelu:
+      for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.f ? y[i] * e->a : y[i];
+      break;
+  }
+  return Status::ok();
+}
+
+}  // namespace fused
+
+const OpDef kOp_kiln_FusedConv = {"FusedConv", "kiln", &eval_fused_conv, &infer_fused_conv};
+
+}  // namespace kiln
