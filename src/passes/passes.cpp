@@ -32,7 +32,8 @@ Status infer_types(Graph& g, PassStats* stats) {
   for (auto& [k, t] : g.initializers) types[k] = TypeInfo::tensor(t.dtype(), t.shape());
   for (auto& n : g.nodes) {
     const OpDef* d = find_op(n.domain, n.op_type);
-    if (!d || !d->infer) continue;
+    // A node without outputs has nothing to infer (and InferFns may write output 0).
+    if (!d || !d->infer || n.outputs.empty()) continue;
     InferContext ic{n, {}, {}, {}};
     for (auto& in : n.inputs) {
       auto it = in.empty() ? types.end() : types.find(in);
