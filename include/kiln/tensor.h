@@ -34,7 +34,8 @@ uint64_t memory_in_use();  // bytes currently held by owned Storage
 class Storage {
  public:
   // Zero-initialized, 64-byte aligned.
-  static Result<std::shared_ptr<Storage>> allocate(size_t bytes);
+  // `zero`=false leaves the bytes uninitialized (for outputs a kernel writes in full).
+  static Result<std::shared_ptr<Storage>> allocate(size_t bytes, bool zero = true);
   static std::shared_ptr<Storage> allocate_strings(size_t count);
   // Points at memory owned by `keepalive` (an mmap'd model or plan); read-only.
   static std::shared_ptr<Storage> external(const void* data, size_t bytes,
@@ -67,6 +68,8 @@ class Tensor {
   Tensor() = default;
   // Zero-filled tensor ("" for strings). Fails on negative dims, overflow or > kMaxTensorBytes.
   static Result<Tensor> create(DataType dtype, const Shape& shape);
+  // Same checks and memory accounting, contents uninitialized (numeric types only).
+  static Result<Tensor> create_uninitialized(DataType dtype, const Shape& shape);
   // Tensor over external memory kept alive by `keepalive` (zero-copy weights).
   static Tensor external(DataType dtype, const Shape& shape, const void* data,
                          std::shared_ptr<const void> keepalive);

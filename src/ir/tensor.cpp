@@ -42,7 +42,7 @@ std::string shape_str(const Shape& s) {
   return r + "]";
 }
 
-Result<std::shared_ptr<Storage>> Storage::allocate(size_t bytes) {
+Result<std::shared_ptr<Storage>> Storage::allocate(size_t bytes, bool zero) {
   std::shared_ptr<Storage> s(new Storage());
   if (bytes > SIZE_MAX - 63) return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
   size_t alloc = (bytes + 63) / 64 * 64;
@@ -60,7 +60,7 @@ Result<std::shared_ptr<Storage>> Storage::allocate(size_t bytes) {
     g_memory_in_use.fetch_sub(alloc);
     return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
   }
-  std::memset(p, 0, alloc);
+  if (zero) std::memset(p, 0, alloc);
   s->data_ = static_cast<uint8_t*>(p);
   s->size_ = bytes;
   s->owned_ = true;
@@ -107,6 +107,20 @@ Result<Tensor> Tensor::create(DataType dtype, const Shape& shape) {
   } else {
     KILN_ASSIGN_OR_RETURN(t.storage_, Storage::allocate(static_cast<size_t>(n) * es));
   }
+  return t;
+}
+
+Result<Tensor> Tensor::create_uninitialized(DataType dtype, const Shape& shape) {
+  if (dtype == DataType::kString || dtype == DataType::kUndefined) return create(dtype, shape);
+  KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
+  size_t es = dtype_size(dtype);
+  if (!dtype_valid(static_cast<int32_t>(dtype)) || static_cast<uint64_t>(n) > kMaxTensorBytes / es)
+    return create(dtype, shape);  // reports the error
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.numel_ = n;
+  KILN_ASSIGN_OR_RETURN(t.storage_, Storage::allocate(static_cast<size_t>(n) * es, /*zero=*/false));
   return t;
 }
 

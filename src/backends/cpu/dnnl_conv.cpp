@@ -620,13 +620,8 @@ Result<Tensor> new_output(const Shape& shape) {
     return true;
   }();
   (void)tuned;
-  KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
-  if (static_cast<uint64_t>(n) > kMaxTensorBytes / 4) return out_of_memory("tensor too large");
-  size_t bytes = (static_cast<size_t>(n) * 4 + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
-  if (!p) return out_of_memory("cannot allocate " + std::to_string(bytes) + " bytes");
-  std::shared_ptr<const void> keep(p, [](const void* q) { std::free(const_cast<void*>(q)); });
-  return Tensor::external(DataType::kFloat, shape, p, std::move(keep));
+  // Counted against the process memory limit (--maxMemory) like every tensor.
+  return Tensor::create_uninitialized(DataType::kFloat, shape);
 }
 
 // oneDNN scratchpad memory: one grow-only buffer per thread (a run is synchronous on its thread).
