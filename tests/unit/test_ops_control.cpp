@@ -7,39 +7,13 @@
 
 #include "onnx/canonicalize.h"
 #include "ops/op.h"
+#include "op_test_util.h"
 
 using namespace kiln;
+using namespace kiln::test;
 
 namespace {
 
-Attribute ctl_int(const std::string& name, int64_t v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInt;
-  a.i = v;
-  return a;
-}
-Attribute ctl_float(const std::string& name, float v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kFloat;
-  a.f = v;
-  return a;
-}
-Attribute ctl_ints(const std::string& name, std::vector<int64_t> v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInts;
-  a.ints = std::move(v);
-  return a;
-}
-Attribute ctl_graph(const std::string& name, std::shared_ptr<Graph> g) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kGraph;
-  a.g = std::move(g);
-  return a;
-}
 
 Result<std::vector<Value>> ctl_run(Node& node, std::vector<Value> inputs, size_t nout,
                                    SubgraphRunner runner = nullptr, uint64_t seed = 0) {
@@ -68,8 +42,8 @@ std::shared_ptr<Graph> body_with(size_t n_in, std::vector<TypeInfo> outs) {
 TEST(Control, RandomUniformRangeSeedAndDtype) {
   Node n;
   n.op_type = "RandomUniform";
-  n.attrs = {ctl_ints("shape", {50, 40}), ctl_int("dtype", 11), ctl_float("low", -2.0f),
-             ctl_float("high", 3.0f), ctl_float("seed", 7.0f)};
+  n.attrs = {ints_attr("shape", {50, 40}), int_attr("dtype", 11), float_attr("low", -2.0f),
+             float_attr("high", 3.0f), float_attr("seed", 7.0f)};
   auto a = ctl_run(n, {}, 1);
   auto b = ctl_run(n, {}, 1);
   ASSERT_TRUE(a.is_ok()) << a.status().to_string();
@@ -86,7 +60,7 @@ TEST(Control, RandomUniformRangeSeedAndDtype) {
     sum += v;
   }
   EXPECT_NEAR(sum / static_cast<double>(t.numel()), 0.5, 0.15);
-  n.attrs.back() = ctl_float("seed", 8.0f);
+  n.attrs.back() = float_attr("seed", 8.0f);
   auto c = ctl_run(n, {}, 1);
   ASSERT_TRUE(c.is_ok());
   EXPECT_NE((*c)[0].tensor.data<double>()[0], t.data<double>()[0]);
@@ -95,7 +69,7 @@ TEST(Control, RandomUniformRangeSeedAndDtype) {
 TEST(Control, RandomNormalLikeMoments) {
   Node n;
   n.op_type = "RandomNormalLike";
-  n.attrs = {ctl_float("mean", 3.0f), ctl_float("scale", 2.0f)};
+  n.attrs = {float_attr("mean", 3.0f), float_attr("scale", 2.0f)};
   Tensor x = Tensor::create(DataType::kFloat16, {100, 100}).value();
   auto r = ctl_run(n, {Value(x)}, 1, nullptr, 42);
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
@@ -115,7 +89,7 @@ TEST(Control, RandomNormalLikeMoments) {
 TEST(Control, BernoulliExtremesAndDtype) {
   Node n;
   n.op_type = "Bernoulli";
-  n.attrs = {ctl_int("dtype", 6)};
+  n.attrs = {int_attr("dtype", 6)};
   Tensor p = Tensor::from_vector<float>({4}, {0.0f, 1.0f, 0.0f, 1.0f});
   auto r = ctl_run(n, {Value(p)}, 1, nullptr, 3);
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
@@ -130,7 +104,7 @@ TEST(Control, BernoulliExtremesAndDtype) {
 TEST(Control, MultinomialPicksDominantClass) {
   Node n;
   n.op_type = "Multinomial";
-  n.attrs = {ctl_int("sample_size", 5), ctl_int("dtype", 7)};
+  n.attrs = {int_attr("sample_size", 5), int_attr("dtype", 7)};
   Tensor x = Tensor::from_vector<float>({2, 3}, {-50.f, 10.f, -50.f, 10.f, -50.f, -50.f});
   auto r = ctl_run(n, {Value(x)}, 1);
   ASSERT_TRUE(r.is_ok()) << r.status().to_string();
@@ -148,7 +122,7 @@ TEST(Control, LoopZeroIterationsUsesBodyType) {
   // Body: (iter, cond, x) -> (cond, x, scan[2,3] float16) and a scan output of unknown shape.
   TypeInfo known = TypeInfo::tensor(DataType::kFloat16, Shape{2, 3});
   TypeInfo unknown = TypeInfo::tensor(DataType::kInt32);
-  n.attrs = {ctl_graph("body", body_with(3, {TypeInfo{}, TypeInfo{}, known, unknown}))};
+  n.attrs = {graph_attr("body", body_with(3, {TypeInfo{}, TypeInfo{}, known, unknown}))};
   int calls = 0;
   SubgraphRunner runner = [&](const Graph&, std::vector<Value>) -> Result<std::vector<Value>> {
     ++calls;
@@ -168,7 +142,7 @@ TEST(Control, LoopZeroIterationsUsesBodyType) {
 TEST(Control, LoopCarriedShapeChangesAndCondStops) {
   Node n;
   n.op_type = "Loop";
-  n.attrs = {ctl_graph("body", body_with(3, {TypeInfo{}, TypeInfo{}, TypeInfo{}}))};
+  n.attrs = {graph_attr("body", body_with(3, {TypeInfo{}, TypeInfo{}, TypeInfo{}}))};
   // Body appends one element per iteration; stops (cond=false) after iteration 2.
   SubgraphRunner runner = [](const Graph&, std::vector<Value> in) -> Result<std::vector<Value>> {
     const int64_t it = in[0].tensor.get_i64(0);
@@ -192,7 +166,7 @@ TEST(Control, LoopCarriedShapeChangesAndCondStops) {
 TEST(Control, LoopMismatchedScanShapesIsAnError) {
   Node n;
   n.op_type = "Loop";
-  n.attrs = {ctl_graph("body", body_with(2, {TypeInfo{}, TypeInfo{}}))};
+  n.attrs = {graph_attr("body", body_with(2, {TypeInfo{}, TypeInfo{}}))};
   SubgraphRunner runner = [](const Graph&, std::vector<Value> in) -> Result<std::vector<Value>> {
     const int64_t it = in[0].tensor.get_i64(0);
     return std::vector<Value>{Value(Tensor::scalar<bool>(true)),
@@ -207,7 +181,7 @@ TEST(Control, ScanOpset8Canonicalizes) {
   Node n;
   n.op_type = "Scan";
   n.inputs = {"", "s", "x"};
-  n.attrs = {ctl_int("num_scan_inputs", 1), ctl_ints("directions", {1})};
+  n.attrs = {int_attr("num_scan_inputs", 1), ints_attr("directions", {1})};
   CanonContext cc{g};
   ASSERT_TRUE(canonicalize_control(n, 8, cc).is_ok());
   EXPECT_EQ(n.inputs, (std::vector<std::string>{"s", "x"}));
@@ -237,7 +211,7 @@ TEST(Control, BadInputsFailCleanly) {
   {
     Node n;
     n.op_type = "Scan";
-    n.attrs = {ctl_int("num_scan_inputs", 2), ctl_graph("body", body_with(2, {TypeInfo{}}))};
+    n.attrs = {int_attr("num_scan_inputs", 2), graph_attr("body", body_with(2, {TypeInfo{}}))};
     SubgraphRunner runner = [](const Graph&, std::vector<Value> in) -> Result<std::vector<Value>> {
       return std::vector<Value>{in[0]};
     };
@@ -252,13 +226,13 @@ TEST(Control, BadInputsFailCleanly) {
     Node n;
     n.op_type = "TreeEnsemble";
     n.domain = "ai.onnx.ml";
-    n.attrs = {ctl_int("n_targets", 1), ctl_ints("tree_roots", {5})};
+    n.attrs = {int_attr("n_targets", 1), ints_attr("tree_roots", {5})};
     EXPECT_FALSE(ctl_run(n, {Value(Tensor::create(DataType::kFloat, {1, 2}).value())}, 1).is_ok());
   }
   {
     Node n;
     n.op_type = "ConcatFromSequence";
-    n.attrs = {ctl_int("axis", 3)};
+    n.attrs = {int_attr("axis", 3)};
     Value seq =
         Value::make_sequence({Tensor::create(DataType::kFloat, {2}).value()}, DataType::kFloat);
     EXPECT_FALSE(ctl_run(n, {seq}, 1).is_ok());

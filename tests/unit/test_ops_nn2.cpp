@@ -6,25 +6,13 @@
 
 #include "onnx/canonicalize.h"
 #include "ops/op.h"
+#include "op_test_util.h"
 
 using namespace kiln;
+using namespace kiln::test;
 
 namespace {
 
-Attribute int_attr(const std::string& name, int64_t v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInt;
-  a.i = v;
-  return a;
-}
-Attribute str_attr(const std::string& name, const std::string& v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kString;
-  a.s = v;
-  return a;
-}
 
 Result<std::vector<Value>> run(Node& node, std::vector<Value> inputs, size_t nout) {
   const OpDef* def = find_op(node.domain, node.op_type);

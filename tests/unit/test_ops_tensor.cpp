@@ -6,48 +6,14 @@
 #include "onnx/canonicalize.h"
 #include "ops/op.h"
 
+#include "op_test_util.h"
+
 using namespace kiln;
+using namespace kiln::test;
 
 namespace {
 
-Attribute int_attr(const std::string& name, int64_t v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInt;
-  a.i = v;
-  return a;
-}
-Attribute ints_attr(const std::string& name, std::vector<int64_t> v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInts;
-  a.ints = std::move(v);
-  return a;
-}
-Attribute str_attr(const std::string& name, const std::string& v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kString;
-  a.s = v;
-  return a;
-}
 
-Result<std::vector<Value>> run(const std::string& op, std::vector<Attribute> attrs,
-                               std::vector<Value> inputs, size_t nout = 1) {
-  Node node;
-  node.name = op + "_test";
-  node.op_type = op;
-  node.attrs = std::move(attrs);
-  const OpDef* def = find_op("", op);
-  if (!def) return not_found("op " + op);
-  for (size_t i = 0; i < inputs.size(); ++i)
-    node.inputs.push_back(inputs[i].is_none() ? "" : "in" + std::to_string(i));
-  for (size_t i = 0; i < nout; ++i) node.outputs.push_back("out" + std::to_string(i));
-  OpContext ctx{node, nullptr};
-  std::vector<Value> outs(nout);
-  KILN_RETURN_IF_ERROR(def->eval(ctx, inputs, outs));
-  return outs;
-}
 
 Tensor i64(const Shape& s, std::vector<int64_t> v) {
   return Tensor::from_vector<int64_t>(s, v);

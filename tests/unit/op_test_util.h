@@ -1,0 +1,67 @@
+// Helpers shared by the per-family op tests: attribute constructors and a one-node runner over an
+// op's reference evaluation.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ir/graph.h"
+#include "ops/op.h"
+
+namespace kiln::test {
+
+inline Attribute int_attr(const std::string& name, int64_t v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kInt;
+  a.i = v;
+  return a;
+}
+inline Attribute float_attr(const std::string& name, float v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kFloat;
+  a.f = v;
+  return a;
+}
+inline Attribute ints_attr(const std::string& name, std::vector<int64_t> v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kInts;
+  a.ints = std::move(v);
+  return a;
+}
+inline Attribute str_attr(const std::string& name, const std::string& v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kString;
+  a.s = v;
+  return a;
+}
+inline Attribute graph_attr(const std::string& name, std::shared_ptr<Graph> g) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kGraph;
+  a.g = std::move(g);
+  return a;
+}
+
+// Runs the default-domain op `op` on `inputs` (kNone = omitted) and returns `nout` outputs.
+inline Result<std::vector<Value>> run(const std::string& op, std::vector<Attribute> attrs,
+                                      std::vector<Value> inputs, size_t nout = 1) {
+  Node node;
+  node.name = op + "_test";
+  node.op_type = op;
+  node.attrs = std::move(attrs);
+  const OpDef* def = find_op("", op);
+  if (!def) return not_found("op " + op);
+  for (size_t i = 0; i < inputs.size(); ++i)
+    node.inputs.push_back(inputs[i].is_none() ? "" : "in" + std::to_string(i));
+  for (size_t i = 0; i < nout; ++i) node.outputs.push_back("out" + std::to_string(i));
+  OpContext ctx{node, nullptr};
+  std::vector<Value> outs(nout);
+  KILN_RETURN_IF_ERROR(def->eval(ctx, inputs, outs));
+  return outs;
+}
+
+}  // namespace kiln::test
