@@ -14,12 +14,20 @@ struct BuilderConfig {
   int64_t max_batch = 0;          // >0: engine accepts any batch <= max_batch on dim 0 of inputs
   bool fp16 = false;              // request fp16 (warns and builds fp32 where not fast)
   uint64_t workspace_bytes = uint64_t{1} << 30;  // scratch limit for tactic selection
-  std::string device = "cpu";     // backend
+  std::string device = "cpu";     // backend: "cpu" or "cuda"
+  bool bf16 = false;              // CUDA: bfloat16 instead of float16 for the reduced precision
+  bool tf32 = false;              // CUDA: allow TF32 tensor cores for float32 convs/GEMMs
+  bool io_reduced = false;        // --ioFormats=fp16: inputs/outputs in the reduced type too
+  std::vector<std::string> fp32_layers;     // --precisionConstraints: node names / op types kept fp32
+  std::vector<std::string> reduced_layers;  // node names / op types taken out of the default fp32 list
+  std::string timing_cache;       // file of measured tactics, read before and written after a build
+  bool progress = false;          // a progress line on stderr while timing tactics
 };
 
 struct BuildReport {
   size_t nodes_in = 0, nodes_out = 0;  // before / after passes
   size_t folded = 0, eliminated = 0;
+  size_t tuned = 0, tuned_from_cache = 0;  // layers whose tactic was timed / taken from the cache
   double seconds = 0;
 };
 

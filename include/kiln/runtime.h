@@ -34,6 +34,7 @@ struct PlanInfo {
   int64_t max_batch = 0;      // 0: the model's own batch dimension
   bool fp16_requested = false;
   bool fp16_enabled = false;
+  std::string backend;        // "cpu" or "cuda"
   uint64_t workspace_bytes = 0;
   uint64_t plan_bytes = 0;
   uint64_t weight_bytes = 0;
@@ -41,6 +42,14 @@ struct PlanInfo {
 };
 
 class ExecutionContext;
+
+// GPU times of one finished inference, from CUDA events around its parts (trtexec's split).
+struct InferenceTimings {
+  double h2d_ms = 0;      // host-to-device input copies
+  double compute_ms = 0;  // kernels
+  double d2h_ms = 0;      // device-to-host output copies
+  double total_ms = 0;    // first copy start to last copy end
+};
 
 class Engine {
  public:
@@ -76,7 +85,17 @@ class ExecutionContext {
   // Runs inference. `stream` is a cudaStream_t on the CUDA backend (nullptr: default stream);
   // the CPU backend ignores it and runs before returning.
   Status enqueue(void* stream = nullptr);
+  // Waits for the last enqueue (CUDA: the stream it was enqueued on). Outputs are valid after it.
   Status synchronize();
+  // CUDA: capture the kernels of one inference as a CUDA graph (after a warm-up run, once per
+  // input-shape signature) and replay it. Refused on the CPU backend.
+  Status set_cuda_graph(bool on);
+  // CUDA: leave outputs on the device (get_output returns device tensors; no copies back).
+  Status set_outputs_on_device(bool on);
+  // GPU timings of the last finished enqueue (call after synchronize). Refused on the CPU.
+  Result<InferenceTimings> last_timings();
+  // Bytes of device memory this context holds (its pool), 0 on the CPU.
+  size_t device_memory_bytes() const;
   Result<Tensor> get_output(const std::string& name) const;
   Result<Value> get_output_value(const std::string& name) const;
 

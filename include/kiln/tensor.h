@@ -3,6 +3,7 @@
 // sequence of tensors, optional, or nothing for an omitted optional input).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -31,6 +32,11 @@ void set_memory_limit(uint64_t bytes);
 uint64_t memory_limit();
 uint64_t memory_in_use();  // bytes currently held by owned Storage
 
+// Where a tensor's bytes live. Host memory is ordinary (or pinned) RAM; kCuda is device memory
+// of the current CUDA device: its data() pointer must never be dereferenced on the host.
+enum class Device : uint8_t { kHost = 0, kCuda = 1 };
+const char* device_name(Device d);
+
 class Storage {
  public:
   // Zero-initialized, 64-byte aligned.
@@ -40,6 +46,10 @@ class Storage {
   // Points at memory owned by `keepalive` (an mmap'd model or plan); read-only.
   static std::shared_ptr<Storage> external(const void* data, size_t bytes,
                                            std::shared_ptr<const void> keepalive);
+  // Adopts memory from another allocator (device memory, pinned host memory): `release` runs
+  // once when the storage dies. Not counted against memory_limit() (its allocator accounts).
+  static std::shared_ptr<Storage> adopt(void* data, size_t bytes, Device device,
+                                        std::function<void(void*)> release);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -47,6 +57,7 @@ class Storage {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   bool is_external() const { return keepalive_ != nullptr; }
+  Device device() const { return device_; }
   std::string* strings() { return strings_.data(); }
   size_t string_count() const { return strings_.size(); }
 
@@ -58,6 +69,8 @@ class Storage {
   size_t accounted_ = 0;  // bytes counted against memory_limit()
   std::shared_ptr<const void> keepalive_;
   std::vector<std::string> strings_;
+  Device device_ = Device::kHost;
+  std::function<void(void*)> release_;
 };
 
 template <typename T>
@@ -81,6 +94,10 @@ class Tensor {
   }
   template <typename T>
   static Tensor scalar(T v) { return from_vector<T>({}, {v}); }
+  // A tensor over (part of) an existing storage, starting `offset_bytes` in; the storage must
+  // hold the whole tensor. Used by device allocators and zero-copy views.
+  static Result<Tensor> view(DataType dtype, const Shape& shape, std::shared_ptr<Storage> storage,
+                             size_t offset_bytes = 0);
 
   bool defined() const { return dtype_ != DataType::kUndefined; }
   DataType dtype() const { return dtype_; }
@@ -100,6 +117,9 @@ class Tensor {
   template <typename T>
   std::span<T> span() { return {data<T>(), static_cast<size_t>(numel_)}; }
   bool is_external() const { return storage_ && storage_->is_external(); }
+  // Where the data lives; host-side accessors (data<T>(), get_f64, clone, ...) are for kHost only.
+  Device device() const { return storage_ ? storage_->device() : Device::kHost; }
+  bool on_device() const { return device() != Device::kHost; }
   const std::shared_ptr<Storage>& storage() const { return storage_; }
 
   // Same storage, new shape (element count must match).
@@ -111,14 +131,14 @@ class Tensor {
   int64_t get_i64(int64_t i) const;
   // All elements as int64 (for shape/axes/index tensors of any integer type).
   std::vector<int64_t> to_i64_vector() const;
-  std::string describe() const;  // "float32[1,3,224,224]"
+  std::string describe() const;  // "float32[1,3,224,224]" ("float32[2,3]@cuda" on a device)
 
  private:
   DataType dtype_ = DataType::kUndefined;
   Shape shape_;
   int64_t numel_ = 0;
   std::shared_ptr<Storage> storage_;
-  size_t offset_ = 0;  // in elements
+  size_t offset_ = 0;  // bytes into the storage (elements for strings)
 };
 
 template <typename T>

@@ -1,6 +1,9 @@
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <map>
 #include <set>
+#include <unordered_map>
 #include <sys/stat.h>
 
 #include "base/file.h"
@@ -12,14 +15,72 @@
 #include "passes/passes.h"
 #include "plan/plan.h"
 #include "runtime/backend.h"
+#include "runtime/device_context.h"
+#include "runtime/executor.h"
 
 namespace kiln {
 
 namespace {
 
-Status assign_kernels(Graph& g, const Backend& backend, std::set<std::string>& missing) {
+bool is_int_type(DataType d) {
+  return d == DataType::kInt64 || d == DataType::kInt32 || d == DataType::kBool;
+}
+
+// Type of every value the graph knows (inputs, intermediates, outputs, initializers).
+std::unordered_map<std::string, TypeInfo> type_table(const Graph& g) {
+  std::unordered_map<std::string, TypeInfo> t;
+  for (auto& vi : g.inputs) t[vi.name] = vi.type;
+  for (auto& vi : g.value_info) t[vi.name] = vi.type;
+  for (auto& vi : g.outputs)
+    if (!t.count(vi.name)) t[vi.name] = vi.type;
+  for (auto& [name, init] : g.initializers) t[name] = TypeInfo::tensor(init.dtype(), init.shape());
+  return t;
+}
+
+// Device backends: shape computations run on the host. A node goes there when it only reads
+// host values (integer constants, outputs of Shape/Size and of other host nodes) and produces
+// integers, or when it is Shape/Size itself (reads metadata only). Everything else stays on the
+// device; kernels read the host values they need (Reshape's shape, ...) directly.
+void place_shape_nodes(Graph& g, const std::unordered_map<std::string, TypeInfo>& types, size_t* placed) {
+  std::set<std::string> host;
+  for (auto& [name, t] : g.initializers)
+    if (is_int_type(t.dtype()) && t.numel() <= 64) host.insert(name);
+  auto dtype = [&](const std::string& v) {
+    auto it = types.find(v);
+    return it == types.end() || it->second.kind != TypeInfo::Kind::kTensor ? DataType::kUndefined : it->second.dtype;
+  };
   for (auto& n : g.nodes) {
-    n.kernel = backend.choose_kernel(n);
+    bool sub = false;
+    for (auto& a : n.attrs) sub = sub || a.g || !a.graphs.empty();
+    if (sub || !n.domain.empty()) continue;
+    bool meta = n.op_type == "Shape" || n.op_type == "Size";
+    bool all_host = true, any_input = false;
+    for (auto& in : n.inputs) {
+      if (in.empty()) continue;
+      any_input = true;
+      all_host = all_host && host.count(in);
+    }
+    bool int_out = true;
+    for (auto& o : n.outputs)
+      if (!o.empty()) int_out = int_out && is_int_type(dtype(o));
+    if (meta || (any_input && all_host && int_out)) {
+      n.kernel = "cpu.ref." + n.op_type;
+      for (auto& o : n.outputs)
+        if (!o.empty()) host.insert(o);
+      if (placed) ++*placed;
+    }
+  }
+}
+
+Status assign_kernels(Graph& g, const Backend& backend, std::set<std::string>& missing) {
+  auto types = type_table(g);
+  TypeLookup lookup = [&types](const std::string& name) -> const TypeInfo* {
+    auto it = types.find(name);
+    return it == types.end() ? nullptr : &it->second;
+  };
+  for (auto& n : g.nodes) {
+    if (backend.is_device() && n.kernel.rfind("cpu.ref.", 0) == 0) continue;  // host-placed
+    n.kernel = backend.choose_kernel_typed(n, lookup);
     if (n.kernel.empty()) missing.insert((n.domain.empty() ? "" : n.domain + ".") + n.op_type + " (node '" + n.name + "')");
     for (auto& a : n.attrs) {
       if (a.g) KILN_RETURN_IF_ERROR(assign_kernels(*a.g, backend, missing));
@@ -29,19 +90,176 @@ Status assign_kernels(Graph& g, const Backend& backend, std::set<std::string>& m
   return Status::ok();
 }
 
+// Timing cache: one line per layer signature, "<signature>\t<tactic>".
+struct TimingCache {
+  std::map<std::string, std::string> entries;
+  bool dirty = false;
+  Status load(const std::string& path) {
+    if (path.empty() || !file_exists(path)) return Status::ok();
+    KILN_ASSIGN_OR_RETURN(auto f, MappedFile::open(path));
+    std::string text(reinterpret_cast<const char*>(f->data()), f->size());
+    size_t pos = 0, line_no = 0;
+    while (pos < text.size()) {
+      size_t nl = text.find('\n', pos);
+      if (nl == std::string::npos) nl = text.size();
+      std::string line = text.substr(pos, nl - pos);
+      pos = nl + 1;
+      ++line_no;
+      if (line.empty() || line[0] == '#') continue;
+      size_t tab = line.rfind('\t');
+      if (tab == std::string::npos)
+        return invalid_argument("timing cache '" + path + "' line " + std::to_string(line_no) +
+                                " is not '<signature><TAB><tactic>'; delete the file to start afresh");
+      entries[line.substr(0, tab)] = line.substr(tab + 1);
+    }
+    return Status::ok();
+  }
+  Status save(const std::string& path) const {
+    if (path.empty() || !dirty) return Status::ok();
+    std::string text = "# Kiln timing cache: layer signature -> tactic\n";
+    for (auto& [k, v] : entries) text += k + "\t" + v + "\n";
+    return write_file(path, text.data(), text.size());
+  }
+};
+
+// What a tactic depends on: the device, the op and its attributes, the input types and shapes.
+std::string layer_signature(const Node& n, const std::unordered_map<std::string, TypeInfo>& types,
+                            const std::string& device) {
+  std::string sig = device + "|" + n.domain + "." + n.op_type;
+  for (auto& a : n.attrs) {
+    if (a.name == "kiln_tactic") continue;
+    sig += "|" + a.name + "=";
+    switch (a.kind) {
+      case Attribute::Kind::kInt: sig += std::to_string(a.i); break;
+      case Attribute::Kind::kFloat: sig += std::to_string(a.f); break;
+      case Attribute::Kind::kString: sig += a.s; break;
+      case Attribute::Kind::kInts: for (auto v : a.ints) sig += std::to_string(v) + ","; break;
+      case Attribute::Kind::kFloats: for (auto v : a.floats) sig += std::to_string(v) + ","; break;
+      default: sig += "?"; break;
+    }
+  }
+  for (auto& in : n.inputs) {
+    auto it = types.find(in);
+    sig += "|" + (it == types.end() ? std::string("?") : it->second.to_string());
+  }
+  for (char& c : sig)
+    if (c == '\t' || c == '\n') c = ' ';
+  return sig;
+}
+
+bool tunable(const Node& n) {
+  return (n.domain.empty() && (n.op_type == "Conv" || n.op_type == "ConvTranspose" || n.op_type == "MatMul" ||
+                               n.op_type == "Gemm")) ||
+         (n.domain == "kiln" && (n.op_type == "FusedConv" || n.op_type == "FusedMatMul"));
+}
+
+void set_int_attr(Node& n, const char* name, int64_t v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kInt;
+  a.i = v;
+  n.set_attr(a);
+}
+
+// CUDA: times the tactics of every tunable layer (or takes them from the timing cache) by
+// preparing the kernels once, and records each choice in the node (`kiln_tactic`).
+Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config, const std::string& device,
+                BuildReport& rep) {
+  TimingCache cache;
+  KILN_RETURN_IF_ERROR(cache.load(config.timing_cache));
+  auto types = type_table(g);
+  std::vector<std::string> sigs(g.nodes.size());
+  size_t total = 0;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    Node& n = g.nodes[i];
+    if (!tunable(n) || n.kernel.rfind("cuda.", 0) != 0) continue;
+    ++total;
+    // The shape to time for: the first input's shape with the batch at its maximum.
+    auto it = types.find(n.inputs.empty() ? std::string() : n.inputs[0]);
+    if (it != types.end() && it->second.has_shape) {
+      Attribute a;
+      a.name = "kiln_tune_shape";
+      a.kind = Attribute::Kind::kInts;
+      bool ok = true;
+      for (size_t d = 0; d < it->second.dims.size(); ++d) {
+        const Dim& dim = it->second.dims[d];
+        if (dim.known()) a.ints.push_back(dim.value);
+        else if (d == 0 && config.max_batch > 0) a.ints.push_back(config.max_batch);
+        else ok = false;
+      }
+      if (ok) n.set_attr(a);
+    }
+    set_int_attr(n, "kiln_workspace", static_cast<int64_t>(config.workspace_bytes));
+    if (config.tf32) set_int_attr(n, "tf32", 1);
+    sigs[i] = layer_signature(n, types, device);
+    auto hit = cache.entries.find(sigs[i]);
+    if (hit != cache.entries.end()) {
+      Attribute a;
+      a.name = "kiln_tactic";
+      a.kind = Attribute::Kind::kString;
+      a.s = hit->second;
+      n.set_attr(a);
+      ++rep.tuned_from_cache;
+    }
+  }
+  // Preparing = uploading weights + timing; the kernels then report their tactic.
+  ConstantLookup lookup = [&g](const std::string& name) -> const Tensor* {
+    auto it = g.initializers.find(name);
+    return it == g.initializers.end() ? nullptr : &it->second;
+  };
+  size_t done = 0;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    Node& n = g.nodes[i];
+    if (sigs[i].empty()) continue;
+    ++done;
+    if (config.progress)
+      std::fprintf(stderr, "\r[kiln] timing tactics: layer %zu/%zu (%s)          ", done, total, n.op_type.c_str());
+    if (n.has_attr("kiln_tactic")) continue;
+    auto k = backend.prepare(n.kernel, n, lookup);
+    if (!k.is_ok()) return k.status().with_context(n.where());
+    if (!k.value()) continue;
+    std::string tactic = k.value()->tactic();
+    if (tactic.empty()) continue;
+    Attribute a;
+    a.name = "kiln_tactic";
+    a.kind = Attribute::Kind::kString;
+    a.s = tactic;
+    n.set_attr(a);
+    cache.entries[sigs[i]] = tactic;
+    cache.dirty = true;
+    ++rep.tuned;
+  }
+  if (config.progress && total) std::fprintf(stderr, "\n");
+  Status st = cache.save(config.timing_cache);
+  if (!st.is_ok()) KILN_LOG(kWarning, "cannot save the timing cache: " << st.message());
+  return Status::ok();
+}
+
 }  // namespace
 
 Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& config, uint64_t model_hash,
                                         BuildReport* report) {
   auto t0 = std::chrono::steady_clock::now();
-  if (config.device != "cpu")
-    return unsupported("device '" + config.device + "' is not available in this build (available: cpu)");
+  const Backend* backend = nullptr;
+  std::string fingerprint;
+  if (config.device == "cpu") {
+    backend = &cpu_backend();
+    fingerprint = device_fingerprint("cpu");
+  } else if (config.device == "cuda") {
+    backend = cuda_backend();
+    if (!backend)
+      return unsupported("device 'cuda' is not available: this build of Kiln has no CUDA backend "
+                         "(configure it where the CUDA toolkit and cuDNN are installed)");
+    KILN_ASSIGN_OR_RETURN(fingerprint, cuda_runtime()->fingerprint());
+  } else {
+    return unsupported("unknown device '" + config.device + "' (use cpu or cuda)");
+  }
   if (config.max_batch < 0) return invalid_argument("--batch must be positive");
   Graph& g = model.graph;
   BuildReport rep;
   rep.nodes_in = g.nodes.size();
   bool fp16 = false;
-  if (config.fp16)
+  if ((config.fp16 || config.bf16) && !backend->is_device())
     KILN_LOG(kWarning, "the CPU backend has no fast fp16; building an fp32 engine instead");
   if (config.max_batch > 0) KILN_RETURN_IF_ERROR(relax_batch_dim(g));
   PassStats ps;
@@ -53,18 +271,40 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, FusionOptions{}, &ps));
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(infer_types(g, &ps));
+  if ((config.fp16 || config.bf16) && backend->is_device()) {
+    PrecisionOptions po;
+    po.to = config.bf16 ? DataType::kBFloat16 : DataType::kFloat16;
+    po.io_reduced = config.io_reduced;
+    po.keep_fp32 = config.fp32_layers;
+    po.force_reduced = config.reduced_layers;
+    Status st = convert_precision(g, po, &ps);
+    if (st.is_ok()) {
+      fp16 = true;
+    } else if (st.code() == StatusCode::kUnsupported) {
+      KILN_LOG(kWarning, st.message() << "; building a float32 engine");
+      KILN_RETURN_IF_ERROR(infer_types(g, &ps));
+    } else {
+      return st;
+    }
+    KILN_RETURN_IF_ERROR(verify_graph(g).with_context("after reduced-precision conversion"));
+  }
   KILN_RETURN_IF_ERROR(verify_graph(g).with_context("after optimization passes"));
-  const Backend& backend = cpu_backend();
   std::set<std::string> missing;
-  KILN_RETURN_IF_ERROR(assign_kernels(g, backend, missing));
+  if (backend->is_device()) {
+    size_t placed = 0;
+    place_shape_nodes(g, type_table(g), &placed);
+    if (placed) KILN_LOG(kInfo, placed << " shape-computation node(s) run on the host");
+  }
+  KILN_RETURN_IF_ERROR(assign_kernels(g, *backend, missing));
   if (!missing.empty()) {
     std::string list;
     for (auto& m : missing) list += (list.empty() ? "" : ", ") + m;
-    return unsupported("no " + std::string(backend.name()) + " kernel for: " + list);
+    return unsupported("no " + std::string(backend->name()) + " kernel for: " + list);
   }
+  if (backend->is_device()) KILN_RETURN_IF_ERROR(autotune(g, *backend, config, fingerprint, rep));
   PlanHeader h;
   h.kiln_version = KILN_VERSION;
-  h.device = device_fingerprint(backend.name());
+  h.device = fingerprint;
   h.model_hash = model_hash;
   h.max_batch = config.max_batch;
   h.fp16_requested = config.fp16;
@@ -119,7 +359,17 @@ std::string cache_key(uint64_t model_hash, const BuilderConfig& c) {
   h.update_u64(c.fp16);
   h.update_u64(c.workspace_bytes);
   h.update(c.device);
-  h.update(device_fingerprint(c.device));
+  if (c.device == "cuda") {
+    auto fp = cuda_runtime() ? cuda_runtime()->fingerprint() : Result<std::string>(std::string("cuda:none"));
+    h.update(fp.is_ok() ? fp.value() : std::string("cuda:none"));
+  } else {
+    h.update(device_fingerprint(c.device));
+  }
+  h.update_u64(c.bf16);
+  h.update_u64(c.tf32);
+  h.update_u64(c.io_reduced);
+  for (auto& l : c.fp32_layers) h.update("fp32:" + l);
+  for (auto& l : c.reduced_layers) h.update("reduced:" + l);
   h.update_u64(kPlanFormatVersion);
   h.update(KILN_VERSION);
   return "kiln-" + h.hex() + ".plan";

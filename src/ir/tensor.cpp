@@ -83,7 +83,20 @@ std::shared_ptr<Storage> Storage::external(const void* data, size_t bytes,
   return s;
 }
 
+std::shared_ptr<Storage> Storage::adopt(void* data, size_t bytes, Device device,
+                                        std::function<void(void*)> release) {
+  std::shared_ptr<Storage> s(new Storage());
+  s->data_ = static_cast<uint8_t*>(data);
+  s->size_ = bytes;
+  s->device_ = device;
+  s->release_ = std::move(release);
+  return s;
+}
+
+const char* device_name(Device d) { return d == Device::kCuda ? "cuda" : "host"; }
+
 Storage::~Storage() {
+  if (release_) release_(data_);
   if (owned_) {
     std::free(data_);
     g_memory_in_use.fetch_sub(accounted_);
@@ -134,6 +147,25 @@ Tensor Tensor::external(DataType dtype, const Shape& shape, const void* data,
   return t;
 }
 
+Result<Tensor> Tensor::view(DataType dtype, const Shape& shape, std::shared_ptr<Storage> storage,
+                           size_t offset_bytes) {
+  if (dtype == DataType::kUndefined || dtype == DataType::kString || !dtype_valid(static_cast<int32_t>(dtype)))
+    return invalid_argument("cannot view storage as a tensor of this type");
+  KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
+  size_t es = dtype_size(dtype);
+  if (!storage || offset_bytes % es != 0 || static_cast<uint64_t>(n) > kMaxTensorBytes / es ||
+      offset_bytes + static_cast<size_t>(n) * es > storage->size())
+    return invalid_argument("tensor view " + std::string(dtype_name(dtype)) + shape_str(shape) +
+                            " does not fit its storage");
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.numel_ = n;
+  t.storage_ = std::move(storage);
+  t.offset_ = offset_bytes;
+  return t;
+}
+
 Result<Tensor> Tensor::reshaped(const Shape& shape) const {
   KILN_ASSIGN_OR_RETURN(int64_t n, checked_numel(shape));
   if (n != numel_)
@@ -145,6 +177,7 @@ Result<Tensor> Tensor::reshaped(const Shape& shape) const {
 
 Tensor Tensor::clone() const {
   if (!defined()) return {};
+  if (on_device()) return *this;  // device tensors are immutable once written; share
   Tensor t = create(dtype_, shape_).value();
   if (dtype_ == DataType::kString) {
     for (int64_t i = 0; i < numel_; ++i) t.data<std::string>()[i] = data<std::string>()[i];
@@ -155,6 +188,7 @@ Tensor Tensor::clone() const {
 }
 
 double Tensor::get_f64(int64_t i) const {
+  if (on_device()) return 0.0;  // never dereference device memory on the host
   switch (dtype_) {
     case DataType::kFloat: return data<float>()[i];
     case DataType::kDouble: return data<double>()[i];
@@ -174,6 +208,7 @@ double Tensor::get_f64(int64_t i) const {
 }
 
 int64_t Tensor::get_i64(int64_t i) const {
+  if (on_device()) return 0;
   switch (dtype_) {
     case DataType::kInt64: return data<int64_t>()[i];
     case DataType::kInt32: return data<int32_t>()[i];
@@ -196,7 +231,7 @@ std::vector<int64_t> Tensor::to_i64_vector() const {
 
 std::string Tensor::describe() const {
   if (!defined()) return "<undefined>";
-  return std::string(dtype_name(dtype_)) + shape_str(shape_);
+  return std::string(dtype_name(dtype_)) + shape_str(shape_) + (on_device() ? "@cuda" : "");
 }
 
 std::string Value::describe() const {

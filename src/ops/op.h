@@ -24,6 +24,9 @@ struct OpContext {
   const Node& node;
   SubgraphRunner run_subgraph;
   uint64_t seed = 0;  // per-run seed for random ops (node attribute `seed` wins)
+  // Backend state of the running execution context (CUDA: cuda::Env* with the stream, the
+  // device memory pool and library handles); nullptr on the CPU backend.
+  void* device_env = nullptr;
 
   // A runtime error that names the node: ctx.fail("axis 5 out of range for rank 4").
   Status fail(const std::string& msg) const { return runtime_error(node.where() + ": " + msg); }

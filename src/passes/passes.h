@@ -31,3 +31,22 @@ Status eliminate_dead_code(Graph& g, PassStats* stats = nullptr);
 Status relax_batch_dim(Graph& g);
 
 }  // namespace kiln
+
+namespace kiln {
+
+// Reduced-precision build (CUDA --fp16 / --bf16): every float32 value and initializer becomes
+// `to` (kFloat16 or kBFloat16), with Casts at the graph edges so inputs and outputs stay float32
+// (unless `io_reduced`). Nodes listed in `keep_fp32` (by name or op type) and the numerically
+// sensitive ops below compute in float32 between Casts. Kernels of the reduced graph still
+// accumulate in float32 (softmax, normalizations, reductions, GEMMs).
+struct PrecisionOptions {
+  DataType to = DataType::kFloat16;
+  bool io_reduced = false;  // --ioFormats: keep the reduced type at the graph inputs/outputs
+  std::vector<std::string> keep_fp32;  // node names or op types forced to float32
+  std::vector<std::string> force_reduced;  // node names or op types taken out of the default fp32 list
+};
+// The op types kept in float32 by default: their outputs overflow or lose too much in fp16.
+const std::vector<std::string>& default_fp32_ops();
+Status convert_precision(Graph& g, const PrecisionOptions& opts, PassStats* stats = nullptr);
+
+}  // namespace kiln

@@ -354,7 +354,8 @@ std::vector<uint8_t> write_plan(const PlanHeader& h, const Graph& g) {
   return std::move(w.buf);
 }
 
-Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string& expected_device) {
+Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string& expected_device,
+                             const DeviceResolver& resolver) {
   const std::string src = file->path();
   auto corrupt = [&](const std::string& m) {
     return Status(StatusCode::kCorruptPlan, "plan '" + src + "' " + m);
@@ -396,10 +397,17 @@ Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string
     return Status(StatusCode::kIncompatiblePlan, "plan '" + src + "' was built by Kiln " +
                                                      lp.header.kiln_version + ", this is Kiln " KILN_VERSION
                                                      "; rebuild it from the model");
-  if (!expected_device.empty() && lp.header.device != expected_device)
+  std::string expected = expected_device;
+  if (expected == kDeviceOfPlan) {
+    if (!resolver) return internal_error("read_plan: no device resolver");
+    auto e = resolver(lp.header.device);
+    if (!e.is_ok()) return e.status().with_context("plan '" + src + "'");
+    expected = e.value();
+  }
+  if (!expected.empty() && lp.header.device != expected)
     return Status(StatusCode::kIncompatiblePlan, "plan '" + src + "' was built for device '" +
                                                      lp.header.device + "' but this device is '" +
-                                                     expected_device + "'; rebuild it on this device");
+                                                     expected + "'; rebuild it on this device");
   lp.graph = r.graph();
   if (!r.ok()) return r.err.with_context("plan '" + src + "'");
   if (r.pos() != file->size()) return corrupt("has trailing bytes after the graph");

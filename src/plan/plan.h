@@ -27,6 +27,7 @@
 //   1 (Kiln 0.1.0): first format.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,7 +65,12 @@ struct LoadedPlan {
 // Kiln version and (when `expected_device` is non-empty) the device fingerprint. Errors are one
 // sentence: kCorruptPlan (damaged/truncated/bad checksum) or kIncompatiblePlan (other version or
 // device). Tensor data points into `file` (kept alive).
-Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string& expected_device);
+// `expected_device` == kDeviceOfPlan: `resolver` maps the plan's device string to this
+// machine's fingerprint for that kind of device (or fails: e.g. no GPU, no CUDA in this build).
+inline constexpr const char kDeviceOfPlan[] = "<device of plan>";
+using DeviceResolver = std::function<Result<std::string>(const std::string& plan_device)>;
+Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string& expected_device,
+                             const DeviceResolver& resolver = nullptr);
 
 // The fingerprint of this machine for a backend ("cpu" → "cpu:x86_64:avx2").
 std::string device_fingerprint(const std::string& backend);

@@ -5,6 +5,7 @@
 #include "base/logging.h"
 #include "kiln/runtime.h"
 #include "plan/plan.h"
+#include "runtime/device_context.h"
 #include "runtime/executor.h"
 
 namespace kiln {
@@ -16,6 +17,7 @@ struct Engine::Impl {
   std::vector<TensorDesc> inputs, outputs;
   PlanInfo info;
   const Backend* backend = nullptr;
+  const DeviceRuntime* device_runtime = nullptr;  // null on the CPU
 };
 
 struct ExecutionContext::Impl {
@@ -25,6 +27,7 @@ struct ExecutionContext::Impl {
   std::vector<bool> bound;
   std::vector<Value> bound_values;  // kept across runs; the frame frees inputs after last use
   uint64_t runs = 0;
+  std::unique_ptr<DeviceContext> device;  // device backends
 };
 
 namespace {
@@ -44,11 +47,22 @@ TensorDesc make_desc(const ValueInfo& vi) {
 
 Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> file) {
   auto impl = std::make_unique<Engine::Impl>();
-  // The plan's device decides the backend; a CPU plan on another CPU kind is refused.
-  const Backend& backend = cpu_backend();
-  KILN_ASSIGN_OR_RETURN(impl->plan, read_plan(file, device_fingerprint(backend.name())));
+  // The plan's device decides the backend; a plan for another CPU kind or GPU is refused.
+  auto resolver = [](const std::string& plan_device) -> Result<std::string> {
+    if (plan_device.rfind("cuda", 0) == 0) {
+      if (!cuda_runtime())
+        return Status(StatusCode::kIncompatiblePlan,
+                      "was built for '" + plan_device + "' but this build of Kiln has no CUDA backend");
+      return cuda_runtime()->fingerprint();
+    }
+    return device_fingerprint("cpu");
+  };
+  KILN_ASSIGN_OR_RETURN(impl->plan, read_plan(file, kDeviceOfPlan, resolver));
+  const bool on_cuda = impl->plan.header.device.rfind("cuda", 0) == 0;
+  const Backend& backend = on_cuda ? *cuda_backend() : cpu_backend();
   impl->file = file;
   impl->backend = &backend;
+  impl->device_runtime = on_cuda ? cuda_runtime() : nullptr;
   KILN_ASSIGN_OR_RETURN(impl->cg, compile_graph(impl->plan.graph, backend, false));
   for (auto& vi : impl->plan.graph.inputs) impl->inputs.push_back(make_desc(vi));
   for (auto& vi : impl->plan.graph.outputs) impl->outputs.push_back(make_desc(vi));
@@ -61,6 +75,7 @@ Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> fil
   pi.max_batch = h.max_batch;
   pi.fp16_requested = h.fp16_requested;
   pi.fp16_enabled = h.fp16_enabled;
+  pi.backend = backend.name();
   pi.workspace_bytes = h.workspace_bytes;
   pi.plan_bytes = impl->plan.size;
   for (auto& [k, t] : impl->plan.graph.initializers) pi.weight_bytes += t.nbytes();
@@ -103,6 +118,9 @@ Result<std::unique_ptr<ExecutionContext>> Engine::create_execution_context() con
   impl->frame.slots.resize(static_cast<size_t>(impl_->cg->num_slots));
   impl->bound.assign(impl_->inputs.size(), false);
   impl->bound_values.resize(impl_->inputs.size());
+  if (impl_->device_runtime) {
+    KILN_ASSIGN_OR_RETURN(impl->device, impl_->device_runtime->create_context(impl_->info));
+  }
   return std::make_unique<ExecutionContext>(std::move(impl));
 }
 
@@ -153,7 +171,7 @@ Status ExecutionContext::set_input_value(const std::string& name, const Value& v
   return not_found("the engine has no input named '" + name + "' (inputs: " + names + ")");
 }
 
-Status ExecutionContext::enqueue(void* /*stream*/) {
+Status ExecutionContext::enqueue(void* stream) {
   const auto& ins = impl_->engine->inputs;
   for (size_t i = 0; i < ins.size(); ++i)
     if (!impl_->bound[i]) return invalid_argument("input '" + ins[i].name + "' was not set");
@@ -161,10 +179,31 @@ Status ExecutionContext::enqueue(void* /*stream*/) {
   // Clear everything from a previous run, then bind the inputs.
   for (auto& v : f.slots) v = Value();
   for (size_t i = 0; i < ins.size(); ++i) f.slots[static_cast<size_t>(f.cg->input_slots[i])] = impl_->bound_values[i];
+  if (impl_->device) return impl_->device->enqueue(*f.cg, f, stream, 0x5eed0000ULL + impl_->runs++);
   return run_graph(*f.cg, f, 0x5eed0000ULL + impl_->runs++);
 }
 
-Status ExecutionContext::synchronize() { return Status::ok(); }
+Status ExecutionContext::synchronize() { return impl_->device ? impl_->device->synchronize() : Status::ok(); }
+
+Status ExecutionContext::set_cuda_graph(bool on) {
+  if (!impl_->device) return unsupported("CUDA graphs need an engine built for a CUDA device (this one is for the CPU)");
+  return impl_->device->set_cuda_graph(on);
+}
+
+Status ExecutionContext::set_outputs_on_device(bool on) {
+  if (!impl_->device) return unsupported("outputs on the device need an engine built for a CUDA device");
+  impl_->device->set_outputs_on_device(on);
+  return Status::ok();
+}
+
+Result<InferenceTimings> ExecutionContext::last_timings() {
+  if (!impl_->device) return unsupported("GPU timings need an engine built for a CUDA device");
+  return impl_->device->last_timings();
+}
+
+size_t ExecutionContext::device_memory_bytes() const {
+  return impl_->device ? impl_->device->device_memory_bytes() : 0;
+}
 
 Result<Value> ExecutionContext::get_output_value(const std::string& name) const {
   const auto& outs = impl_->engine->outputs;

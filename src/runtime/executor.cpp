@@ -8,6 +8,7 @@ namespace {
 
 Status compile_into(const Graph& g, const Backend& backend, bool fallback, CompiledGraph& cg) {
   cg.graph = &g;
+  cg.backend = &backend;
   auto slot = [&](const std::string& name) {
     auto it = cg.slot_of.find(name);
     if (it != cg.slot_of.end()) return it->second;
@@ -67,7 +68,10 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
       return Status(StatusCode::kIncompatiblePlan,
                     n.where() + ": kernel '" + kernel + "' is not available in this build of Kiln");
     }
-    for (auto& in : n.inputs) cn.in.push_back(in.empty() ? -1 : slot(in));
+    for (size_t i = 0; i < n.inputs.size(); ++i) {
+      cn.in.push_back(n.inputs[i].empty() ? -1 : slot(n.inputs[i]));
+      cn.residency.push_back(backend.input_residency(kernel, n, i));
+    }
     for (auto& o : n.outputs) cn.out.push_back(o.empty() ? -1 : slot(o));
     cg.nodes.push_back(std::move(cn));
     for (auto& a : n.attrs) {
@@ -95,6 +99,21 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
       if (o >= 0 && last[static_cast<size_t>(o)] < static_cast<int>(i)) last[static_cast<size_t>(o)] = static_cast<int>(i);
   }
   for (int s : cg.output_slots) last[static_cast<size_t>(s)] = -2;
+  if (backend.is_device()) {
+    // Upload each constant a kernel reads on the device, once.
+    std::unordered_map<int, const Tensor*> const_of;
+    for (auto& [s, t] : cg.constants) const_of[s] = &t;
+    for (auto& cn : cg.nodes) {
+      for (size_t i = 0; i < cn.in.size(); ++i) {
+        if (cn.in[i] < 0 || cn.residency[i] != Residency::kDevice) continue;
+        auto it = const_of.find(cn.in[i]);
+        if (it == const_of.end() || cg.device_constants.count(cn.in[i])) continue;
+        auto up = backend.upload_constant(*it->second);
+        if (!up.is_ok()) return up.status().with_context("uploading constant '" + cn.node->inputs[i] + "'");
+        cg.device_constants.emplace(cn.in[i], up.value());
+      }
+    }
+  }
   for (int s = 0; s < cg.num_slots; ++s) {
     int l = last[static_cast<size_t>(s)];
     if (l >= 0) cg.nodes[static_cast<size_t>(l)].release.push_back(s);
@@ -122,8 +141,26 @@ Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backe
   return cg;
 }
 
+namespace {
+// The value of slot `s` where a kernel wants it, copying (and caching in frame.alt) if needed.
+Result<Value> value_at(const CompiledGraph& cg, Frame& frame, OpContext& ctx, int s, Residency want) {
+  Value& v = frame.slots[static_cast<size_t>(s)];
+  if (want == Residency::kAny || !v.is_tensor()) return v;
+  const bool on_dev = v.tensor.on_device();
+  if (on_dev == (want == Residency::kDevice)) return v;
+  Value& alt = frame.alt[static_cast<size_t>(s)];
+  if (alt.is_none()) {
+    KILN_ASSIGN_OR_RETURN(alt, cg.backend->transfer(ctx, v, want == Residency::kDevice ? cg.backend->device()
+                                                                                      : Device::kHost));
+  }
+  return alt;
+}
+}  // namespace
+
 Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
+  if (frame.alt.size() != frame.slots.size()) frame.alt.assign(frame.slots.size(), Value());
   for (auto& [s, t] : cg.constants) frame.slots[static_cast<size_t>(s)] = Value(t);
+  for (auto& [s, t] : cg.device_constants) frame.alt[static_cast<size_t>(s)] = Value(t);
   for (auto& [name, s] : cg.captures) {
     const Value* v = lookup_outer(frame.parent, name);
     if (!v) return runtime_error("value '" + name + "' used by graph '" + cg.graph->name +
@@ -133,15 +170,21 @@ Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
   std::vector<Value> ins, outs;
   for (size_t ni = 0; ni < cg.nodes.size(); ++ni) {
     const CompiledNode& cn = cg.nodes[ni];
+    OpContext ctx{*cn.node, nullptr, seed + ni * 0x9e3779b97f4a7c15ULL, frame.device_env};
     ins.assign(cn.in.size(), Value());
     for (size_t i = 0; i < cn.in.size(); ++i) {
       if (cn.in[i] < 0) continue;
-      ins[i] = frame.slots[static_cast<size_t>(cn.in[i])];
-      if (ins[i].is_none())
+      if (frame.slots[static_cast<size_t>(cn.in[i])].is_none())
         return runtime_error(cn.node->where() + ": input '" + cn.node->inputs[i] + "' has no value");
+      if (!cg.backend->is_device()) {
+        ins[i] = frame.slots[static_cast<size_t>(cn.in[i])];
+        continue;
+      }
+      auto v = value_at(cg, frame, ctx, cn.in[i], cn.residency[i]);
+      if (!v.is_ok()) return v.status().with_context(cn.node->where() + " input '" + cn.node->inputs[i] + "'");
+      ins[i] = std::move(v.value());
     }
     outs.assign(cn.out.size(), Value());
-    OpContext ctx{*cn.node, nullptr, seed + ni * 0x9e3779b97f4a7c15ULL};
     ctx.run_subgraph = [&](const Graph& sg, std::vector<Value> sub_in) -> Result<std::vector<Value>> {
       auto it = cg.subgraphs.find(&sg);
       if (it == cg.subgraphs.end()) return internal_error(cn.node->where() + ": subgraph not compiled");
@@ -153,6 +196,7 @@ Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
       Frame child;
       child.cg = &sc;
       child.parent = &frame;
+      child.device_env = frame.device_env;
       child.slots.resize(static_cast<size_t>(sc.num_slots));
       for (size_t i = 0; i < sub_in.size(); ++i) child.slots[static_cast<size_t>(sc.input_slots[i])] = std::move(sub_in[i]);
       KILN_RETURN_IF_ERROR(run_graph(sc, child, ctx.seed + 1));
@@ -171,8 +215,12 @@ Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
         return internal_error(cn.node->where() + ": kernel produced no value for output '" +
                               cn.node->outputs[i] + "'");
       frame.slots[static_cast<size_t>(cn.out[i])] = std::move(outs[i]);
+      frame.alt[static_cast<size_t>(cn.out[i])] = Value();
     }
-    for (int s : cn.release) frame.slots[static_cast<size_t>(s)] = Value();
+    for (int s : cn.release) {
+      frame.slots[static_cast<size_t>(s)] = Value();
+      frame.alt[static_cast<size_t>(s)] = Value();
+    }
   }
   for (size_t i = 0; i < cg.output_slots.size(); ++i) {
     if (frame.slots[static_cast<size_t>(cg.output_slots[i])].is_none())

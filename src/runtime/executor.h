@@ -18,13 +18,18 @@ struct CompiledNode {
   std::shared_ptr<const Kernel> kernel;  // prepared kernel; when set it runs instead of fn
   std::vector<int> in, out;
   std::vector<int> release;  // slots whose last reader is this node
+  std::vector<Residency> residency;  // per input: where the kernel wants it
 };
 
 struct CompiledGraph {
   const Graph* graph = nullptr;
+  const Backend* backend = nullptr;
   int num_slots = 0;
   std::unordered_map<std::string, int> slot_of;
   std::vector<std::pair<int, Tensor>> constants;
+  // Device backends: device copies of the constants some kernel wants on the device, uploaded
+  // once at compile time (slot -> tensor).
+  std::unordered_map<int, Tensor> device_constants;
   std::vector<int> input_slots, output_slots;
   std::vector<std::pair<std::string, int>> captures;  // outer-scope names read here
   std::vector<CompiledNode> nodes;
@@ -40,6 +45,10 @@ struct Frame {
   const CompiledGraph* cg = nullptr;
   const Frame* parent = nullptr;
   std::vector<Value> slots;
+  // Device backends: the other-residency copy of a slot's tensor (host copy of a device value
+  // or device copy of a host value), made on first need and dropped with the slot.
+  std::vector<Value> alt;
+  void* device_env = nullptr;  // passed to kernels as OpContext::device_env
 };
 
 // Runs a compiled graph whose input slots are already bound in `frame`.

@@ -1,0 +1,292 @@
+// The CUDA execution context: stream, library handles, device pool, pinned staging buffers,
+// CUDA events for timings, and CUDA-graph capture/replay of the compute part.
+#include <cublasLt.h>
+#include <cudnn.h>
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "backends/cuda/cuda_env.h"
+#include "backends/cuda/device_pool.h"
+#include "base/logging.h"
+#include "runtime/device_context.h"
+
+namespace kiln::cuda {
+
+namespace {
+
+Status dnn_check(cudnnStatus_t s, const std::string& what) {
+  if (s == CUDNN_STATUS_SUCCESS) return Status::ok();
+  return runtime_error(what + ": cuDNN error " + cudnnGetErrorString(s));
+}
+
+Status lt_check(cublasStatus_t s, const std::string& what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
+  return runtime_error(what + ": cuBLAS error " + std::to_string(static_cast<int>(s)));
+}
+
+// Grow-only pinned host buffer.
+struct Pinned {
+  std::shared_ptr<Storage> storage;
+  Status ensure(size_t bytes) {
+    if (storage && storage->size() >= bytes) return Status::ok();
+    void* p = nullptr;
+    size_t n = bytes ? bytes : 1;
+    KILN_CUDA_CHECK(cudaMallocHost(&p, n), "allocating " + std::to_string(n) + " bytes of pinned host memory");
+    storage = Storage::adopt(p, n, Device::kHost, [](void* q) { cudaFreeHost(q); });
+    return Status::ok();
+  }
+};
+
+std::string shape_key(const CompiledGraph& cg, const Frame& f) {
+  std::string k;
+  for (int s : cg.input_slots) {
+    const Value& v = f.slots[static_cast<size_t>(s)];
+    k += v.describe();
+    if (v.is_tensor() && v.tensor.on_device())  // user-provided device buffers are baked into the graph
+      k += "@" + std::to_string(reinterpret_cast<uintptr_t>(v.tensor.raw_data()));
+    k += ";";
+  }
+  return k;
+}
+
+class CudaContext final : public DeviceContext {
+ public:
+  ~CudaContext() override {
+    if (last_stream_) cudaStreamSynchronize(last_stream_);
+    if (exec_) cudaGraphExecDestroy(exec_);
+    for (auto& e : ev_)
+      if (e) cudaEventDestroy(e);
+    if (dnn_) cudnnDestroy(dnn_);
+    if (lt_) cublasLtDestroy(lt_);
+    if (own_stream_) cudaStreamDestroy(own_stream_);
+  }
+
+  Status init(const PlanInfo& info) {
+    KILN_CUDA_CHECK(cudaSetDevice(0), "selecting GPU 0");
+    KILN_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking), "creating a CUDA stream");
+    for (auto& e : ev_) KILN_CUDA_CHECK(cudaEventCreate(&e), "creating a CUDA event");
+    KILN_RETURN_IF_ERROR(dnn_check(cudnnCreate(&dnn_), "creating a cuDNN handle"));
+    KILN_RETURN_IF_ERROR(lt_check(cublasLtCreate(&lt_), "creating a cuBLASLt handle"));
+    pool_ = DevicePool::create(0);
+    env_.device = 0;
+    env_.pool = pool_.get();
+    env_.cudnn = dnn_;
+    env_.cublaslt = lt_;
+    // Library workspace: the builder's limit caps it; kernels needing more ask env.scratch().
+    size_t ws = std::min<uint64_t>(info.workspace_bytes ? info.workspace_bytes : (32u << 20), 32u << 20);
+    KILN_ASSIGN_OR_RETURN(workspace_, pool_->allocate(ws));
+    env_.workspace = workspace_->data();
+    env_.workspace_bytes = ws;
+    return Status::ok();
+  }
+
+  Status enqueue(const CompiledGraph& cg, Frame& frame, void* stream, uint64_t seed) override {
+    cudaStream_t s = stream ? static_cast<cudaStream_t>(stream) : own_stream_;
+    // The previous run must be done reading the staging buffers before they are overwritten.
+    if (pending_) KILN_CUDA_CHECK(cudaEventSynchronize(ev_[1]), "waiting for the previous inference's input copies");
+    last_stream_ = s;
+    env_.stream = s;
+    KILN_RETURN_IF_ERROR(dnn_check(cudnnSetStream(dnn_, s), "binding the cuDNN handle to the stream"));
+    frame.device_env = &env_;
+    if (frame.alt.size() != frame.slots.size()) frame.alt.assign(frame.slots.size(), Value());
+    const std::string key = graph_on_ ? shape_key(cg, frame) : std::string();
+    if (graph_on_ && key != key_) {
+      reset_graph();
+      key_ = key;
+    }
+
+    KILN_CUDA_CHECK(cudaEventRecord(ev_[0], s), "recording a CUDA event");
+    // Inputs: host tensors -> pinned staging -> device (async).
+    in_stage_.resize(cg.input_slots.size());
+    dev_in_.resize(cg.input_slots.size());
+    for (size_t i = 0; i < cg.input_slots.size(); ++i) {
+      size_t slot = static_cast<size_t>(cg.input_slots[i]);
+      Value& v = frame.slots[slot];
+      if (!v.is_tensor() || v.tensor.on_device() || v.tensor.dtype() == DataType::kString) continue;
+      const Tensor& h = v.tensor;
+      KILN_RETURN_IF_ERROR(in_stage_[i].ensure(h.nbytes()));
+      if (h.nbytes()) std::memcpy(in_stage_[i].storage->data(), h.raw_data(), h.nbytes());
+      KILN_ASSIGN_OR_RETURN(Tensor staged, Tensor::view(h.dtype(), h.shape(), in_stage_[i].storage));
+      Tensor& d = dev_in_[i];
+      if (!graph_on_ || !d.defined() || d.dtype() != h.dtype() || d.shape() != h.shape()) {
+        KILN_ASSIGN_OR_RETURN(d, env_.alloc(h.dtype(), h.shape()));
+      }
+      if (h.nbytes())
+        KILN_CUDA_CHECK(cudaMemcpyAsync(d.raw_data(), staged.raw_data(), h.nbytes(), cudaMemcpyHostToDevice, s),
+                        "copying input " + std::to_string(i) + " to the GPU");
+      frame.slots[slot] = Value(d);
+      frame.alt[slot] = Value(staged);
+      if (!graph_on_) d = Tensor();  // the slot holds it; freed after its last use
+    }
+    KILN_CUDA_CHECK(cudaEventRecord(ev_[1], s), "recording a CUDA event");
+
+    KILN_RETURN_IF_ERROR(compute(cg, frame, s, seed));
+    KILN_CUDA_CHECK(cudaEventRecord(ev_[2], s), "recording a CUDA event");
+
+    // Outputs: device -> pinned host buffers (async); valid after synchronize().
+    out_stage_.resize(cg.output_slots.size());
+    for (size_t i = 0; i < cg.output_slots.size(); ++i) {
+      Value& v = frame.slots[static_cast<size_t>(cg.output_slots[i])];
+      if (outputs_on_device_ || !v.is_tensor() || !v.tensor.on_device()) continue;
+      const Tensor& d = v.tensor;
+      if (!out_stage_[i].storage || out_stage_[i].storage->size() < d.nbytes()) {
+        // Growing: the previous run may still be copying into the old buffer.
+        if (pending_) KILN_CUDA_CHECK(cudaEventSynchronize(ev_[3]), "waiting for the previous inference");
+        KILN_RETURN_IF_ERROR(out_stage_[i].ensure(d.nbytes()));
+      }
+      KILN_ASSIGN_OR_RETURN(Tensor h, Tensor::view(d.dtype(), d.shape(), out_stage_[i].storage));
+      if (d.nbytes())
+        KILN_CUDA_CHECK(cudaMemcpyAsync(h.raw_data(), d.raw_data(), d.nbytes(), cudaMemcpyDeviceToHost, s),
+                        "copying output " + std::to_string(i) + " to the host");
+      v = Value(h);
+    }
+    KILN_CUDA_CHECK(cudaEventRecord(ev_[3], s), "recording a CUDA event");
+    pending_ = true;
+    return Status::ok();
+  }
+
+  Status synchronize() override {
+    if (!last_stream_) return Status::ok();
+    KILN_CUDA_CHECK(cudaStreamSynchronize(last_stream_), "running inference on the GPU");
+    return Status::ok();
+  }
+
+  Status set_cuda_graph(bool on) override {
+    graph_on_ = on;
+    reset_graph();
+    return Status::ok();
+  }
+  void set_outputs_on_device(bool on) override { outputs_on_device_ = on; }
+
+  Result<InferenceTimings> last_timings() override {
+    if (!pending_) return invalid_argument("no inference has run on this context yet");
+    KILN_CUDA_CHECK(cudaEventSynchronize(ev_[3]), "waiting for the inference");
+    InferenceTimings t;
+    float ms = 0;
+    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[0], ev_[1]), "reading CUDA event times");
+    t.h2d_ms = ms;
+    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[1], ev_[2]), "reading CUDA event times");
+    t.compute_ms = ms;
+    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[2], ev_[3]), "reading CUDA event times");
+    t.d2h_ms = ms;
+    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[0], ev_[3]), "reading CUDA event times");
+    t.total_ms = ms;
+    return t;
+  }
+
+  size_t device_memory_bytes() const override { return pool_ ? pool_->reserved_bytes() : 0; }
+
+ private:
+  void reset_graph() {
+    if (exec_) cudaGraphExecDestroy(exec_);
+    exec_ = nullptr;
+    key_.clear();
+    warm_ = 0;
+    captured_.clear();
+    graph_failed_ = false;
+  }
+
+  Status compute(const CompiledGraph& cg, Frame& frame, cudaStream_t s, uint64_t seed) {
+    if (!graph_on_ || graph_failed_) return run_graph(cg, frame, seed);
+    if (exec_) {
+      KILN_CUDA_CHECK(cudaGraphLaunch(exec_, s), "launching the CUDA graph");
+      for (auto& [slot, v] : captured_) frame.slots[static_cast<size_t>(slot)] = v;
+      return Status::ok();
+    }
+    if (warm_++ == 0) return run_graph(cg, frame, seed);  // warm-up: fills the pool, loads modules
+    // Capture. Relaxed mode: other threads may use the CUDA API meanwhile.
+    KILN_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), "starting CUDA graph capture");
+    env_.capturing = true;
+    Status st = run_graph(cg, frame, seed);
+    env_.capturing = false;
+    cudaGraph_t graph = nullptr;
+    cudaError_t e = cudaStreamEndCapture(s, &graph);
+    if (st.is_ok() && e == cudaSuccess) {
+      e = cudaGraphInstantiate(&exec_, graph, 0);
+    }
+    if (graph) cudaGraphDestroy(graph);
+    if (!st.is_ok() || e != cudaSuccess) {
+      cudaGetLastError();
+      exec_ = nullptr;
+      graph_failed_ = true;
+      KILN_LOG(kWarning, "this engine cannot run as a CUDA graph ("
+                             << (st.is_ok() ? std::string(cudaGetErrorString(e)) : st.message())
+                             << "); running it kernel by kernel");
+      // The captured work never ran: run it for real now.
+      return run_graph(cg, frame, seed);
+    }
+    captured_.clear();
+    for (int slot : cg.output_slots) captured_.emplace_back(slot, frame.slots[static_cast<size_t>(slot)]);
+    KILN_CUDA_CHECK(cudaGraphLaunch(exec_, s), "launching the CUDA graph");
+    return Status::ok();
+  }
+
+  std::shared_ptr<DevicePool> pool_;
+  std::shared_ptr<Storage> workspace_;
+  Env env_;
+  cudaStream_t own_stream_ = nullptr, last_stream_ = nullptr;
+  cudnnHandle_t dnn_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  cudaEvent_t ev_[4] = {};
+  bool pending_ = false;
+  std::vector<Pinned> in_stage_, out_stage_;
+  std::vector<Tensor> dev_in_;
+  bool graph_on_ = false, outputs_on_device_ = false, graph_failed_ = false;
+  std::string key_;
+  int warm_ = 0;
+  cudaGraphExec_t exec_ = nullptr;
+  std::vector<std::pair<int, Value>> captured_;
+};
+
+class CudaRuntime final : public DeviceRuntime {
+ public:
+  Result<std::unique_ptr<DeviceContext>> create_context(const PlanInfo& info) const override {
+    auto c = std::make_unique<CudaContext>();
+    KILN_RETURN_IF_ERROR(c->init(info));
+    return std::unique_ptr<DeviceContext>(std::move(c));
+  }
+  Result<std::string> fingerprint() const override { return device_fingerprint(); }
+};
+
+}  // namespace
+
+Result<std::string> device_fingerprint() {
+  static std::mutex mu;
+  static std::string cached;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!cached.empty()) return cached;
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    return Status(StatusCode::kUnsupported,
+                  std::string("no usable CUDA GPU (") + (e == cudaSuccess ? "none found" : cudaGetErrorString(e)) + ")");
+  }
+  cudaDeviceProp p{};
+  KILN_CUDA_CHECK(cudaGetDeviceProperties(&p, 0), "reading GPU 0's properties");
+  size_t dnn = cudnnGetVersion();
+  size_t lt = cublasLtGetVersion();
+  cached = "cuda:sm_" + std::to_string(p.major * 10 + p.minor) + ":cudnn-" + std::to_string(dnn) + ":cublasLt-" +
+           std::to_string(lt);
+  return cached;
+}
+
+std::string device_name() {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) {
+    cudaGetLastError();
+    return "unknown GPU";
+  }
+  return p.name;
+}
+
+}  // namespace kiln::cuda
+
+namespace kiln {
+const DeviceRuntime* cuda_runtime() {
+  static const cuda::CudaRuntime r;
+  return &r;
+}
+}  // namespace kiln
