@@ -43,6 +43,9 @@ struct PlanInfo {
 
 class ExecutionContext;
 
+// "cuda" when this build has the CUDA backend and a usable GPU, else "cpu".
+std::string default_device();
+
 // GPU times of one finished inference, from CUDA events around its parts (trtexec's split).
 struct InferenceTimings {
   double h2d_ms = 0;      // host-to-device input copies
@@ -96,6 +99,9 @@ class ExecutionContext {
   Result<InferenceTimings> last_timings();
   // Bytes of device memory this context holds (its pool), 0 on the CPU.
   size_t device_memory_bytes() const;
+  // CUDA: a device copy of a host tensor from this context's memory (for set_input without
+  // per-run copies, trtexec's --noDataTransfers). Refused on the CPU.
+  Result<Tensor> upload(const Tensor& host);
   Result<Tensor> get_output(const std::string& name) const;
   Result<Value> get_output_value(const std::string& name) const;
 

@@ -28,6 +28,7 @@ class DeviceContext {
   virtual void set_outputs_on_device(bool on) = 0;
   virtual Result<InferenceTimings> last_timings() = 0;
   virtual size_t device_memory_bytes() const = 0;
+  virtual Result<Tensor> upload(const Tensor& host) = 0;
 };
 
 class DeviceRuntime {

@@ -106,7 +106,10 @@ std::string Engine::describe_layers() const {
   size_t i = 0;
   for (auto& n : impl_->plan.graph.nodes) {
     os << "  [" << i++ << "] " << n.name << "  " << (n.domain.empty() ? "" : n.domain + ".") << n.op_type
-       << "  " << n.kernel << "\n";
+       << "  " << n.kernel;
+    std::string tactic = n.attr_string("kiln_tactic");
+    if (!tactic.empty()) os << "  [" << tactic << "]";
+    os << "\n";
   }
   return os.str();
 }
@@ -199,6 +202,16 @@ Status ExecutionContext::set_outputs_on_device(bool on) {
 Result<InferenceTimings> ExecutionContext::last_timings() {
   if (!impl_->device) return unsupported("GPU timings need an engine built for a CUDA device");
   return impl_->device->last_timings();
+}
+
+Result<Tensor> ExecutionContext::upload(const Tensor& host) {
+  if (!impl_->device) return unsupported("upload needs an engine built for a CUDA device");
+  return impl_->device->upload(host);
+}
+
+std::string default_device() {
+  const DeviceRuntime* r = cuda_runtime();
+  return r && r->fingerprint().is_ok() ? "cuda" : "cpu";
 }
 
 size_t ExecutionContext::device_memory_bytes() const {

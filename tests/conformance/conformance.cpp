@@ -3,7 +3,7 @@
 // inference — and compares with the expected outputs of the ONNX reference implementation.
 // Each case runs in a forked child (a crash or hang in one case cannot take the harness down).
 //
-//   kiln_conformance [--root DIR] [--filter REGEX] [-v] [-j N] [--timeout S]
+//   kiln_conformance [--root DIR] [--filter REGEX] [-v] [-j N] [--timeout S] [--device cpu|cuda]
 //                    [--enforce expected_pass.txt] [--write-pass FILE] [--folders node,simple,...]
 #include <poll.h>
 #include <signal.h>
@@ -141,6 +141,8 @@ std::string compare_value(const Value& got, const Value& exp, double rtol, doubl
   return compare_tensor(got.tensor, exp.tensor, rtol, atol);
 }
 
+std::string g_device = "cpu";  // --device: the backend every case is built for
+
 // Outcome line: "PASS", "FAIL <reason>", "UNSUPPORTED <reason>".
 std::string run_case(const Case& c) {
   ImportOptions io;
@@ -152,6 +154,7 @@ std::string run_case(const Case& c) {
   Model m = std::move(model).value();
   std::vector<ValueInfo> inputs = m.graph.inputs, outputs = m.graph.outputs;
   BuilderConfig cfg;
+  cfg.device = g_device;
   auto plan = build_plan(m, cfg, 0);
   if (!plan.is_ok()) {
     if (plan.status().code() == StatusCode::kUnsupported) return "UNSUPPORTED " + plan.status().message();
@@ -206,6 +209,7 @@ std::string run_case(const Case& c) {
       if (!st.is_ok()) return "FAIL set_input: " + st.message();
     }
     Status st = (*ctx)->enqueue();
+    if (st.is_ok()) st = (*ctx)->synchronize();
     if (!st.is_ok()) {
       if (st.code() == StatusCode::kUnsupported) return "UNSUPPORTED " + st.message();
       return "FAIL run: " + st.to_string();
@@ -249,6 +253,7 @@ int main(int argc, char** argv) {
     else if (a == "-j") jobs = std::max(1, std::atoi(next().c_str()));
     else if (a == "--timeout") timeout = std::atof(next().c_str());
     else if (a == "--enforce") enforce = next();
+    else if (a == "--device") g_device = next();
     else if (a == "--write-pass") write_pass = next();
     else if (a == "--folders") {
       folders.clear();
@@ -257,7 +262,7 @@ int main(int argc, char** argv) {
       while (std::getline(ss, f, ',')) folders.insert(f);
     } else {
       std::fprintf(stderr, "usage: kiln_conformance [--root DIR] [--filter REGEX] [-v] [-j N] [--timeout S] "
-                           "[--enforce FILE] [--write-pass FILE] [--folders a,b]\n");
+                           "[--enforce FILE] [--write-pass FILE] [--folders a,b] [--device cpu|cuda]\n");
       return 2;
     }
   }

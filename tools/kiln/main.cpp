@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -44,7 +45,12 @@ struct Options {
   bool fp16 = false;
   uint64_t workspace_mib = 1024;
   int64_t max_memory_mib = 0;  // 0: keep the default limit (75% of physical RAM)
-  std::string device = "cpu";
+  std::string device = "auto";
+  bool bf16 = false, tf32 = false, io_reduced = false;
+  std::vector<std::string> fp32_layers, reduced_layers;
+  std::string timing_cache;
+  bool cuda_graph = false, no_transfers = false;
+  int64_t streams = 1;
   bool verify = false, softmax = false, nodes = false;
   double atol = 0.005, rtol = 0.05;
   int64_t iterations = 100, warmup = 10;
@@ -69,10 +75,18 @@ const char* kMainHelp =
 const char* kBuildOpts =
     "  --onnx FILE          ONNX model to build from (required)\n"
     "  --batch N            build for a maximum batch of N; the engine accepts any batch <= N\n"
+    "  --device cpu|cuda    backend (default: cuda when this build has it and a GPU is present,\n"
+    "                       else cpu)\n"
     "  --fp16               allow fp16 kernels (inputs/outputs stay fp32); warns on a backend\n"
     "                       without fast fp16 and builds fp32\n"
+    "  --bf16               CUDA: bfloat16 instead of float16\n"
+    "  --tf32               CUDA: allow TF32 tensor cores for float32 convolutions and GEMMs\n"
+    "  --ioFormats fp32|fp16  CUDA with --fp16/--bf16: type of the engine's inputs/outputs\n"
+    "                       (default fp32: casts at the edges)\n"
+    "  --layerPrecisions L  CUDA with --fp16/--bf16: comma list of NAME:fp32 or NAME:fp16, NAME a\n"
+    "                       node name or op type (default fp32 ops: Exp, Log, Pow, ReduceL2, ...)\n"
     "  --workspace MIB      scratch memory limit for tactic selection (default 1024)\n"
-    "  --device cpu         backend (default: cpu)\n"
+    "  --timingCache FILE   CUDA: reuse tactic timings from FILE and add new ones to it\n"
     "  --maxMemory MIB      cap on tensor memory held at once; a larger allocation fails with a\n"
     "                       clear error (default: 75% of physical RAM)\n";
 
@@ -118,6 +132,9 @@ void print_help(const std::string& cmd) {
         "  --warmUp N           warm-up iterations (default 10)\n"
         "  --iterations N       timed iterations (default 100)\n"
         "  --duration S         run for at least S seconds instead (overrides --iterations)\n"
+        "  --useCudaGraph       CUDA: capture the kernels as a CUDA graph and replay it\n"
+        "  --noDataTransfers    CUDA: inputs uploaded once, outputs left on the GPU\n"
+        "  --streams N          CUDA: N execution contexts on N streams in flight at once\n"
         "  --json FILE          write every figure as JSON\n",
         kEngineOpts, kBuildOpts);
   } else if (cmd == "inspect") {
@@ -223,6 +240,37 @@ int parse(int argc, char** argv, Options& o) {
     else if (a == "--atol") rc = want_double(o.atol);
     else if (a == "--rtol") rc = want_double(o.rtol);
     else if (a == "--fp16") o.fp16 = true;
+    else if (a == "--bf16") o.bf16 = true;
+    else if (a == "--tf32") o.tf32 = true;
+    else if (a == "--useCudaGraph") o.cuda_graph = true;
+    else if (a == "--noDataTransfers") o.no_transfers = true;
+    else if (a == "--streams") rc = want_int(o.streams, 1);
+    else if (a == "--timingCache") rc = want_str(o.timing_cache);
+    else if (a == "--ioFormats") {
+      std::string f;
+      rc = want_str(f);
+      if (rc < 0) {
+        if (f == "fp16" || f == "bf16") o.io_reduced = true;
+        else if (f == "fp32") o.io_reduced = false;
+        else return usage_error(o.cmd, "--ioFormats expects fp32 or fp16, got '" + f + "'");
+      }
+    } else if (a == "--layerPrecisions") {
+      std::string spec;
+      rc = want_str(spec);
+      size_t p = 0;
+      while (rc < 0 && p <= spec.size()) {
+        size_t c = spec.find(',', p);
+        std::string item = spec.substr(p, c == std::string::npos ? std::string::npos : c - p);
+        p = c == std::string::npos ? spec.size() + 1 : c + 1;
+        if (item.empty()) continue;
+        size_t colon = item.rfind(':');
+        std::string name = colon == std::string::npos ? "" : item.substr(0, colon);
+        std::string prec = colon == std::string::npos ? "" : item.substr(colon + 1);
+        if (name.empty() || (prec != "fp32" && prec != "fp16" && prec != "bf16"))
+          return usage_error(o.cmd, "--layerPrecisions expects NAME:fp32 or NAME:fp16 items, got '" + item + "'");
+        (prec == "fp32" ? o.fp32_layers : o.reduced_layers).push_back(name);
+      }
+    }
     else if (a == "--verify") o.verify = true;
     else if (a == "--softmax") o.softmax = true;
     else if (a == "--nodes") o.nodes = true;
@@ -237,9 +285,16 @@ int parse(int argc, char** argv, Options& o) {
 BuilderConfig config_of(const Options& o) {
   BuilderConfig c;
   c.max_batch = o.batch;
-  c.fp16 = o.fp16;
+  c.fp16 = o.fp16 || o.bf16;
+  c.bf16 = o.bf16;
+  c.tf32 = o.tf32;
+  c.io_reduced = o.io_reduced;
+  c.fp32_layers = o.fp32_layers;
+  c.reduced_layers = o.reduced_layers;
+  c.timing_cache = o.timing_cache;
   c.workspace_bytes = o.workspace_mib << 20;
-  c.device = o.device;
+  c.device = o.device == "auto" ? default_device() : o.device;
+  c.progress = true;
   return c;
 }
 
@@ -277,8 +332,10 @@ Result<std::shared_ptr<Engine>> get_engine(const Options& o) {
   }
   BuildReport rep;
   KILN_ASSIGN_OR_RETURN(auto bytes, build_plan_from_onnx(o.onnx, cfg, &rep));
-  std::printf("engine: built from %s in %.2f s (%zu -> %zu nodes)\n", o.onnx.c_str(), rep.seconds, rep.nodes_in,
-              rep.nodes_out);
+  std::printf("engine: built from %s in %.2f s (%zu -> %zu nodes, device %s)\n", o.onnx.c_str(), rep.seconds,
+              rep.nodes_in, rep.nodes_out, cfg.device.c_str());
+  if (rep.tuned || rep.tuned_from_cache)
+    std::printf("tactics: %zu layers timed, %zu from the timing cache\n", rep.tuned, rep.tuned_from_cache);
   if (!o.save_engine.empty()) {
     std::ofstream out(o.save_engine, std::ios::binary);
     out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
@@ -616,15 +673,46 @@ int cmd_build(const Options& o) {
   std::printf("built %s -> %s: %zu bytes, %zu nodes -> %zu layers (%zu folded, %zu removed) in %.2f s\n",
               o.onnx.c_str(), o.save_engine.c_str(), bytes->size(), rep.nodes_in, rep.nodes_out, rep.folded,
               rep.eliminated, rep.seconds);
+  if (rep.tuned || rep.tuned_from_cache)
+    std::printf("tactics: %zu layers timed, %zu from the timing cache\n", rep.tuned, rep.tuned_from_cache);
   return 0;
 }
+
+struct Stats {
+  std::vector<double> s;
+  explicit Stats(std::vector<double> v) : s(std::move(v)) { std::sort(s.begin(), s.end()); }
+  double pct(double p) const {
+    size_t idx = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(s.size())));
+    return s[std::min(idx ? idx - 1 : 0, s.size() - 1)];
+  }
+  double mean() const {
+    double m = 0;
+    for (double x : s) m += x;
+    return s.empty() ? 0 : m / static_cast<double>(s.size());
+  }
+  double median() const {
+    return s.size() % 2 ? s[s.size() / 2] : (s[s.size() / 2 - 1] + s[s.size() / 2]) / 2;
+  }
+  std::string line() const {
+    return "min " + fmt_ms(s.front()) + "  mean " + fmt_ms(mean()) + "  median " + fmt_ms(median()) + "  p90 " +
+           fmt_ms(pct(90)) + "  p95 " + fmt_ms(pct(95)) + "  p99 " + fmt_ms(pct(99)) + "  max " + fmt_ms(s.back());
+  }
+  std::string json() const {
+    std::ostringstream j;
+    j << "{\"min\": " << s.front() << ", \"mean\": " << mean() << ", \"median\": " << median()
+      << ", \"p90\": " << pct(90) << ", \"p95\": " << pct(95) << ", \"p99\": " << pct(99) << ", \"max\": " << s.back()
+      << "}";
+    return j.str();
+  }
+};
 
 int cmd_bench(const Options& o) {
   auto eng = get_engine(o);
   if (!eng.is_ok()) return fail(eng.status());
   const Engine& e = *eng.value();
-  auto ctx = e.create_execution_context();
-  if (!ctx.is_ok()) return fail(ctx.status());
+  const bool cuda = e.info().backend == "cuda";
+  if (!cuda && (o.cuda_graph || o.no_transfers || o.streams > 1))
+    return usage_error("bench", "--useCudaGraph, --noDataTransfers and --streams need an engine built for cuda");
   auto bindings = collect_bindings(o, e);
   if (!bindings.is_ok()) return fail(bindings.status());
   auto inputs = load_bindings(bindings.value(), e);
@@ -637,19 +725,48 @@ int cmd_bench(const Options& o) {
     if (!t.is_ok()) return fail(t.status());
     (*inputs)[d.name] = t.value();
   }
-  for (auto& [name, t] : inputs.value()) {
-    Status st = (*ctx)->set_input(name, t);
-    if (!st.is_ok()) return fail(st);
-    if (t.rank() > 0 && batch == 0) batch = t.dim(0);
+  std::vector<std::unique_ptr<ExecutionContext>> ctxs;
+  for (int64_t k = 0; k < o.streams; ++k) {
+    auto ctx = e.create_execution_context();
+    if (!ctx.is_ok()) return fail(ctx.status());
+    ExecutionContext& c = *ctx.value();
+    for (auto& [name, t] : inputs.value()) {
+      Tensor bound = t;
+      if (o.no_transfers) {
+        auto up = c.upload(t);
+        if (!up.is_ok()) return fail(up.status());
+        bound = up.value();
+      }
+      Status st = c.set_input(name, bound);
+      if (!st.is_ok()) return fail(st);
+      if (t.rank() > 0 && batch == 0) batch = t.dim(0);
+    }
+    if (o.no_transfers) {
+      Status st = c.set_outputs_on_device(true);
+      if (!st.is_ok()) return fail(st);
+    }
+    if (o.cuda_graph) {
+      Status st = c.set_cuda_graph(true);
+      if (!st.is_ok()) return fail(st);
+    }
+    ctxs.push_back(std::move(ctx.value()));
   }
   if (batch == 0) batch = 1;
   using clk = std::chrono::steady_clock;
+  std::vector<double> enq_ms;
+  auto one_iteration = [&]() -> Status {
+    auto t0 = clk::now();
+    for (auto& c : ctxs) KILN_RETURN_IF_ERROR(c->enqueue());
+    enq_ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
+    for (auto& c : ctxs) KILN_RETURN_IF_ERROR(c->synchronize());
+    return Status::ok();
+  };
   for (int64_t i = 0; i < o.warmup; ++i) {
-    Status st = (*ctx)->enqueue();
-    if (st.is_ok()) st = (*ctx)->synchronize();
+    Status st = one_iteration();
     if (!st.is_ok()) return fail(st);
   }
-  std::vector<double> lat;
+  enq_ms.clear();
+  std::vector<double> lat, h2d, gpu, d2h, total;
   auto t_start = clk::now();
   for (int64_t i = 0;; ++i) {
     if (o.duration > 0) {
@@ -658,39 +775,50 @@ int cmd_bench(const Options& o) {
       break;
     }
     auto t0 = clk::now();
-    Status st = (*ctx)->enqueue();
-    if (st.is_ok()) st = (*ctx)->synchronize();
+    Status st = one_iteration();
     auto t1 = clk::now();
     if (!st.is_ok()) return fail(st);
     lat.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (cuda) {
+      auto tm = ctxs[0]->last_timings();
+      if (!tm.is_ok()) return fail(tm.status());
+      h2d.push_back(tm->h2d_ms);
+      gpu.push_back(tm->compute_ms);
+      d2h.push_back(tm->d2h_ms);
+      total.push_back(tm->total_ms);
+    }
   }
   double total_s = std::chrono::duration<double>(clk::now() - t_start).count();
-  std::vector<double> s = lat;
-  std::sort(s.begin(), s.end());
-  auto pct = [&](double p) {
-    size_t idx = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(s.size()))) - 1;
-    return s[std::min(idx, s.size() - 1)];
-  };
-  double mean = 0;
-  for (double x : s) mean += x;
-  mean /= static_cast<double>(s.size());
-  double median = s.size() % 2 ? s[s.size() / 2] : (s[s.size() / 2 - 1] + s[s.size() / 2]) / 2;
-  double qps = static_cast<double>(s.size()) / total_s;
-  std::printf("=== timing report (%s, %zu iterations, batch %lld, device %s) ===\n",
-              o.load_engine.empty() ? o.onnx.c_str() : o.load_engine.c_str(), s.size(),
-              static_cast<long long>(batch), e.info().device.c_str());
-  std::printf("latency: min %s  mean %s  median %s  p90 %s  p95 %s  p99 %s  max %s\n", fmt_ms(s.front()).c_str(),
-              fmt_ms(mean).c_str(), fmt_ms(median).c_str(), fmt_ms(pct(90)).c_str(), fmt_ms(pct(95)).c_str(),
-              fmt_ms(pct(99)).c_str(), fmt_ms(s.back()).c_str());
+  Stats L(lat), E(enq_ms);
+  const double n_inf = static_cast<double>(lat.size()) * static_cast<double>(ctxs.size());
+  double qps = n_inf / total_s;
+  std::printf("=== timing report (%s, %zu iterations, batch %lld, device %s%s%s%s) ===\n",
+              o.load_engine.empty() ? o.onnx.c_str() : o.load_engine.c_str(), lat.size(),
+              static_cast<long long>(batch), e.info().device.c_str(), o.cuda_graph ? ", CUDA graph" : "",
+              o.no_transfers ? ", no data transfers" : "",
+              ctxs.size() > 1 ? (", " + std::to_string(ctxs.size()) + " streams").c_str() : "");
+  std::printf("latency: %s\n", L.line().c_str());
+  if (cuda) {
+    Stats H(h2d), G(gpu), D(d2h), T(total);
+    std::printf("enqueue time: %s\n", E.line().c_str());
+    if (!o.no_transfers) std::printf("H2D latency: %s\n", H.line().c_str());
+    std::printf("GPU compute: %s\n", G.line().c_str());
+    if (!o.no_transfers) std::printf("D2H latency: %s\n", D.line().c_str());
+    std::printf("device memory: %.1f MiB per context\n", static_cast<double>(ctxs[0]->device_memory_bytes()) / 1048576.0);
+  }
   std::printf("throughput: %.2f inferences/s, %.2f items/s\n", qps, qps * static_cast<double>(batch));
   if (!o.json.empty()) {
     std::ofstream j(o.json);
     j << "{\n  \"model\": \"" << (o.load_engine.empty() ? o.onnx : o.load_engine) << "\",\n"
       << "  \"device\": \"" << e.info().device << "\",\n  \"batch\": " << batch << ",\n"
-      << "  \"iterations\": " << s.size() << ",\n  \"warmup\": " << o.warmup << ",\n"
-      << "  \"latency_ms\": {\"min\": " << s.front() << ", \"mean\": " << mean << ", \"median\": " << median
-      << ", \"p90\": " << pct(90) << ", \"p95\": " << pct(95) << ", \"p99\": " << pct(99) << ", \"max\": " << s.back()
-      << "},\n  \"throughput\": {\"inferences_per_s\": " << qps << ", \"items_per_s\": " << qps * static_cast<double>(batch)
+      << "  \"iterations\": " << lat.size() << ",\n  \"warmup\": " << o.warmup << ",\n"
+      << "  \"streams\": " << ctxs.size() << ",\n  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
+      << "  \"latency_ms\": " << L.json() << ",\n  \"enqueue_ms\": " << E.json() << ",\n";
+    if (cuda) {
+      j << "  \"gpu_compute_ms\": " << Stats(gpu).json() << ",\n";
+      if (!o.no_transfers) j << "  \"h2d_ms\": " << Stats(h2d).json() << ",\n  \"d2h_ms\": " << Stats(d2h).json() << ",\n";
+    }
+    j << "  \"throughput\": {\"inferences_per_s\": " << qps << ", \"items_per_s\": " << qps * static_cast<double>(batch)
       << "},\n  \"total_s\": " << total_s << "\n}\n";
     if (!j) return fail(io_error("cannot write '" + o.json + "'"));
   }

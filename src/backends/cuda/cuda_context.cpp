@@ -178,6 +178,14 @@ class CudaContext final : public DeviceContext {
 
   size_t device_memory_bytes() const override { return pool_ ? pool_->reserved_bytes() : 0; }
 
+  Result<Tensor> upload(const Tensor& h) override {
+    if (h.on_device()) return h;
+    KILN_ASSIGN_OR_RETURN(Tensor d, env_.alloc(h.dtype(), h.shape()));
+    if (h.nbytes()) KILN_CUDA_CHECK(cudaMemcpy(d.raw_data(), h.raw_data(), h.nbytes(), cudaMemcpyHostToDevice),
+                                    "uploading " + h.describe());
+    return d;
+  }
+
  private:
   void reset_graph() {
     if (exec_) cudaGraphExecDestroy(exec_);

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds Kiln's CUDA configuration on a GPU machine and runs the GPU checks: the conformance
+# suite on the CUDA backend, the ResNet-50 sample (fp32 and fp16) verified against ONNX Runtime
+# references, and `kiln bench` on the GPU. Logs go to ${OUT:-/tmp/kiln-gpu}.
+#
+#   scripts/gpu_check.sh [conformance] [sample] [bench]     (default: all three)
+#
+# cuDNN: KILN_CUDNN_ROOT, else the one in the machine's PyTorch wheel. The ONNX test suite:
+# ../shared/onnx-backend-tests, else .gpu/onnx-tests.tar.gz (a tarball of it carried along).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kiln-gpu}
+mkdir -p "$OUT"
+steps=${*:-conformance sample bench}
+CUDNN=${KILN_CUDNN_ROOT:-}
+if [ -z "$CUDNN" ]; then
+  for c in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn /usr/local/cuda; do
+    if [ -e "$c/include/cudnn.h" ]; then CUDNN=$c; break; fi
+  done
+fi
+export LD_LIBRARY_PATH=$CUDNN/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+BUILD=${KILN_BUILD_DIR:-build-gpu}
+NPROC=$(nproc)
+t0=$(date +%s)
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DKILN_CUDNN_ROOT="$CUDNN" >"$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
+if ! ninja -C "$BUILD" -j"$NPROC" kiln kiln_conformance >"$OUT/build.log" 2>&1; then
+  grep -E "error|FAILED" "$OUT/build.log" | head -40
+  exit 1
+fi
+echo "build: $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+ROOT=../shared/onnx-backend-tests
+if [ ! -d "$ROOT" ]; then
+  mkdir -p /tmp/kiln-suite && tar -C /tmp/kiln-suite -xzf .gpu/onnx-tests.tar.gz && ROOT=/tmp/kiln-suite/onnx-backend-tests
+fi
+
+case " $steps " in *" conformance "*)
+  t0=$(date +%s)
+  "$BUILD/tests/kiln_conformance" --device cuda -j "$NPROC" --root "$ROOT" -v --timeout 60 \
+    --write-pass "$OUT/expected_pass_cuda.txt" >"$OUT/conformance.log" 2>&1
+  echo "conformance (cuda): $(( $(date +%s) - t0 )) s"
+  grep -E "^score|^node|^unsupported|^expected" "$OUT/conformance.log" | head -20
+  ;;
+esac
+
+case " $steps " in *" sample "*)
+  S=/tmp/kiln-sample
+  python3 scripts/make_resnet50_sample.py "$S" --no-bench >"$OUT/sample_make.log" 2>&1 || tail -5 "$OUT/sample_make.log"
+  R=$S/resnet50
+  for prec in "" "--fp16"; do
+    echo "== ResNet-50 sample on cuda ${prec:-fp32}, batch 3"
+    "$BUILD/kiln" run --device cuda $prec --onnx "$R/model.onnx" --batch 3 --timingCache "$OUT/timing.cache" \
+      "$R"/test_data_set_{0,1,2}/input_0.pb --verify --softmax 2>&1 | tail -4
+  done
+  ;;
+esac
+
+case " $steps " in *" bench "*)
+  R=/tmp/kiln-sample/resnet50
+  for args in "--batch 1" "--batch 1 --useCudaGraph" "--batch 32 --useCudaGraph" "--batch 256 --noDataTransfers --useCudaGraph"; do
+    echo "== kiln bench ResNet-50 fp16 $args"
+    "$BUILD/kiln" bench --device cuda --fp16 --onnx "$R/model.onnx" --timingCache "$OUT/timing.cache" $args \
+      --warmUp 20 --iterations 200 2>&1 | grep -E "engine|tactics|latency|GPU compute|throughput|error"
+  done
+  ;;
+esac

@@ -1,0 +1,663 @@
+// Conv and kiln.FusedConv on cuDNN's legacy convolution API (cuDNN 9).
+//
+// Covered:
+// - ONNX Conv (X, W, B?) and kiln.FusedConv (X, W, B?, Z?; activation "", Relu, Clip,
+//   LeakyRelu; layout NCHW or NHWC (4-D only; X/Z/Y NHWC, W stays OIHW in the model)),
+//   1-D (run as 2-D with a trailing unit dim), 2-D and 3-D, any group / strides / dilations /
+//   pads / auto_pad (geometry from nn::make_window, exactly as the reference). Asymmetric pads
+//   (cuDNN pads symmetrically) are materialized by a zero-pad kernel into scratch first.
+// - float32 (CUDNN_FMA_MATH: no TF32 unless the node has `tf32`=1), float16 and bfloat16
+//   (tensor-op math, float accumulation), double.
+// - Bias + residual + Relu (and identity with IMPLICIT_PRECOMP_GEMM) in one
+//   cudnnConvolutionBiasActivationForward call; when cuDNN refuses (NOT_SUPPORTED) or for
+//   Clip / LeakyRelu: cudnnConvolutionForward + one epilogue kernel (dnn_epilogue.cu).
+// - NHWC with a constant W: the filter is re-laid out to KRSC once at prepare and uploaded.
+//   Otherwise W is used as the device input the executor provides (so non-constant W works).
+// Algorithm choice: per input shape (a mutex-protected cache of descriptors + algorithm):
+//   node attribute `kiln_tactic` ("cuda.conv.cudnn.<ALGO>[.tc]", as describe_tactic prints it)
+//   forces the algorithm; else the shape in `kiln_tune_shape` (X shape, W constant) is timed
+//   at prepare with cudnnFindConvolutionForwardAlgorithmEx on scratch buffers; every other
+//   shape uses cudnnGetConvolutionForwardAlgorithm_v7 heuristics. Workspace limit: node
+//   attribute `kiln_workspace` (bytes) else 1 GiB.
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#include <cudnn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+
+#include "backends/cuda/dnn.h"
+#include "ops/nn/nn_util.h"
+
+namespace kiln::cuda {
+namespace {
+
+constexpr const char* kAlgoNames[] = {"IMPLICIT_GEMM", "IMPLICIT_PRECOMP_GEMM", "GEMM",
+                                      "DIRECT",        "FFT",                   "FFT_TILING",
+                                      "WINOGRAD",      "WINOGRAD_NONFUSED"};
+
+std::string algo_name(cudnnConvolutionFwdAlgo_t a) {
+  const int i = static_cast<int>(a);
+  return i >= 0 && i < 8 ? kAlgoNames[i] : "ALGO" + std::to_string(i);
+}
+
+// cuDNN 9 status codes are grouped by thousands: 2xxx bad parameter, 3xxx not supported, ...
+int status_class(cudnnStatus_t s) { return static_cast<int>(s) / 1000; }
+
+Status dnn_status(cudnnStatus_t s, const std::string& where, const char* what) {
+  if (s == CUDNN_STATUS_SUCCESS) return Status::ok();
+  std::string msg = where + ": " + what + ": " + cudnnGetErrorString(s);
+  char detail[512] = {0};
+  cudnnGetLastErrorString(detail, sizeof(detail));
+  if (detail[0]) msg += std::string(" (") + detail + ")";
+  const int code = static_cast<int>(s);
+  if (code == 4003 || code == 4004) return out_of_memory(msg);  // host / device allocation
+  if (status_class(s) == 3) return unsupported(msg);
+  return runtime_error(msg);
+}
+#define DNN_CHECK(expr, what) KILN_RETURN_IF_ERROR(dnn_status((expr), where_, (what)))
+
+bool dnn_dtype(DataType dt, cudnnDataType_t* out) {
+  switch (dt) {
+    case DataType::kFloat: *out = CUDNN_DATA_FLOAT; return true;
+    case DataType::kFloat16: *out = CUDNN_DATA_HALF; return true;
+    case DataType::kBFloat16: *out = CUDNN_DATA_BFLOAT16; return true;
+    case DataType::kDouble: *out = CUDNN_DATA_DOUBLE; return true;
+    default: return false;
+  }
+}
+
+// RAII owners of the legacy descriptors.
+struct TensorDesc {
+  cudnnTensorDescriptor_t d = nullptr;
+  ~TensorDesc() { if (d) cudnnDestroyTensorDescriptor(d); }
+};
+struct FilterDesc {
+  cudnnFilterDescriptor_t d = nullptr;
+  ~FilterDesc() { if (d) cudnnDestroyFilterDescriptor(d); }
+};
+struct ConvDesc {
+  cudnnConvolutionDescriptor_t d = nullptr;
+  ~ConvDesc() { if (d) cudnnDestroyConvolutionDescriptor(d); }
+};
+
+// Shape-independent configuration read from the node once.
+struct ConvConfig {
+  bool fused = false;  // kiln.FusedConv
+  bool nhwc = false;
+  EpAct act = EpAct::kNone;
+  float a = 0, b = 0;
+  int64_t group = 1;
+  bool tf32 = false;
+  size_t ws_limit = size_t{1} << 30;
+  bool forced = false;  // kiln_tactic names the algorithm
+  cudnnConvolutionFwdAlgo_t forced_algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+  bool forced_tc = false;
+};
+
+Result<ConvConfig> read_config(const Node& n) {
+  ConvConfig c;
+  c.fused = n.domain == "kiln";
+  c.group = n.attr_int("group", 1);
+  if (c.group < 1) return invalid_argument(n.where() + ": group must be >= 1");
+  c.tf32 = n.attr_int("tf32", 0) != 0;
+  const int64_t ws = n.attr_int("kiln_workspace", -1);
+  if (ws >= 0) c.ws_limit = static_cast<size_t>(ws);
+  if (c.fused) {
+    const std::string layout = n.attr_string("layout", "NCHW");
+    if (layout != "NCHW" && layout != "NHWC")
+      return invalid_argument(n.where() + ": unknown layout '" + layout + "'");
+    c.nhwc = layout == "NHWC";
+    const std::string act = n.attr_string("activation", "");
+    const std::vector<float> p = n.attr_floats("activation_params");
+    if (act.empty()) {
+      c.act = EpAct::kNone;
+    } else if (act == "Relu") {
+      c.act = EpAct::kRelu;
+    } else if (act == "Clip") {
+      c.act = EpAct::kClip;
+      c.a = p.size() > 0 ? p[0] : -std::numeric_limits<float>::infinity();
+      c.b = p.size() > 1 ? p[1] : std::numeric_limits<float>::infinity();
+    } else if (act == "LeakyRelu") {
+      c.act = EpAct::kLeakyRelu;
+      c.a = p.size() > 0 ? p[0] : 0.01f;
+    } else {
+      return invalid_argument(n.where() + ": unknown fused activation '" + act + "'");
+    }
+  }
+  const std::string t = n.attr_string("kiln_tactic", "");
+  const std::string prefix = "cuda.conv.cudnn.";
+  if (t.rfind(prefix, 0) == 0) {
+    std::string rest = t.substr(prefix.size());
+    const size_t dot = rest.find('.');
+    const std::string name = rest.substr(0, dot);
+    for (int i = 0; i < 8; ++i)
+      if (name == kAlgoNames[i]) {
+        c.forced = true;
+        c.forced_algo = static_cast<cudnnConvolutionFwdAlgo_t>(i);
+        c.forced_tc = rest.find(".tc") != std::string::npos;
+      }
+  }
+  return c;
+}
+
+// Descriptors and algorithm for one (X shape, W shape).
+struct Plan {
+  TensorDesc x, y, bias;
+  FilterDesc w;
+  ConvDesc conv;
+  cudnnConvolutionFwdAlgo_t algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+  cudnnMathType_t math = CUDNN_DEFAULT_MATH;
+  size_t ws = 0;
+  Shape y_shape;  // in the node's layout
+  int64_t M = 0;  // output channels
+  int64_t sp_out = 1;  // output spatial size (NCHW epilogue inner stride)
+  // Asymmetric padding done by a zero-pad kernel first.
+  bool explicit_pad = false;
+  Dims pad_in, pad_out, pad_begin;
+  int64_t padded_numel = 0;
+  // cudnnConvolutionBiasActivationForward: 0 = untried, 1 = works, 2 = refused.
+  mutable std::atomic<int> fused_state{0};
+  bool tuned = false;
+  std::string tactic() const {
+    std::string s = "cuda.conv.cudnn." + algo_name(algo);
+    if (math == CUDNN_TENSOR_OP_MATH || math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) s += ".tc";
+    return s;
+  }
+};
+
+bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+class ConvKernel final : public DnnKernel {
+ public:
+  ConvKernel(const Node& n, ConvConfig cfg) : where_(n.where()), cfg_(cfg) {}
+
+  // At prepare: KRSC filter upload (NHWC, constant W), zero bias for the fused call, tuning.
+  Status prepare(const Node& n, const ConstantLookup& constants);
+
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override;
+
+  std::string tactic() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return tune_error_.empty() ? tactic_ : tactic_ + " [tuning failed: " + tune_error_ + "]";
+  }
+
+ private:
+  // Builds descriptors for the shapes and picks the algorithm (heuristics unless forced).
+  Result<std::shared_ptr<Plan>> build_plan(const Node& n, DataType dt, const Shape& xs,
+                                           const Shape& ws) const;
+  Status pick_heuristic(cudnnHandle_t h, DataType dt, Plan& p) const;
+  Status set_algo(cudnnHandle_t h, DataType dt, Plan& p, cudnnConvolutionFwdAlgo_t algo,
+                  cudnnMathType_t math) const;
+  Result<std::shared_ptr<Plan>> get_plan(OpContext& ctx, DataType dt, const Shape& xs,
+                                         const Shape& ws) const;
+  Status tune(const Node& n, DataType dt, const Shape& xs, const Tensor& w_host);
+  cudnnMathType_t math_for(DataType dt, bool tc_result) const {
+    if (dt == DataType::kDouble) return CUDNN_DEFAULT_MATH;
+    if (dt == DataType::kFloat) return cfg_.tf32 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH;
+    (void)tc_result;
+    return CUDNN_TENSOR_OP_MATH;
+  }
+  void note_tactic(const Plan& p) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (tactic_.empty()) tactic_ = p.tactic() + (p.tuned ? "" : ".heuristic");
+  }
+
+  std::string where_;
+  ConvConfig cfg_;
+  Tensor w_krsc_;     // device filter in KRSC (NHWC FusedConv with constant W), else undefined
+  Tensor zero_bias_;  // device zeros [M] for the fused call without B, else undefined
+  mutable std::mutex mu_;
+  mutable std::map<std::pair<Shape, Shape>, std::shared_ptr<Plan>> plans_;
+  mutable std::string tactic_;
+  // Tuning is an optimization: a failure (say, out of memory for the scratch buffers) leaves
+  // the heuristics in charge and is reported through tactic() instead of failing the load.
+  std::string tune_error_;
+};
+
+Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt, const Shape& xs,
+                                                     const Shape& wsh) const {
+  cudnnDataType_t cdt;
+  if (!dnn_dtype(dt, &cdt)) return unsupported(where_ + ": dtype " + dtype_name(dt));
+  const size_t r = xs.size();
+  if (r < 3 || r > 5) return unsupported(where_ + ": X rank " + std::to_string(r) + " (1-3 spatial dims)");
+  if (wsh.size() != r)
+    return invalid_argument(where_ + ": weight W " + shape_str(wsh) + " rank differs from X " + shape_str(xs));
+  if (cfg_.nhwc && r != 4) return invalid_argument(where_ + ": NHWC FusedConv needs 4-D X");
+  const size_t nsp = r - 2;
+  // NCHW view of X.
+  const int64_t N = xs[0], C = cfg_.nhwc ? xs[3] : xs[1];
+  Shape sp_in = cfg_.nhwc ? Shape{xs[1], xs[2]} : Shape(xs.begin() + 2, xs.end());
+  const int64_t M = wsh[0], g = cfg_.group;
+  if (wsh[1] * g != C || M % g != 0)
+    return invalid_argument(where_ + ": X " + shape_str(xs) + " and W " + shape_str(wsh) +
+                            " do not match with group " + std::to_string(g));
+  Shape ks(wsh.begin() + 2, wsh.end());
+  const auto attr_k = n.attr_ints("kernel_shape");
+  if (!attr_k.empty() && attr_k != ks)
+    return invalid_argument(where_ + ": kernel_shape " + shape_str(attr_k) + " does not match W " +
+                            shape_str(wsh));
+  KILN_ASSIGN_OR_RETURN(nn::Window win, nn::make_window(n, sp_in, ks, false));
+
+  auto p = std::make_shared<Plan>();
+  p->M = M;
+  p->y_shape = cfg_.nhwc ? Shape{N, win.out[0], win.out[1], M} : Shape{N, M};
+  if (!cfg_.nhwc) p->y_shape.insert(p->y_shape.end(), win.out.begin(), win.out.end());
+  p->sp_out = nn::prod(win.out);
+
+  // Symmetric part of the pads goes to cuDNN, the rest is materialized.
+  std::vector<int64_t> pad(nsp), extra_b(nsp), extra_e(nsp);
+  Shape sp_padded(nsp);
+  for (size_t i = 0; i < nsp; ++i) {
+    pad[i] = std::min(win.pad_begin[i], win.pad_end[i]);
+    extra_b[i] = win.pad_begin[i] - pad[i];
+    extra_e[i] = win.pad_end[i] - pad[i];
+    sp_padded[i] = sp_in[i] + extra_b[i] + extra_e[i];
+    if (extra_b[i] || extra_e[i]) p->explicit_pad = true;
+  }
+  if (p->explicit_pad) {
+    p->pad_in.rank = p->pad_out.rank = p->pad_begin.rank = static_cast<int>(r);
+    for (size_t d = 0; d < r; ++d) {
+      p->pad_in.d[d] = xs[d];
+      p->pad_out.d[d] = xs[d];
+      p->pad_begin.d[d] = 0;
+    }
+    for (size_t i = 0; i < nsp; ++i) {
+      const size_t d = cfg_.nhwc ? 1 + i : 2 + i;
+      p->pad_out.d[d] = sp_padded[i];
+      p->pad_begin.d[d] = extra_b[i];
+    }
+    p->padded_numel = N * C * nn::prod(sp_padded);
+  }
+
+  // cuDNN view: at least 2 spatial dims (1-D runs as [L, 1]).
+  std::vector<int64_t> cx = sp_padded, cy = win.out, ck = ks, cpad = pad, cstr = win.strides,
+                       cdil = win.dilations;
+  if (nsp == 1) {
+    cx.push_back(1); cy.push_back(1); ck.push_back(1); cpad.push_back(0); cstr.push_back(1);
+    cdil.push_back(1);
+  }
+  const int cn = static_cast<int>(cx.size());
+  std::vector<int> xd = {0, 0}, yd = {0, 0}, wd = {0, 0}, pa, st, di;
+  auto to_int = [&](int64_t v, int* o) {
+    if (!fits_int(v)) return false;
+    *o = static_cast<int>(v);
+    return true;
+  };
+  bool ok = to_int(N, &xd[0]) && to_int(C, &xd[1]) && to_int(N, &yd[0]) && to_int(M, &yd[1]) &&
+            to_int(M, &wd[0]) && to_int(wsh[1], &wd[1]);
+  for (int i = 0; i < cn && ok; ++i) {
+    int a = 0, b = 0, c = 0, d = 0, e = 0, f = 0;
+    ok = to_int(cx[i], &a) && to_int(cy[i], &b) && to_int(ck[i], &c) && to_int(cpad[i], &d) &&
+         to_int(cstr[i], &e) && to_int(cdil[i], &f);
+    xd.push_back(a); yd.push_back(b); wd.push_back(c); pa.push_back(d); st.push_back(e);
+    di.push_back(f);
+  }
+  const int64_t xn = N * C * nn::prod(cx), yn = N * M * nn::prod(cy);
+  if (!ok || !fits_int(xn) || !fits_int(yn) || !fits_int(g))
+    return unsupported(where_ + ": X " + shape_str(xs) + " too large for cuDNN (int32 sizes)");
+  if (N == 0 || yn == 0) return p;  // empty output: nothing to run
+
+  const cudnnTensorFormat_t fmt = cfg_.nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+  const cudnnTensorFormat_t wfmt = w_krsc_.defined() ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+  const int nb = cn + 2;
+  DNN_CHECK(cudnnCreateTensorDescriptor(&p->x.d), "cudnnCreateTensorDescriptor");
+  DNN_CHECK(cudnnSetTensorNdDescriptorEx(p->x.d, fmt, cdt, nb, xd.data()), "X descriptor");
+  DNN_CHECK(cudnnCreateTensorDescriptor(&p->y.d), "cudnnCreateTensorDescriptor");
+  DNN_CHECK(cudnnSetTensorNdDescriptorEx(p->y.d, fmt, cdt, nb, yd.data()), "Y descriptor");
+  std::vector<int> bd(static_cast<size_t>(nb), 1);
+  bd[1] = yd[1];
+  DNN_CHECK(cudnnCreateTensorDescriptor(&p->bias.d), "cudnnCreateTensorDescriptor");
+  DNN_CHECK(cudnnSetTensorNdDescriptorEx(p->bias.d, fmt, cdt, nb, bd.data()),
+            "bias descriptor");
+  DNN_CHECK(cudnnCreateFilterDescriptor(&p->w.d), "cudnnCreateFilterDescriptor");
+  DNN_CHECK(cudnnSetFilterNdDescriptor(p->w.d, cdt, wfmt, nb, wd.data()), "W descriptor");
+  DNN_CHECK(cudnnCreateConvolutionDescriptor(&p->conv.d), "cudnnCreateConvolutionDescriptor");
+  const cudnnDataType_t compute = dt == DataType::kDouble ? CUDNN_DATA_DOUBLE : CUDNN_DATA_FLOAT;
+  DNN_CHECK(cudnnSetConvolutionNdDescriptor(p->conv.d, cn, pa.data(), st.data(), di.data(),
+                                            CUDNN_CROSS_CORRELATION, compute),
+            "convolution descriptor");
+  DNN_CHECK(cudnnSetConvolutionGroupCount(p->conv.d, static_cast<int>(g)), "group count");
+  DNN_CHECK(cudnnSetConvolutionMathType(p->conv.d, math_for(dt, true)), "math type");
+  std::vector<int> od(static_cast<size_t>(nb));
+  DNN_CHECK(cudnnGetConvolutionNdForwardOutputDim(p->conv.d, p->x.d, p->w.d, nb, od.data()),
+            "output dims");
+  if (od != yd)
+    return internal_error(where_ + ": cuDNN output dims disagree with the ONNX geometry for X " +
+                          shape_str(xs));
+  return p;
+}
+
+Status ConvKernel::set_algo(cudnnHandle_t h, DataType dt, Plan& p, cudnnConvolutionFwdAlgo_t algo,
+                            cudnnMathType_t math) const {
+  if (dt == DataType::kFloat && !cfg_.tf32) math = CUDNN_FMA_MATH;
+  if (dt == DataType::kDouble) math = CUDNN_DEFAULT_MATH;
+  DNN_CHECK(cudnnSetConvolutionMathType(p.conv.d, math), "math type");
+  size_t ws = 0;
+  DNN_CHECK(cudnnGetConvolutionForwardWorkspaceSize(h, p.x.d, p.w.d, p.conv.d, p.y.d, algo, &ws),
+            "workspace size");
+  p.algo = algo;
+  p.math = math;
+  p.ws = ws;
+  return Status::ok();
+}
+
+Status ConvKernel::pick_heuristic(cudnnHandle_t h, DataType dt, Plan& p) const {
+  if (cfg_.forced) {
+    Status st = set_algo(h, dt, p, cfg_.forced_algo,
+                         cfg_.forced_tc ? CUDNN_TENSOR_OP_MATH : CUDNN_DEFAULT_MATH);
+    if (st.is_ok() && p.ws <= cfg_.ws_limit) {
+      p.tuned = true;  // the persisted choice
+      return st;
+    }
+  }
+  int max_count = 0;
+  DNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(h, &max_count), "algorithm count");
+  std::vector<cudnnConvolutionFwdAlgoPerf_t> perf(static_cast<size_t>(std::max(max_count, 1)));
+  int got = 0;
+  DNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(h, p.x.d, p.w.d, p.conv.d, p.y.d,
+                                                   static_cast<int>(perf.size()), &got, perf.data()),
+            "cudnnGetConvolutionForwardAlgorithm_v7");
+  const bool no_tc = dt == DataType::kFloat && !cfg_.tf32;
+  for (int i = 0; i < got; ++i) {
+    const auto& r = perf[static_cast<size_t>(i)];
+    if (r.status != CUDNN_STATUS_SUCCESS) continue;
+    if (no_tc && (r.mathType == CUDNN_TENSOR_OP_MATH ||
+                  r.mathType == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION))
+      continue;
+    if (!set_algo(h, dt, p, r.algo, r.mathType).is_ok()) continue;
+    if (p.ws > cfg_.ws_limit) continue;
+    return Status::ok();
+  }
+  // IMPLICIT_GEMM needs no workspace and supports every configuration.
+  KILN_RETURN_IF_ERROR(set_algo(h, dt, p, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                                CUDNN_DEFAULT_MATH));
+  return Status::ok();
+}
+
+Result<std::shared_ptr<Plan>> ConvKernel::get_plan(OpContext& ctx, DataType dt, const Shape& xs,
+                                                   const Shape& wsh) const {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = plans_.find({xs, wsh});
+    if (it != plans_.end()) return it->second;
+  }
+  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> p, build_plan(ctx.node, dt, xs, wsh));
+  if (p->x.d) {
+    auto& env = env_of(ctx);
+    if (!env.cudnn) return ctx.fail("no cuDNN handle in the execution context");
+    KILN_RETURN_IF_ERROR(pick_heuristic(static_cast<cudnnHandle_t>(env.cudnn), dt, *p));
+    note_tactic(*p);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  auto [it, inserted] = plans_.emplace(std::make_pair(xs, wsh), p);
+  return it->second;
+}
+
+bool fused_call_ok(const Plan& p, EpAct act, bool has_bias_or_z) {
+  if (act == EpAct::kRelu) return true;
+  // The identity activation is only implemented with IMPLICIT_PRECOMP_GEMM.
+  return act == EpAct::kNone && has_bias_or_z &&
+         p.algo == CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+}
+
+Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const {
+  if (out.empty()) return ctx.bad_input("Conv needs one output");
+  KILN_ASSIGN_OR_RETURN(const Tensor* X, req_tensor(ctx, in, 0));
+  KILN_ASSIGN_OR_RETURN(const Tensor* W, req_tensor(ctx, in, 1));
+  const Tensor* B = opt_tensor(in, 2);
+  const Tensor* Z = cfg_.fused ? opt_tensor(in, 3) : nullptr;
+  const DataType dt = X->dtype();
+  cudnnDataType_t cdt;
+  if (!dnn_dtype(dt, &cdt)) return ctx.bad_input(std::string("unsupported dtype ") + dtype_name(dt));
+  if (W->dtype() != dt) return ctx.bad_input("W dtype differs from X");
+  if (!X->on_device() || (!w_krsc_.defined() && !W->on_device()))
+    return ctx.fail("X and W must be device tensors");
+  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> p, get_plan(ctx, dt, X->shape(), W->shape()));
+  if (B) {
+    if (B->dtype() != dt || B->numel() != p->M || !B->on_device())
+      return ctx.bad_input("bias B " + B->describe() + " must be a device tensor of " +
+                           std::to_string(p->M) + " elements of X's dtype");
+  }
+  if (Z) {
+    if (Z->dtype() != dt || Z->shape() != p->y_shape || !Z->on_device())
+      return ctx.bad_input("residual input Z " + Z->describe() + " must have the output's shape " +
+                           shape_str(p->y_shape) + " and dtype");
+  }
+  auto& env = env_of(ctx);
+  KILN_ASSIGN_OR_RETURN(Tensor Y, env.alloc(dt, p->y_shape));
+  out[0] = Value(Y);
+  if (!p->x.d) return Status::ok();  // empty output
+
+  const void* x = X->raw_data();
+  std::shared_ptr<Storage> pad_buf, ws_buf;
+  if (p->explicit_pad) {
+    const size_t bytes = static_cast<size_t>(p->padded_numel) * dtype_size(dt);
+    KILN_ASSIGN_OR_RETURN(pad_buf, env.scratch(bytes));
+    KILN_RETURN_IF_ERROR(launch_zero_pad(dtype_size(dt), x, pad_buf->data(), p->pad_in,
+                                         p->pad_out, p->pad_begin, env.stream)
+                             .with_context(where_));
+    x = pad_buf->data();
+  }
+  void* ws = nullptr;
+  if (p->ws > 0) {
+    if (env.workspace && env.workspace_bytes >= p->ws) {
+      ws = env.workspace;
+    } else {
+      KILN_ASSIGN_OR_RETURN(ws_buf, env.scratch(p->ws));
+      ws = ws_buf->data();
+    }
+  }
+  const void* w = w_krsc_.defined() ? w_krsc_.raw_data() : W->raw_data();
+  const void* bias = B ? B->raw_data() : (zero_bias_.defined() ? zero_bias_.raw_data() : nullptr);
+  auto h = static_cast<cudnnHandle_t>(env.cudnn);
+  if (!h) return ctx.fail("no cuDNN handle in the execution context");
+  const double one_d = 1.0, zero_d = 0.0;
+  const float one_f = 1.f, zero_f = 0.f;
+  const bool dbl = dt == DataType::kDouble;
+  const void* one = dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
+  const void* zero = dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
+
+  if (bias && p->fused_state.load() != 2 && fused_call_ok(*p, cfg_.act, B || Z)) {
+    const cudnnActivationMode_t mode =
+        cfg_.act == EpAct::kRelu ? CUDNN_ACTIVATION_RELU : CUDNN_ACTIVATION_IDENTITY;
+    cudnnActivationDescriptor_t act = nullptr;
+    DNN_CHECK(cudnnCreateActivationDescriptor(&act), "cudnnCreateActivationDescriptor");
+    cudnnStatus_t s = cudnnSetActivationDescriptor(act, mode, CUDNN_PROPAGATE_NAN, 0.0);
+    if (s == CUDNN_STATUS_SUCCESS)
+      s = cudnnConvolutionBiasActivationForward(
+          h, one, p->x.d, x, p->w.d, w, p->conv.d, p->algo, ws, p->ws, Z ? one : zero, p->y.d,
+          Z ? Z->raw_data() : Y.raw_data(), p->bias.d, bias, act, p->y.d, Y.raw_data());
+    cudnnDestroyActivationDescriptor(act);
+    if (s == CUDNN_STATUS_SUCCESS) {
+      p->fused_state.store(1);
+      return Status::ok();
+    }
+    // Refusals (not supported / bad parameter for this config) fall back; real failures don't.
+    if (status_class(s) != 2 && status_class(s) != 3)
+      return dnn_status(s, where_, "cudnnConvolutionBiasActivationForward");
+    p->fused_state.store(2);  // refused: conv + epilogue kernel from now on
+  }
+  DNN_CHECK(cudnnConvolutionForward(h, one, p->x.d, x, p->w.d, w, p->conv.d, p->algo, ws, p->ws,
+                                    zero, p->y.d, Y.raw_data()),
+            "cudnnConvolutionForward");
+  if (B || Z || cfg_.act != EpAct::kNone) {
+    EpilogueArgs e;
+    e.dtype = dt;
+    e.y = Y.raw_data();
+    e.bias = B ? B->raw_data() : nullptr;
+    e.z = Z ? Z->raw_data() : nullptr;
+    e.n = Y.numel();
+    e.channels = p->M;
+    e.inner = cfg_.nhwc ? 1 : p->sp_out;
+    e.act = cfg_.act;
+    e.a = cfg_.a;
+    e.b = cfg_.b;
+    KILN_RETURN_IF_ERROR(launch_epilogue(e, env.stream).with_context(where_));
+  }
+  return Status::ok();
+}
+
+// OIHW (host) -> OHWI ("KRSC") bytes.
+Result<Tensor> to_krsc(const Tensor& w) {
+  const Shape& s = w.shape();
+  Shape o = {s[0]};
+  o.insert(o.end(), s.begin() + 2, s.end());
+  o.push_back(s[1]);
+  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(w.dtype(), o));
+  const size_t es = dtype_size(w.dtype());
+  const int64_t K = s[0], C = s[1], R = nn::prod(s, 2);
+  const auto* src = static_cast<const uint8_t*>(w.raw_data());
+  auto* dst = static_cast<uint8_t*>(t.raw_data());
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(dst + ((k * R + r) * C + c) * es, src + ((k * C + c) * R + r) * es, es);
+  return t;
+}
+
+// Device buffers for tuning, freed on scope exit (engine load only, never in a run).
+struct DevBuf {
+  void* p = nullptr;
+  ~DevBuf() { if (p) cudaFree(p); }
+};
+
+Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tensor& w_host) {
+  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> p, build_plan(n, dt, xs, w_host.shape()));
+  if (!p->x.d) return Status::ok();
+  cudnnHandle_t h = nullptr;
+  DNN_CHECK(cudnnCreate(&h), "cudnnCreate");
+  struct HandleGuard {
+    cudnnHandle_t h;
+    ~HandleGuard() { cudnnDestroy(h); }
+  } guard{h};
+  const size_t es = dtype_size(dt);
+  const int64_t xn = p->explicit_pad ? p->padded_numel : nn::prod(xs);
+  DevBuf xb, wb, yb, wsb;
+  KILN_CUDA_CHECK(cudaMalloc(&xb.p, std::max<size_t>(1, static_cast<size_t>(xn) * es)), where_ + ": tuning X");
+  KILN_CUDA_CHECK(cudaMemset(xb.p, 0, static_cast<size_t>(xn) * es), where_ + ": tuning X");
+  KILN_CUDA_CHECK(cudaMalloc(&yb.p, std::max<size_t>(1, static_cast<size_t>(nn::prod(p->y_shape)) * es)),
+                  where_ + ": tuning Y");
+  const void* w = w_krsc_.defined() ? w_krsc_.raw_data() : nullptr;
+  if (!w) {
+    KILN_CUDA_CHECK(cudaMalloc(&wb.p, std::max<size_t>(1, w_host.nbytes())), where_ + ": tuning W");
+    KILN_CUDA_CHECK(cudaMemcpy(wb.p, w_host.raw_data(), w_host.nbytes(), cudaMemcpyHostToDevice),
+                    where_ + ": tuning W");
+    w = wb.p;
+  }
+  // Workspace: the largest any algorithm wants within the limit.
+  size_t ws_max = 0;
+  DNN_CHECK(cudnnSetConvolutionMathType(p->conv.d, math_for(dt, true)), "math type");
+  for (int a = 0; a < CUDNN_CONVOLUTION_FWD_ALGO_COUNT; ++a) {
+    size_t s = 0;
+    if (cudnnGetConvolutionForwardWorkspaceSize(h, p->x.d, p->w.d, p->conv.d, p->y.d,
+                                                static_cast<cudnnConvolutionFwdAlgo_t>(a), &s) ==
+            CUDNN_STATUS_SUCCESS &&
+        s <= cfg_.ws_limit)
+      ws_max = std::max(ws_max, s);
+  }
+  while (ws_max > 0 && cudaMalloc(&wsb.p, ws_max) != cudaSuccess) {
+    (void)cudaGetLastError();
+    wsb.p = nullptr;
+    ws_max /= 2;
+  }
+  std::vector<cudnnConvolutionFwdAlgoPerf_t> perf(CUDNN_CONVOLUTION_FWD_ALGO_COUNT * 2);
+  int got = 0;
+  DNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(h, p->x.d, xb.p, p->w.d, w, p->conv.d, p->y.d,
+                                                   yb.p, static_cast<int>(perf.size()), &got,
+                                                   perf.data(), wsb.p, ws_max),
+            "cudnnFindConvolutionForwardAlgorithmEx");
+  const bool no_tc = dt == DataType::kFloat && !cfg_.tf32;
+  bool chosen = false;
+  for (int i = 0; i < got && !chosen; ++i) {  // sorted fastest first
+    const auto& r = perf[static_cast<size_t>(i)];
+    if (r.status != CUDNN_STATUS_SUCCESS || r.memory > cfg_.ws_limit) continue;
+    if (no_tc && (r.mathType == CUDNN_TENSOR_OP_MATH ||
+                  r.mathType == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION))
+      continue;
+    chosen = set_algo(h, dt, *p, r.algo, r.mathType).is_ok() && p->ws <= cfg_.ws_limit;
+  }
+  if (!chosen) KILN_RETURN_IF_ERROR(pick_heuristic(h, dt, *p));
+  p->tuned = chosen;
+  KILN_CUDA_CHECK(cudaDeviceSynchronize(), where_ + ": tuning");
+  std::lock_guard<std::mutex> lock(mu_);
+  plans_[{xs, w_host.shape()}] = p;
+  tactic_ = p->tactic() + (chosen ? "" : ".heuristic");
+  return Status::ok();
+}
+
+Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
+  const Tensor* W = n.inputs.size() > 1 && constants ? constants(n.inputs[1]) : nullptr;
+  if (!W || W->device() != Device::kHost || W->rank() < 3) return Status::ok();
+  const Backend* be = cuda_backend();
+  if (!be) return Status::ok();
+  const DataType dt = W->dtype();
+  cudnnDataType_t cdt;
+  if (!dnn_dtype(dt, &cdt)) return Status::ok();  // run() reports the dtype
+  if (cfg_.nhwc && W->rank() == 4) {
+    KILN_ASSIGN_OR_RETURN(Tensor k, to_krsc(*W));
+    KILN_ASSIGN_OR_RETURN(w_krsc_, be->upload_constant(k));
+  }
+  if (cfg_.fused && (cfg_.act == EpAct::kRelu || cfg_.act == EpAct::kNone) &&
+      !(n.inputs.size() > 2 && !n.inputs[2].empty())) {
+    KILN_ASSIGN_OR_RETURN(Tensor zb, Tensor::create(dt, {W->dim(0)}));
+    KILN_ASSIGN_OR_RETURN(zero_bias_, be->upload_constant(zb));
+  }
+  const std::vector<int64_t> tune_shape = n.attr_ints("kiln_tune_shape");
+  if (!tune_shape.empty() && !cfg_.forced) {
+    for (int64_t d : tune_shape)
+      if (d < 0) return invalid_argument(where_ + ": kiln_tune_shape has a negative dim");
+    Status st = tune(n, dt, tune_shape, *W);
+    if (!st.is_ok()) tune_error_ = st.message();
+  }
+  return Status::ok();
+}
+
+Result<std::shared_ptr<const Kernel>> prepare_conv(const Node& n, const ConstantLookup& constants) {
+  KILN_ASSIGN_OR_RETURN(ConvConfig cfg, read_config(n));
+  auto k = std::make_shared<ConvKernel>(n, cfg);
+  KILN_RETURN_IF_ERROR(k->prepare(n, constants));
+  return std::shared_ptr<const Kernel>(std::move(k));
+}
+
+// Unprepared use: a throwaway kernel (descriptors built per call, heuristics).
+Status run_conv(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  KILN_ASSIGN_OR_RETURN(ConvConfig cfg, read_config(ctx.node));
+  ConvKernel k(ctx.node, cfg);
+  return k.run(ctx, in, out);
+}
+
+bool float_dtype_ok(DataType dt) {
+  return dt == DataType::kUndefined || dt == DataType::kFloat || dt == DataType::kFloat16 ||
+         dt == DataType::kBFloat16 || dt == DataType::kDouble;
+}
+
+bool supports_conv(const Node& n, const TypeLookup& types) {
+  if (n.inputs.size() < 2 || n.outputs.empty()) return false;
+  const DataType dt = value_dtype(types, n.inputs[0]);
+  if (!float_dtype_ok(dt)) return false;
+  const DataType wt = value_dtype(types, n.inputs[1]);
+  if (wt != DataType::kUndefined && dt != DataType::kUndefined && wt != dt) return false;
+  if (!read_config(n).is_ok()) return false;
+  if (n.attr_int("group", 1) < 1) return false;
+  const TypeInfo* t = types ? types(n.inputs[0]) : nullptr;
+  if (t && t->kind == TypeInfo::Kind::kTensor && t->has_shape) {
+    const size_t r = t->dims.size();
+    if (r < 3 || r > 5) return false;
+    if (n.domain == "kiln" && n.attr_string("layout", "NCHW") == "NHWC" && r != 4) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+void register_conv_kernels(Registry& r) {
+  r.add({"", "Conv", &run_conv, &prepare_conv, &supports_conv, {}, {}});
+  r.add({"kiln", "FusedConv", &run_conv, &prepare_conv, &supports_conv, {}, {}});
+}
+
+}  // namespace kiln::cuda

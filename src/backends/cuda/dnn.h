@@ -1,0 +1,71 @@
+// Shared declarations of the library-backed CUDA kernels (cudnn_conv.cpp, cublaslt_gemm.cpp)
+// and their small fused epilogue kernels (dnn_epilogue.cu).
+//
+// Every prepared conv/gemm kernel is a DnnKernel: describe_tactic() says which library
+// algorithm it runs, so the builder/CLI can print or persist it:
+//   "cuda.conv.cudnn.IMPLICIT_PRECOMP_GEMM.tc"   (".tc": tensor-op math; ".heuristic": not timed)
+//   "cuda.gemm.cublaslt.id21.tile18.stages8.splitk1.bias@<128 hex digits>"
+//     (print the part before '@'; the hex is the raw cublasLtMatmulAlgo_t).
+// Persisting: set the string as the node's string attribute `kiln_tactic` and the kernel uses
+// that algorithm again at the next engine load (conv: for every shape; gemm: for 256-byte
+// aligned operands, after cublasLtMatmulAlgoCheck), skipping the timing.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "backends/cuda/cuda_env.h"
+
+namespace kiln::cuda {
+
+// A prepared conv/gemm kernel that can say which tactic it chose.
+class DnnKernel : public Kernel {
+ public:
+  // The chosen tactic(s): the tuned one when the node was tuned at prepare, else the first one
+  // picked by the library heuristics at run time ("" before the first run).
+  virtual std::string tactic() const = 0;
+};
+
+// The tactic of a prepared kernel, or "" when `k` is not a conv/gemm kernel.
+inline std::string describe_tactic(const Kernel* k) {
+  auto* d = dynamic_cast<const DnnKernel*>(k);
+  return d ? d->tactic() : std::string();
+}
+
+// The two halves of register_dnn (cudnn_conv.cpp, cublaslt_gemm.cpp).
+void register_conv_kernels(Registry& r);  // Conv, kiln.FusedConv
+void register_gemm_kernels(Registry& r);  // Gemm, MatMul, kiln.FusedMatMul
+
+// Activation of a fused epilogue (the kiln.FusedConv / kiln.FusedMatMul `activation`).
+enum class EpAct : int { kNone = 0, kRelu, kClip, kLeakyRelu, kGeluErf };
+
+// In place over y (n elements of `dtype`: float32/float16/bfloat16/double):
+//   v = y[i] + bias[(i / inner) % channels] (bias optional)
+//   z before the activation:  y[i] = act(v + z[i])       (FusedConv order)
+//   z after the activation:   y[i] = act(v) + z[i]       (FusedMatMul order)
+// All arithmetic in float (double for double), one rounding at the end.
+struct EpilogueArgs {
+  DataType dtype = DataType::kFloat;
+  void* y = nullptr;
+  const void* bias = nullptr;  // `channels` elements of dtype, or nullptr
+  const void* z = nullptr;     // n elements of dtype, or nullptr
+  int64_t n = 0;
+  int64_t channels = 1;
+  int64_t inner = 1;
+  bool z_after_act = false;
+  EpAct act = EpAct::kNone;
+  float a = 0, b = 0;  // Clip: min, max; LeakyRelu: alpha
+};
+Status launch_epilogue(const EpilogueArgs& a, cudaStream_t stream);
+
+// Zero padding: y (out_dims) = x (in_dims) placed at offset `begin` per dim. Dims of equal rank.
+// Any dtype of element size 1, 2, 4 or 8 bytes (zero bits are the zero value).
+Status launch_zero_pad(size_t elem_size, const void* x, void* y, const Dims& in_dims,
+                       const Dims& out_dims, const Dims& begin, cudaStream_t stream);
+
+// y[i, j] = c[i * s0 + j * s1] for an [M, N] row-major y (Gemm's broadcast C).
+Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, int64_t N,
+                           int64_t s0, int64_t s1, cudaStream_t stream);
+
+}  // namespace kiln::cuda

@@ -1,0 +1,155 @@
+// Small element-wise kernels the library-backed conv/gemm kernels need around cuDNN/cuBLASLt:
+// - the fused epilogue (bias per channel, residual z before or after the activation, Relu /
+//   Clip / LeakyRelu / erf-Gelu) for float32, float16, bfloat16 and double;
+// - zero padding (cuDNN only pads symmetrically: asymmetric pads are materialized first);
+// - the 2-D broadcast copy of Gemm's C.
+// All are grid-stride loops with int64 indexing on the caller's stream.
+#include <cmath>
+
+#include "backends/cuda/cuda_types.cuh"
+#include "backends/cuda/dnn.h"
+
+namespace kiln::cuda {
+namespace {
+
+template <typename C>
+__device__ __forceinline__ C apply_act(C v, int act, float a, float b) {
+  switch (act) {
+    case static_cast<int>(EpAct::kRelu):
+      return v < C(0) ? C(0) : v;
+    case static_cast<int>(EpAct::kClip):
+      return v < C(a) ? C(a) : (v > C(b) ? C(b) : v);
+    case static_cast<int>(EpAct::kLeakyRelu):
+      return v < C(0) ? v * C(a) : v;
+    case static_cast<int>(EpAct::kGeluErf):
+      if constexpr (std::is_same_v<C, double>)
+        return 0.5 * v * (1.0 + erf(v * 0.70710678118654752440));
+      else
+        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752440f));
+    default:
+      return v;
+  }
+}
+
+template <typename T>
+__global__ void epilogue_kernel(T* y, const T* bias, const T* z, int64_t n, int64_t channels,
+                                int64_t inner, bool z_after, int act, float a, float b) {
+  using C = acc_t<T>;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    C v = convert<C>(y[i]);
+    if (bias) v += convert<C>(bias[(i / inner) % channels]);
+    if (z && !z_after) v += convert<C>(z[i]);
+    v = apply_act<C>(v, act, a, b);
+    if (z && z_after) v += convert<C>(z[i]);
+    y[i] = convert<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void zero_pad_kernel(const T* x, T* y, Dims in, Dims out, Dims begin, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t rem = i, src = 0, stride = 1;
+    bool inside = true;
+    for (int d = out.rank - 1; d >= 0; --d) {
+      const int64_t o = rem % out.d[d];
+      rem /= out.d[d];
+      const int64_t s = o - begin.d[d];
+      if (s < 0 || s >= in.d[d]) inside = false;
+      src += s * stride;
+      stride *= in.d[d];
+    }
+    y[i] = inside ? x[src] : T(0);
+  }
+}
+
+template <typename T>
+__global__ void broadcast_2d_kernel(const T* c, T* y, int64_t M, int64_t N, int64_t s0,
+                                    int64_t s1) {
+  const int64_t n = M * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / N, col = i % N;
+    y[i] = c[r * s0 + col * s1];
+  }
+}
+
+}  // namespace
+
+Status launch_epilogue(const EpilogueArgs& a, cudaStream_t stream) {
+  if (a.n <= 0) return Status::ok();
+  if (a.bias && (a.channels <= 0 || a.inner <= 0))
+    return internal_error("epilogue: bad bias geometry");
+  const unsigned grid = grid_for(a.n);
+  const int act = static_cast<int>(a.act);
+  bool ok = true;
+  KILN_CUDA_DISPATCH_FLOAT(
+      a.dtype, ok = false,
+      epilogue_kernel<T><<<grid, 256, 0, stream>>>(
+          static_cast<T*>(a.y), static_cast<const T*>(a.bias), static_cast<const T*>(a.z), a.n,
+          a.channels, a.inner, a.z_after_act, act, a.a, a.b));
+  if (!ok) return unsupported(std::string("epilogue: dtype ") + dtype_name(a.dtype));
+  KILN_CUDA_LAUNCHED("dnn epilogue kernel");
+  return Status::ok();
+}
+
+Status launch_zero_pad(size_t elem_size, const void* x, void* y, const Dims& in_dims,
+                       const Dims& out_dims, const Dims& begin, cudaStream_t stream) {
+  int64_t n = 1;
+  for (int d = 0; d < out_dims.rank; ++d) n *= out_dims.d[d];
+  if (n <= 0) return Status::ok();
+  const unsigned grid = grid_for(n);
+  switch (elem_size) {
+    case 1:
+      zero_pad_kernel<uint8_t><<<grid, 256, 0, stream>>>(static_cast<const uint8_t*>(x),
+                                                         static_cast<uint8_t*>(y), in_dims,
+                                                         out_dims, begin, n);
+      break;
+    case 2:
+      zero_pad_kernel<uint16_t><<<grid, 256, 0, stream>>>(static_cast<const uint16_t*>(x),
+                                                          static_cast<uint16_t*>(y), in_dims,
+                                                          out_dims, begin, n);
+      break;
+    case 4:
+      zero_pad_kernel<uint32_t><<<grid, 256, 0, stream>>>(static_cast<const uint32_t*>(x),
+                                                          static_cast<uint32_t*>(y), in_dims,
+                                                          out_dims, begin, n);
+      break;
+    case 8:
+      zero_pad_kernel<uint64_t><<<grid, 256, 0, stream>>>(static_cast<const uint64_t*>(x),
+                                                          static_cast<uint64_t*>(y), in_dims,
+                                                          out_dims, begin, n);
+      break;
+    default:
+      return unsupported("zero pad: element size " + std::to_string(elem_size));
+  }
+  KILN_CUDA_LAUNCHED("dnn zero-pad kernel");
+  return Status::ok();
+}
+
+Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, int64_t N,
+                           int64_t s0, int64_t s1, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return Status::ok();
+  const unsigned grid = grid_for(M * N);
+  switch (elem_size) {
+    case 2:
+      broadcast_2d_kernel<uint16_t><<<grid, 256, 0, stream>>>(
+          static_cast<const uint16_t*>(c), static_cast<uint16_t*>(y), M, N, s0, s1);
+      break;
+    case 4:
+      broadcast_2d_kernel<uint32_t><<<grid, 256, 0, stream>>>(
+          static_cast<const uint32_t*>(c), static_cast<uint32_t*>(y), M, N, s0, s1);
+      break;
+    case 8:
+      broadcast_2d_kernel<uint64_t><<<grid, 256, 0, stream>>>(
+          static_cast<const uint64_t*>(c), static_cast<uint64_t*>(y), M, N, s0, s1);
+      break;
+    default:
+      return unsupported("broadcast: element size " + std::to_string(elem_size));
+  }
+  KILN_CUDA_LAUNCHED("dnn broadcast kernel");
+  return Status::ok();
+}
+
+}  // namespace kiln::cuda

@@ -1,0 +1,134 @@
+// The reduced-precision pass (CUDA --fp16/--bf16) on small graphs, run with the reference
+// executor: float32 at the edges, reduced inside, Casts around the float32-kept ops, results close
+// to the float32 graph's.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "op_test_util.h"
+#include "passes/passes.h"
+#include "runtime/executor.h"
+
+using namespace kiln;
+
+namespace {
+
+std::mt19937 prng(11);
+
+Tensor rand_f32(const Shape& s, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::create(DataType::kFloat, s).value();
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (auto& v : t.span<float>()) v = d(prng);
+  return t;
+}
+
+Node mk(const std::string& name, const std::string& op, std::vector<std::string> in, std::vector<std::string> out) {
+  Node n;
+  n.name = name;
+  n.op_type = op;
+  n.opset = 17;
+  n.inputs = std::move(in);
+  n.outputs = std::move(out);
+  return n;
+}
+
+// X[1,3,8,8] -> Conv(W,B) -> Relu -> Exp -> Softmax(axis=1) -> Y, plus a Shape path -> S.
+Graph conv_graph() {
+  Graph g;
+  g.name = "p";
+  g.inputs.push_back({"X", TypeInfo::tensor(DataType::kFloat, {1, 3, 8, 8})});
+  g.initializers["W"] = rand_f32({4, 3, 3, 3}, -0.3f, 0.3f);
+  g.initializers["B"] = rand_f32({4});
+  Node c = mk("conv", "Conv", {"X", "W", "B"}, {"c"});
+  c.set_attr(test::ints_attr("pads", {1, 1, 1, 1}));
+  g.nodes.push_back(c);
+  g.nodes.push_back(mk("relu", "Relu", {"c"}, {"r"}));
+  g.nodes.push_back(mk("exp", "Exp", {"r"}, {"e"}));
+  Node sm = mk("softmax", "Softmax", {"e"}, {"Y"});
+  sm.set_attr(test::int_attr("axis", 1));
+  g.nodes.push_back(sm);
+  g.nodes.push_back(mk("shape", "Shape", {"X"}, {"S"}));
+  g.outputs.push_back({"Y", TypeInfo::tensor(DataType::kFloat)});
+  g.outputs.push_back({"S", TypeInfo::tensor(DataType::kInt64)});
+  return g;
+}
+
+const Node* find_node(const Graph& g, const std::string& name) {
+  for (auto& n : g.nodes)
+    if (n.name == name) return &n;
+  return nullptr;
+}
+
+}  // namespace
+
+TEST(Precision, Fp16KeepsEdgesFloat32AndCastsAroundSensitiveOps) {
+  Graph ref = conv_graph();
+  ASSERT_TRUE(infer_types(ref).is_ok());
+  Graph g = ref;
+  ASSERT_TRUE(convert_precision(g, PrecisionOptions{}).is_ok());
+  ASSERT_TRUE(verify_graph(g).is_ok());
+  // Weights reduced, edges float32.
+  EXPECT_EQ(g.initializers.at("W").dtype(), DataType::kFloat16);
+  EXPECT_EQ(g.inputs[0].type.dtype, DataType::kFloat);
+  // Exp (default fp32 list) reads a float32 Cast of the reduced Relu output.
+  const Node* e = find_node(g, "exp");
+  ASSERT_NE(e, nullptr);
+  const ValueInfo* ein = g.find_value_info(e->inputs[0]);
+  ASSERT_NE(ein, nullptr);
+  EXPECT_EQ(ein->type.dtype, DataType::kFloat);
+  const ValueInfo* rout = g.find_value_info("r");
+  ASSERT_NE(rout, nullptr);
+  EXPECT_EQ(rout->type.dtype, DataType::kFloat16);
+
+  Tensor x = rand_f32({1, 3, 8, 8});
+  auto want = run_graph_once(ref, {Value(x)});
+  auto got = run_graph_once(g, {Value(x)});
+  ASSERT_TRUE(want.is_ok()) << want.status().message();
+  ASSERT_TRUE(got.is_ok()) << got.status().message();
+  const Tensor& w = (*want)[0].tensor;
+  const Tensor& o = (*got)[0].tensor;
+  ASSERT_EQ(o.dtype(), DataType::kFloat);
+  ASSERT_EQ(o.shape(), w.shape());
+  for (int64_t i = 0; i < w.numel(); ++i) EXPECT_NEAR(o.data<float>()[i], w.data<float>()[i], 5e-3) << i;
+  EXPECT_EQ((*got)[1].tensor.to_i64_vector(), (std::vector<int64_t>{1, 3, 8, 8}));
+}
+
+TEST(Precision, LayerPrecisionOverridesAndReducedIo) {
+  Graph g = conv_graph();
+  ASSERT_TRUE(infer_types(g).is_ok());
+  PrecisionOptions po;
+  po.keep_fp32 = {"relu"};
+  po.force_reduced = {"Exp"};
+  po.io_reduced = true;
+  ASSERT_TRUE(convert_precision(g, po).is_ok());
+  EXPECT_EQ(g.inputs[0].type.dtype, DataType::kFloat16);
+  EXPECT_EQ(g.find_value_info("r")->type.dtype, DataType::kFloat16);  // Cast back after the fp32 Relu
+  const Node* relu = find_node(g, "relu");
+  EXPECT_EQ(g.find_value_info(relu->inputs[0])->type.dtype, DataType::kFloat);
+  const Node* e = find_node(g, "exp");
+  EXPECT_EQ(e->inputs[0], "r");  // no cast: Exp was taken out of the fp32 list
+  Tensor x = Tensor::create(DataType::kFloat16, {1, 3, 8, 8}).value();
+  auto got = run_graph_once(g, {Value(x)});
+  ASSERT_TRUE(got.is_ok()) << got.status().message();
+  EXPECT_EQ((*got)[0].tensor.dtype(), DataType::kFloat16);
+}
+
+TEST(Precision, Bf16AndSubgraphRefusal) {
+  Graph g = conv_graph();
+  ASSERT_TRUE(infer_types(g).is_ok());
+  PrecisionOptions po;
+  po.to = DataType::kBFloat16;
+  ASSERT_TRUE(convert_precision(g, po).is_ok());
+  EXPECT_EQ(g.initializers.at("W").dtype(), DataType::kBFloat16);
+
+  Graph h = conv_graph();
+  auto body = std::make_shared<Graph>();
+  body->name = "body";
+  Node n = mk("if", "If", {"cond"}, {"z"});
+  n.set_attr(test::graph_attr("then_branch", body));
+  h.nodes.push_back(n);
+  Status st = convert_precision(h, PrecisionOptions{});
+  EXPECT_EQ(st.code(), StatusCode::kUnsupported);
+  EXPECT_NE(st.message().find("subgraph"), std::string::npos);
+}
