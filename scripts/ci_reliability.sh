@@ -28,7 +28,7 @@ done_step() { echo "=== [reliability] $1: $(( $(date +%s) - step_start ))s"; }
 step "configure + build ASan+UBSan ($asan)"
 CC=clang CXX=clang++ cmake -S . -B "$asan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -gline-tables-only" \
-  -DKILN_SANITIZE=address,undefined \
+  -DKILN_SANITIZE=address,undefined -DKILN_WITH_CUDA=OFF \
   "-DCMAKE_CXX_FLAGS=-fsanitize=fuzzer-no-link -fno-sanitize-recover=undefined" \
   "-DCMAKE_PROJECT_kiln_INCLUDE=$root/tests/fuzz/CMakeLists.txt" >/dev/null
 ninja -C "$asan" -j"$jobs" kiln_unit_tests kiln_conformance kiln fuzz_onnx fuzz_tensor fuzz_npy fuzz_plan
@@ -95,7 +95,7 @@ fi
 if [ "${KILN_SKIP_TSAN:-0}" != 1 ]; then
   step "configure + build TSan ($tsan)"
   CC=clang CXX=clang++ cmake -S . -B "$tsan" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -gline-tables-only" -DKILN_SANITIZE=thread >/dev/null
+    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -gline-tables-only" -DKILN_SANITIZE=thread -DKILN_WITH_CUDA=OFF >/dev/null
   ninja -C "$tsan" -j"$jobs" kiln_unit_tests
   done_step "TSan build"
   step "concurrency test under TSan"

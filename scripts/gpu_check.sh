@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT"
 steps=${*:-conformance sample bench}
+FILTER=${KILN_CONFORMANCE_FILTER:-.*}
 CUDNN=${KILN_CUDNN_ROOT:-}
 if [ -z "$CUDNN" ]; then
   for c in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn /usr/local/cuda; do
@@ -38,7 +39,7 @@ fi
 
 case " $steps " in *" conformance "*)
   t0=$(date +%s)
-  "$BUILD/tests/kiln_conformance" --device cuda -j "$NPROC" --root "$ROOT" -v --timeout 60 \
+  "$BUILD/tests/kiln_conformance" --device cuda -j "$NPROC" --root "$ROOT" -v --timeout 60 --filter "$FILTER" \
     --write-pass "$OUT/expected_pass_cuda.txt" >"$OUT/conformance.log" 2>&1
   echo "conformance (cuda): $(( $(date +%s) - t0 )) s"
   grep -E "^score|^node|^unsupported|^expected" "$OUT/conformance.log" | head -20
@@ -54,6 +55,11 @@ case " $steps " in *" sample "*)
     "$BUILD/kiln" run --device cuda $prec --onnx "$R/model.onnx" --batch 3 --timingCache "$OUT/timing.cache" \
       "$R"/test_data_set_{0,1,2}/input_0.pb --verify --softmax 2>&1 | tail -4
   done
+  ;;
+esac
+
+case " $steps " in *" torch "*)
+  python3 bench/gpu_vs_torch.py --kiln "$BUILD/kiln" --work /tmp/kiln-bench 2>&1 | tee "$OUT/gpu_vs_torch.log"
   ;;
 esac
 

@@ -271,6 +271,12 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, FusionOptions{}, &ps));
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(infer_types(g, &ps));
+  if (backend->is_device()) {
+    // One fused kernel for scaled-dot-product attention (the CPU keeps its oneDNN matmuls).
+    KILN_RETURN_IF_ERROR(fuse_attention(g, &ps));
+    KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
+    KILN_RETURN_IF_ERROR(infer_types(g, &ps));
+  }
   if ((config.fp16 || config.bf16) && backend->is_device()) {
     PrecisionOptions po;
     po.to = config.bf16 ? DataType::kBFloat16 : DataType::kFloat16;

@@ -16,4 +16,10 @@ struct FusionOptions {
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);
 
+// Replaces the scaled-dot-product attention pattern (MatMul(Q, K^T) -> scale -> [+ mask] ->
+// Softmax(last axis) -> MatMul(., V), in the forms exporters produce) by one ONNX Attention node
+// (opset 23 semantics), which the CUDA backend runs as a fused kernel. Needs inferred types.
+// Implemented in passes/attention_fusion.cpp.
+Status fuse_attention(Graph& g, PassStats* stats = nullptr);
+
 }  // namespace kiln

@@ -108,6 +108,7 @@ std::string Engine::describe_layers() const {
     os << "  [" << i++ << "] " << n.name << "  " << (n.domain.empty() ? "" : n.domain + ".") << n.op_type
        << "  " << n.kernel;
     std::string tactic = n.attr_string("kiln_tactic");
+    tactic = tactic.substr(0, tactic.find('@'));  // GEMM tactics carry the serialized algorithm after '@'
     if (!tactic.empty()) os << "  [" << tactic << "]";
     os << "\n";
   }

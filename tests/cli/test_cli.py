@@ -105,6 +105,26 @@ def main():
     check("stale model rebuilds", ["run", "--onnx", cm, "--cache", "cache", inp], 0, "built and cached")
 
     # --- errors ------------------------------------------------------------------------------
+    # CUDA options: refused clearly where they cannot apply (CI has no GPU).
+    check("CUDA bench flags on a CPU plan", ["bench", "--loadEngine", "r.plan", "--useCudaGraph"], 2,
+          "need an engine built for cuda")
+    check("unknown device", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "d.plan", "--device", "tpu"], 1,
+          "unknown device 'tpu'")
+    check("bad ioFormats", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "d.plan", "--ioFormats", "int3"], 2,
+          "--ioFormats expects")
+    check("bad layerPrecisions", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "d.plan",
+                                  "--layerPrecisions", "conv1=fp8"], 2, "--layerPrecisions expects")
+    rc, out = run("build", "--onnx", f"{r}/model.onnx", "--saveEngine", "cuda.plan", "--device", "cuda", "--fp16")
+    gpu = rc == 0
+    ok = gpu or (rc == 1 and ("no usable CUDA GPU" in out or "no CUDA backend" in out))
+    print(("PASS " if ok else "FAIL ") + f"--device cuda builds or says why not ({'GPU present' if gpu else 'no GPU'})")
+    if not ok:
+        FAILS.append("--device cuda")
+        print("  | " + out[-800:])
+    if gpu:  # on a GPU machine: the fp16 engine runs and matches the reference loosely
+        check("cuda fp16 run", ["run", "--loadEngine", "cuda.plan", f"{r}/test_data_set_0/input_0.pb", "--verify",
+                                "--atol", "0.05", "--rtol", "0.05"], 0, "OK")
+        check("cuda inspect shows tactics", ["inspect", "cuda.plan"], 0, "cuda.")
     check("no command", [], 2, "usage")
     check("unknown command", ["frobnicate"], 2, "unknown command")
     check("unknown option", ["run", "--bogus"], 2, "unknown option '--bogus'")

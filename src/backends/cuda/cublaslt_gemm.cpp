@@ -710,7 +710,8 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
 
 Status GemmKernel::prepare(const Node& n, const ConstantLookup& constants) {
   const std::vector<int64_t> tune_shape = n.attr_ints("kiln_tune_shape");
-  if (tune_shape.empty() || !constants || n.inputs.size() < 2) return Status::ok();
+  // A persisted tactic is used as is: no timing at load.
+  if (cfg_.forced || tune_shape.empty() || !constants || n.inputs.size() < 2) return Status::ok();
   const Tensor* B = constants(n.inputs[1]);
   if (!B || B->device() != Device::kHost) return Status::ok();
   cudaDataType_t t;

@@ -62,6 +62,8 @@ const Registry& registry() {
     register_data(reg);
     register_reduce_norm(reg);
     register_dnn(reg);
+    register_attention(reg);
+    register_misc(reg);
     return reg;
   }();
   return r;

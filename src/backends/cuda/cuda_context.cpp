@@ -67,13 +67,9 @@ class CudaContext final : public DeviceContext {
     KILN_CUDA_CHECK(cudaSetDevice(0), "selecting GPU 0");
     KILN_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking), "creating a CUDA stream");
     for (auto& e : ev_) KILN_CUDA_CHECK(cudaEventCreate(&e), "creating a CUDA event");
-    KILN_RETURN_IF_ERROR(dnn_check(cudnnCreate(&dnn_), "creating a cuDNN handle"));
-    KILN_RETURN_IF_ERROR(lt_check(cublasLtCreate(&lt_), "creating a cuBLASLt handle"));
     pool_ = DevicePool::create(0);
     env_.device = 0;
     env_.pool = pool_.get();
-    env_.cudnn = dnn_;
-    env_.cublaslt = lt_;
     // Library workspace: the builder's limit caps it; kernels needing more ask env.scratch().
     size_t ws = std::min<uint64_t>(info.workspace_bytes ? info.workspace_bytes : (32u << 20), 32u << 20);
     KILN_ASSIGN_OR_RETURN(workspace_, pool_->allocate(ws));
@@ -88,7 +84,8 @@ class CudaContext final : public DeviceContext {
     if (pending_) KILN_CUDA_CHECK(cudaEventSynchronize(ev_[1]), "waiting for the previous inference's input copies");
     last_stream_ = s;
     env_.stream = s;
-    KILN_RETURN_IF_ERROR(dnn_check(cudnnSetStream(dnn_, s), "binding the cuDNN handle to the stream"));
+    if (!handles_ready_) KILN_RETURN_IF_ERROR(create_handles(cg));
+    if (dnn_) KILN_RETURN_IF_ERROR(dnn_check(cudnnSetStream(dnn_, s), "binding the cuDNN handle to the stream"));
     frame.device_env = &env_;
     if (frame.alt.size() != frame.slots.size()) frame.alt.assign(frame.slots.size(), Value());
     const std::string key = graph_on_ ? shape_key(cg, frame) : std::string();
@@ -187,6 +184,26 @@ class CudaContext final : public DeviceContext {
   }
 
  private:
+  // Library handles cost tens of milliseconds each: made only when a kernel of the graph uses them.
+  static void scan_kernels(const CompiledGraph& cg, bool& conv, bool& gemm) {
+    for (auto& cn : cg.nodes) {
+      const std::string& k = cn.node->kernel;
+      if (k.find("Conv") != std::string::npos) conv = true;
+      if (k.find("Gemm") != std::string::npos || k.find("MatMul") != std::string::npos) gemm = true;
+    }
+    for (auto& [g, sub] : cg.subgraphs) scan_kernels(*sub, conv, gemm);
+  }
+  Status create_handles(const CompiledGraph& cg) {
+    bool conv = false, gemm = false;
+    scan_kernels(cg, conv, gemm);
+    if (conv && !dnn_) KILN_RETURN_IF_ERROR(dnn_check(cudnnCreate(&dnn_), "creating a cuDNN handle"));
+    if (gemm && !lt_) KILN_RETURN_IF_ERROR(lt_check(cublasLtCreate(&lt_), "creating a cuBLASLt handle"));
+    env_.cudnn = dnn_;
+    env_.cublaslt = lt_;
+    handles_ready_ = true;
+    return Status::ok();
+  }
+
   void reset_graph() {
     if (exec_) cudaGraphExecDestroy(exec_);
     exec_ = nullptr;
@@ -238,7 +255,7 @@ class CudaContext final : public DeviceContext {
   cudnnHandle_t dnn_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   cudaEvent_t ev_[4] = {};
-  bool pending_ = false;
+  bool pending_ = false, handles_ready_ = false;
   std::vector<Pinned> in_stage_, out_stage_;
   std::vector<Tensor> dev_in_;
   bool graph_on_ = false, outputs_on_device_ = false, graph_failed_ = false;

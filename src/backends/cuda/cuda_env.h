@@ -81,7 +81,9 @@ class Registry {
 void register_elementwise(Registry& r);  // kernels_elementwise.cu
 void register_data(Registry& r);         // kernels_data.cu (layout, indexing, shape ops)
 void register_reduce_norm(Registry& r);  // kernels_reduce.cu (reductions, softmax, norms, pooling)
-void register_dnn(Registry& r);          // cudnn_conv.cpp, cublaslt_gemm.cpp (conv, gemm, matmul, attention)
+void register_dnn(Registry& r);          // cudnn_conv.cpp, cublaslt_gemm.cpp (conv, gemm, matmul)
+void register_attention(Registry& r);    // kernels_attention.cu (Attention, fused attention)
+void register_misc(Registry& r);         // kernels_misc.cu (quantization, losses, Dropout, LRN, If, ...)
 
 // This machine's GPU 0 as a plan fingerprint ("cuda:sm_90:cudnn-91900:cublasLt-130100"), or an
 // error when no GPU is usable. The GPU's marketing name, for reports.

@@ -19,12 +19,12 @@
 
 namespace kiln::cuda {
 
-// A prepared conv/gemm kernel that can say which tactic it chose.
+// A prepared conv/gemm kernel. Kernel::tactic() gives the tuned tactic when the node was tuned
+// (or carried `kiln_tactic`) at prepare, else the first one the library heuristics picked at
+// run time ("" before the first run), plus " [tuning failed: why]" when timing failed.
 class DnnKernel : public Kernel {
  public:
-  // The chosen tactic(s): the tuned one when the node was tuned at prepare, else the first one
-  // picked by the library heuristics at run time ("" before the first run).
-  virtual std::string tactic() const = 0;
+  std::string tactic() const override = 0;
 };
 
 // The tactic of a prepared kernel, or "" when `k` is not a conv/gemm kernel.
