@@ -63,6 +63,19 @@ case " $steps " in *" torch "*)
   ;;
 esac
 
+case " $steps " in *" profile "*)
+  # Per-layer GPU profiles of the models bench/gpu_vs_torch.py exported (run `torch` first).
+  W=/tmp/kiln-bench
+  for spec in "resnet50.onnx 1 --batch=1" "bert_base_b32.onnx 32"; do
+    set -- $spec
+    echo "== profile $1 fp16 batch $2"
+    "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/$1" $3 --timingCache "$W/timing_prof.cache" \
+      --useCudaGraph --warmUp 10 --iterations 50 --dumpProfile >"$OUT/profile_${1%.onnx}_$2.log" 2>&1
+    grep -A12 "=== profile" "$OUT/profile_${1%.onnx}_$2.log"
+  done
+  ;;
+esac
+
 case " $steps " in *" bench "*)
   R=/tmp/kiln-sample/resnet50
   for args in "--batch 1" "--batch 1 --useCudaGraph" "--batch 32 --useCudaGraph" "--batch 256 --noDataTransfers --useCudaGraph"; do

@@ -46,6 +46,13 @@ class ExecutionContext;
 // "cuda" when this build has the CUDA backend and a usable GPU, else "cpu".
 std::string default_device();
 
+// Time spent in one layer, summed over the profiled inferences (trtexec's --dumpProfile).
+struct LayerTime {
+  std::string name, op, kernel;
+  double total_ms = 0;
+  int64_t runs = 0;
+};
+
 // GPU times of one finished inference, from CUDA events around its parts (trtexec's split).
 struct InferenceTimings {
   double h2d_ms = 0;      // host-to-device input copies
@@ -97,6 +104,10 @@ class ExecutionContext {
   Status set_outputs_on_device(bool on);
   // GPU timings of the last finished enqueue (call after synchronize). Refused on the CPU.
   Result<InferenceTimings> last_timings();
+  // Per-layer profiling: while on, each layer is timed (CUDA events on the GPU, a clock on the
+  // CPU; no CUDA graph). layer_times() sums what was measured since profiling was turned on.
+  Status set_profiling(bool on);
+  Result<std::vector<LayerTime>> layer_times();
   // Bytes of device memory this context holds (its pool), 0 on the CPU.
   size_t device_memory_bytes() const;
   // CUDA: a device copy of a host tensor from this context's memory (for set_input without

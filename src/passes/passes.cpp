@@ -51,9 +51,24 @@ Status infer_types(Graph& g, PassStats* stats) {
     for (size_t i = 0; i < n.outputs.size(); ++i) {
       if (n.outputs[i].empty() || ic.output_types[i].kind == TypeInfo::Kind::kUnknown) continue;
       auto& slot = types[n.outputs[i]];
-      if (slot.kind == TypeInfo::Kind::kUnknown || (!slot.has_shape && ic.output_types[i].has_shape)) {
-        slot = ic.output_types[i];
+      const TypeInfo& nt = ic.output_types[i];
+      if (slot.kind == TypeInfo::Kind::kUnknown || (!slot.has_shape && nt.has_shape)) {
+        slot = nt;
         if (stats) stats->inferred++;
+      } else if (slot.kind == TypeInfo::Kind::kTensor && nt.kind == TypeInfo::Kind::kTensor && slot.has_shape &&
+                 nt.has_shape && slot.dims.size() == nt.dims.size()) {
+        // A later round knows more (inputs folded to constants, refined producers): take every
+        // dimension that became known or symbolic.
+        bool changed = false;
+        for (size_t d = 0; d < slot.dims.size(); ++d) {
+          Dim& old = slot.dims[d];
+          const Dim& now = nt.dims[d];
+          if ((!old.known() && now.known()) || (!old.known() && old.param.empty() && !now.param.empty())) {
+            old = now;
+            changed = true;
+          }
+        }
+        if (changed && stats) stats->inferred++;
       }
     }
   }

@@ -29,6 +29,9 @@ class DeviceContext {
   virtual Result<InferenceTimings> last_timings() = 0;
   virtual size_t device_memory_bytes() const = 0;
   virtual Result<Tensor> upload(const Tensor& host) = 0;
+  // Per-layer GPU timing of the top-level nodes (events around each); totals per node index.
+  virtual Status set_profiling(bool on) = 0;
+  virtual Result<std::vector<double>> layer_ms(size_t num_nodes) = 0;
 };
 
 class DeviceRuntime {

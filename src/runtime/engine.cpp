@@ -1,4 +1,5 @@
 #include <atomic>
+#include <chrono>
 #include <sstream>
 
 #include "base/file.h"
@@ -28,6 +29,19 @@ struct ExecutionContext::Impl {
   std::vector<Value> bound_values;  // kept across runs; the frame frees inputs after last use
   uint64_t runs = 0;
   std::unique_ptr<DeviceContext> device;  // device backends
+  // CPU per-layer profiling.
+  struct CpuProfiler final : NodeObserver {
+    std::vector<double> ms;
+    std::chrono::steady_clock::time_point t0;
+    void before(size_t) override { t0 = std::chrono::steady_clock::now(); }
+    void after(size_t i) override {
+      if (i >= ms.size()) ms.resize(i + 1, 0.0);
+      ms[i] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    }
+  };
+  std::unique_ptr<CpuProfiler> profiler;
+  bool profiling = false;
+  int64_t profiled_runs = 0;
 };
 
 namespace {
@@ -183,6 +197,8 @@ Status ExecutionContext::enqueue(void* stream) {
   // Clear everything from a previous run, then bind the inputs.
   for (auto& v : f.slots) v = Value();
   for (size_t i = 0; i < ins.size(); ++i) f.slots[static_cast<size_t>(f.cg->input_slots[i])] = impl_->bound_values[i];
+  if (impl_->profiling) impl_->profiled_runs++;
+  f.observer = impl_->profiler.get();  // CPU profiling; the device context times on its own
   if (impl_->device) return impl_->device->enqueue(*f.cg, f, stream, 0x5eed0000ULL + impl_->runs++);
   return run_graph(*f.cg, f, 0x5eed0000ULL + impl_->runs++);
 }
@@ -213,6 +229,42 @@ Result<Tensor> ExecutionContext::upload(const Tensor& host) {
 std::string default_device() {
   const DeviceRuntime* r = cuda_runtime();
   return r && r->fingerprint().is_ok() ? "cuda" : "cpu";
+}
+
+Status ExecutionContext::set_profiling(bool on) {
+  impl_->profiled_runs = 0;
+  impl_->profiling = on;
+  impl_->frame.observer = nullptr;
+  if (impl_->device) return impl_->device->set_profiling(on);
+  impl_->profiler = on ? std::make_unique<Impl::CpuProfiler>() : nullptr;
+  return Status::ok();
+}
+
+Result<std::vector<LayerTime>> ExecutionContext::layer_times() {
+  const auto& nodes = impl_->engine->plan.graph.nodes;
+  std::vector<double> ms;
+  int64_t runs = 0;
+  if (impl_->device) {
+    if (!impl_->profiling) return invalid_argument("profiling is off (set_profiling(true) first)");
+    KILN_ASSIGN_OR_RETURN(ms, impl_->device->layer_ms(nodes.size()));
+    runs = impl_->profiled_runs;
+  } else if (impl_->profiler) {
+    ms = impl_->profiler->ms;
+    runs = impl_->profiled_runs;
+  } else {
+    return invalid_argument("profiling is off (set_profiling(true) first)");
+  }
+  std::vector<LayerTime> out;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    LayerTime t;
+    t.name = nodes[i].name;
+    t.op = (nodes[i].domain.empty() ? "" : nodes[i].domain + ".") + nodes[i].op_type;
+    t.kernel = nodes[i].kernel;
+    t.total_ms = i < ms.size() ? ms[i] : 0.0;
+    t.runs = runs;
+    out.push_back(std::move(t));
+  }
+  return out;
 }
 
 size_t ExecutionContext::device_memory_bytes() const {

@@ -204,7 +204,9 @@ Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
       for (int s : sc.output_slots) res.push_back(child.slots[static_cast<size_t>(s)]);
       return res;
     };
+    if (frame.observer) frame.observer->before(ni);
     Status st = cn.kernel ? cn.kernel->run(ctx, ins, outs) : cn.fn(ctx, ins, outs);
+    if (frame.observer) frame.observer->after(ni);
     if (!st.is_ok()) {
       if (st.message().rfind("node '", 0) == 0) return st;
       return st.with_context(cn.node->where());

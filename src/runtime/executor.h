@@ -41,6 +41,14 @@ struct CompiledGraph {
 Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backend& backend,
                                                      bool fallback_to_reference);
 
+// Sees each top-level node run (per-layer profiling): before(i) / after(i) around node i.
+class NodeObserver {
+ public:
+  virtual ~NodeObserver() = default;
+  virtual void before(size_t node) = 0;
+  virtual void after(size_t node) = 0;
+};
+
 struct Frame {
   const CompiledGraph* cg = nullptr;
   const Frame* parent = nullptr;
@@ -49,6 +57,7 @@ struct Frame {
   // or device copy of a host value), made on first need and dropped with the slot.
   std::vector<Value> alt;
   void* device_env = nullptr;  // passed to kernels as OpContext::device_env
+  NodeObserver* observer = nullptr;  // not inherited by subgraph frames
 };
 
 // Runs a compiled graph whose input slots are already bound in `frame`.

@@ -4,6 +4,7 @@
 // mismatch.
 #include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -49,7 +50,7 @@ struct Options {
   bool bf16 = false, tf32 = false, io_reduced = false;
   std::vector<std::string> fp32_layers, reduced_layers;
   std::string timing_cache;
-  bool cuda_graph = false, no_transfers = false;
+  bool cuda_graph = false, no_transfers = false, dump_profile = false;
   int64_t streams = 1;
   bool verify = false, softmax = false, nodes = false;
   double atol = 0.005, rtol = 0.05;
@@ -135,6 +136,8 @@ void print_help(const std::string& cmd) {
         "  --useCudaGraph       CUDA: capture the kernels as a CUDA graph and replay it\n"
         "  --noDataTransfers    CUDA: inputs uploaded once, outputs left on the GPU\n"
         "  --streams N          CUDA: N execution contexts on N streams in flight at once\n"
+        "  --dumpProfile        after timing, run again with per-layer timing (CUDA events on the\n"
+        "                       GPU, no CUDA graph) and print the layers and op types that cost most\n"
         "  --json FILE          write every figure as JSON\n",
         kEngineOpts, kBuildOpts);
   } else if (cmd == "inspect") {
@@ -243,6 +246,7 @@ int parse(int argc, char** argv, Options& o) {
     else if (a == "--bf16") o.bf16 = true;
     else if (a == "--tf32") o.tf32 = true;
     else if (a == "--useCudaGraph") o.cuda_graph = true;
+    else if (a == "--dumpProfile") o.dump_profile = true;
     else if (a == "--noDataTransfers") o.no_transfers = true;
     else if (a == "--streams") rc = want_int(o.streams, 1);
     else if (a == "--timingCache") rc = want_str(o.timing_cache);
@@ -294,7 +298,7 @@ BuilderConfig config_of(const Options& o) {
   c.timing_cache = o.timing_cache;
   c.workspace_bytes = o.workspace_mib << 20;
   c.device = o.device == "auto" ? default_device() : o.device;
-  c.progress = true;
+  c.progress = isatty(2);  // the tactic-timing progress line, for people watching a terminal
   return c;
 }
 
@@ -807,6 +811,40 @@ int cmd_bench(const Options& o) {
     std::printf("device memory: %.1f MiB per context\n", static_cast<double>(ctxs[0]->device_memory_bytes()) / 1048576.0);
   }
   std::printf("throughput: %.2f inferences/s, %.2f items/s\n", qps, qps * static_cast<double>(batch));
+  if (o.dump_profile) {
+    ExecutionContext& c = *ctxs[0];
+    Status st = c.set_profiling(true);
+    if (st.is_ok() && o.cuda_graph) st = c.set_cuda_graph(false);
+    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(o.iterations, 50));
+    for (int64_t i = 0; st.is_ok() && i < runs; ++i) {
+      st = c.enqueue();
+      if (st.is_ok()) st = c.synchronize();
+    }
+    if (!st.is_ok()) return fail(st);
+    auto lt = c.layer_times();
+    if (!lt.is_ok()) return fail(lt.status());
+    std::vector<LayerTime> layers = lt.value();
+    double sum = 0;
+    std::map<std::string, std::pair<double, int>> by_op;
+    for (auto& l : layers) {
+      sum += l.total_ms;
+      by_op[l.op].first += l.total_ms;
+      by_op[l.op].second++;
+    }
+    const double n = static_cast<double>(runs);
+    std::printf("=== profile (%lld runs, per-layer timing; sum of layers %.3f ms per run) ===\n",
+                static_cast<long long>(runs), sum / n);
+    std::vector<std::pair<double, std::string>> ops;
+    for (auto& [op, v] : by_op) ops.push_back({v.first, op + " (" + std::to_string(v.second) + " layers)"});
+    std::sort(ops.rbegin(), ops.rend());
+    for (auto& [ms, op] : ops)
+      std::printf("  %-40s %9.3f ms  %5.1f%%\n", op.c_str(), ms / n, sum > 0 ? 100.0 * ms / sum : 0.0);
+    std::sort(layers.begin(), layers.end(), [](const LayerTime& a, const LayerTime& b) { return a.total_ms > b.total_ms; });
+    std::printf("  top layers:\n");
+    for (size_t i = 0; i < layers.size() && i < 15; ++i)
+      std::printf("  %9.3f ms  %-28s %-22s %s\n", layers[i].total_ms / n, layers[i].name.substr(0, 28).c_str(),
+                  layers[i].op.c_str(), layers[i].kernel.c_str());
+  }
   if (!o.json.empty()) {
     std::ofstream j(o.json);
     j << "{\n  \"model\": \"" << (o.load_engine.empty() ? o.onnx : o.load_engine) << "\",\n"

@@ -51,9 +51,11 @@ std::string shape_key(const CompiledGraph& cg, const Frame& f) {
   return k;
 }
 
-class CudaContext final : public DeviceContext {
+class CudaContext final : public DeviceContext, public NodeObserver {
  public:
   ~CudaContext() override {
+    for (auto& e : layer_ev_)
+      if (e) cudaEventDestroy(e);
     if (last_stream_) cudaStreamSynchronize(last_stream_);
     if (exec_) cudaGraphExecDestroy(exec_);
     for (auto& e : ev_)
@@ -87,6 +89,17 @@ class CudaContext final : public DeviceContext {
     if (!handles_ready_) KILN_RETURN_IF_ERROR(create_handles(cg));
     if (dnn_) KILN_RETURN_IF_ERROR(dnn_check(cudnnSetStream(dnn_, s), "binding the cuDNN handle to the stream"));
     frame.device_env = &env_;
+    if (profiling_) {
+      KILN_RETURN_IF_ERROR(collect_profile());
+      if (layer_ev_.size() < 2 * cg.nodes.size()) {
+        size_t old = layer_ev_.size();
+        layer_ev_.resize(2 * cg.nodes.size(), nullptr);
+        for (size_t i = old; i < layer_ev_.size(); ++i)
+          KILN_CUDA_CHECK(cudaEventCreate(&layer_ev_[i]), "creating a CUDA event");
+      }
+      recorded_.assign(cg.nodes.size(), 0);
+      frame.observer = this;
+    }
     if (frame.alt.size() != frame.slots.size()) frame.alt.assign(frame.slots.size(), Value());
     const std::string key = graph_on_ ? shape_key(cg, frame) : std::string();
     if (graph_on_ && key != key_) {
@@ -148,6 +161,42 @@ class CudaContext final : public DeviceContext {
     if (!last_stream_) return Status::ok();
     KILN_CUDA_CHECK(cudaStreamSynchronize(last_stream_), "running inference on the GPU");
     return Status::ok();
+  }
+
+  // NodeObserver: events around each top-level layer while profiling.
+  void before(size_t i) override {
+    if (2 * i + 1 < layer_ev_.size()) cudaEventRecord(layer_ev_[2 * i], env_.stream);
+  }
+  void after(size_t i) override {
+    if (2 * i + 1 < layer_ev_.size()) {
+      cudaEventRecord(layer_ev_[2 * i + 1], env_.stream);
+      recorded_[i] = 1;
+    }
+  }
+  Status collect_profile() {
+    if (recorded_.empty()) return Status::ok();
+    KILN_CUDA_CHECK(cudaEventSynchronize(ev_[3]), "waiting for the profiled inference");
+    if (layer_total_.size() < recorded_.size()) layer_total_.resize(recorded_.size(), 0.0);
+    for (size_t i = 0; i < recorded_.size(); ++i) {
+      if (!recorded_[i]) continue;
+      float ms = 0;
+      KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, layer_ev_[2 * i], layer_ev_[2 * i + 1]), "reading layer times");
+      layer_total_[i] += ms;
+    }
+    recorded_.clear();
+    return Status::ok();
+  }
+  Status set_profiling(bool on) override {
+    profiling_ = on;
+    layer_total_.clear();
+    recorded_.clear();
+    return Status::ok();
+  }
+  Result<std::vector<double>> layer_ms(size_t num_nodes) override {
+    KILN_RETURN_IF_ERROR(collect_profile());
+    std::vector<double> r = layer_total_;
+    r.resize(num_nodes, 0.0);
+    return r;
   }
 
   Status set_cuda_graph(bool on) override {
@@ -214,7 +263,7 @@ class CudaContext final : public DeviceContext {
   }
 
   Status compute(const CompiledGraph& cg, Frame& frame, cudaStream_t s, uint64_t seed) {
-    if (!graph_on_ || graph_failed_) return run_graph(cg, frame, seed);
+    if (!graph_on_ || graph_failed_ || profiling_) return run_graph(cg, frame, seed);
     if (exec_) {
       KILN_CUDA_CHECK(cudaGraphLaunch(exec_, s), "launching the CUDA graph");
       for (auto& [slot, v] : captured_) frame.slots[static_cast<size_t>(slot)] = v;
@@ -255,7 +304,10 @@ class CudaContext final : public DeviceContext {
   cudnnHandle_t dnn_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   cudaEvent_t ev_[4] = {};
-  bool pending_ = false, handles_ready_ = false;
+  bool pending_ = false, handles_ready_ = false, profiling_ = false;
+  std::vector<cudaEvent_t> layer_ev_;  // 2 per top-level node: before, after
+  std::vector<char> recorded_;         // nodes timed in the last run (not yet collected)
+  std::vector<double> layer_total_;
   std::vector<Pinned> in_stage_, out_stage_;
   std::vector<Tensor> dev_in_;
   bool graph_on_ = false, outputs_on_device_ = false, graph_failed_ = false;
