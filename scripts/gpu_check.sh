@@ -66,12 +66,27 @@ esac
 case " $steps " in *" profile "*)
   # Per-layer GPU profiles of the models bench/gpu_vs_torch.py exported (run `torch` first).
   W=/tmp/kiln-bench
-  for spec in "resnet50.onnx 1 --batch=1" "bert_base_b32.onnx 32"; do
+  for spec in "resnet50.onnx 1 --batch=1" "bert_base_b32.onnx 32 --workspace=1024"; do
     set -- $spec
     echo "== profile $1 fp16 batch $2"
     "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/$1" $3 --timingCache "$W/timing_prof.cache" \
       --useCudaGraph --warmUp 10 --iterations 50 --dumpProfile >"$OUT/profile_${1%.onnx}_$2.log" 2>&1
     grep -A12 "=== profile" "$OUT/profile_${1%.onnx}_$2.log"
+  done
+  ;;
+esac
+
+case " $steps " in *" conv-ab "*)
+  # A/B: cuDNN's fused conv+bias+activation call against conv + Kiln's epilogue kernel.
+  W=/tmp/kiln-bench
+  [ -f "$W/resnet50.onnx" ] || python3 -c "import sys; sys.argv=['x','--work','$W','--models','none']; sys.path.insert(0,'bench'); import gpu_vs_torch as g, os; os.makedirs('$W', exist_ok=True); g.resnet('$W'); g.bert('$W')" >/dev/null 2>&1
+  for b in 1 256; do
+    for unfused in 0 1; do
+      echo "== ResNet-50 fp16 batch $b, KILN_CUDNN_UNFUSED=$unfused"
+      KILN_CUDNN_UNFUSED=$unfused "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/resnet50.onnx" --batch $b \
+        --timingCache "$W/timing_ab.cache" --useCudaGraph --noDataTransfers --warmUp 20 --iterations 200 2>&1 \
+        | grep -E "GPU compute|error"
+    done
   done
   ;;
 esac

@@ -462,7 +462,12 @@ Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   const void* one = dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f);
   const void* zero = dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f);
 
-  if (bias && p->fused_state.load() != 2 && fused_call_ok(*p, cfg_.act, B || Z)) {
+  // KILN_CUDNN_UNFUSED=1: always conv + Kiln's epilogue kernel (an A/B knob for profiling).
+  static const bool unfused = [] {
+    const char* e = std::getenv("KILN_CUDNN_UNFUSED");
+    return e && *e == '1';
+  }();
+  if (!unfused && bias && p->fused_state.load() != 2 && fused_call_ok(*p, cfg_.act, B || Z)) {
     const cudnnActivationMode_t mode =
         cfg_.act == EpAct::kRelu ? CUDNN_ACTIVATION_RELU : CUDNN_ACTIVATION_IDENTITY;
     cudnnActivationDescriptor_t act = nullptr;
