@@ -263,9 +263,13 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
     KILN_LOG(kWarning, "the CPU backend has no fast fp16; building an fp32 engine instead");
   if (config.max_batch > 0) KILN_RETURN_IF_ERROR(relax_batch_dim(g));
   PassStats ps;
-  for (int round = 0; round < 2; ++round) {
+  // Inference and folding feed each other (folded shape chains make more shapes known): repeat
+  // until nothing changes, a few rounds at most.
+  for (int round = 0; round < 6; ++round) {
+    const size_t inferred = ps.inferred, folded = ps.folded;
     KILN_RETURN_IF_ERROR(infer_types(g, &ps));
     KILN_RETURN_IF_ERROR(fold_constants(g, &ps));
+    if (round >= 1 && ps.inferred == inferred && ps.folded == folded) break;
   }
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, FusionOptions{}, &ps));

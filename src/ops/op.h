@@ -42,6 +42,9 @@ struct InferContext {
   std::vector<TypeInfo> input_types;           // kUnknown for omitted inputs
   std::vector<const Tensor*> input_constants;  // non-null when the input is a known constant
   std::vector<TypeInfo> output_types;          // pre-sized; fill what is known
+  // Non-null for an int64 shape-like input (scalar or 1-D) whose elements are known or symbolic
+  // though not constant: e.g. Concat(Gather(Shape(x), 0), [12, 64]) = [batch, 12, 64].
+  std::vector<const std::vector<Dim>*> input_shape_values;
 };
 using InferFn = Status (*)(InferContext& ctx);
 

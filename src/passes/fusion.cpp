@@ -341,8 +341,10 @@ Status fuse_matmul_chains(Graph& g, PassStats* stats) {
     const std::string bias = other_operand(g.nodes[ai], cur);
     const Tensor* bt = const_f32(g, bias);
     if (!bt || bt->numel() != N || bt->rank() < 1 || bt->dim(static_cast<int>(bt->rank()) - 1) != N) continue;
+    // The bias must not broadcast the result bigger: a 1-D [N] bias never does (the MatMul output
+    // has rank >= 1 and last dim N); any other bias needs the Add's result type to match.
     const TypeInfo* at = type_of(g, g.nodes[ai].outputs[0]);
-    if (!at || !same_dims(*at, *yt)) continue;  // the bias must not broadcast the result bigger
+    if (bt->rank() != 1 && (!at || !same_dims(*at, *yt))) continue;
     std::vector<size_t> chain = {ai};
     cur = g.nodes[ai].outputs[0];
     std::string act, residual;

@@ -1,5 +1,6 @@
 #include "passes/passes.h"
 
+#include <algorithm>
 #include <set>
 #include <unordered_map>
 #include <unordered_set>
@@ -23,6 +24,91 @@ bool has_subgraph(const Node& n) {
   return false;
 }
 
+// Symbolic values of small int64 tensors (shape computations): what Shape(x) produced from x's
+// dims, carried through Gather / Unsqueeze / Squeeze / Concat / Slice / Cast / Identity. A value
+// is tracked only when every element is known exactly (a number or the same symbol).
+using ShapeValues = std::unordered_map<std::string, std::vector<Dim>>;
+
+void track_shape_values(const Graph& g, const Node& n, const std::unordered_map<std::string, TypeInfo>& types,
+                        ShapeValues& sv) {
+  if (!n.domain.empty() || n.outputs.empty() || n.outputs[0].empty()) return;
+  auto value_of = [&](size_t i, std::vector<Dim>& out) -> bool {
+    if (i >= n.inputs.size() || n.inputs[i].empty()) return false;
+    auto it = sv.find(n.inputs[i]);
+    if (it != sv.end()) {
+      out = it->second;
+      return true;
+    }
+    auto ci = g.initializers.find(n.inputs[i]);
+    if (ci == g.initializers.end() || ci->second.rank() > 1 || ci->second.numel() > 64) return false;
+    const Tensor& t = ci->second;
+    if (t.dtype() != DataType::kInt64 && t.dtype() != DataType::kInt32) return false;
+    out.clear();
+    for (int64_t k = 0; k < t.numel(); ++k) out.push_back(Dim::of(t.get_i64(k)));
+    return true;
+  };
+  auto is_scalar = [&](const std::string& v) {
+    auto ci = g.initializers.find(v);
+    if (ci != g.initializers.end()) return ci->second.rank() == 0;
+    auto it = types.find(v);
+    return it != types.end() && it->second.has_shape && it->second.dims.empty();
+  };
+  const std::string& op = n.op_type;
+  const std::string& y = n.outputs[0];
+  std::vector<Dim> a;
+  if (op == "Shape") {
+    auto it = n.inputs.empty() ? types.end() : types.find(n.inputs[0]);
+    if (it == types.end() || !it->second.has_shape) return;
+    int64_t r = static_cast<int64_t>(it->second.dims.size());
+    int64_t start = n.attr_int("start", 0), end = n.attr_int("end", r);
+    if (start < 0) start += r;
+    if (end < 0) end += r;
+    start = std::clamp<int64_t>(start, 0, r);
+    end = std::clamp<int64_t>(end, 0, r);
+    std::vector<Dim> d;
+    for (int64_t k = start; k < end; ++k) d.push_back(it->second.dims[static_cast<size_t>(k)]);
+    for (auto& x : d)
+      if (!x.known() && x.param.empty()) return;  // an anonymous unknown cannot be tracked
+    sv[y] = d;
+  } else if (op == "Gather" && value_of(0, a) && n.attr_int("axis", 0) == 0) {
+    std::vector<Dim> idx;
+    if (!value_of(1, idx)) return;
+    std::vector<Dim> d;
+    for (auto& i : idx) {
+      if (!i.known()) return;
+      int64_t k = i.value < 0 ? i.value + static_cast<int64_t>(a.size()) : i.value;
+      if (k < 0 || k >= static_cast<int64_t>(a.size())) return;
+      d.push_back(a[static_cast<size_t>(k)]);
+    }
+    sv[y] = d;
+  } else if ((op == "Unsqueeze" || op == "Squeeze" || op == "Identity" || op == "Cast") && value_of(0, a)) {
+    if (op == "Cast" && n.attr_int("to", 0) != static_cast<int64_t>(DataType::kInt64)) return;
+    sv[y] = a;
+  } else if (op == "Concat" && n.attr_int("axis", 0) == 0) {
+    std::vector<Dim> d;
+    for (size_t i = 0; i < n.inputs.size(); ++i) {
+      std::vector<Dim> part;
+      if (!value_of(i, part) || is_scalar(n.inputs[i])) return;
+      d.insert(d.end(), part.begin(), part.end());
+    }
+    sv[y] = d;
+  } else if (op == "Slice" && value_of(0, a)) {
+    std::vector<Dim> st, en, ax, stp;
+    if (!value_of(1, st) || !value_of(2, en) || st.size() != 1 || en.size() != 1 || !st[0].known() ||
+        !en[0].known())
+      return;
+    if (n.has_input(3) && (!value_of(3, ax) || ax.size() != 1 || !ax[0].known() || (ax[0].value != 0 && ax[0].value != -1)))
+      return;
+    if (n.has_input(4) && (!value_of(4, stp) || stp.size() != 1 || !stp[0].known() || stp[0].value != 1)) return;
+    int64_t len = static_cast<int64_t>(a.size());
+    int64_t b = st[0].value < 0 ? st[0].value + len : st[0].value;
+    int64_t e = en[0].value < 0 ? en[0].value + len : en[0].value;
+    b = std::clamp<int64_t>(b, 0, len);
+    e = std::clamp<int64_t>(e, 0, len);
+    sv[y] = std::vector<Dim>(a.begin() + b, a.begin() + std::max(b, e));
+  }
+}
+
 }  // namespace
 
 Status infer_types(Graph& g, PassStats* stats) {
@@ -30,16 +116,20 @@ Status infer_types(Graph& g, PassStats* stats) {
   for (auto& v : g.inputs) types[v.name] = v.type;
   for (auto& v : g.value_info) types[v.name] = v.type;
   for (auto& [k, t] : g.initializers) types[k] = TypeInfo::tensor(t.dtype(), t.shape());
+  ShapeValues shape_values;
   for (auto& n : g.nodes) {
     const OpDef* d = find_op(n.domain, n.op_type);
     // A node without outputs has nothing to infer (and InferFns may write output 0).
     if (!d || !d->infer || n.outputs.empty()) continue;
-    InferContext ic{n, {}, {}, {}};
+    track_shape_values(g, n, types, shape_values);
+    InferContext ic{n, {}, {}, {}, {}};
     for (auto& in : n.inputs) {
       auto it = in.empty() ? types.end() : types.find(in);
       ic.input_types.push_back(it == types.end() ? TypeInfo{} : it->second);
       auto ci = in.empty() ? g.initializers.end() : g.initializers.find(in);
       ic.input_constants.push_back(ci == g.initializers.end() ? nullptr : &ci->second);
+      auto si = in.empty() ? shape_values.end() : shape_values.find(in);
+      ic.input_shape_values.push_back(si == shape_values.end() ? nullptr : &si->second);
     }
     ic.output_types.resize(n.outputs.size());
     Status st = d->infer(ic);

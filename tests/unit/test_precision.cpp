@@ -132,3 +132,44 @@ TEST(Precision, Bf16AndSubgraphRefusal) {
   EXPECT_EQ(st.code(), StatusCode::kUnsupported);
   EXPECT_NE(st.message().find("subgraph"), std::string::npos);
 }
+
+// Symbolic shape values: a reshape target computed from Shape keeps the batch symbol, so the
+// fusions that need ranks and matching dims still fire on dynamic-batch exports.
+TEST(ShapeValues, ReshapeTargetFromShapeKeepsTheBatchSymbol) {
+  Graph g;
+  g.name = "sv";
+  TypeInfo x = TypeInfo::tensor(DataType::kFloat);
+  x.has_shape = true;
+  x.dims = {Dim::sym("batch"), Dim::of(128), Dim::of(768)};
+  g.inputs.push_back({"X", x});
+  auto i64 = [](std::vector<int64_t> v, bool scalar = false) {
+    Tensor t = Tensor::create(DataType::kInt64, scalar ? Shape{} : Shape{static_cast<int64_t>(v.size())}).value();
+    for (size_t k = 0; k < v.size(); ++k) t.data<int64_t>()[k] = v[k];
+    return t;
+  };
+  g.initializers["zero"] = i64({0}, true);
+  g.initializers["ax0"] = i64({0});
+  g.initializers["s0"] = i64({1});
+  g.initializers["e0"] = i64({2});
+  g.initializers["heads"] = i64({12, 64});
+  g.nodes.push_back(mk("shape", "Shape", {"X"}, {"s"}));
+  g.nodes.push_back(mk("g0", "Gather", {"s", "zero"}, {"b"}));
+  g.nodes.push_back(mk("u0", "Unsqueeze", {"b", "ax0"}, {"b1"}));
+  g.nodes.push_back(mk("sl", "Slice", {"s", "s0", "e0"}, {"seq"}));
+  Node cat = mk("cat", "Concat", {"b1", "seq", "heads"}, {"target"});
+  cat.set_attr(test::int_attr("axis", 0));
+  g.nodes.push_back(cat);
+  g.nodes.push_back(mk("reshape", "Reshape", {"X", "target"}, {"Y"}));
+  g.outputs.push_back({"Y", TypeInfo::tensor(DataType::kFloat)});
+  ASSERT_TRUE(infer_types(g).is_ok());
+  const ValueInfo* y = g.find_value_info("Y");
+  ASSERT_NE(y, nullptr);
+  EXPECT_EQ(y->type.to_string(), "float32[batch,128,12,64]");
+  // A shape value that is not exactly known (an anonymous dim) is not tracked.
+  g.inputs[0].type.dims[1] = Dim();
+  g.value_info.clear();
+  ASSERT_TRUE(infer_types(g).is_ok());
+  EXPECT_EQ(g.find_value_info("Y")->type.dims.size(), 4u);
+  EXPECT_FALSE(g.find_value_info("Y")->type.dims[1].known());
+  EXPECT_EQ(g.find_value_info("Y")->type.dims[0].param, "");  // Shape no longer tracked at all
+}

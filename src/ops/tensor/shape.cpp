@@ -166,7 +166,37 @@ Status infer_reshape(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   DataType dt = ctx.input_types[0].dtype;
   std::vector<int64_t> s;
-  if (!const_ints(ctx, 1, s)) {
+  const std::vector<Dim>* sv =
+      ctx.input_shape_values.size() > 1 ? ctx.input_shape_values[1] : nullptr;
+  if (!const_ints(ctx, 1, s) && sv) {
+    // A computed target with known or symbolic elements: 0 copies the input's dim (unless
+    // allowzero), -1 is inferred only when everything else is a known number.
+    const bool allowzero = ctx.node.attr_int("allowzero", 0) != 0;
+    const TypeInfo& ti = ctx.input_types[0];
+    std::vector<Dim> dims(sv->size());
+    int64_t known = 1, neg = -1;
+    bool numeric = true;
+    for (size_t i = 0; i < sv->size(); ++i) {
+      const Dim& e = (*sv)[i];
+      if (e.known() && e.value == 0 && !allowzero) {
+        if (ti.has_shape && i < ti.dims.size()) dims[i] = ti.dims[i];
+      } else if (e.known() && e.value == -1) {
+        neg = static_cast<int64_t>(i);
+        continue;
+      } else {
+        dims[i] = e;
+      }
+      if (dims[i].known()) known *= dims[i].value;
+      else numeric = false;
+    }
+    if (neg >= 0 && numeric && ti.fully_known() && known > 0) {
+      int64_t total = numel_of(ti.concrete_shape());
+      if (total % known == 0) dims[static_cast<size_t>(neg)] = Dim::of(total / known);
+    }
+    set_out_dims(ctx, 0, dt, dims);
+    return Status::ok();
+  }
+  if (s.empty() && !const_ints(ctx, 1, s)) {
     if (ctx.input_types.size() > 1 && ctx.input_types[1].has_shape &&
         ctx.input_types[1].dims.size() == 1 && ctx.input_types[1].dims[0].known()) {
       set_out_dims(ctx, 0, dt,
@@ -665,7 +695,37 @@ Status infer_expand(InferContext& ctx) {
       return Status::ok();
     }
   }
-  set_out_unranked(ctx, 0, ti.dtype);
+  // Partly known: the rank is max(rank(x), len(shape)); a dim is x's where x's is known and not
+  // 1 (the shape's entry must then be 1 or equal), else the shape's entry when it is known (a
+  // constant or a tracked shape value) and not 1.
+  std::vector<Dim> sd;
+  if (const_ints(ctx, 1, s)) {
+    for (int64_t v : s) sd.push_back(Dim::of(v));
+  } else if (ctx.input_shape_values.size() > 1 && ctx.input_shape_values[1]) {
+    sd = *ctx.input_shape_values[1];
+  } else if (ctx.input_types.size() > 1 && ctx.input_types[1].has_shape && ctx.input_types[1].dims.size() == 1 &&
+             ctx.input_types[1].dims[0].known() && ctx.input_types[1].dims[0].value <= 16) {
+    sd.assign(static_cast<size_t>(ctx.input_types[1].dims[0].value), Dim());
+  } else {
+    set_out_unranked(ctx, 0, ti.dtype);
+    return Status::ok();
+  }
+  if (!ti.has_shape) {
+    set_out_unranked(ctx, 0, ti.dtype);
+    return Status::ok();
+  }
+  const size_t r = std::max(ti.dims.size(), sd.size());
+  std::vector<Dim> d(r);
+  for (size_t i = 0; i < r; ++i) {
+    const Dim* xd = i + ti.dims.size() >= r ? &ti.dims[i + ti.dims.size() - r] : nullptr;
+    const Dim* e = i + sd.size() >= r ? &sd[i + sd.size() - r] : nullptr;
+    if (xd && xd->known() && xd->value != 1) d[i] = *xd;
+    else if (e && e->known() && e->value > 1) d[i] = *e;
+    else if (e && e->known() && e->value == 1) d[i] = xd ? *xd : Dim::of(1);
+    else if (!xd && e && !e->param.empty()) d[i] = *e;
+    else if (xd && xd->known() && xd->value == 1 && e && !e->param.empty()) d[i] = *e;
+  }
+  set_out_dims(ctx, 0, ti.dtype, d);
   return Status::ok();
 }
 Status eval_tile(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
