@@ -46,6 +46,10 @@ class ExecutionContext;
 // "cuda" when this build has the CUDA backend and a usable GPU, else "cpu".
 std::string default_device();
 
+// Threads the CPU backend's kernels use (oneDNN's OpenMP pool), process-wide; default: one per
+// core (OpenMP's default). Set it before running inference.
+Status set_cpu_threads(int threads);
+
 // Time spent in one layer, summed over the profiled inferences (trtexec's --dumpProfile).
 struct LayerTime {
   std::string name, op, kernel;

@@ -125,6 +125,9 @@ def main():
         check("cuda fp16 run", ["run", "--loadEngine", "cuda.plan", f"{r}/test_data_set_0/input_0.pb", "--verify",
                                 "--atol", "0.05", "--rtol", "0.05"], 0, "OK")
         check("cuda inspect shows tactics", ["inspect", "cuda.plan"], 0, "cuda.")
+    check("--threads 1", ["run", "--loadEngine", "r.plan", "--threads", "1", f"{r}/test_data_set_0/input_0.pb",
+                          "--verify", "--atol", "1e-4", "--rtol", "1e-3"], 0, "OK")
+    check("--threads 0 refused", ["run", "--loadEngine", "r.plan", "--threads", "0", inp], 2, "--threads expects")
     check("no command", [], 2, "usage")
     check("unknown command", ["frobnicate"], 2, "unknown command")
     check("unknown option", ["run", "--bogus"], 2, "unknown option '--bogus'")

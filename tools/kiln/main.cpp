@@ -52,6 +52,7 @@ struct Options {
   std::string timing_cache;
   bool cuda_graph = false, no_transfers = false, dump_profile = false;
   int64_t streams = 1;
+  int64_t threads = 0;  // 0: OpenMP's default
   bool verify = false, softmax = false, nodes = false;
   double atol = 0.005, rtol = 0.05;
   int64_t iterations = 100, warmup = 10;
@@ -88,6 +89,7 @@ const char* kBuildOpts =
     "                       node name or op type (default fp32 ops: Exp, Log, Pow, ReduceL2, ...)\n"
     "  --workspace MIB      scratch memory limit for tactic selection (default 1024)\n"
     "  --timingCache FILE   CUDA: reuse tactic timings from FILE and add new ones to it\n"
+    "  --threads N          CPU backend: threads for the kernels (default: one per core)\n"
     "  --maxMemory MIB      cap on tensor memory held at once; a larger allocation fails with a\n"
     "                       clear error (default: 75% of physical RAM)\n";
 
@@ -249,6 +251,7 @@ int parse(int argc, char** argv, Options& o) {
     else if (a == "--dumpProfile") o.dump_profile = true;
     else if (a == "--noDataTransfers") o.no_transfers = true;
     else if (a == "--streams") rc = want_int(o.streams, 1);
+    else if (a == "--threads") rc = want_int(o.threads, 1);
     else if (a == "--timingCache") rc = want_str(o.timing_cache);
     else if (a == "--ioFormats") {
       std::string f;
@@ -882,6 +885,11 @@ int main(int argc, char** argv) {
   if (o.max_memory_mib > 0) {
     if (o.max_memory_mib > (int64_t{1} << 43)) return usage_error(o.cmd, "--maxMemory is too large");
     set_memory_limit(static_cast<uint64_t>(o.max_memory_mib) << 20);
+  }
+  if (o.threads > 0) {
+    if (o.threads > 4096) return usage_error(o.cmd, "--threads is too large");
+    Status st = set_cpu_threads(static_cast<int>(o.threads));
+    if (!st.is_ok()) return usage_error(o.cmd, st.message());
   }
   StderrLogger logger(o.verbose >= 2 ? Severity::kVerbose : o.verbose == 1 ? Severity::kInfo : Severity::kWarning);
   set_logger(&logger);

@@ -1,3 +1,5 @@
+#include <dlfcn.h>
+
 #include <string>
 #include <vector>
 
@@ -102,6 +104,15 @@ class CpuBackend final : public Backend {
   }
 };
 }  // namespace
+
+Status set_cpu_threads(int threads) {
+  if (threads < 1) return invalid_argument("the thread count must be at least 1");
+  // The OpenMP runtime oneDNN runs on, looked up rather than linked so that builds without
+  // OpenMP (sanitizer builds, no oneDNN) need nothing.
+  using SetFn = void (*)(int);
+  if (auto fn = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"))) fn(threads);
+  return Status::ok();
+}
 
 const Backend& cpu_backend() {
   static const CpuBackend b;
