@@ -207,8 +207,9 @@ TEST(Fusion, ConvChainRunsInNhwcWithTransposesAtTheEdges) {
   Graph f = check_fusion(g, xs, true);
   EXPECT_EQ(ops_of(f), (std::vector<std::string>{"Transpose", "FusedConv", "FusedConv", "FusedConv",
                                                  "Transpose"}));
-  for (auto& n : f.nodes)
+  for (auto& n : f.nodes) {
     if (n.op_type == "FusedConv") EXPECT_EQ(n.attr_string("layout"), "NHWC");
+  }
 }
 
 TEST(Fusion, MatMulBiasGeluAndResidualBecomeFusedMatMul) {
