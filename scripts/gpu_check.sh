@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Builds Kiln's CUDA configuration on a GPU machine and runs the GPU checks: the conformance
-# suite on the CUDA backend, the ResNet-50 sample (fp32 and fp16) verified against ONNX Runtime
-# references, and `kiln bench` on the GPU. Logs go to ${OUT:-/tmp/kiln-gpu}.
+# Builds Kiln's CUDA configuration on a GPU machine and runs the GPU checks. Logs and result files
+# go to ${OUT:-/tmp/kiln-gpu}. Steps (default: conformance sample torch profile):
+#   conformance  the ONNX suite on the CUDA backend (writes expected_pass_cuda.txt there)
+#   sample       the ResNet-50 sample, fp32 and fp16, verified against ONNX Runtime references
+#   torch        bench/gpu_vs_torch.py: Kiln fp16 vs PyTorch fp16 + CUDA graphs (docs/benchmarks.md)
+#   profile      kiln bench --dumpProfile of ResNet-50 (batch 1) and BERT-base (batch 32)
+#   conv-ab      cuDNN's fused conv+bias+act call vs conv + Kiln's epilogue (KILN_CUDNN_UNFUSED)
+#   bench        kiln bench of the ResNet-50 sample at several batch sizes
 #
-#   scripts/gpu_check.sh [conformance] [sample] [bench]     (default: all three)
+#   scripts/gpu_check.sh [step ...]
 #
 # cuDNN: KILN_CUDNN_ROOT, else the one in the machine's PyTorch wheel. The ONNX test suite:
-# ../shared/onnx-backend-tests, else .gpu/onnx-tests.tar.gz (a tarball of it carried along).
+# ../shared/onnx-backend-tests, else .gpu/onnx-tests.tar.gz (a tarball of it carried along:
+# `tar -C ../shared -czf .gpu/onnx-tests.tar.gz onnx-backend-tests`, .gpu/ git-ignored locally).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT"
-steps=${*:-conformance sample bench}
+steps=${*:-conformance sample torch profile}
 FILTER=${KILN_CONFORMANCE_FILTER:-.*}
 CUDNN=${KILN_CUDNN_ROOT:-}
 if [ -z "$CUDNN" ]; then
@@ -63,8 +69,18 @@ case " $steps " in *" torch "*)
   ;;
 esac
 
+# The models of bench/gpu_vs_torch.py (ResNet-50, BERT-base per batch size), exported once.
+export_models() {
+  W=/tmp/kiln-bench
+  mkdir -p "$W"
+  [ -f "$W/resnet50.onnx" ] && [ -f "$W/bert_base_b32.onnx" ] && return
+  python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_vs_torch as g; g.resnet('$W'); g.bert('$W')" \
+    >"$OUT/export.log" 2>&1 || tail -5 "$OUT/export.log"
+}
+
 case " $steps " in *" profile "*)
-  # Per-layer GPU profiles of the models bench/gpu_vs_torch.py exported (run `torch` first).
+  # Per-layer GPU profiles (kiln bench --dumpProfile) of ResNet-50 at batch 1 and BERT at 32.
+  export_models
   W=/tmp/kiln-bench
   for spec in "resnet50.onnx 1 --batch=1" "bert_base_b32.onnx 32 --workspace=1024"; do
     set -- $spec
@@ -78,8 +94,8 @@ esac
 
 case " $steps " in *" conv-ab "*)
   # A/B: cuDNN's fused conv+bias+activation call against conv + Kiln's epilogue kernel.
+  export_models
   W=/tmp/kiln-bench
-  [ -f "$W/resnet50.onnx" ] || python3 -c "import sys; sys.argv=['x','--work','$W','--models','none']; sys.path.insert(0,'bench'); import gpu_vs_torch as g, os; os.makedirs('$W', exist_ok=True); g.resnet('$W'); g.bert('$W')" >/dev/null 2>&1
   for b in 1 256; do
     for unfused in 0 1; do
       echo "== ResNet-50 fp16 batch $b, KILN_CUDNN_UNFUSED=$unfused"
