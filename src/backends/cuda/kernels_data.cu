@@ -396,134 +396,9 @@ bool by_width(size_t es, F&& f) {
   } while (0)
 
 // ================================================================ views and metadata
-
-Status run_identity(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  if (in.empty()) return ctx.bad_input("missing input");
-  out[0] = in[0];
-  return Status::ok();
-}
-
-void shape_range(const Node& n, int64_t rank, int64_t& start, int64_t& end) {
-  start = n.attr_int("start", 0);
-  end = n.attr_int("end", rank);
-  if (start < 0) start += rank;
-  if (end < 0) end += rank;
-  start = std::clamp<int64_t>(start, 0, rank);
-  end = std::clamp<int64_t>(end, 0, rank);
-  if (end < start) end = start;
-}
-Status run_shape(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  int64_t s, e;
-  shape_range(ctx.node, x->rank(), s, e);
-  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(DataType::kInt64, {e - s}));
-  for (int64_t i = s; i < e; ++i) t.data<int64_t>()[i - s] = x->shape()[static_cast<size_t>(i)];
-  out[0] = t;
-  return Status::ok();
-}
-Status run_size(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(DataType::kInt64, {}));
-  t.data<int64_t>()[0] = x->numel();
-  out[0] = t;
-  return Status::ok();
-}
-
-Result<Shape> reshape_target(const Node& n, const Shape& in, std::vector<int64_t> s) {
-  bool allowzero = n.attr_int("allowzero", 0) != 0;
-  int64_t neg = -1, known = 1;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == 0 && !allowzero) {
-      if (i >= in.size())
-        return invalid_argument(n.where() + ": shape has 0 at index beyond input rank");
-      s[i] = in[i];
-    }
-    if (s[i] == -1) {
-      if (neg >= 0) return invalid_argument(n.where() + ": shape has more than one -1");
-      neg = static_cast<int64_t>(i);
-    } else if (s[i] < 0) {
-      return invalid_argument(n.where() + ": invalid dimension " + std::to_string(s[i]));
-    } else {
-      known *= s[i];
-    }
-  }
-  if (neg >= 0) {
-    int64_t total = numel_of(in);
-    if (known == 0 || total % known != 0)
-      return invalid_argument(n.where() + ": cannot reshape " + shape_str(in) + " to " +
-                              shape_str(s));
-    s[static_cast<size_t>(neg)] = total / known;
-  }
-  return s;
-}
-Result<Tensor> view_as(const OpContext& ctx, const Tensor& x, const Shape& s) {
-  auto r = x.reshaped(s);
-  if (!r.is_ok()) return r.status().with_context(ctx.node.where());
-  return r;
-}
-Status run_reshape(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  KILN_ASSIGN_OR_RETURN(const Tensor* st, req_tensor(ctx, in, 1));
-  KILN_ASSIGN_OR_RETURN(auto s, host_ints(ctx, *st, "shape"));
-  KILN_ASSIGN_OR_RETURN(Shape target, reshape_target(ctx.node, x->shape(), s));
-  KILN_ASSIGN_OR_RETURN(Tensor t, view_as(ctx, *x, target));
-  out[0] = t;
-  return Status::ok();
-}
-Status run_flatten(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  int64_t r = x->rank(), axis = ctx.node.attr_int("axis", 1);
-  if (axis < 0) axis += r;
-  if (axis < 0 || axis > r) return ctx.bad_input("axis out of range for rank " + std::to_string(r));
-  int64_t a = 1, b = 1;
-  for (int64_t i = 0; i < r; ++i) (i < axis ? a : b) *= x->dim(static_cast<int>(i));
-  KILN_ASSIGN_OR_RETURN(Tensor t, view_as(ctx, *x, {a, b}));
-  out[0] = t;
-  return Status::ok();
-}
-Status run_squeeze(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  const Tensor* at = opt_tensor(in, 1);
-  int64_t r = x->rank();
-  std::vector<bool> drop(static_cast<size_t>(r), false);
-  if (at) {
-    KILN_ASSIGN_OR_RETURN(auto axes, host_ints(ctx, *at, "axes"));
-    for (auto a : axes) {
-      if (a < -r || a >= r) return ctx.bad_input("axis " + std::to_string(a) + " out of range");
-      if (a < 0) a += r;
-      if (x->dim(static_cast<int>(a)) != 1)
-        return ctx.bad_input("cannot squeeze axis " + std::to_string(a) + " of " + x->describe());
-      drop[static_cast<size_t>(a)] = true;
-    }
-  } else {
-    for (int64_t i = 0; i < r; ++i) drop[static_cast<size_t>(i)] = x->dim(static_cast<int>(i)) == 1;
-  }
-  Shape s;
-  for (int64_t i = 0; i < r; ++i)
-    if (!drop[static_cast<size_t>(i)]) s.push_back(x->dim(static_cast<int>(i)));
-  KILN_ASSIGN_OR_RETURN(Tensor t, view_as(ctx, *x, s));
-  out[0] = t;
-  return Status::ok();
-}
-Status run_unsqueeze(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
-  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
-  KILN_ASSIGN_OR_RETURN(const Tensor* at, req_tensor(ctx, in, 1));
-  KILN_ASSIGN_OR_RETURN(auto axes, host_ints(ctx, *at, "axes"));
-  int64_t orank = x->rank() + static_cast<int64_t>(axes.size());
-  std::vector<bool> is_new(static_cast<size_t>(orank), false);
-  for (auto a : axes) {
-    if (a < -orank || a >= orank) return ctx.bad_input("axis out of range");
-    if (a < 0) a += orank;
-    if (is_new[static_cast<size_t>(a)]) return ctx.bad_input("repeated axis");
-    is_new[static_cast<size_t>(a)] = true;
-  }
-  Shape s;
-  size_t j = 0;
-  for (bool b : is_new) s.push_back(b ? 1 : x->shape()[j++]);
-  KILN_ASSIGN_OR_RETURN(Tensor t, view_as(ctx, *x, s));
-  out[0] = t;
-  return Status::ok();
-}
+// Identity, Shape, Size, Reshape, Flatten, Squeeze and Unsqueeze read only their input's
+// metadata (and host shape inputs) and return views or host tensors: the reference evaluations
+// (src/ops/tensor/shape.cpp) serve the CUDA backend as they are.
 
 // ================================================================ Transpose
 
@@ -2320,13 +2195,13 @@ Status run_tensor_scatter(OpContext& ctx, std::span<const Value> in, std::span<V
 void register_data(Registry& r) {
   // Views and metadata ops never read their data: input 0 stays wherever it is (no transfer),
   // and the output lives there too.
-  r.add({"", "Identity", &run_identity, nullptr, &supports_movable, {}, {0}});
-  r.add({"", "Shape", &run_shape, nullptr, nullptr, {}, {0}});
-  r.add({"", "Size", &run_size, nullptr, nullptr, {}, {0}});
-  r.add({"", "Reshape", &run_reshape, nullptr, &supports_movable, {1}, {0}});
-  r.add({"", "Flatten", &run_flatten, nullptr, &supports_movable, {}, {0}});
-  r.add({"", "Squeeze", &run_squeeze, nullptr, &supports_movable, {1}, {0}});
-  r.add({"", "Unsqueeze", &run_unsqueeze, nullptr, &supports_movable, {1}, {0}});
+  r.add({"", "Identity", kOp_Identity.eval, nullptr, &supports_movable, {}, {0}});
+  r.add({"", "Shape", kOp_Shape.eval, nullptr, nullptr, {}, {0}});
+  r.add({"", "Size", kOp_Size.eval, nullptr, nullptr, {}, {0}});
+  r.add({"", "Reshape", kOp_Reshape.eval, nullptr, &supports_movable, {1}, {0}});
+  r.add({"", "Flatten", kOp_Flatten.eval, nullptr, &supports_movable, {}, {0}});
+  r.add({"", "Squeeze", kOp_Squeeze.eval, nullptr, &supports_movable, {1}, {0}});
+  r.add({"", "Unsqueeze", kOp_Unsqueeze.eval, nullptr, &supports_movable, {1}, {0}});
   r.add({"", "Transpose", &run_transpose, nullptr, &supports_movable, {}, {}});
   r.add({"", "Concat", &run_concat, nullptr, &supports_movable, {}, {}});
   r.add({"", "Split", &run_split, nullptr, &supports_movable, {1}, {}});
