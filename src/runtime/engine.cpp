@@ -67,7 +67,11 @@ Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> fil
       if (!cuda_runtime())
         return Status(StatusCode::kIncompatiblePlan,
                       "was built for '" + plan_device + "' but this build of Kiln has no CUDA backend");
-      return cuda_runtime()->fingerprint();
+      auto fp = cuda_runtime()->fingerprint();
+      if (!fp.is_ok())
+        return Status(StatusCode::kIncompatiblePlan,
+                      "was built for '" + plan_device + "' but this machine has " + fp.status().message());
+      return fp;
     }
     return device_fingerprint("cpu");
   };

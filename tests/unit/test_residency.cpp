@@ -6,6 +6,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <algorithm>
+#include <cctype>
+
+#include "kiln/runtime.h"
+#include "plan/plan.h"
 #include "runtime/backend.h"
 #include "runtime/executor.h"
 
@@ -132,4 +137,26 @@ TEST(Residency, DeviceTensorsRefuseHostAccessors) {
   EXPECT_NE(d.describe().find("@cuda"), std::string::npos);
   auto v = Tensor::view(DataType::kFloat, {3}, d.storage());
   EXPECT_FALSE(v.is_ok());  // does not fit the storage
+}
+
+// A plan for a GPU this machine does not have (or a build without CUDA) is refused in one
+// sentence, whatever the machine: no crash, no silent CPU fallback.
+TEST(Residency, ForeignCudaPlanIsRefused) {
+  Graph g;
+  g.name = "id";
+  g.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, {2})});
+  g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat, {2})});
+  Node n = mk("id", "Identity", {"x"}, {"y"});
+  n.kernel = "cuda.Identity";
+  g.nodes.push_back(n);
+  PlanHeader h;
+  h.kiln_version = KILN_VERSION;
+  h.device = "cuda:sm_1:cudnn-1:cublasLt-1";
+  auto bytes = write_plan(h, g);
+  auto e = Engine::deserialize(bytes.data(), bytes.size());
+  ASSERT_FALSE(e.is_ok());
+  std::string m = e.status().message();
+  std::transform(m.begin(), m.end(), m.begin(), [](unsigned char c) { return std::tolower(c); });
+  EXPECT_NE(m.find("cuda"), std::string::npos) << e.status().message();
+  EXPECT_NE(m.find("plan"), std::string::npos) << e.status().message();
 }
