@@ -5,7 +5,8 @@
 #   sample       the ResNet-50 sample, fp32 and fp16, verified against ONNX Runtime references
 #   torch        bench/gpu_vs_torch.py: Kiln fp16 vs PyTorch fp16 + CUDA graphs (docs/benchmarks.md)
 #   profile      kiln bench --dumpProfile of ResNet-50 (batch 1) and BERT-base (batch 32)
-#   conv-ab      cuDNN's fused conv+bias+act call vs conv + Kiln's epilogue (KILN_CUDNN_UNFUSED)
+#   attn-ab      the attention fast path vs the general kernel (KILN_CUDA_ATTENTION_GENERAL), BERT b1/b32
+#   conv-ab      cuDNN graph API engines vs the legacy conv API / own attention (KILN_CUDNN_GRAPH=0)
 #   bench        kiln bench of the ResNet-50 sample at several batch sizes
 #
 #   scripts/gpu_check.sh [step ...]
@@ -82,24 +83,45 @@ case " $steps " in *" profile "*)
   # Per-layer GPU profiles (kiln bench --dumpProfile) of ResNet-50 at batch 1 and BERT at 32.
   export_models
   W=/tmp/kiln-bench
-  for spec in "resnet50.onnx 1 --batch=1" "bert_base_b32.onnx 32 --workspace=1024"; do
+  for spec in "resnet50.onnx 1 --batch=1" "bert_base_b1.onnx 1 --workspace=1024" "bert_base_b32.onnx 32 --workspace=1024"; do
     set -- $spec
     echo "== profile $1 fp16 batch $2"
     "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/$1" $3 --timingCache "$W/timing_prof.cache" \
       --useCudaGraph --warmUp 10 --iterations 50 --dumpProfile >"$OUT/profile_${1%.onnx}_$2.log" 2>&1
-    grep -A12 "=== profile" "$OUT/profile_${1%.onnx}_$2.log"
+    grep -E "GPU compute" "$OUT/profile_${1%.onnx}_$2.log"
+    grep -A16 "=== profile" "$OUT/profile_${1%.onnx}_$2.log"
   done
   ;;
 esac
 
 case " $steps " in *" conv-ab "*)
-  # A/B: cuDNN's fused conv+bias+activation call against conv + Kiln's epilogue kernel.
+  # A/B: cuDNN graph API engines (conv+bias+add+relu fused, SDPA) against the legacy conv API
+  # and Kiln's own attention kernels (KILN_CUDNN_GRAPH=0), each with its own timing cache.
   export_models
   W=/tmp/kiln-bench
-  for b in 1 256; do
-    for unfused in 0 1; do
-      echo "== ResNet-50 fp16 batch $b, KILN_CUDNN_UNFUSED=$unfused"
-      KILN_CUDNN_UNFUSED=$unfused "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/resnet50.onnx" --batch $b \
+  for spec in "resnet50.onnx 1" "resnet50.onnx 256" "bert_base_b1.onnx 1" "bert_base_b32.onnx 32"; do
+    set -- $spec
+    for graph in 1 0; do
+      echo "== ${1%.onnx} fp16 batch $2, KILN_CUDNN_GRAPH=$graph"
+      extra=""; [ "$1" = resnet50.onnx ] && extra="--batch $2"
+      KILN_CUDNN_GRAPH=$graph "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/$1" $extra \
+        --timingCache "$W/timing_ab$graph.cache" --useCudaGraph --noDataTransfers --warmUp 20 --iterations 200 2>&1 \
+        | grep -E "engine:|tactics|GPU compute|error"
+    done
+  done
+  echo "== tactics chosen (graph API on):"
+  cut -f2 "$W/timing_ab1.cache" | sed 's/@.*//' | sort | uniq -c | sort -rn | head -30
+  ;;
+esac
+
+case " $steps " in *" attn-ab "*)
+  # A/B: the attention fast path (wmma tiles) against the general kernel (KILN_CUDA_ATTENTION_GENERAL).
+  export_models
+  W=/tmp/kiln-bench
+  for b in 1 32; do
+    for general in 0 1; do
+      echo "== BERT-base fp16 batch $b, KILN_CUDA_ATTENTION_GENERAL=$general"
+      KILN_CUDA_ATTENTION_GENERAL=$general "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/bert_base_b$b.onnx" \
         --timingCache "$W/timing_ab.cache" --useCudaGraph --noDataTransfers --warmUp 20 --iterations 200 2>&1 \
         | grep -E "GPU compute|error"
     done

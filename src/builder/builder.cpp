@@ -215,6 +215,16 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config, c
     if (config.progress)
       std::fprintf(stderr, "\r[kiln] timing tactics: layer %zu/%zu (%s)          ", done, total, n.op_type.c_str());
     if (n.has_attr("kiln_tactic")) continue;
+    // A layer with the same signature was timed earlier in this build: same choice.
+    if (auto hit = cache.entries.find(sigs[i]); hit != cache.entries.end()) {
+      Attribute a;
+      a.name = "kiln_tactic";
+      a.kind = Attribute::Kind::kString;
+      a.s = hit->second;
+      n.set_attr(a);
+      ++rep.tuned_from_cache;
+      continue;
+    }
     auto k = backend.prepare(n.kernel, n, lookup);
     if (!k.is_ok()) return k.status().with_context(n.where());
     if (!k.value()) continue;

@@ -237,7 +237,8 @@ class CudaContext final : public DeviceContext, public NodeObserver {
   static void scan_kernels(const CompiledGraph& cg, bool& conv, bool& gemm) {
     for (auto& cn : cg.nodes) {
       const std::string& k = cn.node->kernel;
-      if (k.find("Conv") != std::string::npos) conv = true;
+      // cuDNN: convolutions, and attention (cuDNN's SDPA engines).
+      if (k.find("Conv") != std::string::npos || k.find("Attention") != std::string::npos) conv = true;
       if (k.find("Gemm") != std::string::npos || k.find("MatMul") != std::string::npos) gemm = true;
     }
     for (auto& [g, sub] : cg.subgraphs) scan_kernels(*sub, conv, gemm);

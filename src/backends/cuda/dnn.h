@@ -68,4 +68,11 @@ Status launch_zero_pad(size_t elem_size, const void* x, void* y, const Dims& in_
 Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, int64_t N,
                            int64_t s0, int64_t s1, cudaStream_t stream);
 
+// Dense attention bias out [Bm, Hm, S, T] (dtype float16/bfloat16) from an attention mask
+// with element strides mstr over [b, h, i, j]: bool masks give 0 / -inf, float masks are
+// converted; keys j >= mask_len get -inf.
+Status launch_attn_bias(DataType out_dt, void* out, const void* mask, DataType mask_dt,
+                        const int64_t mstr[4], int64_t mask_len, int64_t Bm, int64_t Hm, int64_t S,
+                        int64_t T, cudaStream_t stream);
+
 }  // namespace kiln::cuda

@@ -152,4 +152,79 @@ Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, 
   return Status::ok();
 }
 
+namespace {
+
+template <typename O, typename M>
+__global__ void attn_bias_kernel(O* out, const M* mask, int64_t s0, int64_t s1, int64_t s2,
+                                 int64_t s3, int64_t mask_len, int64_t Hm, int64_t S, int64_t T,
+                                 int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i % T;
+    const int64_t r = i / T;
+    const int64_t q = r % S;
+    const int64_t h = (r / S) % Hm;
+    const int64_t b = r / (S * Hm);
+    float v = -INFINITY;
+    if (j < mask_len) {
+      const M m = mask[b * s0 + h * s1 + q * s2 + j * s3];
+      if constexpr (std::is_same_v<M, bool>)
+        v = m ? 0.f : -INFINITY;
+      else
+        v = convert<float>(m);
+    }
+    out[i] = convert<O>(v);
+  }
+}
+
+template <typename O>
+Status launch_attn_bias_t(O* out, const void* mask, DataType mask_dt, const int64_t st[4],
+                          int64_t mask_len, int64_t Hm, int64_t S, int64_t T, int64_t n,
+                          cudaStream_t stream) {
+  const unsigned grid = grid_for(n);
+  switch (mask_dt) {
+    case DataType::kBool:
+      attn_bias_kernel<O, bool><<<grid, 256, 0, stream>>>(
+          out, static_cast<const bool*>(mask), st[0], st[1], st[2], st[3], mask_len, Hm, S, T, n);
+      break;
+    case DataType::kFloat:
+      attn_bias_kernel<O, float><<<grid, 256, 0, stream>>>(
+          out, static_cast<const float*>(mask), st[0], st[1], st[2], st[3], mask_len, Hm, S, T, n);
+      break;
+    case DataType::kFloat16:
+      attn_bias_kernel<O, __half><<<grid, 256, 0, stream>>>(
+          out, static_cast<const __half*>(mask), st[0], st[1], st[2], st[3], mask_len, Hm, S, T, n);
+      break;
+    case DataType::kBFloat16:
+      attn_bias_kernel<O, __nv_bfloat16><<<grid, 256, 0, stream>>>(
+          out, static_cast<const __nv_bfloat16*>(mask), st[0], st[1], st[2], st[3], mask_len, Hm,
+          S, T, n);
+      break;
+    default:
+      return unsupported(std::string("attention bias: mask dtype ") + dtype_name(mask_dt));
+  }
+  KILN_CUDA_LAUNCHED("attention bias kernel");
+  return Status::ok();
+}
+
+}  // namespace
+
+Status launch_attn_bias(DataType out_dt, void* out, const void* mask, DataType mask_dt,
+                        const int64_t mstr[4], int64_t mask_len, int64_t Bm, int64_t Hm, int64_t S,
+                        int64_t T, cudaStream_t stream) {
+  const int64_t n = Bm * Hm * S * T;
+  if (n <= 0) return Status::ok();
+  if (mask_len > 0 && !mask) return invalid_argument("attention bias: no mask data");
+  switch (out_dt) {
+    case DataType::kFloat16:
+      return launch_attn_bias_t(static_cast<__half*>(out), mask, mask_dt, mstr, mask_len, Hm, S, T,
+                                n, stream);
+    case DataType::kBFloat16:
+      return launch_attn_bias_t(static_cast<__nv_bfloat16*>(out), mask, mask_dt, mstr, mask_len, Hm,
+                                S, T, n, stream);
+    default:
+      return unsupported(std::string("attention bias: output dtype ") + dtype_name(out_dt));
+  }
+}
+
 }  // namespace kiln::cuda

@@ -1,0 +1,420 @@
+// cuDNN graph API engines through cudnn-frontend (see cudnn_graph.h).
+#include "backends/cuda/cudnn_graph.h"
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#include <cudnn_frontend.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <vector>
+
+namespace kiln::cuda::fe {
+
+namespace cfe = cudnn_frontend;
+
+namespace {
+
+Status fe_error(cfe::error_t e, const std::string& what) {
+  std::string msg = "cuDNN graph API: " + what + ": " + e.get_message();
+  switch (e.get_code()) {
+    case cfe::error_code_t::GRAPH_NOT_SUPPORTED:
+    case cfe::error_code_t::GRAPH_EXECUTION_PLAN_CREATION_FAILED:
+    case cfe::error_code_t::HEURISTIC_QUERY_FAILED:
+    case cfe::error_code_t::UNSUPPORTED_GRAPH_FORMAT:
+      return unsupported(msg);
+    default:
+      return runtime_error(msg);
+  }
+}
+
+#define FE_CHECK(expr, what)                                          \
+  do {                                                                \
+    auto fe_err_ = (expr);                                            \
+    if (fe_err_.is_bad()) return fe_error(std::move(fe_err_), what); \
+  } while (0)
+
+cfe::DataType_t fe_dtype(DataType dt) {
+  switch (dt) {
+    case DataType::kFloat16: return cfe::DataType_t::HALF;
+    case DataType::kBFloat16: return cfe::DataType_t::BFLOAT16;
+    default: return cfe::DataType_t::FLOAT;
+  }
+}
+
+// Plan names go into node attributes and the text timing cache: keep them one clean token.
+bool clean_name(const std::string& s) {
+  if (s.empty() || s.size() > 400) return false;
+  for (char c : s)
+    if (c <= ' ' || c == '\t' || c > '~') return false;
+  return true;
+}
+
+struct DevBuf {
+  void* p = nullptr;
+  ~DevBuf() {
+    if (p) cudaFree(p);
+  }
+};
+
+struct Events {
+  cudaEvent_t a = nullptr, b = nullptr;
+  ~Events() {
+    if (a) cudaEventDestroy(a);
+    if (b) cudaEventDestroy(b);
+  }
+};
+
+}  // namespace
+
+std::mutex& build_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+Result<void*> build_handle() {
+  static cudnnHandle_t h = nullptr;
+  if (!h) {
+    cudnnHandle_t made = nullptr;
+    const cudnnStatus_t s = cudnnCreate(&made);
+    if (s != CUDNN_STATUS_SUCCESS)
+      return runtime_error(std::string("cuDNN graph API: cudnnCreate: ") + cudnnGetErrorString(s));
+    h = made;
+  }
+  return static_cast<void*>(h);
+}
+
+bool graph_api_disabled() {
+  static const bool off = [] {
+    const char* e = std::getenv("KILN_CUDNN_GRAPH");
+    return e && e[0] == '0';
+  }();
+  return off;
+}
+
+class GraphImpl {
+ public:
+  cfe::graph::Graph g;
+  int64_t candidates = 0;
+};
+
+PlannedGraph::PlannedGraph(std::string kind)
+    : impl_(std::make_unique<GraphImpl>()), kind_(std::move(kind)) {}
+PlannedGraph::~PlannedGraph() = default;
+
+std::string PlannedGraph::tactic() const {
+  return index_ < 0 ? std::string() : "cuda." + kind_ + ".cudnn_fe." + name_;
+}
+
+Status PlannedGraph::select(void* handle, const std::string& name, size_t ws_limit) {
+  try {
+    auto h = static_cast<cudnnHandle_t>(handle);
+    auto& g = impl_->g;
+    const std::string prefix = "cuda." + kind_ + ".cudnn_fe.";
+    const std::string want = name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : "";
+    std::string failures;
+    auto try_index = [&](int64_t i) -> bool {
+      auto st = g.build_plan_at_index(h, i);
+      if (st.is_bad()) {
+        if (failures.size() < 600) failures += " [" + std::to_string(i) + ": " + st.get_message() + "]";
+        return false;
+      }
+      int64_t ws = 0;
+      if (g.get_workspace_size_plan_at_index(i, ws).is_bad() || ws < 0 ||
+          static_cast<uint64_t>(ws) > ws_limit)
+        return false;
+      std::string n;
+      if (g.get_plan_name_at_index(i, n).is_bad() || !clean_name(n)) return false;
+      index_ = i;
+      ws_ = static_cast<size_t>(ws);
+      name_ = n;
+      return true;
+    };
+    if (!want.empty()) {
+      for (int64_t i = 0; i < impl_->candidates; ++i) {
+        std::string n;
+        if (g.get_plan_name_at_index(i, n).is_good() && n == want && try_index(i))
+          return Status::ok();
+      }
+    }
+    // The heuristics' order: the first one that builds within the limit.
+    for (int64_t i = 0; i < impl_->candidates && i < 16; ++i)
+      if (try_index(i)) return Status::ok();
+    return unsupported("cuDNN graph API: no " + kind_ + " plan builds within the workspace limit" +
+                       failures);
+  } catch (const std::exception& e) {
+    return runtime_error("cuDNN graph API (" + kind_ + "): " + e.what());
+  }
+}
+
+Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidates) {
+  try {
+    auto h = static_cast<cudnnHandle_t>(handle);
+    auto& g = impl_->g;
+    cudaStream_t stream = nullptr;
+    if (cudnnGetStream(h, &stream) != CUDNN_STATUS_SUCCESS) stream = nullptr;
+    // Inputs: zeros (timing does not depend on values for these engines).
+    std::vector<DevBuf> bufs(buffer_bytes_.size());
+    std::vector<void*> ptrs(buffer_bytes_.size());
+    for (size_t i = 0; i < bufs.size(); ++i) {
+      KILN_CUDA_CHECK(cudaMalloc(&bufs[i].p, std::max<size_t>(buffer_bytes_[i], 256)),
+                      "tuning " + kind_ + " buffers");
+      KILN_CUDA_CHECK(cudaMemset(bufs[i].p, 0, std::max<size_t>(buffer_bytes_[i], 256)),
+                      "tuning " + kind_ + " buffers");
+      ptrs[i] = bufs[i].p;
+    }
+    Events ev;
+    KILN_CUDA_CHECK(cudaEventCreate(&ev.a), "tuning events");
+    KILN_CUDA_CHECK(cudaEventCreate(&ev.b), "tuning events");
+    float best = -1.f;
+    int64_t best_i = -1;
+    int64_t best_ws = 0;
+    std::string best_name;
+    int timed = 0;
+    DevBuf ws;
+    size_t ws_have = 0;
+    for (int64_t i = 0; i < impl_->candidates && timed < max_candidates; ++i) {
+      if (g.build_plan_at_index(h, i).is_bad()) continue;
+      int64_t wsz = 0;
+      if (g.get_workspace_size_plan_at_index(i, wsz).is_bad() || wsz < 0 ||
+          static_cast<uint64_t>(wsz) > ws_limit)
+        continue;
+      std::string n;
+      if (g.get_plan_name_at_index(i, n).is_bad() || !clean_name(n)) continue;
+      if (static_cast<size_t>(wsz) > ws_have) {
+        if (ws.p) cudaFree(ws.p);
+        ws.p = nullptr;
+        ws_have = 0;
+        if (cudaMalloc(&ws.p, static_cast<size_t>(wsz)) != cudaSuccess) {
+          (void)cudaGetLastError();
+          ws.p = nullptr;
+          continue;
+        }
+        ws_have = static_cast<size_t>(wsz);
+      }
+      std::unordered_map<int64_t, void*> vp;
+      for (size_t k = 0; k < uids_.size(); ++k) vp[uids_[k]] = ptrs[k];
+      // Warm-up (also catches launch failures), then the timed runs.
+      if (g.execute_plan_at_index(h, vp, ws.p, i).is_bad()) continue;
+      if (cudaStreamSynchronize(stream) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      constexpr int kReps = 5;
+      KILN_CUDA_CHECK(cudaEventRecord(ev.a, stream), "tuning events");
+      bool ok = true;
+      for (int r = 0; r < kReps && ok; ++r) ok = g.execute_plan_at_index(h, vp, ws.p, i).is_good();
+      KILN_CUDA_CHECK(cudaEventRecord(ev.b, stream), "tuning events");
+      KILN_CUDA_CHECK(cudaEventSynchronize(ev.b), "tuning " + kind_);
+      if (!ok) continue;
+      float ms = 0;
+      KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, ev.a, ev.b), "tuning events");
+      ms /= kReps;
+      ++timed;
+      if (best < 0 || ms < best) {
+        best = ms;
+        best_i = i;
+        best_ws = wsz;
+        best_name = n;
+      }
+    }
+    if (best_i < 0) return unsupported("cuDNN graph API: no " + kind_ + " plan could be timed");
+    index_ = best_i;
+    ws_ = static_cast<size_t>(best_ws);
+    name_ = best_name;
+    return best;
+  } catch (const std::exception& e) {
+    return runtime_error("cuDNN graph API (" + kind_ + "): " + e.what());
+  }
+}
+
+Status PlannedGraph::run(void* handle, void* const* ptrs, void* workspace) const {
+  if (index_ < 0) return internal_error("cuDNN graph API: " + kind_ + " run before a plan was selected");
+  try {
+    std::unordered_map<int64_t, void*> vp;
+    for (size_t k = 0; k < uids_.size(); ++k)
+      if (ptrs[k]) vp[uids_[k]] = ptrs[k];
+    FE_CHECK(impl_->g.execute_plan_at_index(static_cast<cudnnHandle_t>(handle), vp, workspace, index_),
+             kind_ + " execute (" + name_ + ")");
+    return Status::ok();
+  } catch (const std::exception& e) {
+    return runtime_error("cuDNN graph API (" + kind_ + "): " + e.what());
+  }
+}
+
+namespace {
+
+// Builds the operation graph and the heuristics' candidate list shared by both kinds.
+Status finish_graph(cudnnHandle_t h, GraphImpl& impl, const std::string& what) {
+  auto& g = impl.g;
+  FE_CHECK(g.validate(), what + " validate");
+  FE_CHECK(g.build_operation_graph(h), what + " operation graph");
+  FE_CHECK(g.create_execution_plans({cfe::HeurMode_t::A, cfe::HeurMode_t::FALLBACK}),
+           what + " heuristics");
+  impl.candidates = g.get_execution_plan_count();
+  if (impl.candidates <= 0) return unsupported("cuDNN graph API: no engine for this " + what);
+  return Status::ok();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ConvGraph>> ConvGraph::create(void* handle, const ConvSpec& s) {
+  if (s.dt != DataType::kFloat16 && s.dt != DataType::kBFloat16)
+    return unsupported("cuDNN graph conv: float16/bfloat16 only");
+  if (s.group < 1 || s.C % s.group != 0) return invalid_argument("cuDNN graph conv: bad group");
+  try {
+    std::unique_ptr<ConvGraph> cg(new ConvGraph());
+    cg->spec_ = s;
+    auto& g = cg->impl_->g;
+    const auto io = fe_dtype(s.dt);
+    g.set_io_data_type(io)
+        .set_intermediate_data_type(cfe::DataType_t::FLOAT)
+        .set_compute_data_type(cfe::DataType_t::FLOAT);
+    const int64_t Cg = s.C / s.group;
+    using TA = cfe::graph::Tensor_attributes;
+    auto X = g.tensor(TA().set_name("X").set_uid(1).set_data_type(io)
+                          .set_dim({s.N, s.C, s.H, s.W})
+                          .set_stride({s.H * s.W * s.C, 1, s.W * s.C, s.C}));
+    auto W = g.tensor(TA().set_name("W").set_uid(2).set_data_type(io)
+                          .set_dim({s.K, Cg, s.R, s.S})
+                          .set_stride({s.R * s.S * Cg, 1, s.S * Cg, Cg}));
+    auto conv = cfe::graph::Conv_fprop_attributes()
+                    .set_name("conv")
+                    .set_pre_padding({s.pre[0], s.pre[1]})
+                    .set_post_padding({s.post[0], s.post[1]})
+                    .set_stride({s.stride[0], s.stride[1]})
+                    .set_dilation({s.dil[0], s.dil[1]});
+    auto y = g.conv_fprop(X, W, conv);
+    const std::vector<int64_t> ydim = {s.N, s.K, s.P, s.Q};
+    const std::vector<int64_t> ystr = {s.P * s.Q * s.K, 1, s.Q * s.K, s.K};
+    y->set_dim(ydim).set_stride(ystr);
+    if (s.bias) {
+      auto B = g.tensor(TA().set_name("B").set_uid(3).set_data_type(io)
+                            .set_dim({1, s.K, 1, 1})
+                            .set_stride({s.K, 1, s.K, s.K}));
+      y = g.pointwise(y, B, cfe::graph::Pointwise_attributes().set_name("bias")
+                                .set_mode(cfe::PointwiseMode_t::ADD));
+      y->set_dim(ydim).set_stride(ystr);
+    }
+    if (s.z) {
+      auto Z = g.tensor(TA().set_name("Z").set_uid(4).set_data_type(io).set_dim(ydim)
+                            .set_stride(ystr));
+      y = g.pointwise(y, Z, cfe::graph::Pointwise_attributes().set_name("residual")
+                                .set_mode(cfe::PointwiseMode_t::ADD));
+      y->set_dim(ydim).set_stride(ystr);
+    }
+    if (s.relu) {
+      y = g.pointwise(y, cfe::graph::Pointwise_attributes().set_name("relu")
+                             .set_mode(cfe::PointwiseMode_t::RELU_FWD));
+      y->set_dim(ydim).set_stride(ystr);
+    }
+    y->set_output(true).set_uid(5).set_data_type(io);
+    KILN_RETURN_IF_ERROR(finish_graph(static_cast<cudnnHandle_t>(handle), *cg->impl_, "conv"));
+    const size_t es = dtype_size(s.dt);
+    cg->uids_ = {1, 2, 3, 4, 5};
+    cg->buffer_bytes_ = {static_cast<size_t>(s.N * s.H * s.W * s.C) * es,
+                         static_cast<size_t>(s.K * s.R * s.S * Cg) * es,
+                         static_cast<size_t>(s.K) * es,
+                         static_cast<size_t>(s.N * s.P * s.Q * s.K) * es,
+                         static_cast<size_t>(s.N * s.P * s.Q * s.K) * es};
+    if (!s.bias) cg->buffer_bytes_[2] = 0;
+    if (!s.z) cg->buffer_bytes_[3] = 0;
+    // Tensors absent from the graph must not be in its variant pack.
+    std::vector<int64_t> uids;
+    std::vector<size_t> bytes;
+    for (size_t i = 0; i < cg->uids_.size(); ++i) {
+      if ((i == 2 && !s.bias) || (i == 3 && !s.z)) continue;
+      uids.push_back(cg->uids_[i]);
+      bytes.push_back(cg->buffer_bytes_[i]);
+    }
+    cg->uids_ = uids;
+    cg->buffer_bytes_ = bytes;
+    return cg;
+  } catch (const std::exception& e) {
+    return runtime_error(std::string("cuDNN graph API (conv): ") + e.what());
+  }
+}
+
+Status ConvGraph::run(void* handle, const ConvPtrs& p, void* workspace) const {
+  void* ptrs[5];
+  size_t n = 0;
+  ptrs[n++] = const_cast<void*>(p.x);
+  ptrs[n++] = const_cast<void*>(p.w);
+  if (spec_.bias) ptrs[n++] = const_cast<void*>(p.bias);
+  if (spec_.z) ptrs[n++] = const_cast<void*>(p.z);
+  ptrs[n++] = p.y;
+  for (size_t i = 0; i < n; ++i)
+    if (!ptrs[i]) return internal_error("cuDNN graph conv: a null operand");
+  return PlannedGraph::run(handle, ptrs, workspace);
+}
+
+Result<std::unique_ptr<SdpaGraph>> SdpaGraph::create(void* handle, const SdpaSpec& s) {
+  if (s.dt != DataType::kFloat16 && s.dt != DataType::kBFloat16)
+    return unsupported("cuDNN SDPA: float16/bfloat16 only");
+  if (s.Hkv <= 0 || s.Hq % s.Hkv != 0) return invalid_argument("cuDNN SDPA: bad head counts");
+  try {
+    std::unique_ptr<SdpaGraph> sg(new SdpaGraph());
+    sg->spec_ = s;
+    auto& g = sg->impl_->g;
+    const auto io = fe_dtype(s.dt);
+    g.set_io_data_type(io)
+        .set_intermediate_data_type(cfe::DataType_t::FLOAT)
+        .set_compute_data_type(cfe::DataType_t::FLOAT);
+    using TA = cfe::graph::Tensor_attributes;
+    auto Q = g.tensor(TA().set_name("Q").set_uid(1).set_data_type(io)
+                          .set_dim({s.B, s.Hq, s.S, s.D})
+                          .set_stride({s.qs[0], s.qs[1], s.qs[2], 1}));
+    auto K = g.tensor(TA().set_name("K").set_uid(2).set_data_type(io)
+                          .set_dim({s.B, s.Hkv, s.T, s.D})
+                          .set_stride({s.ks[0], s.ks[1], s.ks[2], 1}));
+    auto V = g.tensor(TA().set_name("V").set_uid(3).set_data_type(io)
+                          .set_dim({s.B, s.Hkv, s.T, s.D})
+                          .set_stride({s.vs[0], s.vs[1], s.vs[2], 1}));
+    auto opts = cfe::graph::SDPA_attributes()
+                    .set_name("sdpa")
+                    .set_generate_stats(false)
+                    .set_attn_scale(s.scale);
+    if (s.causal) opts.set_causal_mask(true);
+    if (s.bias) {
+      auto Bt = g.tensor(TA().set_name("bias").set_uid(5).set_data_type(io)
+                             .set_dim({s.bias_b, s.bias_h, s.S, s.T})
+                             .set_stride({s.bias_h * s.S * s.T, s.S * s.T, s.T, 1}));
+      opts.set_bias(Bt);
+    }
+    auto [O, stats] = g.sdpa(Q, K, V, opts);
+    (void)stats;
+    O->set_output(true).set_uid(4).set_data_type(io)
+        .set_dim({s.B, s.Hq, s.S, s.D})
+        .set_stride({s.os[0], s.os[1], s.os[2], 1});
+    KILN_RETURN_IF_ERROR(finish_graph(static_cast<cudnnHandle_t>(handle), *sg->impl_, "attention"));
+    const size_t es = dtype_size(s.dt);
+    auto span = [](int64_t b, int64_t h, int64_t sq, const int64_t st[3], int64_t d) {
+      return static_cast<size_t>((b - 1) * st[0] + (h - 1) * st[1] + (sq - 1) * st[2] + d);
+    };
+    sg->uids_ = {1, 2, 3, 4};
+    sg->buffer_bytes_ = {span(s.B, s.Hq, s.S, s.qs, s.D) * es, span(s.B, s.Hkv, s.T, s.ks, s.D) * es,
+                         span(s.B, s.Hkv, s.T, s.vs, s.D) * es, span(s.B, s.Hq, s.S, s.os, s.D) * es};
+    if (s.bias) {
+      sg->uids_.push_back(5);
+      sg->buffer_bytes_.push_back(static_cast<size_t>(s.bias_b * s.bias_h * s.S * s.T) * es);
+    }
+    return sg;
+  } catch (const std::exception& e) {
+    return runtime_error(std::string("cuDNN graph API (attention): ") + e.what());
+  }
+}
+
+Status SdpaGraph::run(void* handle, const SdpaPtrs& p, void* workspace) const {
+  void* ptrs[5] = {const_cast<void*>(p.q), const_cast<void*>(p.k), const_cast<void*>(p.v), p.o,
+                   const_cast<void*>(p.bias)};
+  const size_t n = spec_.bias ? 5 : 4;
+  for (size_t i = 0; i < n; ++i)
+    if (!ptrs[i]) return internal_error("cuDNN SDPA: a null operand");
+  return PlannedGraph::run(handle, ptrs, workspace);
+}
+
+}  // namespace kiln::cuda::fe

@@ -1,0 +1,149 @@
+// cuDNN 9 graph API engines (through the header-only cudnn-frontend in third_party/):
+//   - ConvGraph: NHWC convolution with bias + residual add + ReLU fused into one engine
+//     (kiln.FusedConv in fp16/bf16), tuned by timing the heuristics' candidate plans;
+//   - SdpaGraph: fused scaled-dot-product attention (cuDNN's flash-attention engines) for the
+//     ONNX Attention op in fp16/bf16.
+// Both are built per input shape. A plan is chosen (a) by name, when the node carries a tuned
+// tactic, (b) by timing up to N candidates at engine build, or (c) as the first candidate of
+// cuDNN's heuristics that builds within the workspace limit. Plans are named
+// "cuda.conv.cudnn_fe.<engine-and-knobs>" / "cuda.sdpa.cudnn_fe.<...>" (Kernel::tactic()).
+// Nothing here synchronizes a stream except tune(), which runs at engine build only.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "backends/cuda/cuda_env.h"
+
+namespace kiln::cuda::fe {
+
+// One NHWC 2-D convolution: X [N, H, W, C], W in KRSC [K, R, S, C/group], Y [N, P, Q, K],
+// optional bias [K] and residual Z (Y's shape). y = relu?(conv(x, w) + bias + z).
+struct ConvSpec {
+  DataType dt = DataType::kFloat16;  // float16 or bfloat16
+  int64_t N = 0, C = 0, H = 0, W = 0, K = 0, R = 0, S = 0, P = 0, Q = 0, group = 1;
+  int64_t pre[2] = {0, 0}, post[2] = {0, 0}, stride[2] = {1, 1}, dil[2] = {1, 1};
+  bool bias = false, z = false, relu = false;
+};
+
+struct ConvPtrs {
+  const void* x = nullptr;
+  const void* w = nullptr;
+  const void* bias = nullptr;
+  const void* z = nullptr;
+  void* y = nullptr;
+};
+
+// Attention on [B, H, S, D] views given by strides (element strides for b, h, s; d is dense).
+// Optional additive bias [B or 1, H or 1, S, T] (dense, of the I/O dtype).
+struct SdpaSpec {
+  DataType dt = DataType::kFloat16;
+  int64_t B = 0, Hq = 0, Hkv = 0, S = 0, T = 0, D = 0;
+  int64_t qs[3] = {}, ks[3] = {}, vs[3] = {}, os[3] = {};
+  float scale = 1.f;
+  bool causal = false;
+  bool bias = false;
+  int64_t bias_b = 1, bias_h = 1;  // the bias' B and H dims (1 = broadcast)
+};
+
+struct SdpaPtrs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* bias = nullptr;
+  void* o = nullptr;
+};
+
+class GraphImpl;  // the cudnn-frontend graph and its candidate plans (cudnn_graph.cpp)
+
+// What the two graph kinds share: plan selection, tuning and execution.
+class PlannedGraph {
+ public:
+  ~PlannedGraph();
+  PlannedGraph(const PlannedGraph&) = delete;
+  PlannedGraph& operator=(const PlannedGraph&) = delete;
+
+  // Builds the plan called `name` (a tactic from tactic()), else the first heuristic candidate
+  // within `ws_limit`. Fails (kUnsupported) when no candidate builds.
+  Status select(void* cudnn_handle, const std::string& name, size_t ws_limit);
+  // Builds and times up to `max_candidates` candidate plans within `ws_limit` on scratch
+  // buffers it allocates (engine build only: allocates and synchronizes), keeps the fastest.
+  // Returns its time in ms.
+  Result<float> tune(void* cudnn_handle, size_t ws_limit, int max_candidates);
+  // Enqueues the selected plan on the handle's stream.
+  Status run(void* cudnn_handle, void* const* ptrs, void* workspace) const;
+
+  size_t workspace() const { return ws_; }
+  // "cuda.<kind>.cudnn_fe.<plan name>", "" before select()/tune().
+  std::string tactic() const;
+  bool ready() const { return index_ >= 0; }
+
+ protected:
+  explicit PlannedGraph(std::string kind);
+  std::unique_ptr<GraphImpl> impl_;
+  std::string kind_;                  // "conv" / "sdpa"
+  std::vector<int64_t> uids_;         // variant-pack order of run()'s ptrs
+  std::vector<size_t> buffer_bytes_;  // tuning buffer sizes, same order
+  int64_t index_ = -1;                // selected plan
+  size_t ws_ = 0;
+  std::string name_;
+};
+
+class ConvGraph final : public PlannedGraph {
+ public:
+  // Builds the operation graph and asks cuDNN's heuristics for candidates.
+  static Result<std::unique_ptr<ConvGraph>> create(void* cudnn_handle, const ConvSpec& s);
+  Status run(void* cudnn_handle, const ConvPtrs& p, void* workspace) const;
+
+ private:
+  ConvGraph() : PlannedGraph("conv") {}
+  ConvSpec spec_;
+};
+
+class SdpaGraph final : public PlannedGraph {
+ public:
+  static Result<std::unique_ptr<SdpaGraph>> create(void* cudnn_handle, const SdpaSpec& s);
+  Status run(void* cudnn_handle, const SdpaPtrs& p, void* workspace) const;
+
+ private:
+  SdpaGraph() : PlannedGraph("sdpa") {}
+  SdpaSpec spec_;
+};
+
+// The ONNX Attention op through cuDNN's SDPA engines (attention_sdpa.cpp), called by the
+// attention kernel for the geometries it can take: float16/bfloat16, no past K/V, no softcap,
+// no nonpad lengths, no qk_matmul_output. Q/K/V/O are [B, H, S|T, D] views by strides (d dense).
+struct SdpaCall {
+  DataType dt = DataType::kFloat16;
+  int64_t B = 0, Hq = 0, Hkv = 0, S = 0, T = 0, D = 0;
+  int64_t qs[3] = {}, ks[3] = {}, vs[3] = {}, os[3] = {};
+  float scale = 1.f;
+  bool causal = false;  // top-left aligned (no past)
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  // Optional mask (mask_dt set when the op has one) with strides over [B, Hq, S, T]: bool
+  // (false masks) or additive float; keys j >= mask_len are masked (an empty mask: all keys).
+  const void* mask = nullptr;
+  DataType mask_dt = DataType::kUndefined;
+  int64_t mstr[4] = {};
+  int64_t mask_len = 0;
+};
+// true: cuDNN ran it; false: not applicable here (no engine for the shape, head size, ...) and
+// the caller runs its own kernel. Errors are real failures.
+Result<bool> try_sdpa(Env& env, const SdpaCall& c);
+
+// Graph API plans are built with one process-wide cuDNN handle on GPU 0 (plans outlive the
+// execution contexts whose handles run them); building is serialized by build_mutex().
+std::mutex& build_mutex();
+Result<void*> build_handle();  // cudnnHandle_t; call with build_mutex() held
+
+// Whether the graph API path is switched off (KILN_CUDNN_GRAPH=0: legacy conv API and Kiln's
+// own attention kernels only; an A/B knob).
+bool graph_api_disabled();
+
+}  // namespace kiln::cuda::fe
