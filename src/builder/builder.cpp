@@ -282,7 +282,9 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
     if (round >= 1 && ps.inferred == inferred && ps.folded == folded) break;
   }
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
-  KILN_RETURN_IF_ERROR(run_fusion_passes(g, FusionOptions{}, &ps));
+  FusionOptions fo;
+  fo.nhwc_pools = backend->is_device();
+  KILN_RETURN_IF_ERROR(run_fusion_passes(g, fo, &ps));
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(infer_types(g, &ps));
   if (backend->is_device()) {

@@ -416,7 +416,19 @@ std::string fresh_value(const std::unordered_set<std::string>& used, const std::
   return n;
 }
 
-Status choose_conv_layouts(Graph& g) {
+// A MaxPool (no Indices) or GlobalAveragePool on a 4-D float32 value that has an NHWC twin.
+bool nhwc_pool_candidate(const Graph& g, const Node& n,
+                         const std::unordered_map<std::string, std::string>& nhwc) {
+  if (!n.domain.empty() || (n.op_type != "MaxPool" && n.op_type != "GlobalAveragePool")) return false;
+  if (n.inputs.size() != 1 || n.outputs.empty() || !nhwc.count(n.inputs[0])) return false;
+  for (size_t i = 1; i < n.outputs.size(); ++i)
+    if (!n.outputs[i].empty()) return false;  // MaxPool's Indices are NCHW positions
+  const TypeInfo* xt = type_of(g, n.inputs[0]);
+  return xt && xt->kind == TypeInfo::Kind::kTensor && xt->dtype == DataType::kFloat &&
+         xt->has_shape && xt->dims.size() == 4;
+}
+
+Status choose_conv_layouts(Graph& g, bool nhwc_pools) {
   std::unordered_set<std::string> names;
   for (auto& n : g.nodes)
     for (auto& o : n.outputs) names.insert(o);
@@ -436,6 +448,33 @@ Status choose_conv_layouts(Graph& g) {
   };
   bool changed = false;
   for (auto& n : g.nodes) {
+    if (nhwc_pools && nhwc_pool_candidate(g, n, nhwc)) {
+      Node p = std::move(n);
+      const bool maxpool = p.op_type == "MaxPool";
+      Attribute m;
+      m.name = "mode";
+      m.kind = Attribute::Kind::kString;
+      m.s = p.op_type;
+      p.set_attr(m);
+      p.op_type = "PoolNHWC";
+      p.domain = "kiln";
+      p.opset = 1;
+      p.inputs[0] = nhwc[p.inputs[0]];
+      p.outputs.resize(1);
+      if (maxpool) {  // NHWC out, with a Transpose back to the NCHW name (dropped when unused)
+        const std::string y = p.outputs[0];
+        std::string yt = fresh_value(names, y + "/nhwc");
+        names.insert(yt);
+        p.outputs[0] = yt;
+        const std::string pname = p.name;
+        out.push_back(std::move(p));
+        out.push_back(make_transpose(fresh_value(names, pname + "/to_nchw"), yt, y, {0, 3, 1, 2}));
+        nhwc[y] = yt;
+      } else {  // [N, C, 1, 1] is the same in both layouts
+        out.push_back(std::move(p));
+      }
+      continue;
+    }
     const bool conv = n.domain.empty() && n.op_type == "Conv";
     const bool fconv = n.domain == "kiln" && n.op_type == "FusedConv";
     bool ok = (conv || fconv) && n.outputs.size() == 1 && n.inputs.size() >= 2 &&
@@ -486,7 +525,7 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) 
   KILN_RETURN_IF_ERROR(fold_batchnorm_into_conv(g, stats));
   KILN_RETURN_IF_ERROR(fuse_conv_chains(g, stats));
   KILN_RETURN_IF_ERROR(fuse_matmul_chains(g, stats));
-  if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g));
+  if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools));
   return Status::ok();
 }
 

@@ -12,6 +12,9 @@ namespace kiln {
 struct FusionOptions {
   bool enable = true;
   bool conv_layouts = true;  // run conv chains in NHWC (Transposes at the chain edges)
+  // Device builds: MaxPool / GlobalAveragePool fed by an NHWC conv run in NHWC too
+  // (kiln.PoolNHWC), so the chain does not leave NHWC around them.
+  bool nhwc_pools = false;
 };
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);

@@ -87,13 +87,15 @@ Graph base_graph(const Shape& xs) {
 }
 
 // Runs g before and after fusion on one random input, compares, returns the fused graph.
-Graph check_fusion(Graph g, const Shape& xs, bool layouts = false, float tol = 1e-4f) {
+Graph check_fusion(Graph g, const Shape& xs, bool layouts = false, float tol = 1e-4f,
+                   bool nhwc_pools = false) {
   Tensor x = rand_tensor(xs);
   auto before = run_graph_once(g, {Value(x)});
   EXPECT_TRUE(before.is_ok()) << before.status().message();
   EXPECT_TRUE(infer_types(g).is_ok());
   FusionOptions opts;
   opts.conv_layouts = layouts;
+  opts.nhwc_pools = nhwc_pools;
   Status st = run_fusion_passes(g, opts);
   EXPECT_TRUE(st.is_ok()) << st.message();
   EXPECT_TRUE(eliminate_dead_code(g).is_ok());
@@ -208,8 +210,41 @@ TEST(Fusion, ConvChainRunsInNhwcWithTransposesAtTheEdges) {
   EXPECT_EQ(ops_of(f), (std::vector<std::string>{"Transpose", "FusedConv", "FusedConv", "FusedConv",
                                                  "Transpose"}));
   for (auto& n : f.nodes) {
-    if (n.op_type == "FusedConv") EXPECT_EQ(n.attr_string("layout"), "NHWC");
+    if (n.op_type == "FusedConv") {
+      EXPECT_EQ(n.attr_string("layout"), "NHWC");
+    }
   }
+}
+
+TEST(Fusion, PoolsInAnNhwcChainRunInNhwc) {
+  // conv -> relu -> MaxPool (asymmetric pads, ceil mode) -> conv -> GlobalAveragePool, plus the
+  // pooled tensor as a second (NCHW) graph output.
+  const Shape xs = {2, 3, 9, 8};
+  Graph g = base_graph(xs);
+  add_conv(g, "c1", "x", "c1y", 3, 8, 3, true);
+  g.nodes.push_back(node("relu", "Relu", {"c1y"}, {"r"}));
+  Node mp = node("pool", "MaxPool", {"r"}, {"p"});
+  set_ints(mp, "kernel_shape", {3, 3});
+  set_ints(mp, "strides", {2, 2});
+  set_ints(mp, "pads", {1, 0, 0, 1});
+  Attribute ceil;
+  ceil.name = "ceil_mode";
+  ceil.kind = Attribute::Kind::kInt;
+  ceil.i = 1;
+  mp.set_attr(ceil);
+  g.nodes.push_back(std::move(mp));
+  add_conv(g, "c2", "p", "c2y", 8, 5, 3, false);
+  g.nodes.push_back(node("gap", "GlobalAveragePool", {"c2y"}, {"y"}));
+  g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  g.outputs.push_back({"p", TypeInfo::tensor(DataType::kFloat)});
+  Graph f = check_fusion(g, xs, true, 1e-4f, true);
+  EXPECT_EQ(ops_of(f), (std::vector<std::string>{"Transpose", "FusedConv", "PoolNHWC", "Transpose",
+                                                 "FusedConv", "PoolNHWC"}));
+  // Without the option (CPU builds) the pools stay NCHW between Transposes.
+  Graph h = check_fusion(g, xs, true, 1e-4f, false);
+  size_t pools = 0;
+  for (auto& n : h.nodes) pools += n.op_type == "PoolNHWC";
+  EXPECT_EQ(pools, 0u);
 }
 
 TEST(Fusion, MatMulBiasGeluAndResidualBecomeFusedMatMul) {

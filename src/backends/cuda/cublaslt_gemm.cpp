@@ -762,6 +762,7 @@ void register_gemm_kernels(Registry& r) {
 void register_dnn(Registry& r) {
   register_conv_kernels(r);
   register_gemm_kernels(r);
+  register_pool_nhwc(r);
 }
 
 }  // namespace kiln::cuda

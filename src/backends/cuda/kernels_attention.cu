@@ -8,9 +8,13 @@
 // Element types: float32, float16, bfloat16 (math in float; probabilities rounded to the element
 // type before P*V, as the reference does).
 //
-// Three kernels:
+// Four kernels:
 // - attn_row_kernel: a block of 128 threads per query row (any sizes, every feature). Scores
 //   live in shared memory when they fit, else in a global scratch row.
+// - attn_mma_kernel: float16/bfloat16 on sm_80+, head size 32/64/128, at most 512 keys, no
+//   qk_matmul_output, K and V of a head fitting in shared memory (16-byte aligned operands):
+//   mma.sync with the scores kept in registers, 16 query rows per warp, 1-4 warps per CTA (see
+//   the kernel). The default fast path; KILN_CUDA_ATTENTION_WMMA=1 uses the next one instead.
 // - attn_fast_kernel: float16/bfloat16, head size 32/64/128 (Q, K and V), at most 512 keys, no
 //   qk_matmul_output. A CTA computes 64 query rows of one (batch, head) with tensor cores (wmma,
 //   fp32 accumulation): scores for all keys in shared memory, softmax per row by one warp, the
@@ -31,6 +35,7 @@
 #include <type_traits>
 
 #include "backends/cuda/cuda_env.h"
+#include "backends/cuda/cudnn_graph.h"
 #include "backends/cuda/cuda_types.cuh"
 #include "kiln/half.h"
 
@@ -385,6 +390,322 @@ __global__ void __launch_bounds__(kFThreads)
   }
 }
 
+// ------------------------------------------------------------------ mma kernel (sm_80+)
+// float16/bfloat16, head size 32/64/128 (Q, K and V alike), at most 512 keys, no
+// qk_matmul_output, whole K and V of a (batch, kv head) fitting in shared memory. A CTA of W
+// warps (W = 1, 2 or 4, fewer when the grid would leave SMs idle) covers 16 W query rows of one
+// (batch, head); each warp owns 16 rows and works alone after K/V are staged (cp.async, one
+// barrier). With mma.sync m16n8k16 the scores live in registers in the accumulator layout:
+// - pass 1, per 64-key chunk: S = Q K^T, logits (scale, softcap, bias), running row max and sum
+//   of exponentials (online rescaling; a row is shared by the 4 lanes of a quad);
+// - pass 2, per 16 keys: S again, p = exp(l - max) / sum rounded to T (as the reference rounds the
+//   probabilities), packed straight into the A fragment of O += P V (V via ldmatrix.trans).
+// The additive bias is read from a per-CTA row of Tp floats when it does not depend on the query
+// row (no causal, mask broadcast over queries: BERT's [B, 1, 1, T]), else computed per score.
+// Fragment layouts (PTX ISA, mma.m16n8k16 .f16/.bf16): g = lane / 4, t = lane % 4;
+// A regs {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}; B regs {(k 2t..2t+1, n g),
+// (k 2t+8.., n g)}; C {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
+constexpr int kMmaMaxWarps = 4;
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src));
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+// ldmatrix x4: lanes 8m..8m+7 address the rows of 8x8 matrix m; r[m] is this lane's part.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+#else
+  __trap();
+#endif
+}
+// c += a * b (16x8x16, fp32 accumulation).
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                         unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();
+#endif
+}
+// Two floats rounded to T, the first in the low half.
+template <class T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&h);
+  }
+}
+template <class T>
+__device__ __forceinline__ unsigned ld_pair(const T* p) {
+  return __ldg(reinterpret_cast<const unsigned*>(p));
+}
+
+// The bias row of a CTA whose bias does not depend on the query row (no causal, mask broadcast
+// over queries): attn_bias(g, b, h, 0, j) for j < T, -inf for the padding keys j >= T; `any`
+// set when some j < T is not masked. The mask's element type is resolved once, outside the loop,
+// so the loads of a thread's keys are independent (no per-element switch).
+template <class M>
+__device__ __forceinline__ float mask_value(const M* p, int64_t o) {
+  if constexpr (std::is_same_v<M, bool>) return p[o] ? 0.f : neg_inf();
+  else return convert<float>(p[o]);
+}
+template <class M>
+__device__ __forceinline__ void fill_col_bias(const AttnGeom& g, int64_t b, int64_t h,
+                                              int64_t np_len, float* sBias, int Tp, int& any) {
+  const bool has_mask = g.mask_code != 0;
+  const M* mrow = g.mask ? static_cast<const M*>(g.mask) + b * g.mstr[0] + h * g.mstr[1] : nullptr;
+#pragma unroll 4
+  for (int j = threadIdx.x; j < Tp; j += blockDim.x) {
+    float bj = neg_inf();
+    if (j < g.T) {
+      bj = 0.f;
+      if (has_mask) bj = j < g.mlen ? mask_value(mrow, j * g.mstr[3]) : neg_inf();
+      if (g.nonpad && j >= np_len) bj += neg_inf();
+      if (!is_neg_inf(bj)) any = 1;
+    }
+    sBias[j] = bj;
+  }
+}
+
+size_t mma_smem_bytes(int64_t Tp, int D, size_t elem) {
+  return 2 * static_cast<size_t>(Tp) * static_cast<size_t>(D + 8) * elem +
+         static_cast<size_t>(Tp) * sizeof(float);
+}
+
+template <class T, int D, bool kColBias>
+__global__ void __launch_bounds__(32 * kMmaMaxWarps)
+    attn_mma_kernel(AttnGeom g, const T* __restrict__ q, const T* __restrict__ k,
+                    const T* __restrict__ v, T* __restrict__ y, int Tp) {
+  constexpr int kLd = D + 8;  // smem row pitch: 16-byte aligned rows, conflict-free ldmatrix
+  constexpr int kCh = D / 8;  // 16-byte chunks per row
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(128) unsigned char attn_mma_smem[];
+  T* sK = reinterpret_cast<T*>(attn_mma_smem);
+  T* sV = sK + static_cast<size_t>(Tp) * kLd;
+  float* sBias = reinterpret_cast<float*>(sV + static_cast<size_t>(Tp) * kLd);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gq = lane >> 2, t4 = lane & 3;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t hk = h / (g.Hq / g.Hkv);
+  const T* kb = k + b * g.ks[0] + hk * g.ks[1];
+  const T* vb = v + b * g.vs[0] + hk * g.vs[1];
+  const int64_t np_len = g.nonpad ? g.nonpad[b] : 0;
+
+  // Stage K and V (rows >= T zero: their scores get -inf bias, their V rows weight 0).
+  for (int idx = tid; idx < Tp * kCh; idx += blockDim.x) {
+    const int r = idx / kCh, c = (idx % kCh) * 8;
+    T* dk = sK + r * kLd + c;
+    T* dv = sV + r * kLd + c;
+    if (r < g.T) {
+      cp_async16(dk, kb + r * g.ks[2] + c);
+      cp_async16(dv, vb + r * g.vs[2] + c);
+    } else {
+      *reinterpret_cast<uint4*>(dk) = make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(dv) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  int any_col = 0;
+  if constexpr (kColBias) {
+    switch (g.mask_code) {
+      case 1: fill_col_bias<bool>(g, b, h, np_len, sBias, Tp, any_col); break;
+      case 2: fill_col_bias<float>(g, b, h, np_len, sBias, Tp, any_col); break;
+      case 3: fill_col_bias<__half>(g, b, h, np_len, sBias, Tp, any_col); break;
+      case 4: fill_col_bias<__nv_bfloat16>(g, b, h, np_len, sBias, Tp, any_col); break;
+      case 5: fill_col_bias<double>(g, b, h, np_len, sBias, Tp, any_col); break;
+      default: fill_col_bias<float>(g, b, h, np_len, sBias, Tp, any_col); break;  // no mask
+    }
+  }
+  // This lane's query rows iA (g) and iB (g + 8) of the warp's 16; Q as A fragments.
+  const int64_t iA = static_cast<int64_t>(blockIdx.x) * (16 * (blockDim.x >> 5)) + warp * 16 + gq;
+  const int64_t iB = iA + 8;
+  const bool okA = iA < g.S, okB = iB < g.S;
+  const int64_t iAc = okA ? iA : g.S - 1, iBc = okB ? iB : g.S - 1;  // bias rows (in bounds)
+  unsigned qa[D / 16][4];
+  {
+    const T* qA = q + b * g.qs[0] + h * g.qs[1] + iAc * g.qs[2] + 2 * t4;
+    const T* qB = q + b * g.qs[0] + h * g.qs[1] + iBc * g.qs[2] + 2 * t4;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qa[kk][0] = okA ? ld_pair(qA + kk * 16) : 0u;
+      qa[kk][1] = okB ? ld_pair(qB + kk * 16) : 0u;
+      qa[kk][2] = okA ? ld_pair(qA + kk * 16 + 8) : 0u;
+      qa[kk][3] = okB ? ld_pair(qB + kk * 16 + 8) : 0u;
+    }
+  }
+  cp_async_wait_all();
+  const int any_cta = __syncthreads_or(any_col);  // also: K, V and the bias row are visible
+
+  // Logits of this lane's two scores at key j (j even; j, j+1) for rows A and B, in place.
+  auto logits = [&](float (&s)[4], int j, int& anyA, int& anyB) {
+    float bA0, bA1, bB0, bB1;
+    if constexpr (kColBias) {
+      const float2 bb = *reinterpret_cast<const float2*>(sBias + j);
+      bA0 = bB0 = bb.x;
+      bA1 = bB1 = bb.y;
+    } else {
+      bA0 = j < g.T ? attn_bias(g, b, h, iAc, j, np_len) : neg_inf();
+      bA1 = j + 1 < g.T ? attn_bias(g, b, h, iAc, j + 1, np_len) : neg_inf();
+      bB0 = j < g.T ? attn_bias(g, b, h, iBc, j, np_len) : neg_inf();
+      bB1 = j + 1 < g.T ? attn_bias(g, b, h, iBc, j + 1, np_len) : neg_inf();
+      anyA |= (j < g.T && !is_neg_inf(bA0)) || (j + 1 < g.T && !is_neg_inf(bA1));
+      anyB |= (j < g.T && !is_neg_inf(bB0)) || (j + 1 < g.T && !is_neg_inf(bB1));
+    }
+    s[0] = capped(g, s[0] * g.scale) + bA0;
+    s[1] = capped(g, s[1] * g.scale) + bA1;
+    s[2] = capped(g, s[2] * g.scale) + bB0;
+    s[3] = capped(g, s[3] * g.scale) + bB1;
+  };
+  // Pointer of this lane's ldmatrix row for K keys [j0, j0 + 8) x dims [32 k2, 32 k2 + 32).
+  const int krow = lane & 7, kcol = (lane >> 3) * 8;
+
+  // Pass 1: row max and sum of exponentials.
+  float mA = neg_inf(), mB = neg_inf(), sumA = 0.f, sumB = 0.f;
+  int anyA = 0, anyB = 0;
+#pragma unroll 1
+  for (int c0 = 0; c0 < Tp; c0 += 64) {
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const T* kr = sK + (c0 + nt * 8 + krow) * kLd + kcol;
+#pragma unroll
+      for (int k2 = 0; k2 < D / 32; ++k2) {
+        unsigned bf[4];
+        ldsm_x4(bf, kr + k2 * 32);
+        mma16816<T>(s[nt], qa[2 * k2], bf[0], bf[1]);
+        mma16816<T>(s[nt], qa[2 * k2 + 1], bf[2], bf[3]);
+      }
+    }
+    float cmA = neg_inf(), cmB = neg_inf();
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      logits(s[nt], c0 + nt * 8 + 2 * t4, anyA, anyB);
+      cmA = fmaxf(cmA, fmaxf(s[nt][0], s[nt][1]));
+      cmB = fmaxf(cmB, fmaxf(s[nt][2], s[nt][3]));
+    }
+    cmA = fmaxf(cmA, __shfl_xor_sync(kFull, cmA, 1));
+    cmA = fmaxf(cmA, __shfl_xor_sync(kFull, cmA, 2));
+    cmB = fmaxf(cmB, __shfl_xor_sync(kFull, cmB, 1));
+    cmB = fmaxf(cmB, __shfl_xor_sync(kFull, cmB, 2));
+    const float nA = fmaxf(mA, cmA), nB = fmaxf(mB, cmB);
+    if (!is_neg_inf(nA)) {  // else every logit so far is -inf: nothing to add
+      float acc = sumA * exp2f((mA - nA) * kLog2e);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        acc += exp2f((s[nt][0] - nA) * kLog2e) + exp2f((s[nt][1] - nA) * kLog2e);
+      sumA = acc;
+      mA = nA;
+    }
+    if (!is_neg_inf(nB)) {
+      float acc = sumB * exp2f((mB - nB) * kLog2e);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        acc += exp2f((s[nt][2] - nB) * kLog2e) + exp2f((s[nt][3] - nB) * kLog2e);
+      sumB = acc;
+      mB = nB;
+    }
+  }
+  sumA += __shfl_xor_sync(kFull, sumA, 1);
+  sumA += __shfl_xor_sync(kFull, sumA, 2);
+  sumB += __shfl_xor_sync(kFull, sumB, 1);
+  sumB += __shfl_xor_sync(kFull, sumB, 2);
+  if constexpr (kColBias) {
+    anyA = anyB = any_cta;
+  } else {
+    anyA |= __shfl_xor_sync(kFull, anyA, 1);
+    anyA |= __shfl_xor_sync(kFull, anyA, 2);
+    anyB |= __shfl_xor_sync(kFull, anyB, 1);
+    anyB |= __shfl_xor_sync(kFull, anyB, 2);
+  }
+  // As the reference: max -inf -> 0; sum 0 -> 1; rows without an unmasked key -> 0.
+  const float mxA = is_neg_inf(mA) ? 0.f : mA, mxB = is_neg_inf(mB) ? 0.f : mB;
+  const float rA = anyA ? 1.f / (sumA == 0.f ? 1.f : sumA) : 0.f;
+  const float rB = anyB ? 1.f / (sumB == 0.f ? 1.f : sumB) : 0.f;
+
+  // Pass 2: O = P V, 16 keys at a time.
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  // ldmatrix.trans rows for V keys [j0, j0 + 16) x dims [16 dn, 16 dn + 16): matrices
+  // (keys +0, dims +0), (keys +8, dims +0), (keys +0, dims +8), (keys +8, dims +8).
+  const int vrow = ((lane >> 3) & 1) * 8 + (lane & 7), vcol = (lane >> 4) * 8;
+  int dummyA = 0, dummyB = 0;
+#pragma unroll 1
+  for (int j0 = 0; j0 < Tp; j0 += 16) {
+    float s[2][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
+      const T* kr = sK + (j0 + u * 8 + krow) * kLd + kcol;
+#pragma unroll
+      for (int k2 = 0; k2 < D / 32; ++k2) {
+        unsigned bf[4];
+        ldsm_x4(bf, kr + k2 * 32);
+        mma16816<T>(s[u], qa[2 * k2], bf[0], bf[1]);
+        mma16816<T>(s[u], qa[2 * k2 + 1], bf[2], bf[3]);
+      }
+      logits(s[u], j0 + u * 8 + 2 * t4, dummyA, dummyB);
+      s[u][0] = exp2f((s[u][0] - mxA) * kLog2e) * rA;
+      s[u][1] = exp2f((s[u][1] - mxA) * kLog2e) * rA;
+      s[u][2] = exp2f((s[u][2] - mxB) * kLog2e) * rB;
+      s[u][3] = exp2f((s[u][3] - mxB) * kLog2e) * rB;
+    }
+    const unsigned pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+    const T* vr = sV + (j0 + vrow) * kLd + vcol;
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      unsigned bf[4];
+      ldsm_x4_trans(bf, vr + dn * 16);
+      mma16816<T>(o[2 * dn], pa, bf[0], bf[1]);
+      mma16816<T>(o[2 * dn + 1], pa, bf[2], bf[3]);
+    }
+  }
+  T* yb = y + b * g.ys[0] + h * g.ys[1] + 2 * t4;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    if (okA) *reinterpret_cast<unsigned*>(yb + iA * g.ys[2] + n * 8) = pack2<T>(o[n][0], o[n][1]);
+    if (okB) *reinterpret_cast<unsigned*>(yb + iB * g.ys[2] + n * 8) = pack2<T>(o[n][2], o[n][3]);
+  }
+}
+
 // ------------------------------------------------------------------ float32 tiled kernel
 // Float32, head size 32/64/128, at most 512 keys, no qk_matmul_output: a CTA computes 32 query
 // rows of one (batch, head) on CUDA cores. Q tile and K/V chunks (64 keys) in shared memory
@@ -566,6 +887,38 @@ Status launch_fast(Env& env, const AttnGeom& g, const T* qp, const T* kp, const 
   return Status::ok();
 }
 
+int device_attr(cudaDeviceAttr a, int device, int fallback) {
+  int v = 0;
+  return cudaDeviceGetAttribute(&v, a, device) == cudaSuccess && v > 0 ? v : fallback;
+}
+
+template <class T, int D>
+Status launch_mma(Env& env, const AttnGeom& g, const T* qp, const T* kp, const T* vp, T* yp,
+                  int64_t Tp, size_t smem, int sms) {
+  // 4 warps (64 query rows) per CTA share one staging of K/V; fewer when that leaves SMs idle.
+  const int64_t heads = g.B * g.Hq;
+  int warps = 1;
+  for (int w : {4, 2}) {
+    if ((g.S + 16 * w - 1) / (16 * w) * heads >= sms) {
+      warps = w;
+      break;
+    }
+  }
+  // The bias as one row per CTA when it does not depend on the query row.
+  const bool colbias = !g.causal && (g.mask_code == 0 || g.mstr[2] == 0);
+  auto kernel = colbias ? attn_mma_kernel<T, D, true> : attn_mma_kernel<T, D, false>;
+  if (smem > 48 * 1024) {
+    KILN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)),
+                    "attention: shared memory size");
+  }
+  const dim3 grid(static_cast<unsigned>((g.S + 16 * warps - 1) / (16 * warps)),
+                  static_cast<unsigned>(g.Hq), static_cast<unsigned>(g.B));
+  kernel<<<grid, 32 * warps, smem, env.stream>>>(g, qp, kp, vp, yp, static_cast<int>(Tp));
+  KILN_CUDA_LAUNCHED("attention mma kernel");
+  return Status::ok();
+}
+
 template <int D>
 Status launch_f32(Env& env, const AttnGeom& g, const float* qp, const float* kp, const float* vp,
                   float* yp, int64_t Tp) {
@@ -598,6 +951,55 @@ Status launch_attention(OpContext& ctx, Env& env, AttnGeom g, const Tensor& q, c
     const char* e = std::getenv("KILN_CUDA_ATTENTION_GENERAL");
     return e != nullptr && e[0] == '1';
   }();
+  // KILN_CUDA_ATTENTION_WMMA=1 skips the mma kernel for the older wmma one (A/B checks).
+  static const bool force_wmma = [] {
+    const char* e = std::getenv("KILN_CUDA_ATTENTION_WMMA");
+    return e != nullptr && e[0] == '1';
+  }();
+  // cuDNN's fused SDPA engines first, where the op's features allow (no past, softcap, nonpad
+  // lengths or qk output; float masks only: a bool mask may mask a whole row, which the
+  // reference answers with zeros and the flash engines with NaN).
+  if constexpr (kHalfType) {
+    if (!force_general && !force_wmma && qkp == nullptr && g.Dh == g.Dv && !g.has_past &&
+        g.softcap == 0.f && g.nonpad == nullptr && (g.mask_code == 0 || (g.mask_code >= 2 &&
+        g.mask_code <= 4 && g.mlen > 0))) {
+      fe::SdpaCall c;
+      c.dt = std::is_same_v<T, __half> ? DataType::kFloat16 : DataType::kBFloat16;
+      c.B = g.B, c.Hq = g.Hq, c.Hkv = g.Hkv, c.S = g.S, c.T = g.T, c.D = g.Dh;
+      for (int d = 0; d < 3; ++d) c.qs[d] = g.qs[d], c.ks[d] = g.ks[d], c.vs[d] = g.vs[d], c.os[d] = g.ys[d];
+      c.scale = g.scale;
+      c.causal = g.causal != 0;
+      c.q = qp, c.k = kp, c.v = vp, c.o = yp;
+      if (g.mask_code != 0) {
+        c.mask = g.mask;
+        c.mask_dt = g.mask_code == 2 ? DataType::kFloat
+                                     : (g.mask_code == 3 ? DataType::kFloat16 : DataType::kBFloat16);
+        for (int d = 0; d < 4; ++d) c.mstr[d] = g.mstr[d];
+        c.mask_len = g.mlen;
+      }
+      KILN_ASSIGN_OR_RETURN(const bool ran, fe::try_sdpa(env, c));
+      if (ran) return Status::ok();
+    }
+  }
+  if constexpr (kHalfType) {
+    if (!force_general && !force_wmma && qkp == nullptr && g.Dh == g.Dv &&
+        (g.Dh == 32 || g.Dh == 64 || g.Dh == 128) && g.T > 0 && g.T <= kFMaxT &&
+        g.Hq <= 65535 && g.B <= 65535 && (g.S + 15) / 16 <= 0x7fffffff && aligned16(qp) &&
+        aligned16(kp) && aligned16(vp) && aligned16(yp)) {
+      const size_t smem = mma_smem_bytes(Tp, static_cast<int>(g.Dh), sizeof(T));
+      const int major = device_attr(cudaDevAttrComputeCapabilityMajor, env.device, 0);
+      const int optin =
+          device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, env.device, 48 * 1024);
+      if (major >= 8 && smem <= static_cast<size_t>(optin)) {
+        const int sms = device_attr(cudaDevAttrMultiProcessorCount, env.device, 132);
+        switch (g.Dh) {
+          case 32: return launch_mma<T, 32>(env, g, qp, kp, vp, yp, Tp, smem, sms);
+          case 64: return launch_mma<T, 64>(env, g, qp, kp, vp, yp, Tp, smem, sms);
+          default: return launch_mma<T, 128>(env, g, qp, kp, vp, yp, Tp, smem, sms);
+        }
+      }
+    }
+  }
   if (!force_general && kHalfType && qkp == nullptr && g.Dh == g.Dv && (g.Dh == 32 || g.Dh == 64 || g.Dh == 128) &&
       g.T > 0 && g.T <= kFMaxT && g.Hq <= 65535 && g.B <= 65535 &&
       (g.S + kFM - 1) / kFM <= 0x7fffffff) {

@@ -3,11 +3,13 @@
 // Lp, Global*). Semantics follow the CPU reference kernels (src/ops/tensor/reduce.cpp,
 // src/ops/nn/{norm,pool,softmax}.cpp). Half/bfloat16 compute in float, double in double,
 // integer reductions in int64. Hot paths: row reductions (warp or block per row), Softmax and
-// LayerNormalization over the last axis (a warp per row, row cached in registers up to 1024).
+// LayerNormalization over the last axis (a warp or block per row, the row cached in registers:
+// 16-byte vector loads up to 32K half / 16K float elements, a scalar warp path up to 1024).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -1038,6 +1040,149 @@ __global__ void layernorm_block_kernel(const T* __restrict__ x, T* __restrict__ 
   }
 }
 
+// Vectorized fast path: contiguous rows of n = nch * V elements (V = 16 bytes / sizeof(T)),
+// X / Y / scale / bias 16-byte aligned, scale and bias absent or of the block's exact layout
+// (of type S / Bt: float32 or X's own dtype). A group of G threads per row (G = blockDim.x: 32,
+// with blockDim.y rows per block, or 64..1024 with one row per block), each thread holding up to
+// kLnChunks 16-byte chunks of the row in registers: X is read once, Y written once, mean and
+// variance in two passes over the registers (float).
+constexpr int kLnChunks = 4;
+constexpr int kLnMaxGroup = 1024;
+
+template <class T>
+struct LnVec {
+  static constexpr int V = 16 / static_cast<int>(sizeof(T));
+};
+
+// The V elements of a 16-byte chunk as floats.
+template <class T, int V>
+__device__ __forceinline__ void ln_unpack(const uint4& u, float (&f)[V]) {
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int k = 0; k < V; ++k) f[k] = convert<float>(e[k]);
+}
+template <class T, int V>
+__device__ __forceinline__ uint4 ln_pack(const float (&f)[V]) {
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int k = 0; k < V; ++k) e[k] = convert<T>(f[k]);
+  return u;
+}
+// V consecutive parameters of type P from p (16-byte aligned) as floats.
+template <class P, int V>
+__device__ __forceinline__ void ln_param(const P* __restrict__ p, float (&f)[V]) {
+  constexpr int kU = V * static_cast<int>(sizeof(P)) / 16;
+  static_assert(kU >= 1 && kU * 16 == V * static_cast<int>(sizeof(P)), "16-byte param chunks");
+  uint4 u[kU];
+#pragma unroll
+  for (int i = 0; i < kU; ++i) u[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  const P* e = reinterpret_cast<const P*>(u);
+#pragma unroll
+  for (int k = 0; k < V; ++k) f[k] = convert<float>(e[k]);
+}
+
+// Sum over the row's group (the warp when G == 32, else the block); every thread gets it.
+__device__ __forceinline__ float ln_group_sum(float v, float* red) {
+  v = warp_sum(v);
+  if (blockDim.x == 32) return v;
+  const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+  __syncthreads();  // `red` free (previous reduction read by everyone)
+  if (l == 0) red[w] = v;
+  __syncthreads();
+  return warp_sum(l < nw ? red[l] : 0.f);
+}
+
+template <class T, class S, class Bt>
+__global__ void __launch_bounds__(kLnMaxGroup)
+    layernorm_vec_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int nch,
+                         const S* __restrict__ sc, const Bt* __restrict__ bi, float eps, int rms,
+                         StatOut<T> so) {
+  constexpr int V = LnVec<T>::V;
+  __shared__ float red[kLnMaxGroup / 32];
+  const int G = blockDim.x, tid = threadIdx.x;
+  const int64_t n = static_cast<int64_t>(nch) * V;
+  const float inv_n = 1.f / static_cast<float>(n);
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const uint4* xp = reinterpret_cast<const uint4*>(x + row * n);
+    uint4* yp = reinterpret_cast<uint4*>(y + row * n);
+    uint4 xr[kLnChunks];
+#pragma unroll
+    for (int i = 0; i < kLnChunks; ++i) {
+      const int c = tid + i * G;
+      if (c < nch) xr[i] = __ldg(xp + c);
+    }
+    float mu = 0.f;
+    if (!rms) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < kLnChunks; ++i) {
+        if (tid + i * G < nch) {
+          float f[V];
+          ln_unpack<T, V>(xr[i], f);
+#pragma unroll
+          for (int k = 0; k < V; ++k) s += f[k];
+        }
+      }
+      mu = ln_group_sum(s, red) * inv_n;
+    }
+    float s2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < kLnChunks; ++i) {
+      if (tid + i * G < nch) {
+        float f[V];
+        ln_unpack<T, V>(xr[i], f);
+#pragma unroll
+        for (int k = 0; k < V; ++k) s2 += (f[k] - mu) * (f[k] - mu);
+      }
+    }
+    const float inv = 1.f / sqrtf(ln_group_sum(s2, red) * inv_n + eps);
+#pragma unroll
+    for (int i = 0; i < kLnChunks; ++i) {
+      const int c = tid + i * G;
+      if (c < nch) {
+        float f[V];
+        ln_unpack<T, V>(xr[i], f);
+#pragma unroll
+        for (int k = 0; k < V; ++k) f[k] = (f[k] - mu) * inv;
+        if (sc) {
+          float p[V];
+          ln_param<S, V>(sc + static_cast<int64_t>(c) * V, p);
+#pragma unroll
+          for (int k = 0; k < V; ++k) f[k] *= p[k];
+        }
+        if (bi) {
+          float p[V];
+          ln_param<Bt, V>(bi + static_cast<int64_t>(c) * V, p);
+#pragma unroll
+          for (int k = 0; k < V; ++k) f[k] += p[k];
+        }
+        yp[c] = ln_pack<T, V>(f);
+      }
+    }
+    if (tid == 0) put_stats(so, row, mu, inv);
+  }
+}
+
+template <class T, class S, class Bt>
+Status launch_layernorm_vec(Env& env, const T* x, T* y, int64_t rows, int64_t nch, const void* sc,
+                            const void* bi, float eps, bool rms, const StatOut<T>& so) {
+  if (nch <= 128) {  // a warp per row, up to 4 chunks per lane (half: n <= 1024)
+    layernorm_vec_kernel<T, S, Bt><<<rows_grid(rows, 4), dim3(32, 4), 0, env.stream>>>(
+        x, y, rows, static_cast<int>(nch), static_cast<const S*>(sc), static_cast<const Bt*>(bi),
+        eps, rms ? 1 : 0, so);
+  } else {  // a block per row, up to 4 chunks per thread
+    int g = 64;
+    while (g < kLnMaxGroup && static_cast<int64_t>(g) * kLnChunks < nch) g *= 2;
+    layernorm_vec_kernel<T, S, Bt><<<rows_grid(rows, 1), dim3(g, 1), 0, env.stream>>>(
+        x, y, rows, static_cast<int>(nch), static_cast<const S*>(sc), static_cast<const Bt*>(bi),
+        eps, rms ? 1 : 0, so);
+  }
+  KILN_CUDA_LAUNCHED("layernorm kernel");
+  return Status::ok();
+}
+
 template <class T>
 Status launch_layernorm(OpContext& ctx, const Tensor& x, Tensor& y, int64_t rows, int64_t n,
                         const Affine& sc, const Affine& bi, double eps, bool rms, Tensor* mean,
@@ -1052,9 +1197,39 @@ Status launch_layernorm(OpContext& ctx, const Tensor& x, Tensor& y, int64_t rows
     if (invstd->dtype() == DataType::kFloat) so.inf = invstd->data<float>();
     else so.it = invstd->data<T>();
   }
-  // The register-cached warp path: float / half / bf16, direct affine of X's own dtype.
   if constexpr (!std::is_same_v<T, double>) {
     constexpr int code = std::is_same_v<T, float> ? 0 : std::is_same_v<T, __half> ? 1 : 2;
+    // The vectorized path: 16-byte chunks; scale / bias float32 or X's dtype, direct layout.
+    {
+      constexpr int V = LnVec<T>::V;
+      auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+      auto vec_ok = [&](const Affine& a) {
+        return !a.p.p || (a.direct && al16(a.p.p) && (a.p.code == 0 || a.p.code == code));
+      };
+      if (n > 0 && n % V == 0 && n / V <= static_cast<int64_t>(kLnMaxGroup) * kLnChunks &&
+          al16(x.raw_data()) && al16(y.raw_data()) && vec_ok(sc) && vec_ok(bi)) {
+        const int64_t nch = n / V;
+        const float e = static_cast<float>(eps);
+        const bool sf = !sc.p.p || sc.p.code == 0, bf = !bi.p.p || bi.p.code == 0;
+        if constexpr (std::is_same_v<T, float>) {
+          return launch_layernorm_vec<T, float, float>(env, x.data<T>(), y.data<T>(), rows, nch,
+                                                       sc.p.p, bi.p.p, e, rms, so);
+        } else {
+          if (sf && bf)
+            return launch_layernorm_vec<T, float, float>(env, x.data<T>(), y.data<T>(), rows,
+                                                         nch, sc.p.p, bi.p.p, e, rms, so);
+          if (sf)
+            return launch_layernorm_vec<T, float, T>(env, x.data<T>(), y.data<T>(), rows, nch,
+                                                     sc.p.p, bi.p.p, e, rms, so);
+          if (bf)
+            return launch_layernorm_vec<T, T, float>(env, x.data<T>(), y.data<T>(), rows, nch,
+                                                     sc.p.p, bi.p.p, e, rms, so);
+          return launch_layernorm_vec<T, T, T>(env, x.data<T>(), y.data<T>(), rows, nch, sc.p.p,
+                                               bi.p.p, e, rms, so);
+        }
+      }
+    }
+    // The register-cached scalar warp path: direct affine of X's own dtype.
     auto plain = [&](const Affine& a, const T** p) {
       *p = a.p.p ? static_cast<const T*>(a.p.p) : nullptr;
       return !a.p.p || (a.direct && a.p.code == code);

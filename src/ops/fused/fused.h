@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "kiln/tensor.h"
 #include "ops/op.h"
 
 namespace kiln {
@@ -17,6 +18,9 @@ Result<Epilogue> read_epilogue(const Node& n);
 
 // y += z (when z is set), then the node's activation, in place over n floats.
 Status apply_epilogue(const OpContext& ctx, const float* z, float* y, int64_t n);
+
+// 4-D float32 relayout between NHWC and NCHW (to_nchw: NHWC -> NCHW, else NCHW -> NHWC).
+Result<Tensor> relayout(const Tensor& t, bool to_nchw);
 
 }  // namespace fused
 }  // namespace kiln

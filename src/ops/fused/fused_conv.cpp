@@ -11,27 +11,6 @@ namespace kiln {
 
 namespace {
 
-// 4D float32 transpose between NHWC and NCHW (to_nchw: NHWC -> NCHW).
-Result<Tensor> relayout(const Tensor& t, bool to_nchw) {
-  const int64_t N = t.dim(0), A = t.dim(1), B = t.dim(2), C = t.dim(3);
-  Shape s = to_nchw ? Shape{N, C, A, B} : Shape{N, B, C, A};
-  KILN_ASSIGN_OR_RETURN(Tensor o, Tensor::create(DataType::kFloat, s));
-  const float* x = t.data<float>();
-  float* y = o.data<float>();
-  if (to_nchw) {  // x [N,H=A,W=B,C] -> y [N,C,H,W]
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t h = 0; h < A; ++h)
-        for (int64_t w = 0; w < B; ++w)
-          for (int64_t c = 0; c < C; ++c) y[((n * C + c) * A + h) * B + w] = x[((n * A + h) * B + w) * C + c];
-  } else {  // x [N,C=A,H=B,W=C] -> y [N,H,W,C]
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < A; ++c)
-        for (int64_t h = 0; h < B; ++h)
-          for (int64_t w = 0; w < C; ++w) y[((n * B + h) * C + w) * A + c] = x[((n * A + c) * B + h) * C + w];
-  }
-  return o;
-}
-
 bool is_nhwc(const Node& n) { return n.attr_string("layout", "NCHW") == "NHWC"; }
 
 Status eval_fused_conv(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
@@ -44,9 +23,9 @@ Status eval_fused_conv(OpContext& ctx, std::span<const Value> in, std::span<Valu
   Tensor zt;
   if (nhwc) {
     if (X->rank() != 4 || (Z && Z->rank() != 4)) return ctx.bad_input("NHWC FusedConv needs 4D X and Z");
-    KILN_ASSIGN_OR_RETURN(args[0], relayout(*X, true));
+    KILN_ASSIGN_OR_RETURN(args[0], fused::relayout(*X, true));
     if (Z) {
-      KILN_ASSIGN_OR_RETURN(zt, relayout(*Z, true));
+      KILN_ASSIGN_OR_RETURN(zt, fused::relayout(*Z, true));
       Z = &zt;
     }
   }
@@ -61,7 +40,7 @@ Status eval_fused_conv(OpContext& ctx, std::span<const Value> in, std::span<Valu
   KILN_RETURN_IF_ERROR(fused::apply_epilogue(ctx, Z ? Z->data<float>() : nullptr, Y.data<float>(),
                                              Y.numel()));
   if (nhwc) {
-    KILN_ASSIGN_OR_RETURN(Y, relayout(Y, false));
+    KILN_ASSIGN_OR_RETURN(Y, fused::relayout(Y, false));
   }
   out[0] = Value(std::move(Y));
   return Status::ok();
@@ -89,6 +68,26 @@ Status infer_fused_conv(InferContext& ctx) {
 }  // namespace
 
 namespace fused {
+
+Result<Tensor> relayout(const Tensor& t, bool to_nchw) {
+  const int64_t N = t.dim(0), A = t.dim(1), B = t.dim(2), C = t.dim(3);
+  Shape s = to_nchw ? Shape{N, C, A, B} : Shape{N, B, C, A};
+  KILN_ASSIGN_OR_RETURN(Tensor o, Tensor::create(DataType::kFloat, s));
+  const float* x = t.data<float>();
+  float* y = o.data<float>();
+  if (to_nchw) {  // x [N,H=A,W=B,C] -> y [N,C,H,W]
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < A; ++h)
+        for (int64_t w = 0; w < B; ++w)
+          for (int64_t c = 0; c < C; ++c) y[((n * C + c) * A + h) * B + w] = x[((n * A + h) * B + w) * C + c];
+  } else {  // x [N,C=A,H=B,W=C] -> y [N,H,W,C]
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < A; ++c)
+        for (int64_t h = 0; h < B; ++h)
+          for (int64_t w = 0; w < C; ++w) y[((n * B + h) * C + w) * A + c] = x[((n * A + c) * B + h) * C + w];
+  }
+  return o;
+}
 
 Result<Epilogue> read_epilogue(const Node& n) {
   Epilogue e;

@@ -1,0 +1,137 @@
+// kiln.PoolNHWC on CUDA: MaxPool and GlobalAveragePool over NHWC tensors (the layout of a conv
+// chain), so a chain stays NHWC through its pools. One thread per output element with the
+// channel fastest: neighbouring threads read neighbouring channels (coalesced).
+// MaxPool follows the CUDA/reference MaxPool exactly: padded taps are skipped, the first tap
+// whose value beats the running max wins (a leading NaN stays). Float32, float16, bfloat16.
+#include <algorithm>
+#include <string>
+
+#include "backends/cuda/cuda_types.cuh"
+#include "backends/cuda/dnn.h"
+#include "ops/nn/nn_util.h"
+
+namespace kiln::cuda {
+namespace {
+
+struct PoolNhwcGeom {
+  int64_t N = 0, H = 0, W = 0, C = 0, OH = 0, OW = 0;
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1, ph = 0, pw = 0;
+};
+
+template <typename T>
+__global__ void maxpool_nhwc_kernel(const T* __restrict__ x, T* __restrict__ y, PoolNhwcGeom g,
+                                    int64_t n) {
+  using C = float;  // T is float, half or bfloat16
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = i % g.C;
+    int64_t r = i / g.C;
+    const int64_t ow = r % g.OW;
+    r /= g.OW;
+    const int64_t oh = r % g.OH;
+    const int64_t b = r / g.OH;
+    C m = -INFINITY;
+    bool found = false;
+    for (int64_t a = 0; a < g.kh; ++a) {
+      const int64_t ih = oh * g.sh - g.ph + a * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t e = 0; e < g.kw; ++e) {
+        const int64_t iw = ow * g.sw - g.pw + e * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        const C v = convert<C>(x[((b * g.H + ih) * g.W + iw) * g.C + c]);
+        if (!found || v > m) {
+          m = v;
+          found = true;
+        }
+      }
+    }
+    y[i] = convert<T>(m);
+  }
+}
+
+template <typename T>
+__global__ void gavg_nhwc_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t HW,
+                                 int64_t C, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = i % C, b = i / C;
+    const T* p = x + b * HW * C + c;
+    float s = 0.f;
+    for (int64_t k = 0; k < HW; ++k) s += convert<float>(p[k * C]);
+    y[i] = convert<T>(HW > 0 ? s / static_cast<float>(HW) : 0.f);
+  }
+}
+
+bool pool_float(DataType dt) {
+  return dt == DataType::kFloat || dt == DataType::kFloat16 || dt == DataType::kBFloat16;
+}
+
+Status run_pool_nhwc(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
+  if (out.empty()) return ctx.bad_input("PoolNHWC needs one output");
+  const DataType dt = x->dtype();
+  if (!pool_float(dt))
+    return ctx.bad_input(std::string("PoolNHWC: unsupported element type ") + dtype_name(dt));
+  if (x->rank() != 4) return ctx.bad_input("PoolNHWC needs a 4-D NHWC input, got " + x->describe());
+  if (!x->on_device()) return ctx.fail("X must be a device tensor");
+  const std::string mode = ctx.node.attr_string("mode", "");
+  const int64_t N = x->dim(0), H = x->dim(1), W = x->dim(2), Cc = x->dim(3);
+  Env& env = env_of(ctx);
+  if (mode == "GlobalAveragePool") {
+    KILN_ASSIGN_OR_RETURN(Tensor y, env.alloc(dt, Shape{N, Cc, 1, 1}));
+    const int64_t n = N * Cc;
+    if (n > 0) {
+#define KILN_GAVG_LAUNCH \
+  gavg_nhwc_kernel<T><<<grid_for(n), 256, 0, env.stream>>>(x->data<T>(), y.data<T>(), H * W, Cc, n)
+      switch (dt) {
+        KILN_CUDA_CASE(kFloat, float, KILN_GAVG_LAUNCH)
+        KILN_CUDA_CASE(kFloat16, __half, KILN_GAVG_LAUNCH)
+        KILN_CUDA_CASE(kBFloat16, __nv_bfloat16, KILN_GAVG_LAUNCH)
+        default: break;
+      }
+#undef KILN_GAVG_LAUNCH
+      KILN_CUDA_LAUNCHED("NHWC global average pool kernel");
+    }
+    out[0] = y;
+    return Status::ok();
+  }
+  if (mode != "MaxPool") return ctx.bad_input("PoolNHWC mode must be MaxPool or GlobalAveragePool");
+  KILN_ASSIGN_OR_RETURN(nn::Window w, nn::make_window(ctx.node, Shape{H, W}, {}, true));
+  if (w.nsp != 2) return ctx.bad_input("PoolNHWC MaxPool needs a 2-D window");
+  PoolNhwcGeom g;
+  g.N = N, g.H = H, g.W = W, g.C = Cc, g.OH = w.out[0], g.OW = w.out[1];
+  g.kh = w.kernel[0], g.kw = w.kernel[1], g.sh = w.strides[0], g.sw = w.strides[1];
+  g.dh = w.dilations[0], g.dw = w.dilations[1], g.ph = w.pad_begin[0], g.pw = w.pad_begin[1];
+  KILN_ASSIGN_OR_RETURN(Tensor y, env.alloc(dt, Shape{N, g.OH, g.OW, Cc}));
+  const int64_t n = y.numel();
+  if (n > 0) {
+#define KILN_MAXP_LAUNCH \
+  maxpool_nhwc_kernel<T><<<grid_for(n), 256, 0, env.stream>>>(x->data<T>(), y.data<T>(), g, n)
+    switch (dt) {
+      KILN_CUDA_CASE(kFloat, float, KILN_MAXP_LAUNCH)
+      KILN_CUDA_CASE(kFloat16, __half, KILN_MAXP_LAUNCH)
+      KILN_CUDA_CASE(kBFloat16, __nv_bfloat16, KILN_MAXP_LAUNCH)
+      default: break;
+    }
+#undef KILN_MAXP_LAUNCH
+    KILN_CUDA_LAUNCHED("NHWC max pool kernel");
+  }
+  out[0] = y;
+  return Status::ok();
+}
+
+bool supports_pool_nhwc(const Node& n, const TypeLookup& types) {
+  if (n.inputs.empty() || n.outputs.empty()) return false;
+  const std::string mode = n.attr_string("mode", "");
+  if (mode != "MaxPool" && mode != "GlobalAveragePool") return false;
+  const DataType dt = value_dtype(types, n.inputs[0]);
+  return dt == DataType::kUndefined || pool_float(dt);
+}
+
+}  // namespace
+
+void register_pool_nhwc(Registry& r) {
+  r.add({"kiln", "PoolNHWC", &run_pool_nhwc, nullptr, &supports_pool_nhwc, {}, {}});
+}
+
+}  // namespace kiln::cuda
