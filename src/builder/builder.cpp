@@ -282,6 +282,7 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
     if (round >= 1 && ps.inferred == inferred && ps.folded == folded) break;
   }
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
+  KILN_RETURN_IF_ERROR(eliminate_common_subexpressions(g, &ps));
   FusionOptions fo;
   fo.nhwc_pools = backend->is_device();
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, fo, &ps));

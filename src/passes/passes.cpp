@@ -1,6 +1,7 @@
 #include "passes/passes.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <set>
 #include <unordered_map>
 #include <unordered_set>
@@ -275,6 +276,90 @@ Status eliminate_dead_code(Graph& g, PassStats* stats) {
     if (!live.count(it->first) && !inputs.count(it->first)) it = g.initializers.erase(it);
     else ++it;
   }
+  return Status::ok();
+}
+
+namespace {
+
+bool cse_candidate(const Node& n) {
+  static const std::unordered_set<std::string> kRandom = {
+      "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+      "Bernoulli", "Dropout"};
+  if (n.outputs.empty() || kRandom.count(n.op_type)) return false;
+  for (auto& a : n.attrs) {
+    switch (a.kind) {
+      case Attribute::Kind::kFloat: case Attribute::Kind::kInt: case Attribute::Kind::kString:
+      case Attribute::Kind::kFloats: case Attribute::Kind::kInts: case Attribute::Kind::kStrings:
+        break;
+      default:
+        return false;  // tensors, subgraphs, types: not compared
+    }
+  }
+  return true;
+}
+
+std::string cse_key(const Node& n) {
+  std::string k = n.domain + '\x1f' + n.op_type + '\x1f';
+  for (auto& in : n.inputs) k += in + '\x1e';
+  std::vector<const Attribute*> attrs;
+  for (auto& a : n.attrs) attrs.push_back(&a);
+  std::sort(attrs.begin(), attrs.end(),
+            [](const Attribute* x, const Attribute* y) { return x->name < y->name; });
+  char buf[40];
+  for (const Attribute* a : attrs) {
+    k += '\x1f' + a->name + '=' + std::to_string(static_cast<int>(a->kind)) + ':';
+    std::snprintf(buf, sizeof(buf), "%a", static_cast<double>(a->f));
+    k += std::to_string(a->i) + ',' + buf + ',' + a->s;
+    for (float f : a->floats) {
+      std::snprintf(buf, sizeof(buf), ",%a", static_cast<double>(f));
+      k += buf;
+    }
+    for (int64_t v : a->ints) k += ',' + std::to_string(v);
+    for (auto& str : a->strings) k += '\x1e' + str;
+  }
+  return k;
+}
+
+}  // namespace
+
+Status eliminate_common_subexpressions(Graph& g, PassStats* stats) {
+  std::unordered_set<std::string> keep_names;  // graph outputs and names subgraphs read
+  for (auto& o : g.outputs) keep_names.insert(o.name);
+  for (auto& n : g.nodes)
+    for (auto& a : n.attrs) {
+      if (a.g) collect_outer_refs(*a.g, keep_names);
+      for (auto& sg : a.graphs) collect_outer_refs(*sg, keep_names);
+    }
+  std::unordered_map<std::string, std::string> rename;
+  std::unordered_map<std::string, size_t> seen;
+  std::vector<bool> dead(g.nodes.size(), false);
+  bool any = false;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    Node& n = g.nodes[i];
+    for (auto& in : n.inputs)
+      if (auto it = rename.find(in); it != rename.end()) in = it->second;
+    if (!cse_candidate(n)) continue;
+    auto [it, inserted] = seen.emplace(cse_key(n), i);
+    if (inserted) continue;
+    const Node& first = g.nodes[it->second];
+    bool ok = first.outputs.size() == n.outputs.size();
+    for (size_t k = 0; ok && k < n.outputs.size(); ++k) {
+      if (n.outputs[k].empty()) continue;
+      ok = !first.outputs[k].empty() && !keep_names.count(n.outputs[k]);
+    }
+    if (!ok) continue;
+    for (size_t k = 0; k < n.outputs.size(); ++k)
+      if (!n.outputs[k].empty()) rename[n.outputs[k]] = first.outputs[k];
+    dead[i] = true;
+    any = true;
+    if (stats) stats->eliminated++;
+  }
+  if (!any) return Status::ok();
+  std::vector<Node> kept;
+  kept.reserve(g.nodes.size());
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (!dead[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
   return Status::ok();
 }
 

@@ -26,6 +26,12 @@ Status fold_constants(Graph& g, PassStats* stats = nullptr, size_t max_bytes = s
 // Removes nodes whose outputs nobody reads and initializers nobody uses.
 Status eliminate_dead_code(Graph& g, PassStats* stats = nullptr);
 
+// Nodes computing the same op with the same attributes on the same inputs are computed once
+// (readers of the duplicates read the first one's outputs). Random ops, nodes with tensor or
+// subgraph attributes, and duplicates whose outputs are graph outputs or read by subgraphs are
+// left alone. Counts removed nodes as `eliminated`.
+Status eliminate_common_subexpressions(Graph& g, PassStats* stats = nullptr);
+
 // Makes dimension 0 of every graph input and output symbolic ("batch") so the engine accepts
 // any batch <= max_batch.
 Status relax_batch_dim(Graph& g);

@@ -247,6 +247,50 @@ TEST(Fusion, PoolsInAnNhwcChainRunInNhwc) {
   EXPECT_EQ(pools, 0u);
 }
 
+TEST(Passes, CommonSubexpressionsAreComputedOnce) {
+  // m1 and m2 compute the same Mul; d1/d2 the same Div of them; r is a duplicate that is also a
+  // graph output (kept); u uses a different attribute (kept).
+  const Shape xs = {2, 3};
+  Graph g = base_graph(xs);
+  g.initializers["k"] = scalar(3.f);
+  g.nodes.push_back(node("m1", "Mul", {"x", "k"}, {"m1"}));
+  g.nodes.push_back(node("m2", "Mul", {"x", "k"}, {"m2"}));
+  g.nodes.push_back(node("d1", "Div", {"m1", "k"}, {"d1"}));
+  g.nodes.push_back(node("d2", "Div", {"m2", "k"}, {"d2"}));
+  g.nodes.push_back(node("s", "Add", {"d1", "d2"}, {"s"}));
+  g.nodes.push_back(node("r", "Mul", {"x", "k"}, {"r"}));
+  Node u1 = node("u1", "Softmax", {"s"}, {"u1"});
+  Node u2 = node("u2", "Softmax", {"s"}, {"u2"});
+  Attribute ax;
+  ax.name = "axis";
+  ax.kind = Attribute::Kind::kInt;
+  ax.i = 0;
+  u2.set_attr(ax);
+  g.nodes.push_back(std::move(u1));
+  g.nodes.push_back(std::move(u2));
+  g.nodes.push_back(node("o", "Add", {"u1", "u2"}, {"y"}));
+  g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  g.outputs.push_back({"r", TypeInfo::tensor(DataType::kFloat)});
+  Tensor x = rand_tensor(xs);
+  auto before = run_graph_once(g, {Value(x)});
+  ASSERT_TRUE(before.is_ok()) << before.status().message();
+  PassStats ps;
+  ASSERT_TRUE(eliminate_common_subexpressions(g, &ps).is_ok());
+  ASSERT_TRUE(eliminate_dead_code(g).is_ok());
+  ASSERT_TRUE(verify_graph(g).is_ok());
+  EXPECT_EQ(ps.eliminated, 2u);  // m2, d2
+  EXPECT_EQ(ops_of(g), (std::vector<std::string>{"Mul", "Div", "Add", "Mul", "Softmax", "Softmax", "Add"}));
+  auto after = run_graph_once(g, {Value(x)});
+  ASSERT_TRUE(after.is_ok()) << after.status().message();
+  ASSERT_EQ(before->size(), after->size());
+  for (size_t i = 0; i < before->size(); ++i) {
+    const Tensor& a = (*before)[i].tensor;
+    const Tensor& b = (*after)[i].tensor;
+    ASSERT_EQ(a.shape(), b.shape());
+    for (int64_t k = 0; k < a.numel(); ++k) EXPECT_EQ(a.data<float>()[k], b.data<float>()[k]);
+  }
+}
+
 TEST(Fusion, MatMulBiasGeluAndResidualBecomeFusedMatMul) {
   const Shape xs = {1, 5, 8};
   Graph g = base_graph(xs);
