@@ -89,7 +89,7 @@ case " $steps " in *" profile "*)
     "$BUILD/kiln" bench --device cuda --fp16 --onnx "$W/$1" $3 --timingCache "$W/timing_prof.cache" \
       --useCudaGraph --warmUp 10 --iterations 50 --dumpProfile >"$OUT/profile_${1%.onnx}_$2.log" 2>&1
     grep -E "GPU compute" "$OUT/profile_${1%.onnx}_$2.log"
-    grep -A16 "=== profile" "$OUT/profile_${1%.onnx}_$2.log"
+    grep -A24 "=== profile" "$OUT/profile_${1%.onnx}_$2.log"
   done
   ;;
 esac

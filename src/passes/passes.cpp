@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <set>
 #include <unordered_map>
 #include <unordered_set>
@@ -331,6 +332,25 @@ Status eliminate_common_subexpressions(Graph& g, PassStats* stats) {
       for (auto& sg : a.graphs) collect_outer_refs(*sg, keep_names);
     }
   std::unordered_map<std::string, std::string> rename;
+  // Small initializers with equal type and bytes are one value (exporters emit one constant per
+  // layer: the same -inf, the same scalar): read the first of each, so the nodes using them match.
+  {
+    std::unordered_set<std::string> graph_inputs;
+    for (auto& v : g.inputs) graph_inputs.insert(v.name);
+    std::map<std::string, std::string> by_value;  // ordered: deterministic canonical names
+    std::vector<std::string> names;
+    for (auto& [name, t] : g.initializers) names.push_back(name);
+    std::sort(names.begin(), names.end());
+    for (const std::string& name : names) {
+      const Tensor& t = g.initializers.at(name);
+      if (graph_inputs.count(name) || t.nbytes() > 256 || t.device() != Device::kHost) continue;
+      std::string key = std::to_string(static_cast<int>(t.dtype())) + ':';
+      for (int64_t d : t.shape()) key += std::to_string(d) + ',';
+      key.append(static_cast<const char*>(t.raw_data()), t.nbytes());
+      auto [it, inserted] = by_value.emplace(std::move(key), name);
+      if (!inserted) rename[name] = it->second;
+    }
+  }
   std::unordered_map<std::string, size_t> seen;
   std::vector<bool> dead(g.nodes.size(), false);
   bool any = false;

@@ -248,13 +248,14 @@ TEST(Fusion, PoolsInAnNhwcChainRunInNhwc) {
 }
 
 TEST(Passes, CommonSubexpressionsAreComputedOnce) {
-  // m1 and m2 compute the same Mul; d1/d2 the same Div of them; r is a duplicate that is also a
+  // m1 and m2 compute the same Mul (of equal constants); d1/d2 the same Div of them; r is a duplicate that is also a
   // graph output (kept); u uses a different attribute (kept).
   const Shape xs = {2, 3};
   Graph g = base_graph(xs);
   g.initializers["k"] = scalar(3.f);
+  g.initializers["k_again"] = scalar(3.f);  // an exporter's per-layer copy of the same constant
   g.nodes.push_back(node("m1", "Mul", {"x", "k"}, {"m1"}));
-  g.nodes.push_back(node("m2", "Mul", {"x", "k"}, {"m2"}));
+  g.nodes.push_back(node("m2", "Mul", {"x", "k_again"}, {"m2"}));
   g.nodes.push_back(node("d1", "Div", {"m1", "k"}, {"d1"}));
   g.nodes.push_back(node("d2", "Div", {"m2", "k"}, {"d2"}));
   g.nodes.push_back(node("s", "Add", {"d1", "d2"}, {"s"}));
