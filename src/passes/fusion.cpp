@@ -390,6 +390,115 @@ Status fuse_matmul_chains(Graph& g, PassStats* stats) {
   return Status::ok();
 }
 
+std::string fresh_value(const std::unordered_set<std::string>& used, const std::string& base) {
+  std::string n = base;
+  for (int k = 1; used.count(n); ++k) n = base + "_" + std::to_string(k);
+  return n;
+}
+
+// Sibling FusedMatMuls reading the same A with constant [K, N_i] weights and [N_i] biases and no
+// activation or residual (an attention block's Q, K and V projections) become one FusedMatMul
+// over the concatenated weights, then a Split of its last axis into the original outputs: one
+// GEMM with N = sum N_i instead of several narrow ones.
+Status fuse_parallel_matmuls(Graph& g, PassStats* stats) {
+  std::unordered_set<std::string> names;
+  for (auto& n : g.nodes)
+    for (auto& o : n.outputs) names.insert(o);
+  for (auto& [k, v] : g.initializers) names.insert(k);
+  for (auto& v : g.inputs) names.insert(v.name);
+  std::unordered_map<std::string, std::vector<size_t>> by_a;
+  std::vector<std::string> order;  // A names in first-use order (deterministic output)
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& n = g.nodes[i];
+    if (n.domain != "kiln" || n.op_type != "FusedMatMul" || n.inputs.size() != 3 ||
+        n.outputs.size() != 1 || !n.attr_string("activation", "").empty())
+      continue;
+    const Tensor* B = const_f32(g, n.inputs[1]);
+    const Tensor* b = const_f32(g, n.inputs[2]);
+    if (!B || !b || B->rank() != 2 || b->rank() != 1 || b->dim(0) != B->dim(1)) continue;
+    auto& v = by_a[n.inputs[0]];
+    if (v.empty()) order.push_back(n.inputs[0]);
+    v.push_back(i);
+  }
+  std::unordered_map<size_t, std::vector<Node>> replace_at;  // first member -> new nodes
+  std::vector<bool> dead(g.nodes.size(), false);
+  for (const std::string& a : order) {
+    std::vector<size_t> members = by_a[a];
+    const int64_t K = const_f32(g, g.nodes[members[0]].inputs[1])->dim(0);
+    std::vector<size_t> same;
+    for (size_t i : members)
+      if (const_f32(g, g.nodes[i].inputs[1])->dim(0) == K) same.push_back(i);
+    if (same.size() < 2) continue;
+    std::vector<int64_t> widths;
+    int64_t total = 0;
+    for (size_t i : same) {
+      widths.push_back(const_f32(g, g.nodes[i].inputs[1])->dim(1));
+      total += widths.back();
+    }
+    KILN_ASSIGN_OR_RETURN(Tensor W, Tensor::create(DataType::kFloat, {K, total}));
+    KILN_ASSIGN_OR_RETURN(Tensor bias, Tensor::create(DataType::kFloat, {total}));
+    KILN_ASSIGN_OR_RETURN(Tensor split, Tensor::create(DataType::kInt64, {static_cast<int64_t>(same.size())}));
+    int64_t col = 0;
+    for (size_t m = 0; m < same.size(); ++m) {
+      const Tensor* Bm = const_f32(g, g.nodes[same[m]].inputs[1]);
+      const Tensor* bm = const_f32(g, g.nodes[same[m]].inputs[2]);
+      const int64_t n = widths[m];
+      for (int64_t r = 0; r < K; ++r)
+        std::copy(Bm->data<float>() + r * n, Bm->data<float>() + (r + 1) * n,
+                  W.data<float>() + r * total + col);
+      std::copy(bm->data<float>(), bm->data<float>() + n, bias.data<float>() + col);
+      split.data<int64_t>()[m] = n;
+      col += n;
+    }
+    const Node& first = g.nodes[same[0]];
+    auto fresh = [&](const std::string& base) {
+      std::string v = fresh_value(names, base);
+      names.insert(v);
+      return v;
+    };
+    const std::string wn = fresh(first.name + "/packed_W"), bn = fresh(first.name + "/packed_bias"),
+                      sn = fresh(first.name + "/packed_split"), yn = fresh(first.name + "/packed_Y");
+    g.initializers[wn] = std::move(W);
+    g.initializers[bn] = std::move(bias);
+    g.initializers[sn] = std::move(split);
+    Node f;
+    f.name = fresh(first.name + "/packed");
+    f.op_type = "FusedMatMul";
+    f.domain = "kiln";
+    f.opset = 1;
+    f.inputs = {a, wn, bn};
+    f.outputs = {yn};
+    Node sp;
+    sp.name = fresh(first.name + "/unpack");
+    sp.op_type = "Split";
+    sp.opset = 18;
+    sp.inputs = {yn, sn};
+    for (size_t i : same) sp.outputs.push_back(g.nodes[i].outputs[0]);
+    Attribute ax;
+    ax.name = "axis";
+    ax.kind = Attribute::Kind::kInt;
+    ax.i = -1;
+    sp.set_attr(ax);
+    replace_at[same[0]] = {std::move(f), std::move(sp)};
+    for (size_t k = 1; k < same.size(); ++k) dead[same[k]] = true;
+    if (stats) stats->eliminated += same.size() - 1;
+  }
+  if (replace_at.empty()) return Status::ok();
+  std::vector<Node> out;
+  out.reserve(g.nodes.size() + replace_at.size());
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    if (dead[i]) continue;
+    auto it = replace_at.find(i);
+    if (it == replace_at.end()) {
+      out.push_back(std::move(g.nodes[i]));
+    } else {
+      for (auto& n : it->second) out.push_back(std::move(n));
+    }
+  }
+  g.nodes = std::move(out);
+  return Status::ok();
+}
+
 // Layout per chain: Conv/FusedConv nodes with constant 4D float32 weights run on NHWC tensors
 // (`layout` = "NHWC"; oneDNN's fast direct convolutions use it without reorders). A Transpose
 // enters NHWC where a chain starts; every conv also gets a Transpose back to the original NCHW
@@ -410,11 +519,6 @@ Node make_transpose(const std::string& name, const std::string& x, const std::st
   return t;
 }
 
-std::string fresh_value(const std::unordered_set<std::string>& used, const std::string& base) {
-  std::string n = base;
-  for (int k = 1; used.count(n); ++k) n = base + "_" + std::to_string(k);
-  return n;
-}
 
 // A MaxPool (no Indices) or GlobalAveragePool on a 4-D float32 value that has an NHWC twin.
 bool nhwc_pool_candidate(const Graph& g, const Node& n,
@@ -525,6 +629,7 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) 
   KILN_RETURN_IF_ERROR(fold_batchnorm_into_conv(g, stats));
   KILN_RETURN_IF_ERROR(fuse_conv_chains(g, stats));
   KILN_RETURN_IF_ERROR(fuse_matmul_chains(g, stats));
+  KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats));
   if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools));
   return Status::ok();
 }

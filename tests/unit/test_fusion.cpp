@@ -247,6 +247,27 @@ TEST(Fusion, PoolsInAnNhwcChainRunInNhwc) {
   EXPECT_EQ(pools, 0u);
 }
 
+TEST(Fusion, SiblingMatMulsOnOneInputBecomeOneGemmAndASplit) {
+  // Q, K, V style projections of one input (widths 4, 4, 6), plus a MatMul with another K that
+  // must stay separate.
+  const Shape xs = {2, 5, 8};
+  Graph g = base_graph(xs);
+  const int64_t widths[3] = {4, 4, 6};
+  for (int i = 0; i < 3; ++i) {
+    const std::string p = "p" + std::to_string(i);
+    g.initializers[p + ".W"] = rand_tensor({8, widths[i]});
+    g.initializers[p + ".b"] = rand_tensor({widths[i]});
+    g.nodes.push_back(node(p + "mm", "MatMul", {"x", p + ".W"}, {p + "m"}));
+    g.nodes.push_back(node(p + "add", "Add", {p + "m", p + ".b"}, {p}));
+    g.outputs.push_back({p, TypeInfo::tensor(DataType::kFloat)});
+  }
+  g.initializers["o.W"] = rand_tensor({4, 3});
+  g.nodes.push_back(node("omm", "MatMul", {"p0", "o.W"}, {"o"}));
+  g.outputs.push_back({"o", TypeInfo::tensor(DataType::kFloat)});
+  Graph f = check_fusion(g, xs);
+  EXPECT_EQ(ops_of(f), (std::vector<std::string>{"FusedMatMul", "Split", "MatMul"}));
+}
+
 TEST(Passes, CommonSubexpressionsAreComputedOnce) {
   // m1 and m2 compute the same Mul (of equal constants); d1/d2 the same Div of them; r is a duplicate that is also a
   // graph output (kept); u uses a different attribute (kept).

@@ -643,7 +643,7 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   DevBuf ab, bb, yb, cb, biasb, wsb;
   const std::string what = where_ + ": tuning buffers";
   KILN_CUDA_CHECK(cudaMalloc(&ab.p, static_cast<size_t>(an) * es), what);
-  KILN_CUDA_CHECK(cudaMemset(ab.p, 0, static_cast<size_t>(an) * es), what);
+  KILN_RETURN_IF_ERROR(fill_tuning_data(ab.p, static_cast<size_t>(an) * es, dt));
   KILN_CUDA_CHECK(cudaMalloc(&bb.p, b_host.nbytes()), what);
   KILN_CUDA_CHECK(cudaMemcpy(bb.p, b_host.raw_data(), b_host.nbytes(), cudaMemcpyHostToDevice), what);
   KILN_CUDA_CHECK(cudaMalloc(&yb.p, static_cast<size_t>(yn) * es), what);

@@ -629,7 +629,7 @@ Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tenso
     if (fh.is_ok()) {
       auto cg = fe::ConvGraph::create(fh.value(), p->spec);
       if (cg.is_ok()) {
-        auto t = cg.value()->tune(fh.value(), cfg_.ws_limit, 8);
+        auto t = cg.value()->tune(fh.value(), cfg_.ws_limit, 12);
         if (t.is_ok()) {
           fe_ms = t.value();
           fg = std::move(cg.value());
@@ -653,7 +653,7 @@ Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tenso
   const int64_t xn = p->explicit_pad ? p->padded_numel : nn::prod(xs);
   DevBuf xb, wb, yb, wsb;
   KILN_CUDA_CHECK(cudaMalloc(&xb.p, std::max<size_t>(1, static_cast<size_t>(xn) * es)), where_ + ": tuning X");
-  KILN_CUDA_CHECK(cudaMemset(xb.p, 0, static_cast<size_t>(xn) * es), where_ + ": tuning X");
+  KILN_RETURN_IF_ERROR(fill_tuning_data(xb.p, static_cast<size_t>(xn) * es, dt).with_context(where_));
   KILN_CUDA_CHECK(cudaMalloc(&yb.p, std::max<size_t>(1, static_cast<size_t>(nn::prod(p->y_shape)) * es)),
                   where_ + ": tuning Y");
   const void* w = w_krsc_.defined() ? w_krsc_.raw_data() : nullptr;

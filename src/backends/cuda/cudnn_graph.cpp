@@ -1,6 +1,8 @@
 // cuDNN graph API engines through cudnn-frontend (see cudnn_graph.h).
 #include "backends/cuda/cudnn_graph.h"
 
+#include "backends/cuda/dnn.h"
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 #pragma GCC diagnostic ignored "-Wunused-parameter"
@@ -163,8 +165,7 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
     for (size_t i = 0; i < bufs.size(); ++i) {
       KILN_CUDA_CHECK(cudaMalloc(&bufs[i].p, std::max<size_t>(buffer_bytes_[i], 256)),
                       "tuning " + kind_ + " buffers");
-      KILN_CUDA_CHECK(cudaMemset(bufs[i].p, 0, std::max<size_t>(buffer_bytes_[i], 256)),
-                      "tuning " + kind_ + " buffers");
+      KILN_RETURN_IF_ERROR(fill_tuning_data(bufs[i].p, std::max<size_t>(buffer_bytes_[i], 256), dt_));
       ptrs[i] = bufs[i].p;
     }
     Events ev;
@@ -269,6 +270,7 @@ Result<std::unique_ptr<ConvGraph>> ConvGraph::create(void* handle, const ConvSpe
   try {
     std::unique_ptr<ConvGraph> cg(new ConvGraph());
     cg->spec_ = s;
+    cg->dt_ = s.dt;
     auto& g = cg->impl_->g;
     const auto io = fe_dtype(s.dt);
     g.set_io_data_type(io)
@@ -359,6 +361,7 @@ Result<std::unique_ptr<SdpaGraph>> SdpaGraph::create(void* handle, const SdpaSpe
   try {
     std::unique_ptr<SdpaGraph> sg(new SdpaGraph());
     sg->spec_ = s;
+    sg->dt_ = s.dt;
     auto& g = sg->impl_->g;
     const auto io = fe_dtype(s.dt);
     g.set_io_data_type(io)

@@ -87,6 +87,7 @@ class PlannedGraph {
   std::string kind_;                  // "conv" / "sdpa"
   std::vector<int64_t> uids_;         // variant-pack order of run()'s ptrs
   std::vector<size_t> buffer_bytes_;  // tuning buffer sizes, same order
+  DataType dt_ = DataType::kFloat16;  // element type of the tuning buffers
   int64_t index_ = -1;                // selected plan
   size_t ws_ = 0;
   std::string name_;

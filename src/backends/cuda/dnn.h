@@ -69,6 +69,10 @@ Status launch_zero_pad(size_t elem_size, const void* x, void* y, const Dims& in_
 Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, int64_t N,
                            int64_t s0, int64_t s1, cudaStream_t stream);
 
+// Fills a device tuning buffer with random values in [-1, 1) of `dt` (engine build only:
+// synchronous copies). Other dtypes get float32 patterns.
+Status fill_tuning_data(void* p, size_t bytes, DataType dt);
+
 // Dense attention bias out [Bm, Hm, S, T] (dtype float16/bfloat16) from an attention mask
 // with element strides mstr over [b, h, i, j]: bool masks give 0 / -inf, float masks are
 // converted; keys j >= mask_len get -inf.
