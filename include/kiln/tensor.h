@@ -1,5 +1,6 @@
 // Tensor: a typed, dense, row-major, reference-counted array. Copies share storage (cheap);
-// kernels never write into their inputs. Value: what flows along a graph edge (tensor,
+// kernels never write into their inputs, except one the executor hands over
+// (OpContext::donatable: its storage has no other holder). Value: what flows along a graph edge (tensor,
 // sequence of tensors, optional, or nothing for an omitted optional input).
 #pragma once
 #include <cstdint>

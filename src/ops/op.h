@@ -27,6 +27,11 @@ struct OpContext {
   // Backend state of the running execution context (CUDA: cuda::Env* with the stream, the
   // device memory pool and library handles); nullptr on the CPU backend.
   void* device_env = nullptr;
+  // Bit i set: the executor hands input i over to the kernel, which may write its output into
+  // that tensor's storage (in place). Set only for a tensor whose storage nothing else holds
+  // (the value dies at this node; not a graph input, output, constant or captured outer value;
+  // no live view shares it). Kernels that ignore it stay correct; inputs past 63 never get it.
+  uint64_t donatable = 0;
 
   // A runtime error that names the node: ctx.fail("axis 5 out of range for rank 4").
   Status fail(const std::string& msg) const { return runtime_error(node.where() + ": " + msg); }

@@ -629,7 +629,7 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) 
   KILN_RETURN_IF_ERROR(fold_batchnorm_into_conv(g, stats));
   KILN_RETURN_IF_ERROR(fuse_conv_chains(g, stats));
   KILN_RETURN_IF_ERROR(fuse_matmul_chains(g, stats));
-  KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats));
+  if (opts.pack_parallel_matmuls) KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats));
   if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools));
   return Status::ok();
 }

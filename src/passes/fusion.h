@@ -15,6 +15,8 @@ struct FusionOptions {
   // Device builds: MaxPool / GlobalAveragePool fed by an NHWC conv run in NHWC too
   // (kiln.PoolNHWC), so the chain does not leave NHWC around them.
   bool nhwc_pools = false;
+  // Sibling FusedMatMuls on one input (Q/K/V projections) become one GEMM and a Split.
+  bool pack_parallel_matmuls = true;
 };
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);

@@ -1,5 +1,6 @@
 #include "runtime/executor.h"
 
+#include <algorithm>
 #include <unordered_set>
 
 namespace kiln {
@@ -118,6 +119,30 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
     int l = last[static_cast<size_t>(s)];
     if (l >= 0) cg.nodes[static_cast<size_t>(l)].release.push_back(s);
   }
+  // Donatable inputs: a slot read for the last time by this node, once, as a plain input.
+  // Never graph inputs (the caller's data), constants (shared by every context of the engine)
+  // or captured outer-scope values; never on a node with subgraphs (its bodies read the outer
+  // frame's slots); never on device backends (residency copies share the value).
+  if (!backend.is_device()) {
+    std::vector<char> pinned(static_cast<size_t>(cg.num_slots), 0);
+    for (int s : cg.input_slots) pinned[static_cast<size_t>(s)] = 1;
+    for (int s : cg.output_slots) pinned[static_cast<size_t>(s)] = 1;
+    for (auto& [s, t] : cg.constants) pinned[static_cast<size_t>(s)] = 1;
+    for (auto& [name, s] : cg.captures) pinned[static_cast<size_t>(s)] = 1;
+    for (size_t ni = 0; ni < cg.nodes.size(); ++ni) {
+      CompiledNode& cn = cg.nodes[ni];
+      bool has_subgraph = false;
+      for (auto& a : cn.node->attrs) has_subgraph = has_subgraph || a.g || !a.graphs.empty();
+      if (has_subgraph) continue;
+      for (size_t i = 0; i < cn.in.size() && i < 64; ++i) {
+        const int s = cn.in[i];
+        if (s < 0 || pinned[static_cast<size_t>(s)] || last[static_cast<size_t>(s)] != static_cast<int>(ni))
+          continue;
+        if (std::count(cn.in.begin(), cn.in.end(), s) != 1) continue;
+        cn.donatable |= uint64_t{1} << i;
+      }
+    }
+  }
   return Status::ok();
 }
 
@@ -142,6 +167,14 @@ Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backe
 }
 
 namespace {
+// True when `v` is a host tensor whose (owned) storage has no holder but `v`.
+bool sole_owner(const Value& v) {
+  if (!v.is_tensor()) return false;
+  const auto& st = v.tensor.storage();
+  return st && st.use_count() == 1 && !st->is_external() && st->device() == Device::kHost &&
+         v.tensor.nbytes() > 0;
+}
+
 // The value of slot `s` where a kernel wants it, copying (and caching in frame.alt) if needed.
 Result<Value> value_at(const CompiledGraph& cg, Frame& frame, OpContext& ctx, int s, Residency want) {
   Value& v = frame.slots[static_cast<size_t>(s)];
@@ -177,7 +210,16 @@ Status run_graph(const CompiledGraph& cg, Frame& frame, uint64_t seed) {
       if (frame.slots[static_cast<size_t>(cn.in[i])].is_none())
         return runtime_error(cn.node->where() + ": input '" + cn.node->inputs[i] + "' has no value");
       if (!cg.backend->is_device()) {
-        ins[i] = frame.slots[static_cast<size_t>(cn.in[i])];
+        Value& sv = frame.slots[static_cast<size_t>(cn.in[i])];
+        if (!((cn.donatable >> i) & 1)) {
+          ins[i] = sv;
+          continue;
+        }
+        // The slot dies at this node: move the value out, and donate it if nothing else (a view,
+        // another slot, the caller) shares its storage. Per run: nothing shared is touched.
+        ins[i] = std::move(sv);
+        sv = Value();
+        if (sole_owner(ins[i])) ctx.donatable |= uint64_t{1} << i;
         continue;
       }
       auto v = value_at(cg, frame, ctx, cn.in[i], cn.residency[i]);

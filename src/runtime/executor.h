@@ -18,6 +18,10 @@ struct CompiledNode {
   std::shared_ptr<const Kernel> kernel;  // prepared kernel; when set it runs instead of fn
   std::vector<int> in, out;
   std::vector<int> release;  // slots whose last reader is this node
+  // Bit i: input i's slot dies here and may be handed to the kernel to overwrite (host backends
+  // only). At run time the executor moves the value out of the slot and passes the bit on in
+  // OpContext::donatable only if the tensor's storage then has no other holder.
+  uint64_t donatable = 0;
   std::vector<Residency> residency;  // per input: where the kernel wants it
 };
 

@@ -1,6 +1,8 @@
 // oneDNN 2D convolution (f32) for Conv and kiln.FusedConv: bias, residual sum and activation as
 // post-ops. NCHW in and out; inside, oneDNN picks its own (blocked) layouts and we reorder at the
-// edges. Weights are reordered once per input shape, at first use, and kept.
+// edges. Weights are reordered once per input shape, at first use, and kept. A residual Z the
+// executor donates (OpContext::donatable) becomes the output: the sum post-op accumulates into
+// Z's buffer instead of a fresh copy of it.
 #include "backends/cpu/cpu_kernels.h"
 
 #if KILN_WITH_DNNL
@@ -73,7 +75,15 @@ class DnnlConv final : public Kernel {
     const auto& dd = p->dst_dims;
     Shape ys = nhwc_ ? Shape{dd[0], dd[2], dd[3], dd[1]} : Shape(dd.begin(), dd.end());
     if (Z && Z->shape() != ys) return ref_(ctx, in, out);
-    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(ys));
+    // A residual Z handed over by the executor (it dies here, nothing else holds its storage):
+    // accumulate into its buffer instead of copying it into a fresh Y.
+    const bool in_place = Z && ((ctx.donatable >> 3) & 1) && Z->storage().use_count() == 1;
+    Tensor Y;
+    if (in_place) {
+      Y = *Z;
+    } else {
+      KILN_ASSIGN_OR_RETURN(Y, new_output(ys));
+    }
     try {
       const dnnl::engine& eng = cpu_engine();
       dnnl::stream s(eng);
@@ -89,7 +99,7 @@ class DnnlConv final : public Kernel {
         if (p->reorder_dst) {
           memory user_z(p->user_dst_md, eng, const_cast<float*>(Z->data<float>()));
           p->z_reorder.execute(s, user_z, dst);
-        } else {
+        } else if (!in_place) {
           std::memcpy(Y.data<float>(), Z->data<float>(), Y.nbytes());
         }
       }

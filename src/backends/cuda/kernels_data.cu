@@ -437,6 +437,17 @@ Status run_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value>
 
 // ================================================================ Concat / Split / Slice
 
+// `rows` rows of `width` bytes from src (row pitch spitch) to dst (row pitch dpitch), as one 2-D
+// copy: a concat or split along an axis is outer x (slice of the axis x inner) row blocks.
+Status copy_rows(OpContext& ctx, void* dst, size_t dpitch, const void* src, size_t spitch,
+                 size_t width, size_t rows) {
+  if (width == 0 || rows == 0) return Status::ok();
+  KILN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDeviceToDevice,
+                                    env_of(ctx).stream),
+                  ctx.node.where() + ": row copy");
+  return Status::ok();
+}
+
 Status run_concat(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   std::vector<const Tensor*> xs;
   for (size_t i = 0; i < in.size(); ++i) {
@@ -469,12 +480,10 @@ Status run_concat(OpContext& ctx, std::span<const Value> in, std::span<Value> ou
   for (auto* x : xs) {
     const int64_t inner = x->numel() / outer;
     if (inner > 0) {
-      CopyPlan p;
-      p.shape = {outer, inner};
-      p.sst = {inner, 1};
-      p.dst = {inner_out, 1};
-      p.dbase = col;
-      KILN_RETURN_IF_ERROR(run_copy(ctx, std::move(p), es, x->raw_data(), t.raw_data()));
+      KILN_RETURN_IF_ERROR(copy_rows(ctx, static_cast<uint8_t*>(t.raw_data()) + col * es,
+                                     static_cast<size_t>(inner_out) * es, x->raw_data(),
+                                     static_cast<size_t>(inner) * es, static_cast<size_t>(inner) * es,
+                                     static_cast<size_t>(outer)));
     }
     col += inner;
   }
@@ -514,14 +523,23 @@ Status run_split(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   if (x->rank() == 0) return ctx.bad_input("cannot split a scalar");
   int64_t dim = x->dim(static_cast<int>(axis));
   KILN_ASSIGN_OR_RETURN(auto sizes, split_sizes(ctx, opt_tensor(in, 1), dim, out.size()));
-  auto st = strides_of(x->shape());
+  // Each output is `outer` row blocks of sizes[i] * inner elements of the input's rows.
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= x->dim(static_cast<int>(d));
+  for (int64_t d = axis + 1; d < x->rank(); ++d) inner *= x->dim(static_cast<int>(d));
+  const size_t es = dtype_size(x->dtype());
   int64_t start = 0;
   for (size_t i = 0; i < out.size(); ++i) {
     Shape os = x->shape();
     os[static_cast<size_t>(axis)] = sizes[i];
     if (i < ctx.node.outputs.size() && !ctx.node.outputs[i].empty()) {
-      KILN_ASSIGN_OR_RETURN(Tensor t,
-                            gather_view(ctx, *x, os, start * st[static_cast<size_t>(axis)], st));
+      KILN_ASSIGN_OR_RETURN(Tensor t, alloc_out(ctx, x->dtype(), os));
+      if (t.numel() > 0)
+        KILN_RETURN_IF_ERROR(copy_rows(
+            ctx, t.raw_data(), static_cast<size_t>(sizes[i] * inner) * es,
+            static_cast<const uint8_t*>(x->raw_data()) + static_cast<size_t>(start * inner) * es,
+            static_cast<size_t>(dim * inner) * es, static_cast<size_t>(sizes[i] * inner) * es,
+            static_cast<size_t>(outer)));
       out[i] = t;
     }
     start += sizes[i];
