@@ -199,15 +199,22 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
       }
       std::unordered_map<int64_t, void*> vp;
       for (size_t k = 0; k < uids_.size(); ++k) vp[uids_[k]] = ptrs[k];
-      // Warm-up (also catches launch failures), then the timed runs.
+      // Warm-up (also catches launch failures), then the timed runs: at least 10, and about
+      // 2 ms of work for the short ones (microsecond kernels need many to rank stably).
       if (g.execute_plan_at_index(h, vp, ws.p, i).is_bad()) continue;
       if (cudaStreamSynchronize(stream) != cudaSuccess) {
         (void)cudaGetLastError();
         continue;
       }
-      constexpr int kReps = 5;
+      float first_ms = 0;
       KILN_CUDA_CHECK(cudaEventRecord(ev.a, stream), "tuning events");
-      bool ok = true;
+      bool ok = g.execute_plan_at_index(h, vp, ws.p, i).is_good();
+      KILN_CUDA_CHECK(cudaEventRecord(ev.b, stream), "tuning events");
+      KILN_CUDA_CHECK(cudaEventSynchronize(ev.b), "tuning " + kind_);
+      if (!ok) continue;
+      KILN_CUDA_CHECK(cudaEventElapsedTime(&first_ms, ev.a, ev.b), "tuning events");
+      const int kReps = first_ms > 0.2f ? 10 : std::min(200, std::max(10, static_cast<int>(2.f / std::max(first_ms, 0.01f))));
+      KILN_CUDA_CHECK(cudaEventRecord(ev.a, stream), "tuning events");
       for (int r = 0; r < kReps && ok; ++r) ok = g.execute_plan_at_index(h, vp, ws.p, i).is_good();
       KILN_CUDA_CHECK(cudaEventRecord(ev.b, stream), "tuning events");
       KILN_CUDA_CHECK(cudaEventSynchronize(ev.b), "tuning " + kind_);
