@@ -168,7 +168,6 @@ struct Plan {
   bool tuned = false;
   // The cuDNN graph API path (NHWC fp16/bf16 with a KRSC filter): when set, run() uses it.
   bool fe_eligible = false;
-  bool fe_pad_c = false;  // the graph runs on X with its channels zero-padded to spec.C
   fe::ConvSpec spec;
   std::shared_ptr<fe::ConvGraph> fe;
   std::string tactic() const {
@@ -224,9 +223,6 @@ class ConvKernel final : public DnnKernel {
   std::string where_;
   ConvConfig cfg_;
   Tensor w_krsc_;     // device filter in KRSC (NHWC FusedConv with constant W), else undefined
-  // KRSC filter with C zero-padded to a multiple of 8 (C % 8 != 0, group 1): the graph API's
-  // tensor-core engines need 16-byte channel rows; X is padded the same way at run time.
-  Tensor w_krsc_pad_;
   Tensor zero_bias_;  // device zeros [M] for the fused call without B, else undefined
   mutable std::mutex mu_;
   mutable std::map<std::pair<Shape, Shape>, std::shared_ptr<Plan>> plans_;
@@ -326,10 +322,6 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
     fe::ConvSpec& s = p->spec;
     s.dt = dt;
     s.N = N, s.C = C, s.H = sp_in[0], s.W = sp_in[1], s.K = M, s.R = ks[0], s.S = ks[1];
-    if (C % 8 != 0 && g == 1 && w_krsc_pad_.defined()) {
-      s.C = w_krsc_pad_.dim(3);
-      p->fe_pad_c = true;
-    }
     s.P = win.out[0], s.Q = win.out[1], s.group = g;
     for (int i = 0; i < 2; ++i) {
       s.pre[i] = win.pad_begin[static_cast<size_t>(i)];
@@ -501,20 +493,6 @@ Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
     fe::ConvPtrs ptrs;
     ptrs.x = x;
     ptrs.w = w_krsc_.raw_data();
-    if (p->fe_pad_c) {
-      const Shape& xs = X->shape();
-      Dims in, outd, begin;
-      in.rank = outd.rank = begin.rank = 4;
-      for (int d = 0; d < 4; ++d) in.d[d] = outd.d[d] = xs[static_cast<size_t>(d)];
-      outd.d[3] = p->spec.C;
-      const size_t bytes = static_cast<size_t>(xs[0] * xs[1] * xs[2] * p->spec.C) * dtype_size(dt);
-      KILN_ASSIGN_OR_RETURN(pad_buf, env.scratch(bytes));
-      KILN_RETURN_IF_ERROR(launch_zero_pad(dtype_size(dt), x, pad_buf->data(), in, outd, begin,
-                                           env.stream)
-                               .with_context(where_));
-      ptrs.x = pad_buf->data();
-      ptrs.w = w_krsc_pad_.raw_data();
-    }
     ptrs.bias = B ? B->raw_data() : nullptr;
     ptrs.z = Z ? Z->raw_data() : nullptr;
     ptrs.y = Y.raw_data();
@@ -721,20 +699,6 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
   if (cfg_.nhwc && W->rank() == 4) {
     KILN_ASSIGN_OR_RETURN(Tensor k, to_krsc(*W));
     KILN_ASSIGN_OR_RETURN(w_krsc_, be->upload_constant(k));
-    const int64_t C = W->dim(1);
-    if (C % 8 != 0 && cfg_.group == 1 &&
-        (dt == DataType::kFloat16 || dt == DataType::kBFloat16)) {
-      const int64_t Cp = (C + 7) / 8 * 8, rows = k.numel() / C;
-      KILN_ASSIGN_OR_RETURN(Tensor kp, Tensor::create(dt, {k.dim(0), k.dim(1), k.dim(2), Cp}));
-      const size_t es = dtype_size(dt);
-      auto* dst = static_cast<uint8_t*>(kp.raw_data());
-      const auto* src = static_cast<const uint8_t*>(k.raw_data());
-      std::memset(dst, 0, kp.nbytes());
-      for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(dst + static_cast<size_t>(r * Cp) * es, src + static_cast<size_t>(r * C) * es,
-                    static_cast<size_t>(C) * es);
-      KILN_ASSIGN_OR_RETURN(w_krsc_pad_, be->upload_constant(kp));
-    }
   }
   if (cfg_.fused && (cfg_.act == EpAct::kRelu || cfg_.act == EpAct::kNone) &&
       !(n.inputs.size() > 2 && !n.inputs[2].empty())) {
