@@ -2,6 +2,7 @@
 # Builds Kiln's CUDA configuration on a GPU machine and runs the GPU checks. Logs and result files
 # go to ${OUT:-/tmp/kiln-gpu}. Steps (default: conformance sample torch profile):
 #   conformance  the ONNX suite on the CUDA backend (writes expected_pass_cuda.txt there)
+#   cases        extra fp16/bf16 Attention / LayerNorm cases (tests/cuda_cases) on the CUDA backend
 #   sample       the ResNet-50 sample, fp32 and fp16, verified against ONNX Runtime references
 #   torch        bench/gpu_vs_torch.py: Kiln fp16 vs PyTorch fp16 + CUDA graphs (docs/benchmarks.md)
 #   profile      kiln bench --dumpProfile of ResNet-50 (batch 1) and BERT-base (batch 32)
@@ -50,6 +51,14 @@ case " $steps " in *" conformance "*)
     --write-pass "$OUT/expected_pass_cuda.txt" >"$OUT/conformance.log" 2>&1
   echo "conformance (cuda): $(( $(date +%s) - t0 )) s"
   grep -E "^score|^node|^unsupported|^expected" "$OUT/conformance.log" | head -20
+  ;;
+esac
+
+case " $steps " in *" cases "*)
+  # Extra fp16/bf16 Attention and LayerNorm cases (numpy references) for the CUDA fast paths.
+  python3 tests/cuda_cases/gen_attention_layernorm.py /tmp/kiln-cuda-cases >"$OUT/cases_gen.log" 2>&1 || tail -5 "$OUT/cases_gen.log"
+  "$BUILD/tests/kiln_conformance" --device cuda --root /tmp/kiln-cuda-cases --folders node -v >"$OUT/cases.log" 2>&1
+  grep -E "FAIL|^score" "$OUT/cases.log"
   ;;
 esac
 
@@ -131,7 +140,7 @@ esac
 
 case " $steps " in *" bench "*)
   R=/tmp/kiln-sample/resnet50
-  for args in "--batch 1" "--batch 1 --useCudaGraph" "--batch 32 --useCudaGraph" "--batch 256 --noDataTransfers --useCudaGraph"; do
+  for args in "--batch 1" "--batch 1 --useCudaGraph" "--batch 32 --useCudaGraph" "--batch 32 --useCudaGraph --streams 4" "--batch 256 --noDataTransfers --useCudaGraph"; do
     echo "== kiln bench ResNet-50 fp16 $args"
     "$BUILD/kiln" bench --device cuda --fp16 --onnx "$R/model.onnx" --timingCache "$OUT/timing.cache" $args \
       --warmUp 20 --iterations 200 2>&1 | grep -E "engine|tactics|latency|GPU compute|throughput|error"
