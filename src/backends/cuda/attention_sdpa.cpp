@@ -6,6 +6,8 @@
 // A mask becomes a dense additive bias [B or 1, H or 1, S, T] in the I/O dtype (one small
 // kernel per call), which is what the SDPA engines take.
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -52,6 +54,9 @@ Result<bool> try_sdpa(Env& env, const SdpaCall& c) {
   for (const int64_t* st : {c.qs, c.ks, c.vs, c.os})
     for (int i = 0; i < 3; ++i)
       if (st[i] <= 0 || st[i] % 8 != 0) return false;  // 16-byte aligned rows
+  for (const void* p : {static_cast<const void*>(c.q), static_cast<const void*>(c.k),
+                        static_cast<const void*>(c.v), static_cast<const void*>(c.o)})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
 
   SdpaSpec s;
   s.dt = c.dt;
