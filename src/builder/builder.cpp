@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 #include <unordered_map>
+#include <dlfcn.h>
 #include <sys/stat.h>
 
 #include "base/file.h"
@@ -161,10 +162,23 @@ void set_int_attr(Node& n, const char* name, int64_t v) {
   n.set_attr(a);
 }
 
-// CUDA: times the tactics of every tunable layer (or takes them from the timing cache) by
-// preparing the kernels once, and records each choice in the node (`kiln_tactic`).
-Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config, const std::string& device,
-                BuildReport& rep) {
+// The CPU thread count timings were taken with (OpenMP's, looked up as set_cpu_threads does):
+// part of a CPU layer signature, since the fastest implementation depends on it.
+int cpu_threads() {
+  using GetFn = int (*)();
+  auto fn = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+  return fn ? fn() : 1;
+}
+
+// Times the tactics of every tunable layer (or takes them from the timing cache) by preparing the
+// kernels once, and records each choice in the node (`kiln_tactic`). CUDA: cuDNN / cuBLASLt
+// algorithms; CPU: oneDNN's convolution implementations.
+Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
+                const std::string& fingerprint, BuildReport& rep) {
+  const bool on_device = backend.is_device();
+  const char* prefix = on_device ? "cuda." : "cpu.";
+  const std::string device =
+      on_device ? fingerprint : fingerprint + ":threads=" + std::to_string(cpu_threads());
   TimingCache cache;
   KILN_RETURN_IF_ERROR(cache.load(config.timing_cache));
   auto types = type_table(g);
@@ -172,7 +186,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config, c
   size_t total = 0;
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     Node& n = g.nodes[i];
-    if (!tunable(n) || n.kernel.rfind("cuda.", 0) != 0) continue;
+    if (!tunable(n) || n.kernel.rfind(prefix, 0) != 0) continue;
     ++total;
     // The shape to time for: the first input's shape with the batch at its maximum.
     auto it = types.find(n.inputs.empty() ? std::string() : n.inputs[0]);
@@ -185,12 +199,15 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config, c
         const Dim& dim = it->second.dims[d];
         if (dim.known()) a.ints.push_back(dim.value);
         else if (d == 0 && config.max_batch > 0) a.ints.push_back(config.max_batch);
+        else if (d == 0 && !on_device) a.ints.push_back(1);  // CPU, batch unknown: time batch 1
         else ok = false;
       }
       if (ok) n.set_attr(a);
     }
-    set_int_attr(n, "kiln_workspace", static_cast<int64_t>(config.workspace_bytes));
-    if (config.tf32) set_int_attr(n, "tf32", 1);
+    if (on_device) {
+      set_int_attr(n, "kiln_workspace", static_cast<int64_t>(config.workspace_bytes));
+      if (config.tf32) set_int_attr(n, "tf32", 1);
+    }
     sigs[i] = layer_signature(n, types, device);
     auto hit = cache.entries.find(sigs[i]);
     if (hit != cache.entries.end()) {
@@ -327,7 +344,7 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
     for (auto& m : missing) list += (list.empty() ? "" : ", ") + m;
     return unsupported("no " + std::string(backend->name()) + " kernel for: " + list);
   }
-  if (backend->is_device()) KILN_RETURN_IF_ERROR(autotune(g, *backend, config, fingerprint, rep));
+  KILN_RETURN_IF_ERROR(autotune(g, *backend, config, fingerprint, rep));
   PlanHeader h;
   h.kiln_version = KILN_VERSION;
   h.device = fingerprint;

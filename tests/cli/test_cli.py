@@ -57,6 +57,17 @@ def main():
     check("testDir tiny_bert (2 int64 inputs)", ["run", "--testDir", b, "--rtol", "1e-3", "--atol", "1e-4"], 0,
           "test_data_set_0: OK")
     check("build --batch 4", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "r.plan", "--batch", "4"], 0, "built")
+    # CPU tactics: the first build times the oneDNN convolutions, the second takes every one from
+    # the timing cache, and the plan still verifies.
+    out = check("build --timingCache (cold)", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "rt.plan",
+                                               "--batch", "4", "--timingCache", "tc.txt"], 0, "built", "layers timed")
+    if "tactics: 0 layers timed" in out:
+        FAILS.append("build --timingCache (cold) timed nothing")
+    check("build --timingCache (warm)", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "rt.plan",
+                                         "--batch", "4", "--timingCache", "tc.txt"], 0, "tactics: 0 layers timed, ")
+    check("inspect shows CPU tactics", ["inspect", "rt.plan"], 0, "[cpu.conv.onednn.")
+    check("run with cached tactics", ["run", "--loadEngine", "rt.plan", "--testDir", r, "--rtol", "1e-3", "--atol", "1e-4"],
+          0, "3 of 3 data sets OK")
     check("run batch of 3 files, verify softmax", ["run", "--loadEngine", "r.plan", f"{r}/test_data_set_0/input_0.pb",
           f"{r}/test_data_set_1/input_0.pb", f"{r}/test_data_set_2/input_0.pb", "--verify", "--softmax"], 0,
           "running batch of 4", "OK")

@@ -88,7 +88,8 @@ const char* kBuildOpts =
     "  --layerPrecisions L  CUDA with --fp16/--bf16: comma list of NAME:fp32 or NAME:fp16, NAME a\n"
     "                       node name or op type (default fp32 ops: Exp, Log, Pow, ReduceL2, ...)\n"
     "  --workspace MIB      scratch memory limit for tactic selection (default 1024)\n"
-    "  --timingCache FILE   CUDA: reuse tactic timings from FILE and add new ones to it\n"
+    "  --timingCache FILE   reuse tactic timings (CUDA: cuDNN/cuBLASLt algorithms; CPU: oneDNN conv\n"
+    "                       implementations) from FILE and add new ones to it\n"
     "  --threads N          CPU backend: threads for the kernels (default: one per core)\n"
     "  --maxMemory MIB      cap on tensor memory held at once; a larger allocation fails with a\n"
     "                       clear error (default: 75% of physical RAM)\n";

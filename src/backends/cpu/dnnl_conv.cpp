@@ -3,6 +3,10 @@
 // edges. Weights are reordered once per input shape, at first use, and kept. A residual Z the
 // executor donates (OpContext::donatable) becomes the output: the sum post-op accumulates into
 // Z's buffer instead of a fresh copy of it.
+// Tactics: oneDNN offers several implementations per convolution (brgconv, jit, gemm, ...). With
+// `kiln_tune_shape` and no `kiln_tactic`, prepare times each (short runs on random data) and
+// reports the fastest as "cpu.conv.onednn.<impl>"; with `kiln_tactic` it takes that one without
+// timing, or oneDNN's default where this machine lacks it.
 #include "backends/cpu/cpu_kernels.h"
 
 #if KILN_WITH_DNNL
@@ -13,12 +17,15 @@
 #include <cstring>
 #include <string>
 #include <algorithm>
+#include <chrono>
+#include <vector>
 #include <map>
 #include <mutex>
 #include <unordered_map>
 
 #include <dnnl.hpp>
 
+#include "base/logging.h"
 #include "ops/fused/fused.h"
 #include "ops/nn/nn_util.h"
 
@@ -39,6 +46,7 @@ struct ConvPlan {
   bool reorder_src = false, reorder_dst = false;
   dnnl::reorder src_reorder, dst_reorder, z_reorder;
   memory::dims dst_dims;
+  std::string impl;  // oneDNN's implementation name, e.g. "brgconv:avx512_core"
   size_t scratch_bytes = 0;
   memory::desc scratch_md;
 };
@@ -51,17 +59,85 @@ bool act_layout_any() {
   return any;
 }
 
+// A convolution's primitive descriptor with the op descriptor it was made from: oneDNN 2.x's
+// implementation iterator (next_impl) keeps a pointer to the latter.
+struct ConvPd {
+  dnnl::convolution_forward::desc desc;
+  dnnl::convolution_forward::primitive_desc pd;
+  ConvPd(const dnnl::convolution_forward::desc& d, const dnnl::primitive_attr& attr)
+      : desc(d), pd(desc, attr, cpu_engine()) {}
+  ConvPd(const ConvPd&) = delete;
+  ConvPd& operator=(const ConvPd&) = delete;
+};
+
 dnnl::reorder make_reorder(const memory::desc& from, const memory::desc& to) {
   const dnnl::engine& eng = cpu_engine();
   return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
 }
+
+constexpr const char kTacticPrefix[] = "cpu.conv.onednn.";
 
 class DnnlConv final : public Kernel {
  public:
   DnnlConv(const Node& n, Tensor w, Tensor b, bool has_bias, EvalFn ref, fused::Epilogue ep,
            bool residual)
       : w_(std::move(w)), b_(std::move(b)), has_bias_(has_bias), ref_(ref), ep_(ep),
-        residual_(residual), nhwc_(n.attr_string("layout", "NCHW") == "NHWC") {}
+        residual_(residual), nhwc_(n.attr_string("layout", "NCHW") == "NHWC") {
+    std::string t = n.attr_string("kiln_tactic");
+    if (t.rfind(kTacticPrefix, 0) == 0) {
+      impl_ = t.substr(sizeof(kTacticPrefix) - 1);
+      tactic_ = t;
+    }
+  }
+
+  std::string tactic() const override { return tactic_; }
+
+  // Times oneDNN's implementations for input shape xs and keeps the fastest (see the top).
+  void tune(const Node& n, const Shape& xs) {
+    std::vector<std::string> names, families;
+    try {
+      auto pd = primitive_desc_for(n, xs);
+      if (!pd) return;
+      do {
+        std::string name = pd->pd.impl_info_str();
+        // Candidates: the first (best-ISA) implementation of each family ("jit:avx512_core", not
+        // also "jit:avx2"); no reference one. Both are never faster, and would slow the build.
+        std::string family = name.substr(0, name.rfind(':'));
+        if (name.rfind("ref", 0) != 0 &&
+            std::find(families.begin(), families.end(), family) == families.end()) {
+          names.push_back(name);
+          families.push_back(family);
+        }
+      } while (pd->pd.next_impl());
+    } catch (const dnnl::error&) {
+      return;
+    }
+    if (names.empty()) return;
+    std::string best = names[0];
+    std::shared_ptr<const ConvPlan> best_plan;
+    std::string log;
+    if (names.size() > 1) {
+      TuneData td;
+      double best_s = 0;
+      for (const std::string& name : names) {
+        auto p = build(n, xs, name);
+        if (!p.is_ok() || !p.value() || p.value()->impl != name) {
+          log += " " + name + "=unavailable";
+          continue;
+        }
+        double s = time_plan(*p.value(), xs, best_plan ? best_s : -1, td);
+        log += " " + name + "=" + (s < 0 ? std::string("failed") : std::to_string(s * 1e3) + "ms");
+        if (s >= 0 && (!best_plan || s < best_s)) best_s = s, best = name, best_plan = p.value();
+      }
+    }
+    if (log.empty()) log = " " + best + " (only one)";
+    KILN_LOG(kVerbose, "node '" << n.name << "': oneDNN convolution implementations:" << log
+                                << " -> " << best);
+    impl_ = best;
+    tactic_ = kTacticPrefix + best;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (best_plan) plans_[xs] = best_plan;
+  }
 
   Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
     const Tensor* X = opt_tensor(in, 0);
@@ -70,7 +146,7 @@ class DnnlConv final : public Kernel {
         X->numel() == 0 || (residual_ && (!Z || Z->dtype() != DataType::kFloat)))
       return ref_(ctx, in, out);
     std::shared_ptr<const ConvPlan> p;
-    KILN_ASSIGN_OR_RETURN(p, plan_for(ctx, *X));
+    KILN_ASSIGN_OR_RETURN(p, plan_for(ctx.node, *X));
     if (!p) return ref_(ctx, in, out);
     const auto& dd = p->dst_dims;
     Shape ys = nhwc_ ? Shape{dd[0], dd[2], dd[3], dd[1]} : Shape(dd.begin(), dd.end());
@@ -85,35 +161,9 @@ class DnnlConv final : public Kernel {
       KILN_ASSIGN_OR_RETURN(Y, new_output(ys));
     }
     try {
-      const dnnl::engine& eng = cpu_engine();
-      dnnl::stream s(eng);
-      memory user_src(p->user_src_md, eng, const_cast<float*>(X->data<float>()));
-      memory user_dst(p->user_dst_md, eng, Y.data<float>());
-      memory src = user_src, dst = user_dst;
-      if (p->reorder_src) {
-        src = memory(p->src_md, eng);
-        p->src_reorder.execute(s, user_src, src);
-      }
-      if (p->reorder_dst) dst = memory(p->dst_md, eng);
-      if (Z) {
-        if (p->reorder_dst) {
-          memory user_z(p->user_dst_md, eng, const_cast<float*>(Z->data<float>()));
-          p->z_reorder.execute(s, user_z, dst);
-        } else if (!in_place) {
-          std::memcpy(Y.data<float>(), Z->data<float>(), Y.nbytes());
-        }
-      }
-      uint8_t* scratch = scratch_buffer(p->scratch_bytes);
-      if (!scratch && p->scratch_bytes) return ctx.fail("out of memory for the oneDNN scratchpad");
-      memory sp(p->scratch_md, eng, scratch);
-      std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src},
-                                              {DNNL_ARG_WEIGHTS, p->weights},
-                                              {DNNL_ARG_DST, dst},
-                                              {DNNL_ARG_SCRATCHPAD, sp}};
-      if (has_bias_) args[DNNL_ARG_BIAS] = p->bias;
-      p->conv.execute(s, args);
-      if (p->reorder_dst) p->dst_reorder.execute(s, dst, user_dst);
-      s.wait();
+      if (!execute(*p, X->data<float>(), Y.data<float>(), Z ? Z->data<float>() : nullptr, in_place,
+                   Y.nbytes()))
+        return ctx.fail("out of memory for the oneDNN scratchpad");
     } catch (const dnnl::error& e) {
       return ctx.fail(std::string("oneDNN convolution failed: ") + e.what());
     } catch (const std::bad_alloc&) {
@@ -126,39 +176,133 @@ class DnnlConv final : public Kernel {
  private:
   static int64_t group(const OpContext& ctx) { return ctx.node.attr_int("group", 1); }
 
-  Result<std::shared_ptr<const ConvPlan>> plan_for(const OpContext& ctx, const Tensor& X) const {
+  // One run of plan p: X (and Z) in the user layout, into Y. False: no scratchpad memory.
+  // Throws dnnl::error.
+  bool execute(const ConvPlan& pl, const float* x, float* y, const float* z, bool z_in_y,
+               size_t y_bytes) const {
+    const ConvPlan* p = &pl;
+    const dnnl::engine& eng = cpu_engine();
+    dnnl::stream s(eng);
+    memory user_src(p->user_src_md, eng, const_cast<float*>(x));
+    memory user_dst(p->user_dst_md, eng, y);
+    memory src = user_src, dst = user_dst;
+    if (p->reorder_src) {
+      src = memory(p->src_md, eng);
+      p->src_reorder.execute(s, user_src, src);
+    }
+    if (p->reorder_dst) dst = memory(p->dst_md, eng);
+    if (z) {
+      if (p->reorder_dst) {
+        memory user_z(p->user_dst_md, eng, const_cast<float*>(z));
+        p->z_reorder.execute(s, user_z, dst);
+      } else if (!z_in_y) {
+        std::memcpy(y, z, y_bytes);
+      }
+    }
+    uint8_t* scratch = scratch_buffer(p->scratch_bytes);
+    if (!scratch && p->scratch_bytes) return false;
+    memory sp(p->scratch_md, eng, scratch);
+    std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src},
+                                            {DNNL_ARG_WEIGHTS, p->weights},
+                                            {DNNL_ARG_DST, dst},
+                                            {DNNL_ARG_SCRATCHPAD, sp}};
+    if (has_bias_) args[DNNL_ARG_BIAS] = p->bias;
+    p->conv.execute(s, args);
+    if (p->reorder_dst) p->dst_reorder.execute(s, dst, user_dst);
+    s.wait();
+    return true;
+  }
+
+  // Best-of-a-few seconds per run of plan p on random data of input shape xs; -1 on failure.
+  // A first run 1.2x slower than `beat` (the best so far, if >= 0) ends the timing early.
+  // Buffers for timing runs: random X (and Z), made once per tune().
+  struct TuneData {
+    std::vector<float> x, y, z;
+  };
+
+  double time_plan(const ConvPlan& p, const Shape& xs, double beat, TuneData& td) const {
+    const auto& dd = p.dst_dims;
+    size_t xn = 1, yn = static_cast<size_t>(dd[0] * dd[1] * dd[2] * dd[3]);
+    for (int64_t d : xs) xn *= static_cast<size_t>(d);
+    // Bound the memory a tuning run may take (1 GiB of activations).
+    if (xn + 2 * yn > (size_t(1) << 28)) return -1;
+    try {
+      if (td.x.size() != xn || td.y.size() != yn) {
+        td.x.resize(xn);
+        td.y.resize(yn);
+        td.z.resize(residual_ ? yn : 0);
+        uint32_t r = 0x9e3779b9u;  // xorshift: the values only need to be ordinary floats
+        auto fill = [&r](std::vector<float>& v) {
+          for (float& f : v) {
+            r ^= r << 13, r ^= r >> 17, r ^= r << 5;
+            f = static_cast<float>(r >> 8) * (2.f / 16777216.f) - 1.f;
+          }
+        };
+        fill(td.x);
+        fill(td.z);
+      }
+    } catch (const std::bad_alloc&) {
+      return -1;
+    }
+    const float* zp = residual_ ? td.z.data() : nullptr;
+    float* y = td.y.data();
+    const float* x = td.x.data();
+    try {
+      using clock = std::chrono::steady_clock;
+      if (!execute(p, x, y, zp, false, yn * sizeof(float))) return -1;  // warm-up
+      double best = -1, total = 0;
+      // Best of 2 runs (more for tiny convolutions, whose times are noisier).
+      for (int i = 0; i < 6 && (i < 2 || total < 0.002); ++i) {
+        auto t0 = clock::now();
+        if (!execute(p, x, y, zp, false, yn * sizeof(float))) return -1;
+        double s = std::chrono::duration<double>(clock::now() - t0).count();
+        total += s;
+        if (best < 0 || s < best) best = s;
+        if (i == 0 && beat >= 0 && s > 1.2 * beat) break;  // clearly slower
+      }
+      return best;
+    } catch (const dnnl::error&) {
+      return -1;
+    } catch (const std::bad_alloc&) {
+      return -1;
+    }
+  }
+
+  Result<std::shared_ptr<const ConvPlan>> plan_for(const Node& n, const Tensor& X) const {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = plans_.find(X.shape());
     if (it != plans_.end()) return it->second;
     std::shared_ptr<const ConvPlan> p;
-    KILN_ASSIGN_OR_RETURN(p, build(ctx, X));
+    KILN_ASSIGN_OR_RETURN(p, build(n, X.shape(), impl_));
     plans_[X.shape()] = p;
     return p;
   }
 
-  Result<std::shared_ptr<const ConvPlan>> build(const OpContext& ctx, const Tensor& X) const {
-    const Node& n = ctx.node;
-    const int64_t G = group(ctx);
-    if (G <= 0 || w_.dim(0) % G != 0) return std::shared_ptr<const ConvPlan>();
-    const int64_t H = X.dim(nhwc_ ? 1 : 2), Wd = X.dim(nhwc_ ? 2 : 3);
+  // The convolution's primitive descriptor for input shape xs (oneDNN's first choice), or null
+  // when oneDNN cannot do it. Throws dnnl::error.
+  std::unique_ptr<ConvPd> primitive_desc_for(
+      const Node& n, const Shape& xs, memory::dims* src_dims_out = nullptr,
+      memory::dims* dst_dims_out = nullptr, memory::dims* wdims_out = nullptr,
+      memory::desc* b_md_out = nullptr) const {
+    const int64_t G = n.attr_int("group", 1);
+    if (xs.size() != 4 || G <= 0 || w_.dim(0) % G != 0) return nullptr;
+    const int64_t H = xs[nhwc_ ? 1 : 2], Wd = xs[nhwc_ ? 2 : 3];
     Shape in_sp = {H, Wd}, ks = {w_.dim(2), w_.dim(3)};
     auto win = nn::make_window(n, in_sp, ks, false);
-    if (!win.is_ok()) return std::shared_ptr<const ConvPlan>();  // the reference names the error
+    if (!win.is_ok()) return nullptr;  // the reference names the error
     const nn::Window& w = win.value();
-    if (w.out[0] <= 0 || w.out[1] <= 0) return std::shared_ptr<const ConvPlan>();
-    auto p = std::make_shared<ConvPlan>();
-    try {
-      const dnnl::engine& eng = cpu_engine();
-      const int64_t N = X.dim(0), C = X.dim(nhwc_ ? 3 : 1), M = w_.dim(0);
+    if (w.out[0] <= 0 || w.out[1] <= 0) return nullptr;
+    {
+      const int64_t N = xs[0], C = xs[nhwc_ ? 3 : 1], M = w_.dim(0);
+      if (C != w_.dim(1) * G) return nullptr;
       memory::dims src_dims = {N, C, H, Wd};
-      p->dst_dims = {N, M, w.out[0], w.out[1]};
+      memory::dims dst_dims = {N, M, w.out[0], w.out[1]};
       memory::dims wdims = G == 1 ? memory::dims{M, C, ks[0], ks[1]}
                                   : memory::dims{G, M / G, C / G, ks[0], ks[1]};
       // KILN_DNNL_CONV_LAYOUT=any lets oneDNN pick blocked/NHWC activations (reordered at the
       // edges of every conv, until layouts are chosen per chain); default: plain NCHW.
-      const tag user = nhwc_ ? tag::nhwc : tag::nchw;
       const tag act = nhwc_ || act_layout_any() ? tag::any : tag::nchw;
-      memory::desc src_any(src_dims, dt::f32, act), dst_any(p->dst_dims, dt::f32, act);
+      memory::desc src_any(src_dims, dt::f32, act), dst_any(dst_dims, dt::f32, act);
       memory::desc w_any(wdims, dt::f32, tag::any), b_md({M}, dt::f32, tag::a);
       memory::dims strides = {w.strides[0], w.strides[1]};
       memory::dims dil = {w.dilations[0] - 1, w.dilations[1] - 1};
@@ -188,7 +332,37 @@ class DnnlConv final : public Kernel {
           break;
       }
       attr.set_post_ops(po);
-      dnnl::convolution_forward::primitive_desc pd(desc, attr, eng);
+      if (src_dims_out) *src_dims_out = src_dims;
+      if (dst_dims_out) *dst_dims_out = dst_dims;
+      if (wdims_out) *wdims_out = wdims;
+      if (b_md_out) *b_md_out = b_md;
+      return std::make_unique<ConvPd>(desc, attr);
+    }
+  }
+
+  // A plan for input shape xs with oneDNN's implementation `impl` (its default when empty or
+  // not offered here); null when oneDNN cannot do the convolution (the reference will).
+  Result<std::shared_ptr<const ConvPlan>> build(const Node& n, const Shape& xs,
+                                                const std::string& impl) const {
+    auto p = std::make_shared<ConvPlan>();
+    try {
+      const dnnl::engine& eng = cpu_engine();
+      const int64_t G = n.attr_int("group", 1);
+      const tag user = nhwc_ ? tag::nhwc : tag::nchw;
+      memory::dims src_dims, wdims;
+      memory::desc b_md;
+      auto pdp = primitive_desc_for(n, xs, &src_dims, &p->dst_dims, &wdims, &b_md);
+      if (!pdp) return std::shared_ptr<const ConvPlan>();
+      if (!impl.empty()) {
+        bool found = false;
+        do {
+          found = pdp->pd.impl_info_str() == impl;
+        } while (!found && pdp->pd.next_impl());
+        // Not offered on this machine (a plan or timing cache from another CPU): the default.
+        if (!found) pdp = primitive_desc_for(n, xs);
+      }
+      dnnl::convolution_forward::primitive_desc& pd = pdp->pd;
+      p->impl = pd.impl_info_str();
       p->conv = dnnl::convolution_forward(pd);
       p->scratch_md = pd.scratchpad_desc();
       p->scratch_bytes = p->scratch_md.get_size();
@@ -226,6 +400,8 @@ class DnnlConv final : public Kernel {
   fused::Epilogue ep_;
   bool residual_;
   bool nhwc_;  // X, Z and Y are NHWC tensors (layout chosen per chain by the builder)
+  std::string impl_;    // the oneDNN implementation to use; empty: oneDNN's default
+  std::string tactic_;  // what tactic() reports
   mutable std::mutex mu_;
   mutable std::map<Shape, std::shared_ptr<const ConvPlan>> plans_;
 };
@@ -669,8 +845,14 @@ Result<std::shared_ptr<const Kernel>> prepare_dnnl_conv(const Node& n, const Con
     ep = e.value();
   }
   bool residual = fused_op && n.has_input(3);
-  return std::shared_ptr<const Kernel>(
-      std::make_shared<DnnlConv>(n, *W, B ? *B : Tensor(), B != nullptr, ref, ep, residual));
+  auto k = std::make_shared<DnnlConv>(n, *W, B ? *B : Tensor(), B != nullptr, ref, ep, residual);
+  if (n.has_attr("kiln_tune_shape") && !n.has_attr("kiln_tactic")) {
+    std::vector<int64_t> ts = n.attr_ints("kiln_tune_shape");
+    bool ok = ts.size() == 4;
+    for (int64_t d : ts) ok = ok && d > 0 && d <= (int64_t(1) << 24);
+    if (ok) k->tune(n, Shape(ts.begin(), ts.end()));
+  }
+  return std::shared_ptr<const Kernel>(k);
 }
 
 }  // namespace cpu
