@@ -343,7 +343,9 @@ Status eliminate_common_subexpressions(Graph& g, PassStats* stats) {
     std::sort(names.begin(), names.end());
     for (const std::string& name : names) {
       const Tensor& t = g.initializers.at(name);
-      if (graph_inputs.count(name) || t.nbytes() > 256 || t.device() != Device::kHost) continue;
+      if (graph_inputs.count(name) || t.nbytes() > 256 || t.device() != Device::kHost ||
+          t.dtype() == DataType::kString)
+        continue;  // strings: the bytes are std::string objects, not their text
       std::string key = std::to_string(static_cast<int>(t.dtype())) + ':';
       for (int64_t d : t.shape()) key += std::to_string(d) + ',';
       key.append(static_cast<const char*>(t.raw_data()), t.nbytes());
