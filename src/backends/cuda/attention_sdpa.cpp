@@ -82,13 +82,8 @@ Result<bool> try_sdpa(Env& env, const SdpaCall& c) {
     if (it != ca.graphs.end()) {
       g = it->second;
     } else {
-      std::lock_guard<std::mutex> blk(build_mutex());
-      auto h = build_handle();
-      if (h.is_ok()) {
-        auto made = SdpaGraph::create(h.value(), s);
-        if (made.is_ok() && made.value()->select(h.value(), "", size_t{1} << 30).is_ok())
-          g = std::move(made.value());
-      }
+      auto made = SdpaGraph::make(s, size_t{1} << 30);
+      if (made.is_ok()) g = std::move(made.value());
       ca.graphs[key] = g;  // nullptr remembers "no engine"
     }
   }

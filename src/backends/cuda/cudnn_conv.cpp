@@ -426,13 +426,8 @@ Result<std::shared_ptr<Plan>> ConvKernel::get_plan(OpContext& ctx, DataType dt, 
     // Graph API first (the persisted plan, else cuDNN's heuristics) unless a legacy algorithm
     // was persisted; the legacy API otherwise.
     if (p->fe_eligible && !cfg_.forced) {
-      std::lock_guard<std::mutex> lock(fe::build_mutex());
-      auto h = fe::build_handle();
-      if (h.is_ok()) {
-        auto cg = fe::ConvGraph::create(h.value(), p->spec);
-        if (cg.is_ok() && cg.value()->select(h.value(), cfg_.fe_name, cfg_.ws_limit).is_ok())
-          p->fe = std::move(cg.value());
-      }
+      auto cg = fe::ConvGraph::make(p->spec, cfg_.fe_name, cfg_.ws_limit);
+      if (cg.is_ok()) p->fe = std::move(cg.value());
     }
     if (!p->fe) KILN_RETURN_IF_ERROR(pick_heuristic(static_cast<cudnnHandle_t>(env.cudnn), dt, *p));
     note_tactic(*p);
@@ -602,23 +597,11 @@ Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tenso
   float fe_ms = -1.f;
   std::string fe_error;
   if (p->fe_eligible) {
-    std::lock_guard<std::mutex> lock(fe::build_mutex());
-    auto fh = fe::build_handle();
-    if (fh.is_ok()) {
-      auto cg = fe::ConvGraph::create(fh.value(), p->spec);
-      if (cg.is_ok()) {
-        auto t = cg.value()->tune(fh.value(), cfg_.ws_limit, 12);
-        if (t.is_ok()) {
-          fe_ms = t.value();
-          fg = std::move(cg.value());
-        } else {
-          fe_error = t.status().message();
-        }
-      } else {
-        fe_error = cg.status().message();
-      }
+    auto cg = fe::ConvGraph::make_tuned(p->spec, cfg_.ws_limit, 12, &fe_ms);
+    if (cg.is_ok()) {
+      fg = std::move(cg.value());
     } else {
-      fe_error = fh.status().message();
+      fe_error = cg.status().message();
     }
   }
   cudnnHandle_t h = nullptr;
@@ -712,16 +695,12 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
     // A persisted graph API plan: build it now (no timing) so the first run does not.
     auto p = build_plan(n, dt, tune_shape, W->shape());
     if (p.is_ok() && p.value()->x.d && p.value()->fe_eligible) {
-      std::lock_guard<std::mutex> lock(fe::build_mutex());
-      auto h = fe::build_handle();
-      if (h.is_ok()) {
-        auto cg = fe::ConvGraph::create(h.value(), p.value()->spec);
-        if (cg.is_ok() && cg.value()->select(h.value(), cfg_.fe_name, cfg_.ws_limit).is_ok()) {
-          p.value()->fe = std::move(cg.value());
-          std::lock_guard<std::mutex> lk(mu_);
-          plans_[{tune_shape, W->shape()}] = p.value();
-          tactic_ = p.value()->tactic();
-        }
+      auto cg = fe::ConvGraph::make(p.value()->spec, cfg_.fe_name, cfg_.ws_limit);
+      if (cg.is_ok()) {
+        p.value()->fe = std::move(cg.value());
+        std::lock_guard<std::mutex> lk(mu_);
+        plans_[{tune_shape, W->shape()}] = p.value();
+        tactic_ = p.value()->tactic();
       }
     }
   } else if (!tune_shape.empty() && !cfg_.forced) {

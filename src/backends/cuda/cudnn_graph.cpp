@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <exception>
+#include <mutex>
 #include <vector>
 
 namespace kiln::cuda::fe {
@@ -73,11 +74,14 @@ struct Events {
 
 }  // namespace
 
+namespace {
+
 std::mutex& build_mutex() {
   static std::mutex mu;
   return mu;
 }
 
+// The process-wide build handle; call with build_mutex() held.
 Result<void*> build_handle() {
   static cudnnHandle_t h = nullptr;
   if (!h) {
@@ -88,6 +92,35 @@ Result<void*> build_handle() {
     h = made;
   }
   return static_cast<void*>(h);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std::string& name,
+                                                   size_t ws_limit) {
+  std::lock_guard<std::mutex> lock(build_mutex());
+  KILN_ASSIGN_OR_RETURN(void* h, build_handle());
+  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> g, create(h, s));
+  KILN_RETURN_IF_ERROR(g->select(h, name, ws_limit));
+  return g;
+}
+
+Result<std::unique_ptr<ConvGraph>> ConvGraph::make_tuned(const ConvSpec& s, size_t ws_limit,
+                                                         int max_candidates, float* ms) {
+  std::lock_guard<std::mutex> lock(build_mutex());
+  KILN_ASSIGN_OR_RETURN(void* h, build_handle());
+  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> g, create(h, s));
+  KILN_ASSIGN_OR_RETURN(float t, g->tune(h, ws_limit, max_candidates));
+  if (ms) *ms = t;
+  return g;
+}
+
+Result<std::unique_ptr<SdpaGraph>> SdpaGraph::make(const SdpaSpec& s, size_t ws_limit) {
+  std::lock_guard<std::mutex> lock(build_mutex());
+  KILN_ASSIGN_OR_RETURN(void* h, build_handle());
+  KILN_ASSIGN_OR_RETURN(std::unique_ptr<SdpaGraph> g, create(h, s));
+  KILN_RETURN_IF_ERROR(g->select(h, "", ws_limit));
+  return g;
 }
 
 bool graph_api_disabled() {
@@ -102,6 +135,24 @@ class GraphImpl {
  public:
   cfe::graph::Graph g;
   int64_t candidates = 0;
+
+  // Builds candidate i; true when it built, fits `ws_limit` and has a clean name (out: its
+  // workspace and name). `why` collects build failures (bounded).
+  bool build(cudnnHandle_t h, int64_t i, size_t ws_limit, size_t* ws, std::string* name,
+             std::string* why = nullptr) {
+    auto st = g.build_plan_at_index(h, i);
+    if (st.is_bad()) {
+      if (why && why->size() < 600) *why += " [" + std::to_string(i) + ": " + st.get_message() + "]";
+      return false;
+    }
+    int64_t w = 0;
+    if (g.get_workspace_size_plan_at_index(i, w).is_bad() || w < 0 ||
+        static_cast<uint64_t>(w) > ws_limit)
+      return false;
+    if (g.get_plan_name_at_index(i, *name).is_bad() || !clean_name(*name)) return false;
+    *ws = static_cast<size_t>(w);
+    return true;
+  }
 };
 
 PlannedGraph::PlannedGraph(std::string kind)
@@ -120,19 +171,11 @@ Status PlannedGraph::select(void* handle, const std::string& name, size_t ws_lim
     const std::string want = name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : "";
     std::string failures;
     auto try_index = [&](int64_t i) -> bool {
-      auto st = g.build_plan_at_index(h, i);
-      if (st.is_bad()) {
-        if (failures.size() < 600) failures += " [" + std::to_string(i) + ": " + st.get_message() + "]";
-        return false;
-      }
-      int64_t ws = 0;
-      if (g.get_workspace_size_plan_at_index(i, ws).is_bad() || ws < 0 ||
-          static_cast<uint64_t>(ws) > ws_limit)
-        return false;
+      size_t ws = 0;
       std::string n;
-      if (g.get_plan_name_at_index(i, n).is_bad() || !clean_name(n)) return false;
+      if (!impl_->build(h, i, ws_limit, &ws, &n, &failures)) return false;
       index_ = i;
-      ws_ = static_cast<size_t>(ws);
+      ws_ = ws;
       name_ = n;
       return true;
     };
@@ -159,7 +202,7 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
     auto& g = impl_->g;
     cudaStream_t stream = nullptr;
     if (cudnnGetStream(h, &stream) != CUDNN_STATUS_SUCCESS) stream = nullptr;
-    // Inputs: zeros (timing does not depend on values for these engines).
+    // Operands: random values (see fill_tuning_data).
     std::vector<DevBuf> bufs(buffer_bytes_.size());
     std::vector<void*> ptrs(buffer_bytes_.size());
     for (size_t i = 0; i < bufs.size(); ++i) {
@@ -173,29 +216,25 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
     KILN_CUDA_CHECK(cudaEventCreate(&ev.b), "tuning events");
     float best = -1.f;
     int64_t best_i = -1;
-    int64_t best_ws = 0;
+    size_t best_ws = 0;
     std::string best_name;
     int timed = 0;
     DevBuf ws;
     size_t ws_have = 0;
     for (int64_t i = 0; i < impl_->candidates && timed < max_candidates; ++i) {
-      if (g.build_plan_at_index(h, i).is_bad()) continue;
-      int64_t wsz = 0;
-      if (g.get_workspace_size_plan_at_index(i, wsz).is_bad() || wsz < 0 ||
-          static_cast<uint64_t>(wsz) > ws_limit)
-        continue;
+      size_t wsz = 0;
       std::string n;
-      if (g.get_plan_name_at_index(i, n).is_bad() || !clean_name(n)) continue;
-      if (static_cast<size_t>(wsz) > ws_have) {
+      if (!impl_->build(h, i, ws_limit, &wsz, &n)) continue;
+      if (wsz > ws_have) {
         if (ws.p) cudaFree(ws.p);
         ws.p = nullptr;
         ws_have = 0;
-        if (cudaMalloc(&ws.p, static_cast<size_t>(wsz)) != cudaSuccess) {
+        if (cudaMalloc(&ws.p, wsz) != cudaSuccess) {
           (void)cudaGetLastError();
           ws.p = nullptr;
           continue;
         }
-        ws_have = static_cast<size_t>(wsz);
+        ws_have = wsz;
       }
       std::unordered_map<int64_t, void*> vp;
       for (size_t k = 0; k < uids_.size(); ++k) vp[uids_[k]] = ptrs[k];
@@ -232,7 +271,7 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
     }
     if (best_i < 0) return unsupported("cuDNN graph API: no " + kind_ + " plan could be timed");
     index_ = best_i;
-    ws_ = static_cast<size_t>(best_ws);
+    ws_ = best_ws;
     name_ = best_name;
     return best;
   } catch (const std::exception& e) {

@@ -13,7 +13,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "backends/cuda/cuda_env.h"
@@ -93,24 +92,33 @@ class PlannedGraph {
   std::string name_;
 };
 
+// The makers build the operation graph with one process-wide cuDNN handle on GPU 0 (plans
+// outlive the execution contexts whose handles run them), serialized by one mutex, and then
+// select a plan: by `name` (a tactic), else the heuristics' first that fits `ws_limit`
+// (make), or the fastest of up to `max_candidates` timed ones (make_tuned, engine build only).
 class ConvGraph final : public PlannedGraph {
  public:
-  // Builds the operation graph and asks cuDNN's heuristics for candidates.
-  static Result<std::unique_ptr<ConvGraph>> create(void* cudnn_handle, const ConvSpec& s);
+  static Result<std::unique_ptr<ConvGraph>> make(const ConvSpec& s, const std::string& name,
+                                                 size_t ws_limit);
+  static Result<std::unique_ptr<ConvGraph>> make_tuned(const ConvSpec& s, size_t ws_limit,
+                                                       int max_candidates, float* ms);
   Status run(void* cudnn_handle, const ConvPtrs& p, void* workspace) const;
 
  private:
   ConvGraph() : PlannedGraph("conv") {}
+  // Builds the operation graph and asks cuDNN's heuristics for candidates (build lock held).
+  static Result<std::unique_ptr<ConvGraph>> create(void* cudnn_handle, const ConvSpec& s);
   ConvSpec spec_;
 };
 
 class SdpaGraph final : public PlannedGraph {
  public:
-  static Result<std::unique_ptr<SdpaGraph>> create(void* cudnn_handle, const SdpaSpec& s);
+  static Result<std::unique_ptr<SdpaGraph>> make(const SdpaSpec& s, size_t ws_limit);
   Status run(void* cudnn_handle, const SdpaPtrs& p, void* workspace) const;
 
  private:
   SdpaGraph() : PlannedGraph("sdpa") {}
+  static Result<std::unique_ptr<SdpaGraph>> create(void* cudnn_handle, const SdpaSpec& s);
   SdpaSpec spec_;
 };
 
@@ -137,11 +145,6 @@ struct SdpaCall {
 // true: cuDNN ran it; false: not applicable here (no engine for the shape, head size, ...) and
 // the caller runs its own kernel. Errors are real failures.
 Result<bool> try_sdpa(Env& env, const SdpaCall& c);
-
-// Graph API plans are built with one process-wide cuDNN handle on GPU 0 (plans outlive the
-// execution contexts whose handles run them); building is serialized by build_mutex().
-std::mutex& build_mutex();
-Result<void*> build_handle();  // cudnnHandle_t; call with build_mutex() held
 
 // Whether the graph API path is switched off (KILN_CUDNN_GRAPH=0: legacy conv API and Kiln's
 // own attention kernels only; an A/B knob).
