@@ -247,6 +247,37 @@ TEST(Fusion, PoolsInAnNhwcChainRunInNhwc) {
   EXPECT_EQ(pools, 0u);
 }
 
+TEST(Fusion, PoolNhwcRefusesBadModesAndRanks) {
+  for (const char* mode : {"Bogus", ""}) {
+    Graph g = base_graph({1, 4, 4, 3});
+    Node p = node("p", "PoolNHWC", {"x"}, {"y"});
+    p.domain = "kiln";
+    Attribute m;
+    m.name = "mode";
+    m.kind = Attribute::Kind::kString;
+    m.s = mode;
+    p.set_attr(m);
+    g.nodes.push_back(std::move(p));
+    g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+    auto r = run_graph_once(g, {Value(rand_tensor({1, 4, 4, 3}))});
+    ASSERT_FALSE(r.is_ok());
+    EXPECT_NE(r.status().message().find("mode"), std::string::npos) << r.status().message();
+  }
+  Graph g = base_graph({2, 3, 4});
+  Node p = node("p", "PoolNHWC", {"x"}, {"y"});
+  p.domain = "kiln";
+  Attribute m;
+  m.name = "mode";
+  m.kind = Attribute::Kind::kString;
+  m.s = "GlobalAveragePool";
+  p.set_attr(m);
+  g.nodes.push_back(std::move(p));
+  g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  auto r = run_graph_once(g, {Value(rand_tensor({2, 3, 4}))});
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("4-D"), std::string::npos) << r.status().message();
+}
+
 TEST(Fusion, SiblingMatMulsOnOneInputBecomeOneGemmAndASplit) {
   // Q, K, V style projections of one input (widths 4, 4, 6), plus a MatMul with another K that
   // must stay separate.
