@@ -1,5 +1,6 @@
 #include "passes/fusion.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <unordered_map>
@@ -396,11 +397,89 @@ std::string fresh_value(const std::unordered_set<std::string>& used, const std::
   return n;
 }
 
+// The stacked form of fuse_parallel_matmuls (see there) for the members `same` of A `a`.
+Status stack_matmuls(Graph& g, std::unordered_set<std::string>& names, const std::string& a,
+                     const std::vector<size_t>& same, int64_t K, int64_t N, size_t rank,
+                     std::unordered_map<size_t, std::vector<Node>>& replace_at) {
+  const int64_t G = static_cast<int64_t>(same.size());
+  Shape ws = {G}, bs = {G};
+  for (size_t d = 0; d + 2 < rank; ++d) ws.push_back(1);
+  ws.push_back(K);
+  ws.push_back(N);
+  for (size_t d = 0; d + 1 < rank; ++d) bs.push_back(1);
+  bs.push_back(N);
+  KILN_ASSIGN_OR_RETURN(Tensor W, Tensor::create(DataType::kFloat, ws));
+  KILN_ASSIGN_OR_RETURN(Tensor bias, Tensor::create(DataType::kFloat, bs));
+  KILN_ASSIGN_OR_RETURN(Tensor axes, Tensor::create(DataType::kInt64, {1}));
+  axes.data<int64_t>()[0] = 0;
+  for (int64_t m = 0; m < G; ++m) {
+    const Tensor* Bm = const_f32(g, g.nodes[same[static_cast<size_t>(m)]].inputs[1]);
+    const Tensor* bm = const_f32(g, g.nodes[same[static_cast<size_t>(m)]].inputs[2]);
+    std::copy(Bm->data<float>(), Bm->data<float>() + K * N, W.data<float>() + m * K * N);
+    std::copy(bm->data<float>(), bm->data<float>() + N, bias.data<float>() + m * N);
+  }
+  const Node& first = g.nodes[same[0]];
+  auto fresh = [&](const std::string& base) {
+    std::string v = fresh_value(names, base);
+    names.insert(v);
+    return v;
+  };
+  const std::string wn = fresh(first.name + "/stacked_W"), bn = fresh(first.name + "/stacked_bias"),
+                    an = fresh(first.name + "/stacked_axes"), yn = fresh(first.name + "/stacked_Y");
+  g.initializers[wn] = std::move(W);
+  g.initializers[bn] = std::move(bias);
+  g.initializers[an] = std::move(axes);
+  std::vector<Node> nodes;
+  Node f;
+  f.name = fresh(first.name + "/stacked");
+  f.op_type = "FusedMatMul";
+  f.domain = "kiln";
+  f.opset = 1;
+  f.inputs = {a, wn, bn};
+  f.outputs = {yn};
+  nodes.push_back(std::move(f));
+  Node sp;
+  sp.name = fresh(first.name + "/unstack");
+  sp.op_type = "Split";
+  sp.opset = 18;
+  sp.inputs = {yn};
+  Attribute ax;
+  ax.name = "axis";
+  ax.kind = Attribute::Kind::kInt;
+  ax.i = 0;
+  sp.set_attr(ax);
+  Attribute no;
+  no.name = "num_outputs";
+  no.kind = Attribute::Kind::kInt;
+  no.i = G;
+  sp.set_attr(no);
+  std::vector<Node> squeezes;
+  for (size_t i : same) {
+    const std::string part = fresh(g.nodes[i].outputs[0] + "/stacked");
+    sp.outputs.push_back(part);
+    Node sq;
+    sq.name = fresh(g.nodes[i].name + "/squeeze");
+    sq.op_type = "Squeeze";
+    sq.opset = 13;
+    sq.inputs = {part, an};
+    sq.outputs = {g.nodes[i].outputs[0]};
+    squeezes.push_back(std::move(sq));
+  }
+  nodes.push_back(std::move(sp));
+  for (auto& n : squeezes) nodes.push_back(std::move(n));
+  replace_at[same[0]] = std::move(nodes);
+  return Status::ok();
+}
+
 // Sibling FusedMatMuls reading the same A with constant [K, N_i] weights and [N_i] biases and no
 // activation or residual (an attention block's Q, K and V projections) become one FusedMatMul
 // over the concatenated weights, then a Split of its last axis into the original outputs: one
 // GEMM with N = sum N_i instead of several narrow ones.
-Status fuse_parallel_matmuls(Graph& g, PassStats* stats) {
+// Stacked form (`stacked`, device builds; equal widths N and A of known rank r): the weights are
+// stacked as [G, 1 x (r-2), K, N] and the biases as [G, 1 x (r-1), N], so the one FusedMatMul
+// gives [G, A's batch dims, M, N] (a strided-batched GEMM reading A G times), and a Split of axis
+// 0 + Squeeze gives the original outputs as contiguous blocks: views, no copy, on the CUDA backend.
+Status fuse_parallel_matmuls(Graph& g, PassStats* stats, bool stacked) {
   std::unordered_set<std::string> names;
   for (auto& n : g.nodes)
     for (auto& o : n.outputs) names.insert(o);
@@ -434,6 +513,20 @@ Status fuse_parallel_matmuls(Graph& g, PassStats* stats) {
     for (size_t i : same) {
       widths.push_back(const_f32(g, g.nodes[i].inputs[1])->dim(1));
       total += widths.back();
+    }
+    if (stacked) {
+      const TypeInfo* at = nullptr;
+      if (const ValueInfo* vi = g.find_value_info(a)) at = &vi->type;
+      for (auto& in : g.inputs)
+        if (!at && in.name == a) at = &in.type;
+      if (!at || at->kind != TypeInfo::Kind::kTensor || !at->has_shape || at->dims.size() < 2 ||
+          std::any_of(widths.begin(), widths.end(), [&](int64_t w) { return w != widths[0]; }))
+        continue;
+      KILN_RETURN_IF_ERROR(stack_matmuls(g, names, a, same, K, widths[0], at->dims.size(),
+                                         replace_at));
+      for (size_t k = 1; k < same.size(); ++k) dead[same[k]] = true;
+      if (stats) stats->eliminated += same.size() - 1;
+      continue;
     }
     KILN_ASSIGN_OR_RETURN(Tensor W, Tensor::create(DataType::kFloat, {K, total}));
     KILN_ASSIGN_OR_RETURN(Tensor bias, Tensor::create(DataType::kFloat, {total}));
@@ -629,7 +722,8 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) 
   KILN_RETURN_IF_ERROR(fold_batchnorm_into_conv(g, stats));
   KILN_RETURN_IF_ERROR(fuse_conv_chains(g, stats));
   KILN_RETURN_IF_ERROR(fuse_matmul_chains(g, stats));
-  if (opts.pack_parallel_matmuls) KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats));
+  if (opts.pack_parallel_matmuls)
+    KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats, opts.stack_parallel_matmuls));
   if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools));
   return Status::ok();
 }

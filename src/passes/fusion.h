@@ -17,6 +17,9 @@ struct FusionOptions {
   bool nhwc_pools = false;
   // Sibling FusedMatMuls on one input (Q/K/V projections) become one GEMM and a Split.
   bool pack_parallel_matmuls = true;
+  // ... in the stacked form: [G, ..., M, N] and a Split of axis 0, whose parts are contiguous
+  // (views on the CUDA backend), instead of a Split of the last axis (copies).
+  bool stack_parallel_matmuls = false;
 };
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);

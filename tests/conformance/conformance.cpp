@@ -46,6 +46,20 @@ struct Case {
 // Per-case tolerances, each with its reason.
 const std::map<std::string, std::pair<double, double>> kTolerance = {
     // (rtol, atol)
+    // Generated CUDA cases (tests/cuda_cases): MatMul + bias + Gelu in 16-bit runs cuBLASLt's
+    // tanh-form Gelu epilogue on CUDA, at most 4.8e-4 from the exact erf form; bf16 outputs
+    // carry 8 bits of mantissa (a step is 8e-3 relative near 1), and the fused kernel rounds
+    // once where the three-op graph (the reference) rounds three times.
+    {"test_ln_gemm_gelu_fp16", {1e-3, 2e-3}},
+    {"test_ln_gemm_gelu_bf16", {2e-2, 2e-3}},
+    // Attention in 16-bit: the reference rounds the probabilities to the element type before
+    // P*V; cuDNN's flash engines and Kiln's mma kernel keep them in float. fp16: up to 2.4e-4
+    // absolute seen (two fp16 steps at 0.14) on outputs near 1 (V ~ 1 + N(0, 0.5)), at
+    // elements that vary from run to run; bf16: one or two 8e-3 steps.
+    {"test_ln_attn_bert_b4_w4", {1e-3, 5e-4}},
+    {"test_ln_attn_causal_d128", {1e-3, 5e-4}},
+    {"test_ln_attn_softcap_bf16", {1.6e-2, 1e-3}},
+    {"test_ln_attn_padmask_bf16", {1.6e-2, 1e-3}},
 };
 
 std::vector<std::string> list_dir(const std::string& d) {

@@ -26,12 +26,17 @@ def tp(a):
         return t
     return numpy_helper.from_array(a)
 
-def save(name, node, inputs, outputs, opset):
+def save(name, node, inputs, outputs, opset, inits=()):
     d = os.path.join(ROOT, name)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(os.path.join(d, "test_data_set_0"))
     vi = lambda n, a: helper.make_tensor_value_info(n, DT[a.dtype.type], a.shape)
-    g = helper.make_graph([node], name, [vi(n, a) for n, a in inputs], [vi(n, a) for n, a in outputs])
+    nodes = node if isinstance(node, list) else [node]
+    init = []
+    for n, a in inits:
+        t = tp(a); t.name = n; init.append(t)
+    g = helper.make_graph(nodes, name, [vi(n, a) for n, a in inputs], [vi(n, a) for n, a in outputs],
+                          initializer=init)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 11
     onnx.save(m, os.path.join(d, "model.onnx"))
@@ -117,6 +122,32 @@ attn_case("attn_t512_d64", 1, 2, 2, 64, 512, 64, mask=rnd((1, 2, 1, 512), np.flo
 attn_case("attn_t384_d128", 1, 2, 2, 50, 384, 128)
 # 512 keys with head 128 (does not fit: the wmma kernel).
 attn_case("attn_t512_d128_wmma", 1, 2, 2, 50, 512, 128)
+# Masks cuDNN reads in place as its bias (I/O dtype, every key, 16-byte rows): a per-score
+# [B,H,S,T] fp16 mask, and a bf16 [B,1,1,T] padding mask read with stride 0 over the queries.
+attn_case("attn_fullbias_fp16", 2, 4, 4, 40, 72, 64, mask=rnd((2, 4, 40, 72), np.float16))
+attn_case("attn_padmask_bf16", 2, 4, 4, 64, 96, 64, dt=BF16, layout=3,
+          mask=pad(2, 96, [96, 30]).reshape(2, 1, 1, 96).astype(BF16))
+
+# ---------------------------------------------------------------- MatMul + bias + Gelu
+# Kiln fuses these into kiln.FusedMatMul; in float16 / bfloat16 the CUDA backend runs the Gelu as
+# cuBLASLt's GELU_BIAS epilogue (tanh form, |error| <= 4.8e-4 against the exact erf form), so the
+# harness compares these cases with atol 2e-3, and bf16 with rtol 2e-2 (the fused kernel rounds
+# once where the graph rounds three times; tests/conformance: kTolerance); the reference here is
+# the exact erf Gelu in double precision.
+from math import erf
+def gemm_gelu_case(name, M, K, N, dt):
+    X = rnd((1, M, K), dt); W = rnd((K, N), dt, 1.0 / np.sqrt(K)); b = rnd((N,), dt, 0.5)
+    # Each op's output rounded to the element type, as the unfused ONNX graph does.
+    r = lambda v: v.astype(np.float32).astype(dt).astype(np.float64)
+    y = r(r(X.astype(np.float64) @ W.astype(np.float64)) + b.astype(np.float64))
+    y = 0.5 * y * (1.0 + np.vectorize(erf)(y / np.sqrt(2.0)))
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["xb"]),
+             helper.make_node("Gelu", ["xb"], ["Y"])]
+    save("test_ln_" + name, nodes, [("X", X)], [("Y", y.astype(np.float32).astype(dt))], 20,
+         inits=[("W", W), ("b", b)])
+
+gemm_gelu_case("gemm_gelu_fp16", 128, 768, 3072, np.float16)
+gemm_gelu_case("gemm_gelu_bf16", 64, 256, 512, BF16)
 
 # ---------------------------------------------------------------- LayerNormalization
 def ln_ref(X, S, Bb, axis, eps, rms=False):

@@ -88,7 +88,7 @@ Graph base_graph(const Shape& xs) {
 
 // Runs g before and after fusion on one random input, compares, returns the fused graph.
 Graph check_fusion(Graph g, const Shape& xs, bool layouts = false, float tol = 1e-4f,
-                   bool nhwc_pools = false) {
+                   bool nhwc_pools = false, bool stacked = false) {
   Tensor x = rand_tensor(xs);
   auto before = run_graph_once(g, {Value(x)});
   EXPECT_TRUE(before.is_ok()) << before.status().message();
@@ -96,6 +96,7 @@ Graph check_fusion(Graph g, const Shape& xs, bool layouts = false, float tol = 1
   FusionOptions opts;
   opts.conv_layouts = layouts;
   opts.nhwc_pools = nhwc_pools;
+  opts.stack_parallel_matmuls = stacked;
   Status st = run_fusion_passes(g, opts);
   EXPECT_TRUE(st.is_ok()) << st.message();
   EXPECT_TRUE(eliminate_dead_code(g).is_ok());
@@ -297,6 +298,61 @@ TEST(Fusion, SiblingMatMulsOnOneInputBecomeOneGemmAndASplit) {
   g.outputs.push_back({"o", TypeInfo::tensor(DataType::kFloat)});
   Graph f = check_fusion(g, xs);
   EXPECT_EQ(ops_of(f), (std::vector<std::string>{"FusedMatMul", "Split", "MatMul"}));
+}
+
+// Q/K/V-style projections of x with widths w; returns the graph (outputs p0, p1, ...).
+Graph sibling_projections(const Shape& xs, const std::vector<int64_t>& w) {
+  Graph g = base_graph(xs);
+  const int64_t K = xs.back();
+  for (size_t i = 0; i < w.size(); ++i) {
+    const std::string p = "p" + std::to_string(i);
+    g.initializers[p + ".W"] = rand_tensor({K, w[i]});
+    g.initializers[p + ".b"] = rand_tensor({w[i]});
+    g.nodes.push_back(node(p + "mm", "MatMul", {"x", p + ".W"}, {p + "m"}));
+    g.nodes.push_back(node(p + "add", "Add", {p + "m", p + ".b"}, {p}));
+    g.outputs.push_back({p, TypeInfo::tensor(DataType::kFloat)});
+  }
+  return g;
+}
+
+TEST(Fusion, SiblingMatMulsStackIntoOneBatchedGemmForDevices) {
+  // Device builds: [G, 1, K, N] weights, a [G, 1, 1, N] bias, a Split of axis 0 and Squeezes.
+  // The results must equal the three separate projections (the reference runs both graphs).
+  for (const Shape& xs : {Shape{2, 5, 8}, Shape{7, 8}}) {
+    Graph f = check_fusion(sibling_projections(xs, {4, 4, 4}), xs, false, 1e-4f, false, true);
+    EXPECT_EQ(ops_of(f), (std::vector<std::string>{"FusedMatMul", "Split", "Squeeze", "Squeeze",
+                                                   "Squeeze"}));
+    ASSERT_FALSE(f.nodes.empty());
+    auto wi = f.initializers.find(f.nodes[0].inputs[1]);
+    auto bi = f.initializers.find(f.nodes[0].inputs[2]);
+    ASSERT_TRUE(wi != f.initializers.end() && bi != f.initializers.end());
+    const Tensor* W = &wi->second;
+    const Tensor* b = &bi->second;
+    if (xs.size() == 3) {
+      EXPECT_EQ(W->shape(), (Shape{3, 1, 8, 4}));
+      EXPECT_EQ(b->shape(), (Shape{3, 1, 1, 4}));
+    } else {
+      EXPECT_EQ(W->shape(), (Shape{3, 8, 4}));
+      EXPECT_EQ(b->shape(), (Shape{3, 1, 4}));
+    }
+  }
+  // Unequal widths cannot stack: the projections stay separate.
+  const Shape xs = {2, 5, 8};
+  Graph f = check_fusion(sibling_projections(xs, {4, 4, 6}), xs, false, 1e-4f, false, true);
+  EXPECT_EQ(ops_of(f), (std::vector<std::string>{"FusedMatMul", "FusedMatMul", "FusedMatMul"}));
+}
+
+TEST(Fusion, FusedMatMulRefusesABiasThatDoesNotBroadcast) {
+  Graph g = base_graph({2, 3, 4});
+  g.initializers["W"] = rand_tensor({4, 5});
+  g.initializers["b"] = rand_tensor({2, 2, 5});
+  Node f = node("f", "FusedMatMul", {"x", "W", "b"}, {"y"});
+  f.domain = "kiln";
+  g.nodes.push_back(std::move(f));
+  g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  auto r = run_graph_once(g, {Value(rand_tensor({2, 3, 4}))});
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("bias"), std::string::npos) << r.status().message();
 }
 
 TEST(Passes, CommonSubexpressionsAreComputedOnce) {

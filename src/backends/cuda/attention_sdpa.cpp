@@ -3,8 +3,10 @@
 // One graph per geometry (dtype, B, heads, S, T, D, strides, scale, causal, bias shape), built
 // on first use with cuDNN's heuristics and kept for the process; geometries cuDNN has no
 // engine for are remembered too, so the caller's own kernel takes them without a retry.
-// A mask becomes a dense additive bias [B or 1, H or 1, S, T] in the I/O dtype (one small
-// kernel per call), which is what the SDPA engines take.
+// A float mask in the I/O dtype that covers every key with dense, 16-byte aligned rows goes in
+// as the bias itself, by its strides (a [B, 1, 1, T] padding mask is read with stride 0 over the
+// queries: no copy). Any other mask becomes a dense additive bias [B or 1, H or 1, S, T] in the
+// I/O dtype first (one small kernel per call); also when cuDNN refuses the strided bias.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -37,6 +39,8 @@ std::string key_of(const SdpaSpec& s) {
     for (int i = 0; i < 3; ++i) add(st[i]);
   add(s.causal ? 1 : 0);
   add(s.bias ? 1 : 0);
+  add(s.bias_strided ? 1 : 0);
+  for (int64_t v : s.bias_str) add(v);
   char buf[32];
   std::snprintf(buf, sizeof(buf), ",%a", static_cast<double>(s.scale));
   return k + buf;
@@ -73,26 +77,39 @@ Result<bool> try_sdpa(Env& env, const SdpaCall& c) {
     s.bias_h = c.mstr[1] != 0 ? c.Hq : 1;
   }
 
-  std::shared_ptr<SdpaGraph> g;
-  {
-    const std::string key = key_of(s);
+  auto lookup = [](const SdpaSpec& spec) {
+    std::shared_ptr<SdpaGraph> g;
+    const std::string key = key_of(spec);
     Cache& ca = cache();
     std::lock_guard<std::mutex> lock(ca.mu);
     auto it = ca.graphs.find(key);
-    if (it != ca.graphs.end()) {
-      g = it->second;
-    } else {
-      auto made = SdpaGraph::make(s, size_t{1} << 30);
-      if (made.is_ok()) g = std::move(made.value());
-      ca.graphs[key] = g;  // nullptr remembers "no engine"
-    }
+    if (it != ca.graphs.end()) return it->second;
+    auto made = SdpaGraph::make(spec, size_t{1} << 30);
+    if (made.is_ok()) g = std::move(made.value());
+    ca.graphs[key] = g;  // nullptr remembers "no engine"
+    return g;
+  };
+  std::shared_ptr<SdpaGraph> g;
+  SdpaPtrs p;
+  p.q = c.q, p.k = c.k, p.v = c.v, p.o = c.o;
+  // The mask as the bias itself (see the top).
+  const bool direct = has_mask && c.mask && c.mask_dt == c.dt && c.mask_len == c.T &&
+                      c.mstr[3] == 1 && c.T % 8 == 0 && c.mstr[0] % 8 == 0 &&
+                      c.mstr[1] % 8 == 0 && c.mstr[2] % 8 == 0 && c.mstr[0] >= 0 &&
+                      c.mstr[1] >= 0 && c.mstr[2] >= 0 &&
+                      reinterpret_cast<uintptr_t>(c.mask) % 16 == 0;
+  if (direct) {
+    SdpaSpec sd = s;
+    sd.bias_strided = true;
+    for (int i = 0; i < 3; ++i) sd.bias_str[i] = c.mstr[i];
+    g = lookup(sd);
+    if (g) p.bias = c.mask;
   }
+  if (!g) g = lookup(s);
   if (!g) return false;
 
   std::shared_ptr<Storage> bias_buf, ws_buf;
-  SdpaPtrs p;
-  p.q = c.q, p.k = c.k, p.v = c.v, p.o = c.o;
-  if (s.bias) {
+  if (s.bias && !p.bias) {
     const size_t bytes = static_cast<size_t>(s.bias_b * s.bias_h * s.S * s.T) * dtype_size(c.dt);
     KILN_ASSIGN_OR_RETURN(bias_buf, env.scratch(bytes));
     KILN_RETURN_IF_ERROR(launch_attn_bias(c.dt, bias_buf->data(), c.mask, c.mask_dt, c.mstr,

@@ -9,8 +9,12 @@
 //   offsets in arithmetic progression run as one strided-batched call (stride 0 broadcasts);
 //   other broadcast patterns run one call per batch.
 // - kiln.FusedMatMul: bias (BIAS epilogue) + residual Z (C operand, beta = 1) in one call when
-//   there is no activation; with Gelu: plain GEMM + one epilogue kernel computing the exact erf
-//   Gelu of the reference (cuBLASLt's GELU epilogue is the tanh approximation), then + Z.
+//   there is no activation. With Gelu in float16 / bfloat16 and no Z: cuBLASLt's GELU_BIAS
+//   epilogue, in the same call. That epilogue is the tanh approximation of Gelu, at most 4.8e-4
+//   from the exact erf form (at x = 2.7, where one float16 step is 2e-3), so it changes a
+//   16-bit output by at most one rounding step; KILN_CUDA_EXACT_GELU=1 turns it off. Otherwise
+//   (float32, double, with Z, or no such algorithm): plain GEMM + one epilogue kernel computing
+//   the exact erf Gelu of the reference, then + Z.
 // - float32 (CUBLAS_COMPUTE_32F: no TF32 unless the node has `tf32`=1), float16 / bfloat16
 //   (float accumulation, float scale), double (64F). Integer types: supports() = false.
 // Row-major Y = op(A) op(B) is computed as the column-major Y^T = op(B)^T op(A)^T.
@@ -26,6 +30,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -81,6 +86,7 @@ struct GemmConfig {
   bool tf32 = false;
   size_t ws_limit = size_t{32} << 20;
   bool forced = false;  // `kiln_tactic` carries a serialized algorithm
+  bool forced_gelu = false;  // ... chosen with the GELU epilogue (".gelu" in its readable part)
   cublasLtMatmulAlgo_t forced_algo{};
 };
 
@@ -127,7 +133,9 @@ Result<GemmConfig> read_config(const Node& n) {
   c.tf32 = n.attr_int("tf32", 0) != 0;
   const int64_t ws = n.attr_int("kiln_workspace", -1);
   if (ws >= 0) c.ws_limit = static_cast<size_t>(ws);
-  c.forced = parse_algo_hex(n.attr_string("kiln_tactic", ""), &c.forced_algo);
+  const std::string t = n.attr_string("kiln_tactic", "");
+  c.forced = parse_algo_hex(t, &c.forced_algo);
+  c.forced_gelu = c.forced && t.substr(0, t.find('@')).find(".gelu") != std::string::npos;
   return c;
 }
 
@@ -186,9 +194,39 @@ Result<Problem> matmul_problem(const std::string& where, const Shape& as, const 
     a_contig = a_contig && ao[i] == i * am;
     arith = arith && ao[i] == ao[0] + i * sa && bo[i] == bo[0] + i * sb;
   }
+  // Trailing batch dims over which B is broadcast and A is dense fold into M: a stacked
+  // [G, 1, K, N] B times a [B, S, K] A is G GEMMs of [B*S, K] x [K, N] (fuse_parallel_matmuls).
+  size_t keep = ob.size();
+  int64_t fold = 1;
+  while (keep > 0 && bst[keep - 1] == 0 && (ob[keep - 1] == 1 || ast[keep - 1] == fold)) {
+    fold *= ob[keep - 1];
+    --keep;
+  }
   if (b_shared && a_contig) {  // one [nb*M, K] x [K, N]
     p.M *= nb;
     p.calls.push_back({0, 0, 0});
+  } else if (keep > 0 && keep < ob.size() && fold > 1) {
+    // Outer batches i (over ob[0, keep)) of [fold*M, K] x [K, N]: offsets of batch i are those
+    // of the flat index i * fold (inner index 0).
+    const int64_t outer = nb / fold;
+    std::vector<int64_t> oa(static_cast<size_t>(outer)), obo(static_cast<size_t>(outer));
+    bool oar = true;
+    for (int64_t i = 0; i < outer; ++i) {
+      oa[i] = ao[i * fold];
+      obo[i] = bo[i * fold];
+    }
+    const int64_t osa = outer > 1 ? oa[1] - oa[0] : 0, osb = outer > 1 ? obo[1] - obo[0] : 0;
+    for (int64_t i = 0; i < outer; ++i)
+      oar = oar && oa[i] == oa[0] + i * osa && obo[i] == obo[0] + i * osb;
+    p.M *= fold;
+    if (oar && osa >= 0 && osb >= 0 && outer > 1) {
+      p.batch = outer;
+      p.stride_a = osa;
+      p.stride_b = osb;
+      p.calls.push_back({oa[0], obo[0], 0});
+    } else {
+      for (int64_t i = 0; i < outer; ++i) p.calls.push_back({oa[i], obo[i], i * p.M * p.N});
+    }
   } else if (arith && sa >= 0 && sb >= 0) {
     p.batch = nb;
     p.stride_a = sa;
@@ -212,16 +250,26 @@ struct Plan {
   Layout la, lb, lcd;  // cuBLASLt operands: A = our B, B = our A; C and D share one layout
   cublasOperation_t op_a = CUBLAS_OP_N, op_b = CUBLAS_OP_N;
   bool bias_epi = false;  // the algorithm was chosen with the BIAS epilogue
+  bool gelu_epi = false;  // ... and with GELU (GELU_BIAS when bias_epi)
   cublasLtMatmulAlgo_t algo{};
   size_t ws = 0;
   bool tuned = false;  // timed at prepare, or the persisted `kiln_tactic`
   std::string tactic;  // readable part
 };
 
-// Cache key: A shape, B shape, bias epilogue wanted, alignments of A/B/C/D.
-using PlanKey = std::tuple<Shape, Shape, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
+// Cache key: A shape, B shape, bias and Gelu epilogues wanted, alignments of A/B/C/D.
+using PlanKey = std::tuple<Shape, Shape, bool, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
 
-std::string algo_tactic(const cublasLtMatmulAlgo_t& algo, bool bias) {
+// Gelu may run as cuBLASLt's (tanh-approximate) epilogue: 16-bit outputs only (see the top).
+bool gelu_epilogue_allowed(DataType dt) {
+  static const bool exact = [] {
+    const char* e = std::getenv("KILN_CUDA_EXACT_GELU");
+    return e && std::string(e) == "1";
+  }();
+  return !exact && (dt == DataType::kFloat16 || dt == DataType::kBFloat16);
+}
+
+std::string algo_tactic(const cublasLtMatmulAlgo_t& algo, bool bias, bool gelu) {
   int32_t id = -1;
   uint32_t tile = 0, stages = 0, splitk = 0;
   size_t w = 0;
@@ -233,7 +281,7 @@ std::string algo_tactic(const cublasLtMatmulAlgo_t& algo, bool bias) {
                                        sizeof(splitk), &w);
   return "cuda.gemm.cublaslt.id" + std::to_string(id) + ".tile" + std::to_string(tile) +
          ".stages" + std::to_string(stages) + ".splitk" + std::to_string(splitk) +
-         (bias ? ".bias" : "");
+         (bias ? ".bias" : "") + (gelu ? ".gelu" : "");
 }
 
 // The persistable form: readable part, ".heuristic" when untimed, '@' and the raw algorithm.
@@ -253,18 +301,19 @@ class GemmKernel final : public DnnKernel {
 
  private:
   Result<Problem> problem(const Shape& as, const Shape& bs) const;
-  Status make_desc(DataType dt, bool bias_epi, const void* bias, MatmulDesc& d,
+  Status make_desc(DataType dt, bool bias_epi, bool gelu_epi, const void* bias, MatmulDesc& d,
                    cublasOperation_t op_a, cublasOperation_t op_b) const;
   // Layouts + heuristic candidates (up to `count`) for a problem.
   Result<std::shared_ptr<Plan>> build_plan(cublasLtHandle_t h, DataType dt, const Problem& p,
-                                           bool bias_epi, const uint32_t align[4], int count,
+                                           bool bias_epi, bool gelu_epi, const uint32_t align[4],
+                                           int count,
                                            std::vector<cublasLtMatmulHeuristicResult_t>* cands) const;
   Result<std::shared_ptr<Plan>> get_plan(OpContext& ctx, DataType dt, const Shape& as,
                                          const Shape& bs, const Problem& p, bool bias_epi,
-                                         const uint32_t align[4]) const;
+                                         bool gelu_epi, const uint32_t align[4]) const;
   Status exec(cublasLtHandle_t h, cudaStream_t stream, void* ws, DataType dt, const Plan& plan,
               const Problem& p, const void* a, const void* b, const void* c, void* d,
-              const void* bias, double alpha, double beta) const;
+              const void* bias, double alpha, double beta, int64_t bias_bstride = 0) const;
   Status tune(const Node& n, DataType dt, const Shape& as, const Tensor& b_host,
               const Tensor* c_const);
 
@@ -299,8 +348,8 @@ Result<Problem> GemmKernel::problem(const Shape& as, const Shape& bs) const {
   return p;
 }
 
-Status GemmKernel::make_desc(DataType dt, bool bias_epi, const void* bias, MatmulDesc& d,
-                             cublasOperation_t op_a, cublasOperation_t op_b) const {
+Status GemmKernel::make_desc(DataType dt, bool bias_epi, bool gelu_epi, const void* bias,
+                             MatmulDesc& d, cublasOperation_t op_a, cublasOperation_t op_b) const {
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   cudaDataType_t scale = CUDA_R_32F;
   if (dt == DataType::kDouble) {
@@ -314,8 +363,9 @@ Status GemmKernel::make_desc(DataType dt, bool bias_epi, const void* bias, Matmu
              "TRANSA");
   BLAS_CHECK(cublasLtMatmulDescSetAttribute(d.d, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)),
              "TRANSB");
-  if (bias_epi) {
-    cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+  if (bias_epi || gelu_epi) {
+    cublasLtEpilogue_t epi = gelu_epi ? (bias_epi ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU)
+                                      : CUBLASLT_EPILOGUE_BIAS;
     BLAS_CHECK(cublasLtMatmulDescSetAttribute(d.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)),
                "EPILOGUE");
     if (bias)
@@ -327,8 +377,8 @@ Status GemmKernel::make_desc(DataType dt, bool bias_epi, const void* bias, Matmu
 }
 
 Result<std::shared_ptr<Plan>> GemmKernel::build_plan(
-    cublasLtHandle_t h, DataType dt, const Problem& p, bool bias_epi, const uint32_t align[4],
-    int count, std::vector<cublasLtMatmulHeuristicResult_t>* cands) const {
+    cublasLtHandle_t h, DataType dt, const Problem& p, bool bias_epi, bool gelu_epi,
+    const uint32_t align[4], int count, std::vector<cublasLtMatmulHeuristicResult_t>* cands) const {
   cudaDataType_t t;
   if (!blas_dtype(dt, &t)) return unsupported(where_ + ": dtype " + dtype_name(dt));
   auto plan = std::make_shared<Plan>();
@@ -361,7 +411,7 @@ Result<std::shared_ptr<Plan>> GemmKernel::build_plan(
     }
   }
   MatmulDesc md;
-  KILN_RETURN_IF_ERROR(make_desc(dt, bias_epi, nullptr, md, plan->op_a, plan->op_b));
+  KILN_RETURN_IF_ERROR(make_desc(dt, bias_epi, gelu_epi, nullptr, md, plan->op_a, plan->op_b));
   Pref pref;
   BLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.d), "cublasLtMatmulPreferenceCreate");
   const uint64_t wsl = cfg_.ws_limit;
@@ -382,10 +432,11 @@ Result<std::shared_ptr<Plan>> GemmKernel::build_plan(
                                 &cfg_.forced_algo, &r) == CUBLAS_STATUS_SUCCESS &&
         r.workspaceSize <= cfg_.ws_limit) {
       plan->bias_epi = bias_epi;
+      plan->gelu_epi = gelu_epi;
       plan->algo = cfg_.forced_algo;
       plan->ws = r.workspaceSize;
       plan->tuned = true;
-      plan->tactic = algo_tactic(plan->algo, bias_epi);
+      plan->tactic = algo_tactic(plan->algo, bias_epi, gelu_epi);
       return plan;
     }
   }
@@ -395,7 +446,7 @@ Result<std::shared_ptr<Plan>> GemmKernel::build_plan(
                                                     plan->lcd.d, pref.d, static_cast<int>(res.size()),
                                                     res.data(), &got);
   if (s == CUBLAS_STATUS_NOT_SUPPORTED || (s == CUBLAS_STATUS_SUCCESS && got == 0)) {
-    if (bias_epi) return std::shared_ptr<Plan>();  // caller retries without the epilogue
+    if (bias_epi || gelu_epi) return std::shared_ptr<Plan>();  // caller retries without epilogue
     return unsupported(where_ + ": cuBLASLt has no algorithm for " + dtype_name(dt) + " M=" +
                        std::to_string(p.M) + " N=" + std::to_string(p.N) + " K=" +
                        std::to_string(p.K) + " batch=" + std::to_string(p.batch));
@@ -403,17 +454,19 @@ Result<std::shared_ptr<Plan>> GemmKernel::build_plan(
   BLAS_CHECK(s, "cublasLtMatmulAlgoGetHeuristic");
   res.resize(static_cast<size_t>(got));
   plan->bias_epi = bias_epi;
+  plan->gelu_epi = gelu_epi;
   plan->algo = res[0].algo;
   plan->ws = res[0].workspaceSize;
-  plan->tactic = algo_tactic(plan->algo, bias_epi);
+  plan->tactic = algo_tactic(plan->algo, bias_epi, gelu_epi);
   if (cands) *cands = std::move(res);
   return plan;
 }
 
 Result<std::shared_ptr<Plan>> GemmKernel::get_plan(OpContext& ctx, DataType dt, const Shape& as,
                                                    const Shape& bs, const Problem& p,
-                                                   bool bias_epi, const uint32_t align[4]) const {
-  const PlanKey key{as, bs, bias_epi, align[0], align[1], align[2], align[3]};
+                                                   bool bias_epi, bool gelu_epi,
+                                                   const uint32_t align[4]) const {
+  const PlanKey key{as, bs, bias_epi, gelu_epi, align[0], align[1], align[2], align[3]};
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = plans_.find(key);
@@ -422,9 +475,10 @@ Result<std::shared_ptr<Plan>> GemmKernel::get_plan(OpContext& ctx, DataType dt, 
   auto& env = env_of(ctx);
   auto h = static_cast<cublasLtHandle_t>(env.cublaslt);
   if (!h) return ctx.fail("no cuBLASLt handle in the execution context");
-  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, build_plan(h, dt, p, bias_epi, align, 1, nullptr));
+  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan,
+                        build_plan(h, dt, p, bias_epi, gelu_epi, align, 1, nullptr));
   if (!plan) {
-    KILN_ASSIGN_OR_RETURN(plan, build_plan(h, dt, p, false, align, 1, nullptr));
+    KILN_ASSIGN_OR_RETURN(plan, build_plan(h, dt, p, false, false, align, 1, nullptr));
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (tactic_.empty()) tactic_ = full_tactic(*plan);
@@ -434,9 +488,14 @@ Result<std::shared_ptr<Plan>> GemmKernel::get_plan(OpContext& ctx, DataType dt, 
 
 Status GemmKernel::exec(cublasLtHandle_t h, cudaStream_t stream, void* ws, DataType dt,
                         const Plan& plan, const Problem& p, const void* a, const void* b,
-                        const void* c, void* d, const void* bias, double alpha, double beta) const {
+                        const void* c, void* d, const void* bias, double alpha, double beta,
+                        int64_t bias_bstride) const {
   MatmulDesc md;
-  KILN_RETURN_IF_ERROR(make_desc(dt, plan.bias_epi, bias, md, plan.op_a, plan.op_b));
+  KILN_RETURN_IF_ERROR(make_desc(dt, plan.bias_epi, plan.gelu_epi, bias, md, plan.op_a, plan.op_b));
+  if (bias && bias_bstride)
+    BLAS_CHECK(cublasLtMatmulDescSetAttribute(md.d, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
+                                              &bias_bstride, sizeof(bias_bstride)),
+               "BIAS_BATCH_STRIDE");
   const float af = static_cast<float>(alpha), bf = static_cast<float>(beta);
   const bool dbl = dt == DataType::kDouble;
   const void* pa = dbl ? static_cast<const void*>(&alpha) : static_cast<const void*>(&af);
@@ -472,7 +531,8 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   const Tensor* bias = nullptr;
   const Tensor* Z = nullptr;
   double alpha = 1.0, beta = 0.0;
-  bool want_bias_epi = false, c_full = false;
+  bool want_bias_epi = false, want_gelu_epi = false, c_full = false;
+  int64_t bias_bstride = 0;  // elements between the bias rows of batched GEMMs (0: one row)
   if (cfg_.kind == GemmKind::kGemm) {
     alpha = cfg_.alpha;
     C = opt_tensor(in, 2);
@@ -500,13 +560,28 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   } else if (cfg_.kind == GemmKind::kFusedMatMul) {
     bias = opt_tensor(in, 2);
     Z = opt_tensor(in, 3);
-    if (bias && (bias->dtype() != dt || bias->numel() != N || !bias->on_device()))
-      return ctx.bad_input("bias must be a device tensor of A's dtype with " + std::to_string(N) +
-                           " elements");
+    if (bias && (bias->dtype() != dt || !bias->on_device()))
+      return ctx.bad_input("bias must be a device tensor of A's dtype");
+    if (bias && bias->numel() != N) {
+      // One bias row per GEMM of a strided batch (a stacked MatMul's [G, 1, ..., N] bias).
+      const Shape& bsh = bias->shape();
+      bool ok = p.calls.size() == 1 && p.batch > 1 && bsh.size() == p.y_shape.size() &&
+                bsh.size() >= 2 && bsh[0] == p.batch && p.y_shape[0] == p.batch && bsh.back() == N;
+      for (size_t d = 1; ok && d + 1 < bsh.size(); ++d) ok = bsh[d] == 1;
+      if (!ok)
+        return ctx.bad_input("bias " + shape_str(bsh) + " must have " + std::to_string(N) +
+                             " elements, or one row of them per batch of the output " +
+                             shape_str(p.y_shape));
+      if (Z) return ctx.bad_input("a per-batch bias with a residual input is not supported");
+      bias_bstride = N;
+    }
     if (Z && (Z->dtype() != dt || Z->shape() != p.y_shape || !Z->on_device()))
       return ctx.bad_input("residual input Z must have the MatMul output's shape " +
                            shape_str(p.y_shape) + " and dtype");
-    want_bias_epi = bias && !cfg_.gelu;
+    // Gelu in the GEMM's epilogue only when Z does not follow it (C would come before it).
+    // A persisted choice without it (timed slower at build) keeps the separate pass.
+    want_gelu_epi = cfg_.gelu && !Z && gelu_epilogue_allowed(dt) && (!cfg_.forced || cfg_.forced_gelu);
+    want_bias_epi = bias && (!cfg_.gelu || want_gelu_epi);
   }
 
   auto& env = env_of(ctx);
@@ -558,9 +633,12 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
     align[2] = std::min(align[2], sd);
     align[3] = std::min(align[3], sd);
   }
-  if (want_bias_epi && align_of(bias->raw_data()) < 16) want_bias_epi = false;
-  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan,
-                        get_plan(ctx, dt, A->shape(), B->shape(), p, want_bias_epi, align));
+  if (want_bias_epi && align_of(bias->raw_data()) < 16) {
+    want_bias_epi = false;
+    want_gelu_epi = false;  // Gelu must come after the bias
+  }
+  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, get_plan(ctx, dt, A->shape(), B->shape(), p,
+                                                             want_bias_epi, want_gelu_epi, align));
   std::shared_ptr<Storage> ws_buf;
   void* ws = nullptr;
   if (plan->ws > 0) {
@@ -572,7 +650,23 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
     }
   }
   const bool bias_in_gemm = bias && plan->bias_epi;
-  if (!bias_in_gemm && bias && cfg_.kind == GemmKind::kGemm) {
+  const bool gelu_in_gemm = cfg_.gelu && plan->gelu_epi;
+  if (gelu_in_gemm && bias && !bias_in_gemm) return ctx.fail("Gelu epilogue without its bias");
+  if (!bias_in_gemm && bias && bias_bstride && !gelu_in_gemm) {
+    // No BIAS-epilogue algorithm for per-batch rows: each batch's row broadcast into its block
+    // of Y, then the GEMM accumulates onto it (Gelu, if any, comes after in the epilogue pass).
+    const int64_t rows = M;
+    for (int64_t b = 0; b < p.batch; ++b)
+      KILN_RETURN_IF_ERROR(launch_broadcast_2d(es, static_cast<const uint8_t*>(bias->raw_data()) +
+                                                       static_cast<size_t>(b * N) * es,
+                                               static_cast<uint8_t*>(y) +
+                                                   static_cast<size_t>(b * rows * N) * es,
+                                               rows, N, 0, 1, env.stream)
+                               .with_context(where_));
+    c_op = y;
+    beta = 1.0;
+    bias = nullptr;
+  } else if (!bias_in_gemm && bias && cfg_.kind == GemmKind::kGemm) {
     // No BIAS-epilogue algorithm: broadcast the row vector into Y and accumulate onto it.
     KILN_RETURN_IF_ERROR(launch_broadcast_2d(es, bias->raw_data(), y, M, N, 0, 1, env.stream)
                              .with_context(where_));
@@ -582,8 +676,10 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   }
   KILN_RETURN_IF_ERROR(exec(static_cast<cublasLtHandle_t>(env.cublaslt), env.stream, ws, dt, *plan,
                             p, A->raw_data(), B->raw_data(), c_op, y,
-                            bias_in_gemm ? bias->raw_data() : nullptr, alpha, beta));
-  if (cfg_.kind == GemmKind::kFusedMatMul && (cfg_.gelu || (bias && !bias_in_gemm))) {
+                            bias_in_gemm ? bias->raw_data() : nullptr, alpha, beta,
+                            bias_in_gemm ? bias_bstride : 0));
+  if (cfg_.kind == GemmKind::kFusedMatMul &&
+      ((cfg_.gelu && !gelu_in_gemm) || (bias && !bias_in_gemm))) {
     EpilogueArgs e;
     e.dtype = dt;
     e.y = y;
@@ -591,7 +687,7 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
     e.bias = bias && !bias_in_gemm ? bias->raw_data() : nullptr;
     e.channels = N;
     e.inner = 1;
-    e.act = cfg_.gelu ? EpAct::kGeluErf : EpAct::kNone;
+    e.act = cfg_.gelu && !gelu_in_gemm ? EpAct::kGeluErf : EpAct::kNone;
     e.z = cfg_.gelu && Z ? Z->raw_data() : nullptr;  // without Gelu, Z went in as C
     e.z_after_act = true;
     KILN_RETURN_IF_ERROR(launch_epilogue(e, env.stream).with_context(where_));
@@ -611,9 +707,10 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   KILN_ASSIGN_OR_RETURN(Problem p, problem(as, b_host.shape()));
   KILN_ASSIGN_OR_RETURN(int64_t yn0, checked_numel(p.y_shape));
   if (p.M == 0 || p.N == 0 || p.K == 0 || yn0 == 0) return Status::ok();
-  bool has_bias = false, has_c = false;
+  bool has_bias = false, has_c = false, has_gelu = false;
   if (cfg_.kind == GemmKind::kFusedMatMul) {
-    has_bias = n.has_input(2) && !cfg_.gelu;
+    has_gelu = cfg_.gelu && !n.has_input(3) && gelu_epilogue_allowed(dt);  // as run() decides
+    has_bias = n.has_input(2) && (!cfg_.gelu || has_gelu);
     has_c = n.has_input(3) && !cfg_.gelu;
   } else if (cfg_.kind == GemmKind::kGemm && n.has_input(2) && cfg_.beta != 0.f) {
     // As run() decides: a row vector with beta == 1 is the BIAS epilogue (assumed when C is not
@@ -632,10 +729,12 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   } hg{h};
   const uint32_t align[4] = {256, 256, 256, 256};
   std::vector<cublasLtMatmulHeuristicResult_t> cands;
-  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, build_plan(h, dt, p, has_bias, align, 8, &cands));
+  const bool want_bias = has_bias, want_gelu = has_gelu;
+  KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan,
+                        build_plan(h, dt, p, has_bias, has_gelu, align, 8, &cands));
   if (!plan) {
-    has_bias = false;
-    KILN_ASSIGN_OR_RETURN(plan, build_plan(h, dt, p, false, align, 8, &cands));
+    has_bias = has_gelu = false;
+    KILN_ASSIGN_OR_RETURN(plan, build_plan(h, dt, p, false, false, align, 8, &cands));
   }
   const size_t es = dtype_size(dt);
   KILN_ASSIGN_OR_RETURN(int64_t an, checked_numel(as));
@@ -657,6 +756,14 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   }
   size_t ws_max = 0;
   for (const auto& c : cands) ws_max = std::max(ws_max, c.workspaceSize);
+  // With a Gelu epilogue wanted, the alternative is timed too: the plain GEMM followed by the
+  // exact Gelu pass (bias included there), which can be faster for small problems.
+  std::shared_ptr<Plan> alt;
+  std::vector<cublasLtMatmulHeuristicResult_t> alt_cands;
+  if (plan->gelu_epi) {
+    KILN_ASSIGN_OR_RETURN(alt, build_plan(h, dt, p, false, false, align, 8, &alt_cands));
+    for (const auto& c : alt_cands) ws_max = std::max(ws_max, c.workspaceSize);
+  }
   if (ws_max) KILN_CUDA_CHECK(cudaMalloc(&wsb.p, ws_max), what);
   cudaStream_t stream = nullptr;
   KILN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), what);
@@ -674,36 +781,94 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   } sg{stream, &e0, &e1};
   KILN_CUDA_CHECK(cudaEventCreate(&e0), what);
   KILN_CUDA_CHECK(cudaEventCreate(&e1), what);
-  float best = std::numeric_limits<float>::infinity();
-  size_t best_i = cands.size();
-  for (size_t i = 0; i < cands.size(); ++i) {
-    plan->algo = cands[i].algo;
-    plan->ws = cands[i].workspaceSize;
-    auto once = [&]() {
-      return exec(h, stream, wsb.p, dt, *plan, p, ab.p, bb.p, has_c ? cb.p : nullptr, yb.p,
-                  has_bias ? biasb.p : nullptr, 1.0, has_c ? 1.0 : 0.0);
-    };
-    if (!once().is_ok()) continue;  // warm-up; a failing candidate is skipped
-    constexpr int kReps = 5;
-    KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
-    bool ok = true;
-    for (int r = 0; r < kReps && ok; ++r) ok = once().is_ok();
-    KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
-    KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
-    float ms = 0;
-    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
-    if (ok && ms < best) {
-      best = ms;
-      best_i = i;
+  // A buffer twice the L2 cache, overwritten before each timed run (KILN_CUDA_TUNE_FLUSH=0: off,
+  // runs back to back on cached operands; an A/B knob).
+  DevBuf flush;
+  size_t flush_bytes = 0;
+  {
+    const char* e = std::getenv("KILN_CUDA_TUNE_FLUSH");
+    int dev = 0, l2 = 0;
+    if (!(e && std::string(e) == "0") && cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev) == cudaSuccess && l2 > 0) {
+      flush_bytes = static_cast<size_t>(l2) * 2;
+      if (cudaMalloc(&flush.p, flush_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        flush.p = nullptr;  // timing without the flush is still a valid choice
+      }
     }
   }
-  if (best_i == cands.size()) return Status::ok();  // none ran: heuristics at run time
-  plan->algo = cands[best_i].algo;
-  plan->ws = cands[best_i].workspaceSize;
+  // Times each candidate of `pl`; true when one beat `best` (then pl holds it).
+  float best = std::numeric_limits<float>::infinity();
+  auto time_all = [&](Plan& pl, const std::vector<cublasLtMatmulHeuristicResult_t>& cs,
+                      bool gelu_pass) -> Result<bool> {
+    size_t best_i = cs.size();
+    for (size_t i = 0; i < cs.size(); ++i) {
+      pl.algo = cs[i].algo;
+      pl.ws = cs[i].workspaceSize;
+      auto once = [&]() -> Status {
+        KILN_RETURN_IF_ERROR(exec(h, stream, wsb.p, dt, pl, p, ab.p, bb.p, has_c ? cb.p : nullptr,
+                                  yb.p, has_bias && pl.bias_epi ? biasb.p : nullptr, 1.0,
+                                  has_c ? 1.0 : 0.0));
+        if (!gelu_pass) return Status::ok();
+        EpilogueArgs e;
+        e.dtype = dt;
+        e.y = yb.p;
+        e.n = yn;
+        e.bias = has_bias ? biasb.p : nullptr;
+        e.channels = p.N;
+        e.act = EpAct::kGeluErf;
+        return launch_epilogue(e, stream);
+      };
+      if (!once().is_ok()) continue;  // warm-up; a failing candidate is skipped
+      constexpr int kReps = 5;
+      bool ok = true;
+      float ms = 0;
+      if (flush.p) {
+        // Each run timed alone after the L2 cache is overwritten: the weights come from device
+        // memory, as they do inside a whole network, instead of staying cached between runs.
+        for (int r = 0; r < kReps && ok; ++r) {
+          KILN_CUDA_CHECK(cudaMemsetAsync(flush.p, r, flush_bytes, stream), what);
+          KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
+          ok = once().is_ok();
+          KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
+          KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
+          float one = 0;
+          KILN_CUDA_CHECK(cudaEventElapsedTime(&one, e0, e1), what);
+          ms += one;
+        }
+      } else {
+        KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
+        for (int r = 0; r < kReps && ok; ++r) ok = once().is_ok();
+        KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
+        KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
+        KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
+      }
+      if (ok && ms < best) {
+        best = ms;
+        best_i = i;
+      }
+    }
+    if (best_i == cs.size()) return false;
+    pl.algo = cs[best_i].algo;
+    pl.ws = cs[best_i].workspaceSize;
+    return true;
+  };
+  KILN_ASSIGN_OR_RETURN(const bool main_won, time_all(*plan, cands, false));
+  bool alt_won = false;
+  if (alt) {
+    KILN_ASSIGN_OR_RETURN(alt_won, time_all(*alt, alt_cands, true));
+  }
+  if (alt_won) {
+    plan = alt;
+    has_bias = has_gelu = false;
+  } else if (!main_won) {
+    return Status::ok();  // none ran: heuristics at run time
+  }
   plan->tuned = true;
-  plan->tactic = algo_tactic(plan->algo, has_bias);
+  plan->tactic = algo_tactic(plan->algo, has_bias, has_gelu);
   std::lock_guard<std::mutex> lock(mu_);
-  plans_[PlanKey{as, b_host.shape(), plan->bias_epi, 256u, 256u, 256u, 256u}] = plan;
+  // Under the epilogues run() asks for; the plan's own flags say which it has.
+  plans_[PlanKey{as, b_host.shape(), want_bias, want_gelu, 256u, 256u, 256u, 256u}] = plan;
   tactic_ = full_tactic(*plan);
   return Status::ok();
 }

@@ -429,9 +429,12 @@ Result<std::unique_ptr<SdpaGraph>> SdpaGraph::create(void* handle, const SdpaSpe
                     .set_attn_scale(s.scale);
     if (s.causal) opts.set_causal_mask(true);
     if (s.bias) {
+      const std::vector<int64_t> bst =
+          s.bias_strided ? std::vector<int64_t>{s.bias_str[0], s.bias_str[1], s.bias_str[2], 1}
+                  : std::vector<int64_t>{s.bias_h * s.S * s.T, s.S * s.T, s.T, 1};
       auto Bt = g.tensor(TA().set_name("bias").set_uid(5).set_data_type(io)
                              .set_dim({s.bias_b, s.bias_h, s.S, s.T})
-                             .set_stride({s.bias_h * s.S * s.T, s.S * s.T, s.T, 1}));
+                             .set_stride(bst));
       opts.set_bias(Bt);
     }
     auto [O, stats] = g.sdpa(Q, K, V, opts);
@@ -449,7 +452,9 @@ Result<std::unique_ptr<SdpaGraph>> SdpaGraph::create(void* handle, const SdpaSpe
                          span(s.B, s.Hkv, s.T, s.vs, s.D) * es, span(s.B, s.Hq, s.S, s.os, s.D) * es};
     if (s.bias) {
       sg->uids_.push_back(5);
-      sg->buffer_bytes_.push_back(static_cast<size_t>(s.bias_b * s.bias_h * s.S * s.T) * es);
+      sg->buffer_bytes_.push_back(
+          s.bias_strided ? span(s.bias_b, s.bias_h, s.S, s.bias_str, s.T) * es
+                  : static_cast<size_t>(s.bias_b * s.bias_h * s.S * s.T) * es);
     }
     return sg;
   } catch (const std::exception& e) {

@@ -46,6 +46,11 @@ struct SdpaSpec {
   bool causal = false;
   bool bias = false;
   int64_t bias_b = 1, bias_h = 1;  // the bias' B and H dims (1 = broadcast)
+  // bias_strided: the bias has element strides bias_str over [B, H, S] (T dense); else it is a
+  // dense [bias_b, bias_h, S, T] tensor. A stride of 0 on S reads one row of keys for every
+  // query (an ONNX [B, 1, 1, T] mask taken as it is, without expanding it first).
+  bool bias_strided = false;
+  int64_t bias_str[3] = {0, 0, 0};
 };
 
 struct SdpaPtrs {

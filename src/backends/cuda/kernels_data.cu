@@ -528,11 +528,21 @@ Status run_split(OpContext& ctx, std::span<const Value> in, std::span<Value> out
   for (int64_t d = 0; d < axis; ++d) outer *= x->dim(static_cast<int>(d));
   for (int64_t d = axis + 1; d < x->rank(); ++d) inner *= x->dim(static_cast<int>(d));
   const size_t es = dtype_size(x->dtype());
+  // One row block (nothing before the axis): every part is a contiguous range of x, so the
+  // outputs are views of x's storage (no copy; the storage lives while any of them does).
+  const bool views = outer == 1 && x->storage() && x->nbytes() > 0;
+  const size_t base = views ? static_cast<size_t>(static_cast<const uint8_t*>(x->raw_data()) -
+                                                  x->storage()->data())
+                            : 0;
   int64_t start = 0;
   for (size_t i = 0; i < out.size(); ++i) {
     Shape os = x->shape();
     os[static_cast<size_t>(axis)] = sizes[i];
-    if (i < ctx.node.outputs.size() && !ctx.node.outputs[i].empty()) {
+    if (i < ctx.node.outputs.size() && !ctx.node.outputs[i].empty() && views) {
+      KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::view(x->dtype(), os, x->storage(),
+                                                   base + static_cast<size_t>(start * inner) * es));
+      out[i] = t;
+    } else if (i < ctx.node.outputs.size() && !ctx.node.outputs[i].empty()) {
       KILN_ASSIGN_OR_RETURN(Tensor t, alloc_out(ctx, x->dtype(), os));
       if (t.numel() > 0)
         KILN_RETURN_IF_ERROR(copy_rows(

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "ops/op.h"
+#include "ops/util.h"
 
 namespace kiln {
 
@@ -20,10 +21,32 @@ Status eval_fused_matmul(OpContext& ctx, std::span<const Value> in, std::span<Va
   const int64_t N = Y.dim(static_cast<int>(Y.rank()) - 1), total = Y.numel();
   float* y = Y.data<float>();
   if (const Tensor* b = opt_tensor(in, 2)) {
-    if (b->dtype() != DataType::kFloat || b->numel() != N)
-      return ctx.bad_input("bias must be float32 with " + std::to_string(N) + " elements");
+    if (b->dtype() != DataType::kFloat)
+      return ctx.bad_input("bias must be float32");
     const float* bp = b->data<float>();
-    for (int64_t i = 0; i < total; ++i) y[i] += bp[i % N];
+    if (b->numel() == N) {
+      for (int64_t i = 0; i < total; ++i) y[i] += bp[i % N];
+    } else {
+      // A bias that broadcasts to Y (one row per GEMM of a stacked MatMul: [G, 1, ..., N]).
+      auto bsh = broadcast_shapes(b->shape(), Y.shape());
+      if (!bsh.is_ok() || bsh.value() != Y.shape() || b->rank() > Y.rank() || b->rank() == 0 ||
+          b->dim(static_cast<int>(b->rank()) - 1) != N)
+        return ctx.bad_input("bias " + shape_str(b->shape()) + " must have " + std::to_string(N) +
+                             " elements or broadcast to the output " + shape_str(Y.shape()) +
+                             " over its last axis");
+      const std::vector<int64_t> st = broadcast_strides(b->shape(), Y.shape());
+      const Shape& ys = Y.shape();
+      std::vector<int64_t> idx(ys.size(), 0);
+      for (int64_t i = 0; i < total; ++i) {
+        int64_t off = 0;
+        for (size_t d = 0; d < ys.size(); ++d) off += idx[d] * st[d];
+        y[i] += bp[off];
+        for (size_t d = ys.size(); d-- > 0;) {
+          if (++idx[d] < ys[d]) break;
+          idx[d] = 0;
+        }
+      }
+    }
   }
   const std::string act = ctx.node.attr_string("activation", "");
   if (act == "Gelu") {
