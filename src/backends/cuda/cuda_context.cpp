@@ -51,6 +51,14 @@ std::string shape_key(const CompiledGraph& cg, const Frame& f) {
   return k;
 }
 
+// Cancels the pool's run when enqueue fails before its end (nothing is planned from a failed run).
+struct RunGuard {
+  DevicePool* pool = nullptr;
+  ~RunGuard() {
+    if (pool) pool->cancel_run();
+  }
+};
+
 class CudaContext final : public DeviceContext, public NodeObserver {
  public:
   ~CudaContext() override {
@@ -73,6 +81,7 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     env_.device = 0;
     env_.pool = pool_.get();
     // Library workspace: the builder's limit caps it; kernels needing more ask env.scratch().
+    // Allocated here, outside any run, it is a long-lived pool block, never part of the arena plan.
     size_t ws = std::min<uint64_t>(info.workspace_bytes ? info.workspace_bytes : (32u << 20), 32u << 20);
     KILN_ASSIGN_OR_RETURN(workspace_, pool_->allocate(ws));
     env_.workspace = workspace_->data();
@@ -84,6 +93,10 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     cudaStream_t s = stream ? static_cast<cudaStream_t>(stream) : own_stream_;
     // The previous run must be done reading the staging buffers before they are overwritten.
     if (pending_) KILN_CUDA_CHECK(cudaEventSynchronize(ev_[1]), "waiting for the previous inference's input copies");
+    // Device blocks the previous run released are reused in stream order (the arena reuses the very
+    // same addresses every run): on another stream, first wait for the previous run's work.
+    if (pending_ && last_stream_ && last_stream_ != s)
+      KILN_CUDA_CHECK(cudaStreamWaitEvent(s, ev_[3], 0), "ordering this inference after the previous one");
     last_stream_ = s;
     env_.stream = s;
     if (!handles_ready_) KILN_RETURN_IF_ERROR(create_handles(cg));
@@ -132,6 +145,20 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     }
     KILN_CUDA_CHECK(cudaEventRecord(ev_[1], s), "recording a CUDA event");
 
+    // One run of the pool's arena (device_pool.h): compute + output staging. The first run is
+    // recorded and planned at end_run; later runs are served from the arena. Input buffers are
+    // allocated above, outside the run (with CUDA graphs they persist in dev_in_), so the trace
+    // holds compute allocations only and the warm-up run's trace matches the capture run's.
+    // CUDA graphs: the warm-up run is the recorded one, so the capture run is the first served
+    // from the arena and the graph bakes in arena addresses, reserved for the pool's lifetime (the
+    // arena is never freed or moved). The graph's outputs stay alive in captured_, so the server
+    // lends their bytes to no other request; requests the arena cannot serve come from the pool,
+    // whose blocks a captured graph keeps using as before. Replays allocate nothing. A run that
+    // captures or replays is never recorded (its graph would keep the pool blocks the arena
+    // replaces and that end_run hands back).
+    const bool graph_run = graph_on_ && !graph_failed_ && !profiling_ && (exec_ || warm_ != 0);
+    pool_->begin_run(/*may_record=*/!graph_run);
+    RunGuard run{pool_.get()};
     KILN_RETURN_IF_ERROR(compute(cg, frame, s, seed));
     KILN_CUDA_CHECK(cudaEventRecord(ev_[2], s), "recording a CUDA event");
 
@@ -154,7 +181,10 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     }
     KILN_CUDA_CHECK(cudaEventRecord(ev_[3], s), "recording a CUDA event");
     pending_ = true;
-    return Status::ok();
+    // Outside capture: the recorded run's end plans the arena (waits for this run once). The
+    // pool's cached blocks go back to the driver unless a captured graph still uses them.
+    run.pool = nullptr;
+    return pool_->end_run(s, /*may_free_cached=*/exec_ == nullptr);
   }
 
   Status synchronize() override {
