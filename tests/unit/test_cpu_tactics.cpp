@@ -212,4 +212,25 @@ TEST(CpuTactics, UnknownTacticFallsBackToTheDefault) {
   }
 }
 
+// Winograd tactics ("cpu.conv.onednn.wino.<impl>") from a timing cache: kept in the plan and
+// correct whether or not this machine has that winograd implementation (AVX2-only machines have
+// none in oneDNN 2.6 and load oneDNN's default direct conv). Tolerance: expect_correct's 1e-4 of
+// outputs of magnitude ~5, ample for fp32 F(4x4,3x3) here (tests/unit/test_cpu_winograd.cpp
+// checks more shapes, the fallback path and fused residuals).
+TEST(CpuTactics, WinogradTacticFromTheCacheIsCorrect) {
+  const std::string cache = temp_dir() + "/tc.txt";
+  Built b;
+  if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
+  for (const char* t : {"cpu.conv.onednn.wino.jit_wino_4x3:avx512_core",
+                        "cpu.conv.onednn.wino.jit_fp32_wino_2x3:avx512_core",
+                        "cpu.conv.onednn.wino.no_such_impl:none"}) {
+    force_tactic(cache, t);
+    Built f = build(cache);
+    EXPECT_EQ(f.rep.tuned, 0u);
+    EXPECT_EQ(f.rep.tuned_from_cache, 1u);
+    EXPECT_NE(layers(f).find(std::string("[") + t + "]"), std::string::npos) << layers(f);
+    expect_correct(f);
+  }
+}
+
 }  // namespace
