@@ -1,12 +1,44 @@
 #include "plan/plan.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <mutex>
 
 #include "base/hash.h"
 
 namespace kiln {
 
 namespace {
+
+struct MappedPlans {
+  std::mutex mu;
+  std::vector<const MappedFile*> files;
+  std::atomic<uint64_t> released{0};
+};
+
+MappedPlans& mapped_plans() {
+  static MappedPlans m;
+  return m;
+}
+
+// The checksum of a mapped plan, a chunk at a time, each chunk's pages dropped once hashed: the
+// whole file is never resident at once.
+uint64_t hash_payload(const MappedFile& f) {
+  const uint8_t* p = f.data() + kPlanHeaderSize;
+  const size_t n = f.size() - kPlanHeaderSize;
+  constexpr size_t kChunk = size_t{16} << 20;  // a multiple of the 8-byte hash step
+  Hasher h;
+  for (size_t off = 0; off < n; off += kChunk) {
+    const size_t len = std::min(kChunk, n - off);
+    h.update(p + off, len);
+    release_plan_pages(p + off, len);
+  }
+  return h.digest();
+}
 
 class Writer {
  public:
@@ -197,6 +229,7 @@ class Reader {
   }
 
   Tensor tensor() {
+    const size_t start = pos_;
     int32_t dt = i32("tensor dtype");
     if (ok() && !dtype_valid(dt)) { fail("bad tensor dtype " + std::to_string(dt)); return {}; }
     uint32_t rank = count("tensor rank", 8);
@@ -222,6 +255,8 @@ class Reader {
     if (!need(pad, "tensor padding")) return {};
     pos_ += pad;
     if (!need(nbytes, "tensor data")) return {};
+    // Reading this header mapped the page-cache folio around it (up to 2 MiB of weights) again.
+    release_plan_pages(file_->data() + start, pos_ - start + (nbytes ? 1 : 0));
     Tensor t = Tensor::external(dtype, shape, file_->data() + pos_, file_);
     pos_ += nbytes;
     return t;
@@ -379,8 +414,10 @@ Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string
   if (payload != file->size() - kPlanHeaderSize)
     return corrupt("is truncated or padded: header says " + std::to_string(payload + kPlanHeaderSize) +
                    " bytes, file has " + std::to_string(file->size()));
-  if (hash_bytes(file->data() + kPlanHeaderSize, payload) != sum)
-    return corrupt("fails its checksum (the file is damaged)");
+  // A mapped plan's checksum pass drops the pages behind it (release_plan_pages), and so does
+  // the end of parsing (a tensor header's read maps the page-cache folio around it): a loaded
+  // plan keeps none of its weights resident until a kernel reads them.
+  if (hash_payload(*file) != sum) return corrupt("fails its checksum (the file is damaged)");
   Reader r(file, kPlanHeaderSize);
   LoadedPlan lp;
   lp.format_version = version;
@@ -410,9 +447,51 @@ Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string
                                                      expected + "'; rebuild it on this device");
   lp.graph = r.graph();
   if (!r.ok()) return r.err.with_context("plan '" + src + "'");
+  release_plan_pages(file->data(), file->size());
   if (r.pos() != file->size()) return corrupt("has trailing bytes after the graph");
   return lp;
 }
+
+void register_mapped_plan(const MappedFile* file) {
+  if (!file || !file->data() || !file->size()) return;
+  MappedPlans& m = mapped_plans();
+  std::lock_guard<std::mutex> lock(m.mu);
+  m.files.push_back(file);
+}
+
+void unregister_mapped_plan(const MappedFile* file) {
+  MappedPlans& m = mapped_plans();
+  std::lock_guard<std::mutex> lock(m.mu);
+  auto it = std::find(m.files.begin(), m.files.end(), file);
+  if (it != m.files.end()) m.files.erase(it);
+}
+
+size_t release_plan_pages(const void* p, size_t n) {
+  if (!p || !n) return 0;
+  MappedPlans& m = mapped_plans();
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(m.mu);
+  for (const MappedFile* f : m.files) {
+    const auto base = reinterpret_cast<uintptr_t>(f->data());
+    if (a < base || a - base > f->size() || n > f->size() - (a - base)) continue;
+    // The page cache holds large folios (up to 2 MiB, aligned in the file) and a fault maps the
+    // whole folio, so a range is released out to 2 MiB file-offset boundaries (clipped to the
+    // mapping): otherwise the folios at its edges would stay mapped. Neighbours released with
+    // it are simply read back when touched.
+    constexpr uintptr_t kFolio = uintptr_t{2} << 20;
+    const uintptr_t off = a - base;
+    const uintptr_t lo = off / kFolio * kFolio;
+    const uintptr_t hi = std::min<uintptr_t>((off + n + kFolio - 1) / kFolio * kFolio, f->size());
+    // A private read-only file mapping never written: MADV_DONTNEED only unmaps the pages, the
+    // data comes back from the file on the next access.
+    if (madvise(reinterpret_cast<void*>(base + lo), hi - lo, MADV_DONTNEED) != 0) return 0;
+    m.released += hi - lo;
+    return hi - lo;
+  }
+  return 0;
+}
+
+uint64_t released_plan_bytes() { return mapped_plans().released.load(); }
 
 std::string device_fingerprint(const std::string& backend) {
   if (backend == "cpu") {

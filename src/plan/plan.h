@@ -72,6 +72,20 @@ using DeviceResolver = std::function<Result<std::string>(const std::string& plan
 Result<LoadedPlan> read_plan(std::shared_ptr<MappedFile> file, const std::string& expected_device,
                              const DeviceResolver& resolver = nullptr);
 
+// Plan files that loaded engines mapped from disk (read-only, private file mappings). While one is
+// registered, read_plan drops the pages of its checksum pass behind it, and kernels that keep
+// their own (packed) copy of a weight drop the weight's pages: they stay readable (the OS reads
+// them back from the page cache when touched) but leave this process's resident memory, so a
+// plan's weights are not held twice. Register only memory from MappedFile::open (a real mmap),
+// unregister before the mapping can go away.
+void register_mapped_plan(const MappedFile* file);
+void unregister_mapped_plan(const MappedFile* file);
+// Drops the pages of [p, p + n) from resident memory when the range lies inside a registered plan
+// mapping; anything else (heap memory, in-memory plans) is left alone. Returns the bytes released.
+size_t release_plan_pages(const void* p, size_t n);
+// Total bytes release_plan_pages has released in this process (tests, diagnostics).
+uint64_t released_plan_bytes();
+
 // The fingerprint of this machine for a backend ("cpu" → "cpu:x86_64:avx2").
 std::string device_fingerprint(const std::string& backend);
 

@@ -1,7 +1,10 @@
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <sstream>
+#include <utility>
 
+#include "backends/cpu/weight_pages.h"
 #include "base/file.h"
 #include "base/logging.h"
 #include "kiln/runtime.h"
@@ -11,6 +14,18 @@
 
 namespace kiln {
 
+// Keeps a plan file registered as mapped (plan.h) while the engine lives; unregistered before the
+// engine drops its references to the mapping.
+struct MappedPlanRegistration {
+  const MappedFile* file = nullptr;
+  MappedPlanRegistration() = default;
+  MappedPlanRegistration(const MappedPlanRegistration&) = delete;
+  MappedPlanRegistration& operator=(const MappedPlanRegistration&) = delete;
+  ~MappedPlanRegistration() {
+    if (file) unregister_mapped_plan(file);
+  }
+};
+
 struct Engine::Impl {
   std::shared_ptr<MappedFile> file;
   LoadedPlan plan;
@@ -19,6 +34,7 @@ struct Engine::Impl {
   PlanInfo info;
   const Backend* backend = nullptr;
   const DeviceRuntime* device_runtime = nullptr;  // null on the CPU
+  MappedPlanRegistration registration;  // last: unregistered first
 };
 
 struct ExecutionContext::Impl {
@@ -59,8 +75,16 @@ TensorDesc make_desc(const ValueInfo& vi) {
   return d;
 }
 
-Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> file) {
+// `mapped`: `file` is a real mmap of a plan on disk (Engine::load), so the weights' pages can be
+// dropped once read (checksum) or packed by a kernel; they are never held twice.
+Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> file, bool mapped) {
   auto impl = std::make_unique<Engine::Impl>();
+  if (mapped) {
+    // CPU kernels that pack a weight drop its pages from the mapping (plan.h).
+    cpu::set_weight_pages_hook(&release_plan_pages);
+    register_mapped_plan(file.get());
+    impl->registration.file = file.get();
+  }
   // The plan's device decides the backend; a plan for another CPU kind or GPU is refused.
   auto resolver = [](const std::string& plan_device) -> Result<std::string> {
     if (plan_device.rfind("cuda", 0) == 0) {
@@ -76,6 +100,21 @@ Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> fil
     return device_fingerprint("cpu");
   };
   KILN_ASSIGN_OR_RETURN(impl->plan, read_plan(file, kDeviceOfPlan, resolver));
+  if (mapped) {
+    // Small constants (biases, norm scales) move to the heap: reading one in the mapping at run
+    // time would map the whole page-cache folio around it again (up to 2 MiB of a neighbouring
+    // weight that a kernel packed and released).
+    constexpr size_t kSmallConstant = size_t{64} << 10;
+    for (auto& [name, t] : impl->plan.graph.initializers) {
+      if (!t.is_external() || t.on_device() || t.dtype() == DataType::kString ||
+          t.nbytes() > kSmallConstant)
+        continue;
+      KILN_ASSIGN_OR_RETURN(Tensor copy, Tensor::create(t.dtype(), t.shape()));
+      if (t.nbytes()) std::memcpy(copy.raw_data(), t.raw_data(), t.nbytes());
+      const Tensor original = std::exchange(t, std::move(copy));
+      release_plan_pages(original.raw_data(), original.nbytes());
+    }
+  }
   const bool on_cuda = impl->plan.header.device.rfind("cuda", 0) == 0;
   const Backend& backend = on_cuda ? *cuda_backend() : cpu_backend();
   impl->file = file;
@@ -108,11 +147,11 @@ Engine::~Engine() = default;
 
 Result<std::shared_ptr<Engine>> Engine::load(const std::string& plan_path) {
   KILN_ASSIGN_OR_RETURN(auto file, MappedFile::open(plan_path));
-  return engine_from_file(std::move(file));
+  return engine_from_file(std::move(file), /*mapped=*/true);
 }
 
 Result<std::shared_ptr<Engine>> Engine::deserialize(const void* data, size_t size) {
-  return engine_from_file(MappedFile::from_bytes(data, size));
+  return engine_from_file(MappedFile::from_bytes(data, size), /*mapped=*/false);
 }
 
 const std::vector<TensorDesc>& Engine::inputs() const { return impl_->inputs; }

@@ -1,9 +1,11 @@
 #include <dlfcn.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
 #include "backends/cpu/cpu_kernels.h"
+#include "backends/cpu/weight_pages.h"
 #include "runtime/backend.h"
 
 namespace kiln {
@@ -104,6 +106,19 @@ class CpuBackend final : public Backend {
   }
 };
 }  // namespace
+
+namespace cpu {
+namespace {
+std::atomic<WeightPagesHook> g_weight_pages_hook{nullptr};
+}  // namespace
+
+void set_weight_pages_hook(WeightPagesHook hook) { g_weight_pages_hook.store(hook); }
+
+size_t packed_weight_done(const void* data, size_t bytes) {
+  WeightPagesHook h = g_weight_pages_hook.load();
+  return h ? h(data, bytes) : 0;
+}
+}  // namespace cpu
 
 Status set_cpu_threads(int threads) {
   if (threads < 1) return invalid_argument("the thread count must be at least 1");

@@ -3,6 +3,7 @@
 // transA/transB as strides, alpha as an output scale, a C that is [N] / [1, N] / scalar-free as the
 // bias (beta = 1). Anything else runs the reference kernel.
 #include "backends/cpu/cpu_kernels.h"
+#include "backends/cpu/weight_pages.h"
 
 #if KILN_WITH_DNNL
 #include <malloc.h>
@@ -64,8 +65,15 @@ class DnnlMatMul final : public Kernel {
     std::shared_ptr<const MmPlan> p;
     KILN_ASSIGN_OR_RETURN(p, plan_for(*A, *B, C, &ys));
     if (!p || (Z && Z->shape() != ys)) return ref_(ctx, in, out);
-    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(ys));
-    if (Z) std::memcpy(Y.data<float>(), Z->data<float>(), Y.nbytes());
+    // A residual Z handed over by the executor (it dies here, nothing else holds its storage):
+    // the sum post-op accumulates into its buffer instead of a copy of it in a fresh Y.
+    Tensor Y;
+    if (Z && ((ctx.donatable >> 3) & 1) && Z->storage().use_count() == 1) {
+      Y = *Z;
+    } else {
+      KILN_ASSIGN_OR_RETURN(Y, new_output(ys));
+      if (Z) std::memcpy(Y.data<float>(), Z->data<float>(), Y.nbytes());
+    }
     try {
       const dnnl::engine& eng = cpu_engine();
       dnnl::stream s(eng);
@@ -179,6 +187,9 @@ class DnnlMatMul final : public Kernel {
         dnnl::reorder(user_b, p->packed_b).execute(s, user_b, p->packed_b);
         s.wait();
         p->has_packed_b = true;
+        // B is now read only from the packed copy (the reference fallback reads the original
+        // again from the plan file if ever needed): drop the original's mmap'd pages.
+        packed_weight_done(b_const_.raw_data(), b_const_.nbytes());
       }
       p->scratch = pd.scratchpad_desc();
       p->scratch_bytes = p->scratch.get_size();
