@@ -18,10 +18,12 @@
 // - float32 (CUBLAS_COMPUTE_32F: no TF32 unless the node has `tf32`=1), float16 / bfloat16
 //   (float accumulation, float scale), double (64F). Integer types: supports() = false.
 // Row-major Y = op(A) op(B) is computed as the column-major Y^T = op(B)^T op(A)^T.
-// Algorithm choice: per (shapes, bias epilogue, pointer alignments) a mutex-protected cache of
-// layouts + algorithm. With `kiln_tune_shape` (A's shape) and a constant B, prepare times the
-// top heuristic candidates (up to 8) with CUDA events and keeps the fastest; otherwise the first
-// heuristic answer. Workspace limit: node attribute `kiln_workspace` (bytes) else 32 MiB.
+// Algorithm choice: per (shapes, bias/Gelu epilogues, pointer alignments) a mutex-protected
+// cache of layouts + algorithm. With `kiln_tune_shape` (A's shape) and a constant B, prepare
+// times the top heuristic candidates (up to KILN_CUDA_GEMM_CANDIDATES, default 24; each run
+// after the L2 cache is overwritten, KILN_CUDA_TUNE_FLUSH=0: back to back) with CUDA events and
+// keeps the fastest; otherwise the first heuristic answer. Workspace limit: node attribute
+// `kiln_workspace` (bytes) else 32 MiB.
 // describe_tactic() gives "cuda.gemm.cublaslt.id<N>.tile<T>.stages<S>.splitk<K>[.bias]
 // [.heuristic]@<raw algorithm, 128 hex digits>"; a node attribute `kiln_tactic` holding that
 // string makes every 256-byte aligned call use the algorithm again (validated with
@@ -730,11 +732,17 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   const uint32_t align[4] = {256, 256, 256, 256};
   std::vector<cublasLtMatmulHeuristicResult_t> cands;
   const bool want_bias = has_bias, want_gelu = has_gelu;
+  // How many of the heuristics' answers are timed (their order is a guess, best first).
+  static const int kTuneCandidates = [] {
+    const char* e = std::getenv("KILN_CUDA_GEMM_CANDIDATES");
+    const int v = e ? std::atoi(e) : 0;
+    return v >= 1 && v <= 128 ? v : 24;
+  }();
   KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan,
-                        build_plan(h, dt, p, has_bias, has_gelu, align, 8, &cands));
+                        build_plan(h, dt, p, has_bias, has_gelu, align, kTuneCandidates, &cands));
   if (!plan) {
     has_bias = has_gelu = false;
-    KILN_ASSIGN_OR_RETURN(plan, build_plan(h, dt, p, false, false, align, 8, &cands));
+    KILN_ASSIGN_OR_RETURN(plan, build_plan(h, dt, p, false, false, align, kTuneCandidates, &cands));
   }
   const size_t es = dtype_size(dt);
   KILN_ASSIGN_OR_RETURN(int64_t an, checked_numel(as));
@@ -761,7 +769,7 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   std::shared_ptr<Plan> alt;
   std::vector<cublasLtMatmulHeuristicResult_t> alt_cands;
   if (plan->gelu_epi) {
-    KILN_ASSIGN_OR_RETURN(alt, build_plan(h, dt, p, false, false, align, 8, &alt_cands));
+    KILN_ASSIGN_OR_RETURN(alt, build_plan(h, dt, p, false, false, align, kTuneCandidates, &alt_cands));
     for (const auto& c : alt_cands) ws_max = std::max(ws_max, c.workspaceSize);
   }
   if (ws_max) KILN_CUDA_CHECK(cudaMalloc(&wsb.p, ws_max), what);
