@@ -1,6 +1,7 @@
 // CPU tactics: the oneDNN convolution times its implementations at build time, the builder keeps
 // the choice in the plan (`kiln_tactic`) and the timing cache, and a forced or unknown tactic
 // still gives the right answer.
+#include <filesystem>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -86,11 +87,20 @@ std::vector<float> reference(const std::vector<float>& x) {
   return y;
 }
 
-std::string temp_dir() {
-  char tmpl[] = "/tmp/kiln_tactics_XXXXXX";
-  char* d = mkdtemp(tmpl);
-  return d ? d : "/tmp";
-}
+// A fresh directory under /tmp, removed with its files when the test ends.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/kiln_tactics_XXXXXX";
+    char* d = mkdtemp(tmpl);
+    path = d ? d : "";
+    EXPECT_FALSE(path.empty()) << "mkdtemp failed";
+  }
+  ~TempDir() {
+    std::error_code ec;
+    if (!path.empty()) std::filesystem::remove_all(path, ec);
+  }
+};
 
 struct Built {
   std::vector<uint8_t> bytes;
@@ -164,7 +174,8 @@ bool first_build(const std::string& cache, Built* b) {
 }
 
 TEST(CpuTactics, TimedStoredAndReusedFromTheCache) {
-  const std::string cache = temp_dir() + "/tc.txt";
+  TempDir td;
+  const std::string cache = td.path + "/tc.txt";
   Built b;
   if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
   EXPECT_EQ(b.rep.tuned, 1u);
@@ -184,7 +195,8 @@ TEST(CpuTactics, TimedStoredAndReusedFromTheCache) {
 }
 
 TEST(CpuTactics, ForcedTacticIsHonoured) {
-  const std::string cache = temp_dir() + "/tc.txt";
+  TempDir td;
+  const std::string cache = td.path + "/tc.txt";
   Built b;
   if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
   // oneDNN's GEMM-based convolution exists on every x86-64 CPU; elsewhere the name is unknown
@@ -200,7 +212,8 @@ TEST(CpuTactics, ForcedTacticIsHonoured) {
 }
 
 TEST(CpuTactics, UnknownTacticFallsBackToTheDefault) {
-  const std::string cache = temp_dir() + "/tc.txt";
+  TempDir td;
+  const std::string cache = td.path + "/tc.txt";
   Built b;
   if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
   for (const char* t :
@@ -218,7 +231,8 @@ TEST(CpuTactics, UnknownTacticFallsBackToTheDefault) {
 // outputs of magnitude ~5, ample for fp32 F(4x4,3x3) here (tests/unit/test_cpu_winograd.cpp
 // checks more shapes, the fallback path and fused residuals).
 TEST(CpuTactics, WinogradTacticFromTheCacheIsCorrect) {
-  const std::string cache = temp_dir() + "/tc.txt";
+  TempDir td;
+  const std::string cache = td.path + "/tc.txt";
   Built b;
   if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
   for (const char* t : {"cpu.conv.onednn.wino.jit_wino_4x3:avx512_core",

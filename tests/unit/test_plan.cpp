@@ -1,4 +1,5 @@
 // Plan file round trip and every refusal path; engine cache hit / miss / stale / damaged.
+#include <filesystem>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -180,6 +181,13 @@ TEST(Plan, EngineRunsAfterRoundTrip) {
 
 TEST(Cache, HitMissStaleAndDamaged) {
   std::string dir = temp_dir();
+  struct RemoveDir {  // the directory goes when the test ends, however it ends
+    std::string d;
+    ~RemoveDir() {
+      std::error_code ec;
+      std::filesystem::remove_all(d, ec);
+    }
+  } remove_dir{dir};
   std::string model = dir + "/model.onnx";
   copy_file(shared_node("test_add"), model);
   BuilderConfig cfg;
