@@ -397,6 +397,13 @@ std::string fresh_value(const std::unordered_set<std::string>& used, const std::
   return n;
 }
 
+// fresh_value, then reserved in `used`.
+std::string take_fresh_value(std::unordered_set<std::string>& used, const std::string& base) {
+  std::string v = fresh_value(used, base);
+  used.insert(v);
+  return v;
+}
+
 // The stacked form of fuse_parallel_matmuls (see there) for the members `same` of A `a`.
 Status stack_matmuls(Graph& g, std::unordered_set<std::string>& names, const std::string& a,
                      const std::vector<size_t>& same, int64_t K, int64_t N, size_t rank,
@@ -419,11 +426,7 @@ Status stack_matmuls(Graph& g, std::unordered_set<std::string>& names, const std
     std::copy(bm->data<float>(), bm->data<float>() + N, bias.data<float>() + m * N);
   }
   const Node& first = g.nodes[same[0]];
-  auto fresh = [&](const std::string& base) {
-    std::string v = fresh_value(names, base);
-    names.insert(v);
-    return v;
-  };
+  auto fresh = [&](const std::string& base) { return take_fresh_value(names, base); };
   const std::string wn = fresh(first.name + "/stacked_W"), bn = fresh(first.name + "/stacked_bias"),
                     an = fresh(first.name + "/stacked_axes"), yn = fresh(first.name + "/stacked_Y");
   g.initializers[wn] = std::move(W);
@@ -544,11 +547,7 @@ Status fuse_parallel_matmuls(Graph& g, PassStats* stats, bool stacked) {
       col += n;
     }
     const Node& first = g.nodes[same[0]];
-    auto fresh = [&](const std::string& base) {
-      std::string v = fresh_value(names, base);
-      names.insert(v);
-      return v;
-    };
+    auto fresh = [&](const std::string& base) { return take_fresh_value(names, base); };
     const std::string wn = fresh(first.name + "/packed_W"), bn = fresh(first.name + "/packed_bias"),
                       sn = fresh(first.name + "/packed_split"), yn = fresh(first.name + "/packed_Y");
     g.initializers[wn] = std::move(W);

@@ -2,6 +2,7 @@
 // op's reference evaluation.
 #pragma once
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -9,6 +10,27 @@
 #include "ops/op.h"
 
 namespace kiln::test {
+
+// A float32 tensor of shape s, uniform in [lo, hi).
+inline Tensor rand_tensor(std::mt19937& rng, const Shape& s, float lo = -1.f, float hi = 1.f) {
+  Tensor t = Tensor::create(DataType::kFloat, s).value();
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (auto& v : t.span<float>()) v = d(rng);
+  return t;
+}
+
+// A graph node (opset 17 unless set afterwards).
+inline Node node(const std::string& name, const std::string& op, std::vector<std::string> in,
+                 std::vector<std::string> out, const std::string& domain = "") {
+  Node n;
+  n.name = name;
+  n.op_type = op;
+  n.domain = domain;
+  n.opset = 17;
+  n.inputs = std::move(in);
+  n.outputs = std::move(out);
+  return n;
+}
 
 inline Attribute int_attr(const std::string& name, int64_t v) {
   Attribute a;

@@ -27,48 +27,17 @@
 #include "kiln/builder.h"
 #include "kiln/logger.h"
 #include "runtime/executor.h"
+#include "op_test_util.h"
 
 using namespace kiln;
 
 namespace {
 
+using test::node;
+using test::rand_tensor;
+
 constexpr char k4x3[] = "cpu.conv.onednn.wino.jit_wino_4x3:avx512_core";
 constexpr char k2x3[] = "cpu.conv.onednn.wino.jit_fp32_wino_2x3:avx512_core";
-
-Tensor rand_tensor(std::mt19937& rng, const Shape& s, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::create(DataType::kFloat, s).value();
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (auto& v : t.span<float>()) v = d(rng);
-  return t;
-}
-
-Node node(const std::string& name, const std::string& op, std::vector<std::string> in,
-          std::vector<std::string> out, const std::string& domain = "") {
-  Node n;
-  n.name = name;
-  n.op_type = op;
-  n.domain = domain;
-  n.opset = 17;
-  n.inputs = std::move(in);
-  n.outputs = std::move(out);
-  return n;
-}
-
-void set_ints(Node& n, const char* name, std::vector<int64_t> v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInts;
-  a.ints = std::move(v);
-  n.set_attr(a);
-}
-
-void set_string(Node& n, const char* name, const std::string& v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kString;
-  a.s = v;
-  n.set_attr(a);
-}
 
 // One convolution under test: x [N,C,H,W] -> y [N,M,.,.], kernel K, stride S, pads K/2. With
 // `residual`, y = relu(conv(x) + b + z) where z = conv3x3(x) of another (untimed) conv, so that z
@@ -92,17 +61,17 @@ Graph make_graph(const Spec& s, const std::string& tactic, uint32_t seed) {
     const float zr = 1.f / std::sqrt(float(s.C * 9));
     g.initializers["z.W"] = rand_tensor(rng, {s.M, s.C, 3, 3}, -zr, zr);
     Node z = node("zconv", "Conv", {"x", "z.W"}, {"z"});
-    set_ints(z, "pads", {1, 1, 1, 1});
-    set_ints(z, "strides", {s.S, s.S});
+    z.set_attr(test::ints_attr("pads", {1, 1, 1, 1}));
+    z.set_attr(test::ints_attr("strides", {s.S, s.S}));
     g.nodes.push_back(std::move(z));
     in.push_back("z");
   }
   Node n = s.residual ? node("c", "FusedConv", in, {"y"}, "kiln") : node("c", "Conv", in, {"y"});
   const int64_t p = s.K / 2;
-  set_ints(n, "pads", {p, p, p, p});
-  set_ints(n, "strides", {s.S, s.S});
-  if (s.residual) set_string(n, "activation", "Relu");
-  if (!tactic.empty()) set_string(n, "kiln_tactic", tactic);
+  n.set_attr(test::ints_attr("pads", {p, p, p, p}));
+  n.set_attr(test::ints_attr("strides", {s.S, s.S}));
+  if (s.residual) n.set_attr(test::str_attr("activation", "Relu"));
+  if (!tactic.empty()) n.set_attr(test::str_attr("kiln_tactic", tactic));
   g.nodes.push_back(std::move(n));
   return g;
 }
@@ -328,7 +297,7 @@ TEST(CpuWinograd, TuningOffersWinogradWhereAvailable) {
   s.N = 1, s.C = 32, s.M = 32, s.H = 28, s.W = 28;
   Graph g = make_graph(s, "", 5);
   Node& n = g.nodes.back();
-  set_ints(n, "kiln_tune_shape", {s.N, s.C, s.H, s.W});
+  n.set_attr(test::ints_attr("kiln_tune_shape", {s.N, s.C, s.H, s.W}));
   std::mt19937 rng(4);
   Tensor x = rand_tensor(rng, {s.N, s.C, s.H, s.W});
   std::string log;

@@ -15,45 +15,14 @@
 #include <vector>
 
 #include "runtime/executor.h"
+#include "op_test_util.h"
 
 using namespace kiln;
 
 namespace {
 
-Tensor rand_tensor(std::mt19937& rng, const Shape& s, float lo = -1.f, float hi = 1.f) {
-  Tensor t = Tensor::create(DataType::kFloat, s).value();
-  std::uniform_real_distribution<float> d(lo, hi);
-  for (auto& v : t.span<float>()) v = d(rng);
-  return t;
-}
-
-Node node(const std::string& name, const std::string& op, std::vector<std::string> in,
-          std::vector<std::string> out, const std::string& domain = "") {
-  Node n;
-  n.name = name;
-  n.op_type = op;
-  n.domain = domain;
-  n.opset = 17;
-  n.inputs = std::move(in);
-  n.outputs = std::move(out);
-  return n;
-}
-
-void set_attr_ints(Node& n, const char* name, std::vector<int64_t> v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kInts;
-  a.ints = std::move(v);
-  n.set_attr(a);
-}
-
-void set_attr_string(Node& n, const char* name, const std::string& v) {
-  Attribute a;
-  a.name = name;
-  a.kind = Attribute::Kind::kString;
-  a.s = v;
-  n.set_attr(a);
-}
+using test::node;
+using test::rand_tensor;
 
 constexpr int64_t kC = 8;  // channels everywhere
 const Shape kXs = {2, kC, 6, 6};
@@ -64,7 +33,7 @@ void add_conv(Graph& g, std::mt19937& rng, const std::string& name, const std::s
   g.initializers[name + ".W"] = rand_tensor(rng, {kC, kC, 3, 3}, -0.3f, 0.3f);
   g.initializers[name + ".B"] = rand_tensor(rng, {kC});
   Node n = node(name, "Conv", {x, name + ".W", name + ".B"}, {y});
-  set_attr_ints(n, "pads", {1, 1, 1, 1});
+  n.set_attr(test::ints_attr("pads", {1, 1, 1, 1}));
   g.nodes.push_back(std::move(n));
 }
 
@@ -74,7 +43,7 @@ void add_fused_residual(Graph& g, std::mt19937& rng, const std::string& name, co
   g.initializers[name + ".W"] = rand_tensor(rng, {kC, kC, 1, 1}, -0.5f, 0.5f);
   g.initializers[name + ".B"] = rand_tensor(rng, {kC});
   Node n = node(name, "FusedConv", {x, name + ".W", name + ".B", z}, {y}, "kiln");
-  set_attr_string(n, "activation", "Relu");
+  n.set_attr(test::str_attr("activation", "Relu"));
   g.nodes.push_back(std::move(n));
 }
 
