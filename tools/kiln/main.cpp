@@ -39,7 +39,7 @@ constexpr int kExitMismatch = 3;
 
 struct Options {
   std::string cmd;
-  std::string onnx, save_engine, load_engine, cache_dir, test_dir, save_outputs, json;
+  std::string onnx, save_engine, load_engine, cache_dir, test_dir, save_outputs, json, export_profile;
   std::vector<std::string> positional;
   std::vector<std::string> load_inputs;  // name:file[,file...]
   int64_t batch = 0;
@@ -141,7 +141,8 @@ void print_help(const std::string& cmd) {
         "  --streams N          CUDA: N execution contexts on N streams in flight at once\n"
         "  --dumpProfile        after timing, run again with per-layer timing (CUDA events on the\n"
         "                       GPU, no CUDA graph) and print the layers and op types that cost most\n"
-        "  --json FILE          write every figure as JSON\n",
+        "  --json FILE          write every figure as JSON\n"
+        "  --exportProfile FILE with --dumpProfile: every layer's mean time as JSON, in run order\n",
         kEngineOpts, kBuildOpts);
   } else if (cmd == "inspect") {
     std::printf(
@@ -235,6 +236,7 @@ int parse(int argc, char** argv, Options& o) {
     else if (a == "--testDir") rc = want_str(o.test_dir);
     else if (a == "--saveOutputs") rc = want_str(o.save_outputs);
     else if (a == "--json") rc = want_str(o.json);
+    else if (a == "--exportProfile") rc = want_str(o.export_profile);
     else if (a == "--device") rc = want_str(o.device);
     else if (a == "--loadInputs") { std::string s; rc = want_str(s); o.load_inputs.push_back(s); }
     else if (a == "--batch") rc = want_int(o.batch, 1);
@@ -714,6 +716,23 @@ struct Stats {
   }
 };
 
+std::string json_escape(const std::string& in) {
+  std::string out;
+  for (char c : in) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned char>(c));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 int cmd_bench(const Options& o) {
   auto eng = get_engine(o);
   if (!eng.is_ok()) return fail(eng.status());
@@ -815,7 +834,7 @@ int cmd_bench(const Options& o) {
     std::printf("device memory: %.1f MiB per context\n", static_cast<double>(ctxs[0]->device_memory_bytes()) / 1048576.0);
   }
   std::printf("throughput: %.2f inferences/s, %.2f items/s\n", qps, qps * static_cast<double>(batch));
-  if (o.dump_profile) {
+  if (o.dump_profile || !o.export_profile.empty()) {
     ExecutionContext& c = *ctxs[0];
     Status st = c.set_profiling(true);
     if (st.is_ok() && o.cuda_graph) st = c.set_cuda_graph(false);
@@ -828,6 +847,18 @@ int cmd_bench(const Options& o) {
     auto lt = c.layer_times();
     if (!lt.is_ok()) return fail(lt.status());
     std::vector<LayerTime> layers = lt.value();
+    if (!o.export_profile.empty()) {
+      std::ofstream j(o.export_profile);
+      j << "[\n";
+      for (size_t i = 0; i < layers.size(); ++i) {
+        const LayerTime& l = layers[i];
+        j << "  {\"name\": \"" << json_escape(l.name) << "\", \"op\": \"" << json_escape(l.op) << "\", \"kernel\": \""
+          << json_escape(l.kernel) << "\", \"mean_ms\": " << (l.runs > 0 ? l.total_ms / static_cast<double>(l.runs) : 0.0)
+          << ", \"runs\": " << l.runs << "}" << (i + 1 < layers.size() ? "," : "") << "\n";
+      }
+      j << "]\n";
+      if (!j) return fail(io_error("cannot write '" + o.export_profile + "'"));
+    }
     double sum = 0;
     std::map<std::string, std::pair<double, int>> by_op;
     for (auto& l : layers) {

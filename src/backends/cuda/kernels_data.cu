@@ -151,6 +151,64 @@ __global__ void k_transpose_tiled(const U* __restrict__ src, U* __restrict__ dst
   }
 }
 
+template <typename U>
+Status launch_transpose_tiled(OpContext& ctx, const U* src, U* dst, int64_t B, int64_t R,
+                              int64_t C);
+
+// Batched transpose with one narrow side (S <= 16 elements), where 32x32 tiles would be mostly
+// empty: NCHW -> NHWC of a 3-channel image (src [B, S, L], dst [B, L, S]) and back (src [B, L, S],
+// dst [B, S, L]). One thread per (b, l) moves its S elements; reads and writes of neighbouring
+// threads stay adjacent on both sides. 32-bit index math where the sizes allow it.
+template <typename U, typename I, bool kNarrowInDst>
+__global__ void k_transpose_narrow(const U* __restrict__ src, U* __restrict__ dst, I B, I L,
+                                   int S) {
+  const I n = B * L;
+  for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<I>(gridDim.x) * blockDim.x) {
+    const I b = i / L, l = i - b * L;
+    if (kNarrowInDst) {  // src [B, S, L] -> dst [B, L, S]
+      const U* s = src + b * S * L + l;
+      U* d = dst + i * S;
+      for (int k = 0; k < S; ++k) d[k] = s[static_cast<I>(k) * L];
+    } else {  // src [B, L, S] -> dst [B, S, L]
+      const U* s = src + i * S;
+      U* d = dst + b * S * L + l;
+      for (int k = 0; k < S; ++k) d[static_cast<I>(k) * L] = s[k];
+    }
+  }
+}
+
+template <typename U>
+Status launch_transpose_narrow(OpContext& ctx, const U* src, U* dst, int64_t B, int64_t L,
+                               int64_t S, bool narrow_in_dst) {
+  Env& env = env_of(ctx);
+  const int64_t n = B * L;
+  const int s = static_cast<int>(S);
+  if (n * S < (int64_t{1} << 31)) {
+    const int32_t b32 = static_cast<int32_t>(B), l32 = static_cast<int32_t>(L);
+    if (narrow_in_dst)
+      k_transpose_narrow<U, int32_t, true><<<grid_for(n), 256, 0, env.stream>>>(src, dst, b32, l32, s);
+    else
+      k_transpose_narrow<U, int32_t, false><<<grid_for(n), 256, 0, env.stream>>>(src, dst, b32, l32, s);
+  } else if (narrow_in_dst) {
+    k_transpose_narrow<U, int64_t, true><<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
+  } else {
+    k_transpose_narrow<U, int64_t, false><<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
+  }
+  KILN_CUDA_LAUNCHED(ctx.node.where() + ": transpose");
+  return Status::ok();
+}
+
+template <typename U>
+Status transpose_2d(OpContext& ctx, const void* src, void* dst, int64_t B, int64_t P, int64_t Q) {
+  // src [B, Q, P] -> dst [B, P, Q]
+  const U* s = static_cast<const U*>(src);
+  U* d = static_cast<U*>(dst);
+  if (Q <= 16 && P > Q) return launch_transpose_narrow(ctx, s, d, B, P, Q, true);
+  if (P <= 16 && Q > P) return launch_transpose_narrow(ctx, s, d, B, Q, P, false);
+  return launch_transpose_tiled(ctx, s, d, B, Q, P);
+}
+
 struct CopyPlan {
   std::vector<int64_t> shape, sst, dst;
   int64_t sbase = 0, dbase = 0;
@@ -253,21 +311,15 @@ Status run_copy(OpContext& ctx, CopyPlan p, size_t es, const void* src, void* ds
     int64_t P = p.shape[r - 2], Q = p.shape[r - 1];
     bool match = p.dst[r - 1] == 1 && p.dst[r - 2] == Q && p.sst[r - 2] == 1 && p.sst[r - 1] == P;
     if (r == 3) match = match && p.sst[0] == P * Q && p.dst[0] == P * Q;
-    if (match && P >= 4 && Q >= 4 && (Q + 31) / 32 <= 65535 && (P + 31) / 32 < (1LL << 31)) {
+    const bool narrow = (Q <= 16 && P > Q) || (P <= 16 && Q > P);
+    if (match && (narrow || (P >= 4 && Q >= 4 && (Q + 31) / 32 <= 65535)) &&
+        (P + 31) / 32 < (1LL << 31)) {
       int64_t B = r == 3 ? p.shape[0] : 1;
       switch (es) {
-        case 1:
-          return launch_transpose_tiled(ctx, static_cast<const uint8_t*>(src),
-                                        static_cast<uint8_t*>(dst), B, Q, P);
-        case 2:
-          return launch_transpose_tiled(ctx, static_cast<const uint16_t*>(src),
-                                        static_cast<uint16_t*>(dst), B, Q, P);
-        case 4:
-          return launch_transpose_tiled(ctx, static_cast<const uint32_t*>(src),
-                                        static_cast<uint32_t*>(dst), B, Q, P);
-        default:
-          return launch_transpose_tiled(ctx, static_cast<const uint64_t*>(src),
-                                        static_cast<uint64_t*>(dst), B, Q, P);
+        case 1: return transpose_2d<uint8_t>(ctx, src, dst, B, P, Q);
+        case 2: return transpose_2d<uint16_t>(ctx, src, dst, B, P, Q);
+        case 4: return transpose_2d<uint32_t>(ctx, src, dst, B, P, Q);
+        default: return transpose_2d<uint64_t>(ctx, src, dst, B, P, Q);
       }
     }
   }

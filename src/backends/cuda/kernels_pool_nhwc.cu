@@ -4,6 +4,8 @@
 // MaxPool follows the CUDA/reference MaxPool exactly: padded taps are skipped, the first tap
 // whose value beats the running max wins (a leading NaN stays). Float32, float16, bfloat16.
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "backends/cuda/cuda_types.cuh"
@@ -47,6 +49,64 @@ __global__ void maxpool_nhwc_kernel(const T* __restrict__ x, T* __restrict__ y, 
     }
     y[i] = convert<T>(m);
   }
+}
+
+// The same with V channels per thread (one 16-byte load per tap; C % V == 0, 16-byte aligned
+// tensors) and index type I (int32_t where every offset fits): the scalar kernel's 64-bit
+// div/mod per element made ResNet-50's stem pool (batch 256) run at a tenth of memory speed.
+template <typename T, int V>
+struct alignas(16) PoolVec {
+  T v[V];
+};
+
+template <typename T, int V, typename I>
+__global__ void maxpool_nhwc_vec_kernel(const T* __restrict__ x, T* __restrict__ y, PoolNhwcGeom g,
+                                        I n) {
+  using Vec = PoolVec<T, V>;
+  const I CV = static_cast<I>(g.C / V), OW = static_cast<I>(g.OW), OH = static_cast<I>(g.OH);
+  const I H = static_cast<I>(g.H), W = static_cast<I>(g.W), Cc = static_cast<I>(g.C);
+  for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<I>(gridDim.x) * blockDim.x) {
+    const I cv = i % CV;
+    I r = i / CV;
+    const I ow = r % OW;
+    r /= OW;
+    const I oh = r % OH;
+    const I b = r / OH;
+    float m[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) m[k] = -INFINITY;
+    bool found = false;
+    for (int a = 0; a < g.kh; ++a) {
+      const I ih = oh * static_cast<I>(g.sh) - static_cast<I>(g.ph) + a * static_cast<I>(g.dh);
+      if (ih < 0 || ih >= H) continue;
+      for (int e = 0; e < g.kw; ++e) {
+        const I iw = ow * static_cast<I>(g.sw) - static_cast<I>(g.pw) + e * static_cast<I>(g.dw);
+        if (iw < 0 || iw >= W) continue;
+        const Vec in = *reinterpret_cast<const Vec*>(x + ((b * H + ih) * W + iw) * Cc + cv * V);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float v = convert<float>(in.v[k]);
+          if (!found || v > m[k]) m[k] = v;
+        }
+        found = true;
+      }
+    }
+    Vec out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = convert<T>(found ? m[k] : -INFINITY);
+    *reinterpret_cast<Vec*>(y + static_cast<int64_t>(i) * V) = out;
+  }
+}
+
+template <typename T, int V>
+void launch_maxpool_vec(const T* x, T* y, const PoolNhwcGeom& g, int64_t n_out, cudaStream_t st) {
+  const int64_t n = n_out / V;
+  const int64_t in_elems = g.N * g.H * g.W * g.C;
+  if (in_elems < (int64_t{1} << 31) && n_out < (int64_t{1} << 31))
+    maxpool_nhwc_vec_kernel<T, V, int32_t><<<grid_for(n), 256, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+  else
+    maxpool_nhwc_vec_kernel<T, V, int64_t><<<grid_for(n), 256, 0, st>>>(x, y, g, n);
 }
 
 template <typename T>
@@ -104,7 +164,24 @@ Status run_pool_nhwc(OpContext& ctx, std::span<const Value> in, std::span<Value>
   g.dh = w.dilations[0], g.dw = w.dilations[1], g.ph = w.pad_begin[0], g.pw = w.pad_begin[1];
   KILN_ASSIGN_OR_RETURN(Tensor y, env.alloc(dt, Shape{N, g.OH, g.OW, Cc}));
   const int64_t n = y.numel();
-  if (n > 0) {
+  const int vec = dt == DataType::kFloat ? 4 : 8;  // 16 bytes of channels
+  const bool aligned = Cc % vec == 0 && reinterpret_cast<uintptr_t>(x->raw_data()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(y.raw_data()) % 16 == 0;
+  if (n > 0 && aligned && std::getenv("KILN_CUDA_POOL_SCALAR") == nullptr) {
+    switch (dt) {
+      case DataType::kFloat:
+        launch_maxpool_vec<float, 4>(x->data<float>(), y.data<float>(), g, n, env.stream);
+        break;
+      case DataType::kFloat16:
+        launch_maxpool_vec<__half, 8>(x->data<__half>(), y.data<__half>(), g, n, env.stream);
+        break;
+      default:
+        launch_maxpool_vec<__nv_bfloat16, 8>(x->data<__nv_bfloat16>(), y.data<__nv_bfloat16>(), g,
+                                             n, env.stream);
+        break;
+    }
+    KILN_CUDA_LAUNCHED("NHWC max pool kernel");
+  } else if (n > 0) {
 #define KILN_MAXP_LAUNCH \
   maxpool_nhwc_kernel<T><<<grid_for(n), 256, 0, env.stream>>>(x->data<T>(), y.data<T>(), g, n)
     switch (dt) {
