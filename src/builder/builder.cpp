@@ -301,17 +301,43 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(eliminate_common_subexpressions(g, &ps));
   FusionOptions fo;
-  fo.nhwc_pools = backend->is_device();
+  // MaxPool / GlobalAveragePool inside an NHWC conv chain run in NHWC (CUDA kernels; oneDNN's
+  // nhwc pooling on the CPU), so the chain does not leave NHWC around them.
+  fo.nhwc_pools = true;
   // One GEMM for sibling projections: on the CPU, a wider GEMM + Split of the last axis (BERT-base
-  // 50.2 -> 49.3 ms); on devices the stacked form, whose Split gives views (the copying Split
-  // cost more than the wider GEMM saved at batch 32 on CUDA).
-  fo.pack_parallel_matmuls = true;
+  // 50.2 -> 49.3 ms with unfused attention); on devices the stacked form, whose Split gives
+  // views (the copying Split cost more than the wider GEMM saved at batch 32 on CUDA). Where
+  // attention fuses on the CPU, Q/K/V stay three GEMMs: the Split's copies cost as much as the
+  // wider GEMM saves (BERT-base b1, 2 threads, Zen5, per-layer sums: packed 48.9 GEMMs + 0.97
+  // Split vs 49.3 ms; end to end 49.63 vs 49.55 ms, median of 5 alternating runs), and no
+  // copies is less memory. (Tried too: a Split of memcpy'd rows on 2 threads took the same
+  // ~53 us a layer as the reference; the stacked form took twice as long in oneDNN's batched
+  // GEMM with a broadcast A.)
+  // (CPU: fused attention only where every fused node is float32, which its kernel covers.)
+  bool cpu_attention = false;
+  if (!backend->is_device()) {
+    Graph probe = g;
+    KILN_RETURN_IF_ERROR(fuse_attention(probe));
+    bool all_f32 = true;
+    for (const Node& n : probe.nodes) {
+      if (!n.domain.empty() || n.op_type != "Attention" || n.inputs.empty()) continue;
+      cpu_attention = true;
+      const TypeInfo* t = nullptr;
+      if (const ValueInfo* vi = probe.find_value_info(n.inputs[0])) t = &vi->type;
+      for (const auto& in : probe.inputs)
+        if (in.name == n.inputs[0]) t = &in.type;
+      all_f32 = all_f32 && t && t->kind == TypeInfo::Kind::kTensor && t->dtype == DataType::kFloat;
+    }
+    cpu_attention = cpu_attention && all_f32;
+  }
+  fo.pack_parallel_matmuls = backend->is_device() || !cpu_attention;
   fo.stack_parallel_matmuls = backend->is_device();
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, fo, &ps));
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(infer_types(g, &ps));
-  if (backend->is_device()) {
-    // One fused kernel for scaled-dot-product attention (the CPU keeps its oneDNN matmuls).
+  if (backend->is_device() || cpu_attention) {
+    // One fused kernel for scaled-dot-product attention (CUDA: cuDNN SDPA; CPU:
+    // cpu_attention.cpp, which replaces the two MatMuls, Softmax, scale and head Transposes).
     KILN_RETURN_IF_ERROR(fuse_attention(g, &ps));
     KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
     KILN_RETURN_IF_ERROR(infer_types(g, &ps));

@@ -18,8 +18,10 @@ constexpr const char kSoftmaxDnnl[] = "cpu.f32.softmax.dnnl";
 constexpr const char kLayerNormDnnl[] = "cpu.f32.layernorm.dnnl";
 constexpr const char kMaxPoolDnnl[] = "cpu.f32.maxpool.dnnl";
 constexpr const char kGapDnnl[] = "cpu.f32.globalavgpool.dnnl";
+constexpr const char kPoolNhwcDnnl[] = "cpu.f32.poolnhwc.dnnl";
 constexpr const char kMatMulDnnl[] = "cpu.f32.matmul.dnnl";
 constexpr const char kGemmDnnl[] = "cpu.f32.gemm.dnnl";
+constexpr const char kAttention[] = "cpu.f32.attention.fused";
 
 // Tactics with a reference fallback resolve to the op's reference kernel: a prepared kernel runs
 // instead when prepare() made one; otherwise (non-constant weights, a build without oneDNN) the
@@ -44,6 +46,7 @@ class CpuBackend final : public Backend {
   std::string choose_kernel(const Node& n) const override {
     const OpDef* d = find_op(n.domain, n.op_type);
     if (!d) return "";
+    if (n.domain.empty() && n.op_type == "Attention") return kAttention;
 #if KILN_WITH_DNNL
     if (is_conv_family(n)) return kConvDnnl;
     if ((n.domain.empty() && n.op_type == "MatMul") || (n.domain == "kiln" && n.op_type == "FusedMatMul"))
@@ -55,6 +58,7 @@ class CpuBackend final : public Backend {
     if (n.domain.empty() && (n.op_type == "Add" || n.op_type == "Sub" || n.op_type == "Mul" || n.op_type == "Div"))
       return "cpu.f32.binary.dnnl." + n.op_type;
     if (n.domain.empty() && n.op_type == "GlobalAveragePool") return kGapDnnl;
+    if (n.domain == "kiln" && n.op_type == "PoolNHWC") return kPoolNhwcDnnl;
     if (n.domain.empty() && n.op_type == "LayerNormalization") return kLayerNormDnnl;
 #endif
     return std::string(kRefPrefix) + (n.domain.empty() ? "" : n.domain + ":") + n.op_type;
@@ -69,9 +73,11 @@ class CpuBackend final : public Backend {
     if (kernel == "cpu.f32.binary.dnnl.Mul") return kOp_Mul.eval;
     if (kernel == "cpu.f32.binary.dnnl.Div") return kOp_Div.eval;
     if (kernel == kGapDnnl) return kOp_GlobalAveragePool.eval;
+    if (kernel == kPoolNhwcDnnl) return kOp_kiln_PoolNHWC.eval;
     if (kernel == kLayerNormDnnl) return kOp_LayerNormalization.eval;
     if (kernel == kMatMulDnnl) return &eval_matmul_family;
     if (kernel == kGemmDnnl) return kOp_Gemm.eval;
+    if (kernel == kAttention) return kOp_Attention.eval;
     if (kernel.rfind(kRefPrefix, 0) != 0) return nullptr;
     std::string rest = kernel.substr(sizeof(kRefPrefix) - 1);
     std::string domain, op = rest;
@@ -85,6 +91,8 @@ class CpuBackend final : public Backend {
   }
   Result<std::shared_ptr<const Kernel>> prepare(const std::string& kernel, const Node& n,
                                                 const ConstantLookup& constants) const override {
+    if (kernel == kAttention && n.domain.empty() && n.op_type == "Attention")
+      return cpu::prepare_cpu_attention(n, kOp_Attention.eval);
 #if KILN_WITH_DNNL
     if (kernel == kConvDnnl && is_conv_family(n))
       return cpu::prepare_dnnl_conv(n, constants, &eval_conv_family);
@@ -97,6 +105,8 @@ class CpuBackend final : public Backend {
     if (kernel == kMaxPoolDnnl && n.op_type == "MaxPool") return cpu::prepare_dnnl_pool(n, kOp_MaxPool.eval);
     if (kernel == kGapDnnl && n.op_type == "GlobalAveragePool")
       return cpu::prepare_dnnl_pool(n, kOp_GlobalAveragePool.eval);
+    if (kernel == kPoolNhwcDnnl && n.domain == "kiln" && n.op_type == "PoolNHWC")
+      return cpu::prepare_dnnl_pool(n, kOp_kiln_PoolNHWC.eval);
     if (kernel == kSoftmaxDnnl && n.op_type == "Softmax") return cpu::prepare_dnnl_softmax(n, kOp_Softmax.eval);
     if (kernel == kTransposeDnnl && n.op_type == "Transpose")
       return cpu::prepare_dnnl_transpose(n, kOp_Transpose.eval);

@@ -1,6 +1,7 @@
 // CPU backend kernels behind tactic names (oneDNN when the build has it).
 #pragma once
 #include <memory>
+#include <string>
 
 #include "runtime/backend.h"
 
@@ -34,13 +35,22 @@ Result<std::shared_ptr<const Kernel>> prepare_dnnl_matmul(const Node& n, const C
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_transpose(const Node& n, EvalFn ref);
 // Add / Sub / Mul / Div of float32 with one-sided broadcasting as a oneDNN binary primitive.
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_binary(const Node& n, EvalFn ref);
-// MaxPool (2D, Y only) / GlobalAveragePool (4D) of NCHW float32 as oneDNN pooling.
+// MaxPool (2D, Y only) / GlobalAveragePool (4D) of NCHW float32, and kiln.PoolNHWC (either mode,
+// NHWC), as oneDNN pooling.
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_pool(const Node& n, EvalFn ref);
 // LayerNormalization over the last axis (Y only) as oneDNN layer normalization for float32.
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_layernorm(const Node& n, EvalFn ref);
 // Softmax (opset-13 form: one axis) as oneDNN softmax for float32.
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_softmax(const Node& n, EvalFn ref);
 #endif
+
+// ONNX Attention (float32; 3-D or 4-D; optional additive float / bool mask; is_causal) as one
+// fused kernel (cpu_attention.cpp), or nullptr when the node's form is not covered (past KV,
+// nonpad_kv_seqlen, softcap, extra outputs). Other inputs at run time go to `ref`.
+Result<std::shared_ptr<const Kernel>> prepare_cpu_attention(const Node& n, EvalFn ref);
+// Tests and A/B runs: the attention kernel's instruction set from now on ("avx512", "avx2",
+// "sse"; "" = the best this CPU has). False (nothing changes) where the CPU lacks it.
+bool set_attention_isa(const std::string& isa);
 
 }  // namespace cpu
 }  // namespace kiln

@@ -688,11 +688,12 @@ class DnnlLayerNorm final : public Kernel {
   mutable std::map<std::pair<Shape, bool>, std::shared_ptr<const LnPlan>> cache_;
 };
 
-// MaxPool (2D, no Indices output, dilations 1) and GlobalAveragePool of NCHW float32 tensors as
-// oneDNN pooling.
+// MaxPool (2D, no Indices output) and GlobalAveragePool of float32 tensors as oneDNN pooling
+// (pooling_v2: dilated windows too). NCHW for the ONNX ops; NHWC for kiln.PoolNHWC (the layout
+// of the conv chain around it; oneDNN's nhwc pooling reads it as is).
 class DnnlPool final : public Kernel {
  public:
-  DnnlPool(bool global_avg, EvalFn ref) : global_avg_(global_avg), ref_(ref) {}
+  DnnlPool(bool global_avg, bool nhwc, EvalFn ref) : global_avg_(global_avg), nhwc_(nhwc), ref_(ref) {}
   Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
     const Tensor* X = opt_tensor(in, 0);
     if (!X || X->dtype() != DataType::kFloat || X->rank() != 4 || X->numel() == 0)
@@ -721,53 +722,73 @@ class DnnlPool final : public Kernel {
 
  private:
   struct PoolPlan {
-    dnnl::pooling_forward pool;
+    dnnl::pooling_v2_forward pool;
     memory::desc src, dst;
     Shape ys;
   };
   std::shared_ptr<const PoolPlan> build(const Node& n, const Tensor& X) const {
     const Shape& xs = X.shape();
-    memory::dims k, st, pl, pr, od;
+    // Logical (oneDNN) dims N, C, H, W whatever the layout.
+    const int64_t N = xs[0], C = xs[nhwc_ ? 3 : 1], H = xs[nhwc_ ? 1 : 2], W = xs[nhwc_ ? 2 : 3];
+    memory::dims k, st, dil, pl, pr, od;
     if (global_avg_) {
-      k = {xs[2], xs[3]};
+      k = {H, W};
       st = {1, 1};
+      dil = {0, 0};
       pl = {0, 0};
       pr = {0, 0};
       od = {1, 1};
     } else {
-      for (int64_t d : n.attr_ints("dilations"))
-        if (d != 1) return nullptr;
-      auto win = nn::make_window(n, Shape{xs[2], xs[3]}, {}, true);
+      auto win = nn::make_window(n, Shape{H, W}, {}, true);
       if (!win.is_ok()) return nullptr;
       const nn::Window& w = win.value();
       if (w.nsp != 2) return nullptr;
       for (size_t i = 0; i < 2; ++i) {
-        if (w.out[i] <= 0 || w.pad_begin[i] >= w.kernel[i]) return nullptr;
+        const int64_t d = w.dilations.size() == 2 ? w.dilations[i] : 1;
+        if (d < 1) return nullptr;
+        const int64_t ek = (w.kernel[i] - 1) * d + 1;  // the window's reach
+        if (w.out[i] <= 0 || w.pad_begin[i] >= ek) return nullptr;
         k.push_back(w.kernel[i]);
         st.push_back(w.strides[i]);
+        dil.push_back(d - 1);  // oneDNN counts the gaps: 0 is a dense window
         pl.push_back(w.pad_begin[i]);
         // ceil_mode windows may reach past the given end padding: pad to what the output needs.
-        pr.push_back((w.out[i] - 1) * w.strides[i] + w.kernel[i] - xs[2 + i] - w.pad_begin[i]);
+        pr.push_back((w.out[i] - 1) * w.strides[i] + ek - (i == 0 ? H : W) - w.pad_begin[i]);
         od.push_back(w.out[i]);
+      }
+      // Every window must see at least one input element (oneDNN's and ONNX's empty-window
+      // results differ).
+      for (size_t i = 0; i < 2; ++i) {
+        const int64_t len = i == 0 ? H : W;
+        for (int64_t o = 0; o < od[i]; ++o) {
+          bool any = false;
+          for (int64_t j = 0; j < k[i] && !any; ++j) {
+            const int64_t x = o * st[i] - pl[i] + j * (dil[i] + 1);
+            any = x >= 0 && x < len;
+          }
+          if (!any) return nullptr;
+        }
       }
     }
     auto p = std::make_shared<PoolPlan>();
     try {
-      memory::dims sd(xs.begin(), xs.end()), dd = {xs[0], xs[1], od[0], od[1]};
-      p->src = memory::desc(sd, dt::f32, tag::nchw);
-      p->dst = memory::desc(dd, dt::f32, tag::nchw);
-      p->ys = Shape(dd.begin(), dd.end());
-      dnnl::pooling_forward::desc pdsc(dnnl::prop_kind::forward_inference,
-                                       global_avg_ ? dnnl::algorithm::pooling_avg_exclude_padding
-                                                   : dnnl::algorithm::pooling_max,
-                                       p->src, p->dst, st, k, pl, pr);
-      p->pool = dnnl::pooling_forward(dnnl::pooling_forward::primitive_desc(pdsc, cpu_engine()));
+      const tag t = nhwc_ ? tag::nhwc : tag::nchw;
+      memory::dims sd = {N, C, H, W}, dd = {N, C, od[0], od[1]};
+      p->src = memory::desc(sd, dt::f32, t);
+      p->dst = memory::desc(dd, dt::f32, t);
+      // GlobalAveragePool's [N, C, 1, 1] is the same in both layouts.
+      p->ys = nhwc_ && !global_avg_ ? Shape{N, od[0], od[1], C} : Shape{N, C, od[0], od[1]};
+      dnnl::pooling_v2_forward::desc pdsc(dnnl::prop_kind::forward_inference,
+                                          global_avg_ ? dnnl::algorithm::pooling_avg_exclude_padding
+                                                      : dnnl::algorithm::pooling_max,
+                                          p->src, p->dst, st, k, dil, pl, pr);
+      p->pool = dnnl::pooling_v2_forward(dnnl::pooling_v2_forward::primitive_desc(pdsc, cpu_engine()));
     } catch (const dnnl::error&) {
       return nullptr;
     }
     return p;
   }
-  bool global_avg_;
+  bool global_avg_, nhwc_;
   EvalFn ref_;
   mutable std::mutex mu_;
   mutable std::map<Shape, std::shared_ptr<const PoolPlan>> cache_;
@@ -859,11 +880,18 @@ Result<std::shared_ptr<const Kernel>> prepare_dnnl_binary(const Node& n, EvalFn 
 
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_pool(const Node& n, EvalFn ref) {
   if (n.inputs.size() != 1) return std::shared_ptr<const Kernel>();
-  if (n.op_type == "GlobalAveragePool")
-    return std::shared_ptr<const Kernel>(std::make_shared<DnnlPool>(true, ref));
+  bool nhwc = false;
+  std::string op = n.op_type;
+  if (n.domain == "kiln" && n.op_type == "PoolNHWC") {
+    nhwc = true;
+    op = n.attr_string("mode", "");
+    if (op != "MaxPool" && op != "GlobalAveragePool") return std::shared_ptr<const Kernel>();
+  }
+  if (op == "GlobalAveragePool")
+    return std::shared_ptr<const Kernel>(std::make_shared<DnnlPool>(true, nhwc, ref));
   for (size_t i = 1; i < n.outputs.size(); ++i)
     if (!n.outputs[i].empty()) return std::shared_ptr<const Kernel>();
-  return std::shared_ptr<const Kernel>(std::make_shared<DnnlPool>(false, ref));
+  return std::shared_ptr<const Kernel>(std::make_shared<DnnlPool>(false, nhwc, ref));
 }
 
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_layernorm(const Node& n, EvalFn ref) {

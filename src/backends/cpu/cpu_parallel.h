@@ -1,0 +1,21 @@
+// OpenMP's thread pool (the one oneDNN runs on) for Kiln's own CPU kernels: one threading
+// model, not two. libgomp's entry points are looked up at run time (as set_cpu_threads does),
+// so the kernels need no -fopenmp; without OpenMP the tasks run serially.
+#pragma once
+#include <cstdint>
+
+namespace kiln {
+namespace cpu {
+
+// The thread count a parallel region gets (omp_get_max_threads; 1 without OpenMP).
+int omp_threads();
+
+// Runs task(ctx, i) for every i in [0, n) on up to `threads` OpenMP threads (the caller's
+// included). Tasks are taken one at a time from a shared counter: a thread the OS holds back
+// (a shared machine) leaves its share to the others instead of holding up the call. False when
+// a task returned false (the others still run).
+using TaskFn = bool (*)(void* ctx, int64_t i);
+bool parallel_tasks(int64_t n, int threads, TaskFn task, void* ctx);
+
+}  // namespace cpu
+}  // namespace kiln
