@@ -98,6 +98,17 @@ def main():
         if k not in j["latency_ms"]:
             FAILS.append("bench json " + k)
 
+    check("bench exportProfile", ["bench", "--loadEngine", "r.plan", "--iterations", "3", "--exportProfile",
+                                  "prof.json"], 0, "=== profile")
+    prof = json.load(open(os.path.join(WORK, "prof.json")))
+    names = [l["name"] for l in prof]
+    if not prof or any(l["mean_ms"] < 0 or l["runs"] != 3 for l in prof) or not any(
+            l["op"] == "kiln.FusedConv" and l["kernel"].startswith("cpu.") for l in prof) or len(set(names)) != len(names):
+        FAILS.append("bench exportProfile content")
+        print("FAIL bench exportProfile content")
+    check("bench exportProfile unwritable", ["bench", "--loadEngine", "r.plan", "--iterations", "1", "--exportProfile",
+                                             "no_such_dir/prof.json"], 1, "cannot write 'no_such_dir/prof.json'")
+
     # --- engine cache ------------------------------------------------------------------------
     shutil.copytree(r, os.path.join(WORK, "cached_model"))
     cm = os.path.join(WORK, "cached_model", "model.onnx")
