@@ -1,7 +1,8 @@
 // Layout kernels of the CUDA backend against the CPU backend (skipped without a usable GPU):
 // transposes with a narrow side (NCHW <-> NHWC of few channels, the input edge of every image
-// model) and the NHWC max pool in its vectorized (channels a multiple of 16 bytes) and scalar
-// forms, inside whole conv chains built for CUDA in float32 and float16.
+// model), the NHWC max pool in its vectorized (channels a multiple of 16 bytes) and scalar forms
+// and the NHWC global average pool in both of its forms, inside whole conv chains built for CUDA
+// in float32 and float16.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -169,6 +170,36 @@ TEST(CudaLayout, ConvChainWithNhwcMaxPoolMatchesTheCpu) {
       // float32 runs with TF32 off; float16 rounds activations and weights (2^-11 relative).
       EXPECT_LE(worst, (fp16 ? 1e-2 : 1e-5) * std::max(1.0, scale))
           << "channels " << c.c << (fp16 ? " fp16" : " fp32");
+    }
+  }
+}
+
+// x [N, 3, 9, 10] -> Conv 3x3 (3 -> C) -> Relu -> GlobalAveragePool -> y: on CUDA the pool runs
+// on the NHWC conv output, split over positions for small grids (N * C < 132 * 256) and one
+// thread per channel otherwise.
+TEST(CudaLayout, NhwcGlobalAveragePoolMatchesTheCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  std::mt19937 rng(21);
+  for (auto [n, c] : {std::pair<int64_t, int64_t>{2, 40}, {300, 128}}) {
+    Model m = one_node_model({n, 3, 9, 10}, node("c1", "Conv", {"x", "w1", "b1"}, {"h1"}));
+    Graph& g = m.graph;
+    g.initializers["w1"] = rand_tensor(rng, {c, 3, 3, 3}, -0.3f, 0.3f);
+    g.initializers["b1"] = rand_tensor(rng, {c}, -0.1f, 0.1f);
+    g.nodes.push_back(node("r", "Relu", {"h1"}, {"h2"}));
+    g.nodes.push_back(node("p", "GlobalAveragePool", {"h2"}, {"y"}));
+    auto cpu = build(m, "cpu", false);
+    ASSERT_TRUE(cpu);
+    Tensor x = rand_tensor(rng, {n, 3, 9, 10});
+    std::vector<float> want = run(*cpu, x);
+    for (bool fp16 : {false, true}) {
+      auto gpu = build(m, "cuda", fp16);
+      ASSERT_TRUE(gpu);
+      std::vector<float> got = run(*gpu, x);
+      ASSERT_EQ(got.size(), want.size());
+      double worst = 0;
+      for (size_t i = 0; i < want.size(); ++i)
+        worst = std::max(worst, std::fabs(double(got[i]) - want[i]) / (1.0 + std::fabs(double(want[i]))));
+      EXPECT_LE(worst, fp16 ? 5e-3 : 1e-5) << "N " << n << " C " << c << (fp16 ? " fp16" : " fp32");
     }
   }
 }
