@@ -12,8 +12,8 @@ namespace kiln {
 struct FusionOptions {
   bool enable = true;
   bool conv_layouts = true;  // run conv chains in NHWC (Transposes at the chain edges)
-  // Device builds: MaxPool / GlobalAveragePool fed by an NHWC conv run in NHWC too
-  // (kiln.PoolNHWC), so the chain does not leave NHWC around them.
+  // MaxPool / GlobalAveragePool fed by an NHWC conv run in NHWC too (kiln.PoolNHWC), so the
+  // chain does not leave NHWC around them (on by default in the builder for both backends).
   bool nhwc_pools = false;
   // Sibling FusedMatMuls on one input (Q/K/V projections) become one GEMM and a Split.
   bool pack_parallel_matmuls = true;
@@ -26,7 +26,8 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats =
 
 // Replaces the scaled-dot-product attention pattern (MatMul(Q, K^T) -> scale -> [+ mask] ->
 // Softmax(last axis) -> MatMul(., V), in the forms exporters produce) by one ONNX Attention node
-// (opset 23 semantics), which the CUDA backend runs as a fused kernel. Needs inferred types.
+// (opset 23 semantics), which the CUDA backend (cuDNN SDPA or its own kernels) and the CPU backend
+// (cpu_attention.cpp, float32) run as fused kernels. Needs inferred types.
 // Implemented in passes/attention_fusion.cpp.
 Status fuse_attention(Graph& g, PassStats* stats = nullptr);
 
