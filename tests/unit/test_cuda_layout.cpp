@@ -204,5 +204,44 @@ TEST(CudaLayout, NhwcGlobalAveragePoolMatchesTheCpu) {
   }
 }
 
+// Device memory exhaustion is a Status naming the node, never an abort, and the context runs the
+// next (small) inference correctly: x [1] -> Expand(x, shape) -> ReduceSum -> y, the shape an
+// int64 input read on the host; first 2^37 floats (512 GiB), then [3, 4].
+TEST(CudaErrors, OutOfMemoryIsAStatusAndTheContextRecovers) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  Model m = one_node_model({1}, node("grow", "Expand", {"x", "shape"}, {"big"}));
+  m.graph.inputs.push_back({"shape", TypeInfo::tensor(DataType::kInt64, {2})});
+  Node sum = node("sum", "ReduceSum", {"big"}, {"y"});
+  Attribute keep;
+  keep.kind = Attribute::Kind::kInt;
+  keep.name = "keepdims";
+  keep.i = 0;
+  sum.set_attr(keep);
+  m.graph.nodes.push_back(sum);
+  auto gpu = build(m, "cuda", false);
+  ASSERT_TRUE(gpu);
+  auto ctx = gpu->create_execution_context();
+  ASSERT_TRUE(ctx.is_ok()) << ctx.status().message();
+  ExecutionContext& c = *ctx.value();
+  ASSERT_TRUE(c.set_input("x", Tensor::from_vector<float>({1}, {0.5f})).is_ok());
+  ASSERT_TRUE(c.set_input("shape", Tensor::from_vector<int64_t>({2}, {int64_t{1} << 17, int64_t{1} << 20})).is_ok());
+  Status st = c.enqueue();
+  if (st.is_ok()) st = c.synchronize();
+  ASSERT_FALSE(st.is_ok()) << "a 512 GiB tensor was allocated";
+  EXPECT_EQ(st.code(), StatusCode::kOutOfMemory) << st.message();
+  EXPECT_NE(st.message().find("grow"), std::string::npos) << st.message();
+  for (int run = 0; run < 2; ++run) {
+    ASSERT_TRUE(c.set_input("shape", Tensor::from_vector<int64_t>({2}, {3, 4})).is_ok());
+    st = c.enqueue();
+    if (st.is_ok()) st = c.synchronize();
+    ASSERT_TRUE(st.is_ok()) << st.message();
+    auto y = c.get_output("y");
+    ASSERT_TRUE(y.is_ok()) << y.status().message();
+    std::vector<float> v = to_host(y.value());
+    ASSERT_EQ(v.size(), 1u);
+    EXPECT_FLOAT_EQ(v[0], 6.f);
+  }
+}
+
 }  // namespace
 }  // namespace kiln

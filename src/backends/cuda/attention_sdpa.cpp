@@ -117,15 +117,7 @@ Result<bool> try_sdpa(Env& env, const SdpaCall& c) {
                                           env.stream));
     p.bias = bias_buf->data();
   }
-  void* ws = nullptr;
-  if (g->workspace() > 0) {
-    if (env.workspace && env.workspace_bytes >= g->workspace()) {
-      ws = env.workspace;
-    } else {
-      KILN_ASSIGN_OR_RETURN(ws_buf, env.scratch(g->workspace()));
-      ws = ws_buf->data();
-    }
-  }
+  KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(g->workspace(), &ws_buf));
   KILN_RETURN_IF_ERROR(g->run(env.cudnn, p, ws));
   return true;
 }

@@ -40,6 +40,7 @@
 #include <tuple>
 
 #include "backends/cuda/dnn.h"
+#include "base/logging.h"
 #include "ops/util.h"
 
 namespace kiln::cuda {
@@ -642,15 +643,7 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, get_plan(ctx, dt, A->shape(), B->shape(), p,
                                                              want_bias_epi, want_gelu_epi, align));
   std::shared_ptr<Storage> ws_buf;
-  void* ws = nullptr;
-  if (plan->ws > 0) {
-    if (env.workspace && env.workspace_bytes >= plan->ws) {
-      ws = env.workspace;
-    } else {
-      KILN_ASSIGN_OR_RETURN(ws_buf, env.scratch(plan->ws));
-      ws = ws_buf->data();
-    }
-  }
+  KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(plan->ws, &ws_buf));
   const bool bias_in_gemm = bias && plan->bias_epi;
   const bool gelu_in_gemm = cfg_.gelu && plan->gelu_epi;
   if (gelu_in_gemm && bias && !bias_in_gemm) return ctx.fail("Gelu epilogue without its bias");
@@ -735,8 +728,11 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   // How many of the heuristics' answers are timed (their order is a guess, best first).
   static const int kTuneCandidates = [] {
     const char* e = std::getenv("KILN_CUDA_GEMM_CANDIDATES");
-    const int v = e ? std::atoi(e) : 0;
-    return v >= 1 && v <= 128 ? v : 24;
+    if (!e) return 24;
+    const int v = std::atoi(e);
+    if (v >= 1 && v <= 128) return v;
+    KILN_LOG(kWarning, "KILN_CUDA_GEMM_CANDIDATES='" << e << "' is not a count in 1..128; timing 24");
+    return 24;
   }();
   KILN_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan,
                         build_plan(h, dt, p, has_bias, has_gelu, align, kTuneCandidates, &cands));

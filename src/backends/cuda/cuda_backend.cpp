@@ -44,6 +44,13 @@ Result<Tensor> Env::alloc(DataType dtype, const Shape& shape) {
 
 Result<std::shared_ptr<Storage>> Env::scratch(size_t bytes) { return pool->allocate(bytes); }
 
+Result<void*> Env::library_workspace(size_t bytes, std::shared_ptr<Storage>* hold) {
+  if (bytes == 0) return static_cast<void*>(nullptr);
+  if (workspace && workspace_bytes >= bytes) return workspace;
+  KILN_ASSIGN_OR_RETURN(*hold, scratch(bytes));
+  return (*hold)->data();
+}
+
 DataType value_dtype(const TypeLookup& types, const std::string& name) {
   if (!types || name.empty()) return DataType::kUndefined;
   const TypeInfo* t = types(name);

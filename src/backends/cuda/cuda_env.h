@@ -46,6 +46,9 @@ struct Env {
   Result<Tensor> alloc(DataType dtype, const Shape& shape);
   // Device scratch of `bytes` (freed when the returned storage dies).
   Result<std::shared_ptr<Storage>> scratch(size_t bytes);
+  // Workspace for a library call needing `bytes`: the context's workspace when it is large
+  // enough, else scratch held by `*hold` until the caller is done enqueuing (nullptr for 0 bytes).
+  Result<void*> library_workspace(size_t bytes, std::shared_ptr<Storage>* hold);
 };
 
 // The environment of the running context; only valid inside a CUDA kernel's run.

@@ -480,16 +480,7 @@ Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   const void* x = X->raw_data();
   std::shared_ptr<Storage> pad_buf, ws_buf;
   if (p->fe) {  // one graph API engine does it all (pads included)
-    void* ws = nullptr;
-    const size_t need = p->fe->workspace();
-    if (need > 0) {
-      if (env.workspace && env.workspace_bytes >= need) {
-        ws = env.workspace;
-      } else {
-        KILN_ASSIGN_OR_RETURN(ws_buf, env.scratch(need));
-        ws = ws_buf->data();
-      }
-    }
+    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->fe->workspace(), &ws_buf));
     fe::ConvPtrs ptrs;
     ptrs.x = x;
     ptrs.w = w_krsc_.raw_data();
@@ -506,15 +497,7 @@ Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
                              .with_context(where_));
     x = pad_buf->data();
   }
-  void* ws = nullptr;
-  if (p->ws > 0) {
-    if (env.workspace && env.workspace_bytes >= p->ws) {
-      ws = env.workspace;
-    } else {
-      KILN_ASSIGN_OR_RETURN(ws_buf, env.scratch(p->ws));
-      ws = ws_buf->data();
-    }
-  }
+  KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->ws, &ws_buf));
   const void* w = w_krsc_.defined() ? w_krsc_.raw_data() : W->raw_data();
   const void* bias = B ? B->raw_data() : (zero_bias_.defined() ? zero_bias_.raw_data() : nullptr);
   auto h = static_cast<cudnnHandle_t>(env.cudnn);
