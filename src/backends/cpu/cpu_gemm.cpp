@@ -1,0 +1,446 @@
+// Kiln's own fp32 GEMM (see cpu_gemm.h). Layout and loop order, for the M ~ 128 GEMMs of
+// transformer layers on a 2-core AVX-512 machine:
+// - B is packed into 48-column panels, each panel's K rows contiguous (48 floats = 3 vectors).
+// - The micro-kernel keeps an 8 x 48 tile of C in 24 registers; per k it loads 3 vectors of B
+//   and broadcasts 8 elements of A (row-major A, no packing).
+// - Threads split the panels (each streams its share of B once); K is cut into blocks of at
+//   most 1024 (the tile goes back to C between blocks), M into blocks whose A fits L2 next to
+//   a panel. For one panel and K block, all row tiles run back to back: the panel (<= 192 KB)
+//   comes from memory once and then from L2/L1.
+// - B comes from memory (weights exceed L3): while one panel runs, the row tiles prefetch the
+//   next panel into L2, a slice each, so that its first tile does not wait on DRAM.
+#include "backends/cpu/cpu_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "backends/cpu/cpu_parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KILN_GEMM_X86 1
+#include <immintrin.h>
+#else
+#define KILN_GEMM_X86 0
+#endif
+
+namespace kiln {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kNR = 48;               // panel width (3 vectors)
+constexpr int64_t kMR = 8;                // tile rows
+constexpr int64_t kMaxKc = 1024;          // K block
+constexpr int64_t kPfRows = 32;           // L1 prefetch distance in panel rows (k steps)
+constexpr int64_t kABudget = 512 * 1024;  // bytes of A per M block (L2 next to a panel)
+
+struct GemmJob {
+  int64_t M, N, K, lda;
+  const float* A;
+  const float* Bp;
+  float* C;
+  GemmEpilogue ep;
+  int64_t panels, kc, nkb, mc;
+  int64_t n_chunks, m_chunks;
+};
+
+}  // namespace
+
+#if KILN_GEMM_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+// GCC 12's AVX-512 headers start some intrinsics from a self-initialized "undefined" vector.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace {
+
+// The activation below runs on n vectors at once, statement by statement: one vector's ~45
+// dependent operations alone leave the FMA units idle on latency.
+#define KILN_GEMM_EACH for (int i = 0; i < n; ++i)
+
+// exp(x[i] + lo[i]) for x in [-87.3, 0.1], |lo| <= ulp(x) (Cephes' expf polynomial, ~1 ulp);
+// lower x clamps to -87.3.
+template <int n>
+inline void exp_n(__m512* x, const __m512* lo) {
+  __m512 t[n], r[n], y[n];
+#pragma GCC unroll 8
+  KILN_GEMM_EACH {
+    x[i] = _mm512_max_ps(x[i], _mm512_set1_ps(-87.3f));
+    t[i] = _mm512_fmadd_ps(x[i], _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(12582912.f));
+  }
+#pragma GCC unroll 8
+  KILN_GEMM_EACH {
+    const __m512 fx = _mm512_sub_ps(t[i], _mm512_set1_ps(12582912.f));
+    r[i] = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x[i]);
+    r[i] = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r[i]);
+    r[i] = _mm512_add_ps(r[i], lo[i]);
+  }
+#pragma GCC unroll 8
+  KILN_GEMM_EACH y[i] =
+      _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500E-4f), r[i], _mm512_set1_ps(1.3981999507E-3f));
+#pragma GCC unroll 8
+  KILN_GEMM_EACH y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(8.3334519073E-3f));
+#pragma GCC unroll 8
+  KILN_GEMM_EACH y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(4.1665795894E-2f));
+#pragma GCC unroll 8
+  KILN_GEMM_EACH y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(1.6666665459E-1f));
+#pragma GCC unroll 8
+  KILN_GEMM_EACH y[i] = _mm512_fmadd_ps(y[i], r[i], _mm512_set1_ps(5.0000001201E-1f));
+#pragma GCC unroll 8
+  KILN_GEMM_EACH {
+    y[i] =
+        _mm512_fmadd_ps(y[i], _mm512_mul_ps(r[i], r[i]), _mm512_add_ps(r[i], _mm512_set1_ps(1.f)));
+    // t's low mantissa bits hold round(x log2 e): 2^that by shifting them into the exponent.
+    const __m512i e = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t[i]), 23),
+                                       _mm512_set1_epi32(0x3F800000));
+    x[i] = _mm512_mul_ps(y[i], _mm512_castsi512_ps(e));
+  }
+}
+
+// GELU (erf form) of x[0..n): x (1 - h) for x >= 0, x h below, h = erfc(|x| / sqrt 2) / 2, with
+// erfc from Numerical Recipes' Chebyshev fit (relative error < 1.2e-7 for all arguments; the
+// -z^2 in the exponent is kept exact with FMAs). h is 0 past z = 10 (erfc < 1e-44).
+template <int n>
+inline void gelu_n(__m512* x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 z[n], t[n], p[n], e[n], lo[n];
+  __mmask16 small[n];
+#pragma GCC unroll 8
+  KILN_GEMM_EACH {
+    z[i] = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(x[i]), _mm512_set1_ps(0.70710678118654752f)),
+                         _mm512_set1_ps(10.f));
+    small[i] = _mm512_cmp_ps_mask(z[i], _mm512_set1_ps(10.f), _CMP_LT_OQ);
+    const __m512 d = _mm512_fmadd_ps(z[i], _mm512_set1_ps(0.5f), one);
+    t[i] = _mm512_rcp14_ps(d);
+    t[i] = _mm512_mul_ps(t[i], _mm512_fnmadd_ps(d, t[i], _mm512_set1_ps(2.f)));  // one Newton step
+  }
+  static constexpr float kC[] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f,
+                                 0.27886807f, -0.18628806f, 0.09678418f, 0.37409196f,
+                                 1.00002368f, -1.26551223f};
+#pragma GCC unroll 8
+  KILN_GEMM_EACH p[i] = _mm512_fmadd_ps(_mm512_set1_ps(kC[0]), t[i], _mm512_set1_ps(kC[1]));
+#pragma GCC unroll 10
+  for (int c = 2; c < 10; ++c) {
+#pragma GCC unroll 8
+    KILN_GEMM_EACH p[i] = _mm512_fmadd_ps(p[i], t[i], _mm512_set1_ps(kC[c]));
+  }
+#pragma GCC unroll 8
+  KILN_GEMM_EACH {
+    // z^2 = x^2 / 2 from x (z itself is rounded), as a sum hi + lo: exact.
+    const __m512 xc = _mm512_min_ps(_mm512_abs_ps(x[i]), _mm512_set1_ps(15.f));
+    const __m512 xx = _mm512_mul_ps(xc, xc);
+    const __m512 xx_lo = _mm512_fmsub_ps(xc, xc, xx);
+    // e + lo = p - z^2 (Fast2Sum: z^2 dominates where the exponent is large).
+    const __m512 nzz = _mm512_mul_ps(xx, _mm512_set1_ps(-0.5f));
+    e[i] = _mm512_add_ps(nzz, p[i]);
+    lo[i] = _mm512_fnmadd_ps(xx_lo, _mm512_set1_ps(0.5f),
+                             _mm512_sub_ps(p[i], _mm512_sub_ps(e[i], nzz)));
+  }
+  exp_n<n>(e, lo);
+#pragma GCC unroll 8
+  KILN_GEMM_EACH {
+    const __m512 h = _mm512_maskz_mul_ps(small[i], _mm512_mul_ps(t[i], _mm512_set1_ps(0.5f)), e[i]);
+    const __mmask16 pos = _mm512_cmp_ps_mask(x[i], _mm512_setzero_ps(), _CMP_GE_OQ);
+    x[i] = _mm512_mul_ps(x[i], _mm512_mask_sub_ps(h, pos, one, h));
+  }
+}
+#undef KILN_GEMM_EACH
+
+struct TileArgs {
+  const float* a;  // A rows of the tile, at column k0
+  int64_t lda;
+  const float* b;  // panel rows from k0
+  int64_t kc;
+  float* c;  // C tile
+  int64_t ldc;
+  const float* bias;  // at the tile's first column, or null
+  const float* res;   // residual tile (row stride ldc), or null
+  bool first, last, gelu, fold_res;
+  int cols;            // valid columns (1..48)
+  const char* pf;      // L2 prefetch of the next panel: from pf to pf_end,
+  const char* pf_end;  // pf_lines cache lines per 4 k-steps
+  int pf_lines;
+};
+
+template <int R>
+void tile(const TileArgs& t) {
+  __mmask16 m[3];
+  for (int j = 0; j < 3; ++j) {
+    const int c = t.cols - 16 * j;
+    m[j] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+  }
+  const bool full = t.cols == kNR;
+  __m512 acc[R][3];
+  if (t.first) {
+    for (int j = 0; j < 3; ++j) {
+      const __m512 bv = t.bias ? _mm512_maskz_loadu_ps(m[j], t.bias + 16 * j) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][j] = bv;
+    }
+    if (t.fold_res) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 3; ++j)
+          acc[r][j] =
+              _mm512_add_ps(acc[r][j], _mm512_maskz_loadu_ps(m[j], t.res + r * t.ldc + 16 * j));
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_maskz_loadu_ps(m[j], t.c + r * t.ldc + 16 * j);
+  }
+  const float* a = t.a;
+  const int64_t lda = t.lda;
+  const float* b = t.b;
+  const char* pf = t.pf;
+  const char* const pf_end = t.pf_end;
+  auto step = [&](int64_t k) __attribute__((always_inline)) {
+    const float* bk = b + k * kNR;
+    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16),
+                 b2 = _mm512_load_ps(bk + 32);
+    // The panel 32 rows ahead into L1 (its lines at +0 and +128 bytes of the row; the
+    // hardware prefetcher takes the one between).
+    _mm_prefetch(reinterpret_cast<const char*>(bk + kPfRows * kNR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(bk + kPfRows * kNR + 32), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 4 <= t.kc; k += 4) {
+    for (int l = 0; l < t.pf_lines && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    step(k);
+    step(k + 1);
+    step(k + 2);
+    step(k + 3);
+  }
+  for (; k < t.kc; ++k) step(k);
+  const bool post = t.last && (t.gelu || (t.res && !t.fold_res));
+  if (full) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 3; ++j) _mm512_storeu_ps(t.c + r * t.ldc + 16 * j, acc[r][j]);
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 3; ++j) _mm512_mask_storeu_ps(t.c + r * t.ldc + 16 * j, m[j], acc[r][j]);
+  }
+  if (post) {
+    // From L1 (the activation's constants need the registers), 8 vectors at a time where the
+    // tile is whole.
+    const bool add_res = t.res && !t.fold_res;
+    int q = 0;
+    if (full) {
+      for (; q + 8 <= R * 3; q += 8) {
+        __m512 v[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i)
+          v[i] = _mm512_loadu_ps(t.c + (q + i) / 3 * t.ldc + (q + i) % 3 * 16);
+        if (t.gelu) gelu_n<8>(v);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const int64_t off = (q + i) / 3 * t.ldc + (q + i) % 3 * 16;
+          if (add_res) v[i] = _mm512_add_ps(v[i], _mm512_loadu_ps(t.res + off));
+          _mm512_storeu_ps(t.c + off, v[i]);
+        }
+      }
+    }
+    for (; q < R * 3; ++q) {
+      const int r = q / 3, j = q % 3;
+      if (!m[j]) continue;
+      float* cp = t.c + r * t.ldc + 16 * j;
+      __m512 v = _mm512_maskz_loadu_ps(m[j], cp);
+      if (t.gelu) gelu_n<1>(&v);
+      if (add_res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[j], t.res + r * t.ldc + 16 * j));
+      _mm512_mask_storeu_ps(cp, m[j], v);
+    }
+  }
+}
+
+using TileFn = void (*)(const TileArgs&);
+constexpr TileFn kTiles[kMR + 1] = {nullptr,  &tile<1>, &tile<2>, &tile<3>, &tile<4>,
+                                    &tile<5>, &tile<6>, &tile<7>, &tile<8>};
+
+bool gemm_task(void* ctx, int64_t i) {
+  const GemmJob& g = *static_cast<const GemmJob*>(ctx);
+  const int64_t nci = i % g.n_chunks, mci = i / g.n_chunks;
+  const int64_t p0 = g.panels * nci / g.n_chunks, p1 = g.panels * (nci + 1) / g.n_chunks;
+  const int64_t tiles = (g.M + kMR - 1) / kMR;
+  const int64_t m0 = tiles * mci / g.m_chunks * kMR,
+                m1 = std::min(g.M, tiles * (mci + 1) / g.m_chunks * kMR);
+  if (p0 >= p1 || m0 >= m1) return true;
+  const bool fold_res = g.ep.residual && !g.ep.gelu;
+  TileArgs t{};
+  t.lda = g.lda;
+  t.ldc = g.N;
+  t.gelu = g.ep.gelu;
+  t.fold_res = fold_res;
+  for (int64_t mr = m0; mr < m1; mr += g.mc) {
+    const int64_t me = std::min(m1, mr + g.mc);
+    const int64_t ntiles = (me - mr + kMR - 1) / kMR;
+    for (int64_t kb = 0; kb < g.nkb; ++kb) {
+      const int64_t k0 = kb * g.kc, kc = std::min(g.kc, g.K - k0);
+      t.first = kb == 0;
+      t.last = kb + 1 == g.nkb;
+      t.kc = kc;
+      for (int64_t p = p0; p < p1; ++p) {
+        // The panel block that runs next, prefetched into L2 by this one's row tiles.
+        const float* next = nullptr;
+        int64_t next_kc = 0;
+        if (p + 1 < p1) {
+          next = g.Bp + (p + 1) * g.K * kNR + k0 * kNR, next_kc = kc;
+        } else if (kb + 1 < g.nkb) {
+          next = g.Bp + p0 * g.K * kNR + (k0 + g.kc) * kNR,
+          next_kc = std::min(g.kc, g.K - k0 - g.kc);
+        } else if (me < m1) {
+          next = g.Bp + p0 * g.K * kNR, next_kc = std::min(g.kc, g.K);
+        }
+        const int64_t lines = next_kc * kNR * 4 / 64;
+        const int64_t per_tile = (lines + ntiles - 1) / ntiles;
+        const int64_t groups = std::max<int64_t>(1, kc / 4);
+        t.pf_lines = static_cast<int>((per_tile + groups - 1) / groups);
+        t.b = g.Bp + p * g.K * kNR + k0 * kNR;
+        const int64_t n0 = p * kNR;
+        t.cols = static_cast<int>(std::min(kNR, g.N - n0));
+        t.bias = g.ep.bias ? g.ep.bias + n0 : nullptr;
+        for (int64_t ti = 0; ti < ntiles; ++ti) {
+          const int64_t m = mr + ti * kMR;
+          const int rows = static_cast<int>(std::min(kMR, me - m));
+          t.a = g.A + m * g.lda + k0;
+          t.c = g.C + m * g.N + n0;
+          t.res = g.ep.residual ? g.ep.residual + m * g.N + n0 : nullptr;
+          if (next) {
+            const char* base = reinterpret_cast<const char*>(next);
+            t.pf = base + std::min(lines, ti * per_tile) * 64;
+            t.pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
+          } else {
+            t.pf = t.pf_end = nullptr;
+          }
+          kTiles[rows](t);
+        }
+      }
+    }
+  }
+  return true;
+}
+
+void gelu_avx512(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 * 16 <= n; i += 8 * 16) {
+    __m512 v[8];
+    for (int j = 0; j < 8; ++j) v[j] = _mm512_loadu_ps(x + i + 16 * j);
+    gelu_n<8>(v);
+    for (int j = 0; j < 8; ++j) _mm512_storeu_ps(x + i + 16 * j, v[j]);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m =
+        n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    gelu_n<1>(&v);
+    _mm512_mask_storeu_ps(x + i, m, v);
+  }
+}
+
+}  // namespace
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif  // KILN_GEMM_X86
+
+bool gemm_available() {
+#if KILN_GEMM_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int64_t gemm_packed_floats(int64_t K, int64_t N) {
+  return (N + kNR - 1) / kNR * K * kNR;
+}
+
+void gemm_pack_b(const float* B, int64_t K, int64_t N, float* dst) {
+  const int64_t panels = (N + kNR - 1) / kNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t n0 = p * kNR, w = std::min(kNR, N - n0);
+    float* d = dst + p * K * kNR;
+    for (int64_t k = 0; k < K; ++k, d += kNR) {
+      std::memcpy(d, B + k * N + n0, static_cast<size_t>(w) * sizeof(float));
+      if (w < kNR) std::memset(d + w, 0, static_cast<size_t>(kNR - w) * sizeof(float));
+    }
+  }
+}
+
+void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+                 float* C, const GemmEpilogue& ep, int threads) {
+#if KILN_GEMM_X86
+  GemmJob g;
+  g.M = M, g.N = N, g.K = K, g.lda = lda, g.A = A, g.Bp = Bp, g.C = C, g.ep = ep;
+  g.panels = (N + kNR - 1) / kNR;
+  g.nkb = (K + kMaxKc - 1) / kMaxKc;
+  g.kc = (K + g.nkb - 1) / g.nkb;
+  g.mc = std::max<int64_t>(128, kABudget / (g.kc * 4) / kMR * kMR);
+  const int64_t T = std::max(1, threads), tiles = (M + kMR - 1) / kMR;
+  if (g.panels >= T) {
+    g.n_chunks = T, g.m_chunks = 1;
+  } else {
+    g.n_chunks = g.panels;
+    g.m_chunks = std::min(tiles, (T + g.panels - 1) / g.panels);
+  }
+  parallel_tasks(g.n_chunks * g.m_chunks, static_cast<int>(T), &gemm_task, &g);
+#else
+  (void)M, (void)N, (void)K, (void)A, (void)lda, (void)Bp, (void)C, (void)ep, (void)threads;
+#endif
+}
+
+void evict_from_cache(const void* p, size_t bytes) {
+#if KILN_GEMM_X86
+  const char* c = static_cast<const char*>(p);
+  for (size_t off = 0; off < bytes; off += 64) _mm_clflush(c + off);
+  if (bytes) _mm_clflush(c + bytes - 1);
+  _mm_mfence();
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + bytes;
+  const uintptr_t lo = (a + kHuge - 1) / kHuge * kHuge, hi = e / kHuge * kHuge;
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint only
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CPU_HUGE_PAGES");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  return on;
+}
+
+void gemm_gelu(float* x, int64_t n) {
+#if KILN_GEMM_X86
+  gelu_avx512(x, n);
+#else
+  (void)x, (void)n;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace kiln
