@@ -51,24 +51,37 @@ std::atomic<uint64_t> g_calls{0};
 }  // namespace
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__clang__)  // clang's form of `#pragma GCC target` (the sanitizer builds use clang)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+#endif
 namespace attn_avx512 {
 typedef float V __attribute__((vector_size(64)));
 typedef int32_t VI __attribute__((vector_size(64)));
 constexpr int kW = 16, kNV = 4, kMR = 6;
 #include "backends/cpu/cpu_attention_kernel.inc"
 }  // namespace attn_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 namespace attn_avx2 {
 typedef float V __attribute__((vector_size(32)));
 typedef int32_t VI __attribute__((vector_size(32)));
 constexpr int kW = 8, kNV = 2, kMR = 6;
 #include "backends/cpu/cpu_attention_kernel.inc"
 }  // namespace attn_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #endif
 
 namespace attn_base {

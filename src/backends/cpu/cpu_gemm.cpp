@@ -52,12 +52,18 @@ struct GemmJob {
 }  // namespace
 
 #if KILN_GEMM_X86
+// The kernels below are compiled for AVX-512 (run only where gemm_available() says so). clang
+// (the sanitizer builds) has no `#pragma GCC target`; its equivalent is an attribute region.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
 // GCC 12's AVX-512 headers start some intrinsics from a self-initialized "undefined" vector.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 namespace {
 
 // The activation below runs on n vectors at once, statement by statement: one vector's ~45
@@ -352,8 +358,12 @@ void gelu_avx512(float* x, int64_t n) {
 }
 
 }  // namespace
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#endif
 #endif  // KILN_GEMM_X86
 
 bool gemm_available() {
