@@ -16,12 +16,9 @@
 #include "ir/graph.h"
 #include "kiln/builder.h"
 #include "kiln/runtime.h"
+#include "engine_test_util.h"
 #include "runtime/arena_plan.h"
 #include "runtime/device_context.h"
-
-#if defined(KILN_WITH_CUDA)
-#include <cuda_runtime_api.h>
-#endif
 
 namespace kiln {
 namespace {
@@ -556,30 +553,10 @@ Model mlp_model() {
 }
 
 std::shared_ptr<Engine> build_mlp(const std::string& device) {
-  Model m = mlp_model();
-  BuilderConfig c;
-  c.device = device;
-  auto plan = build_plan(m, c, 7);
-  EXPECT_TRUE(plan.is_ok()) << plan.status().message();
-  if (!plan.is_ok()) return nullptr;
-  auto e = Engine::deserialize(plan->data(), plan->size());
-  EXPECT_TRUE(e.is_ok()) << e.status().message();
-  return e.is_ok() ? e.value() : nullptr;
+  return test::build_engine(mlp_model(), device);
 }
 
-std::vector<float> host_floats(const Tensor& t) {
-  std::vector<float> v(static_cast<size_t>(t.numel()));
-  if (v.empty()) return v;
-  if (!t.on_device()) {
-    std::memcpy(v.data(), t.raw_data(), v.size() * sizeof(float));
-  } else {
-#if defined(KILN_WITH_CUDA)
-    EXPECT_EQ(cudaMemcpy(v.data(), t.raw_data(), v.size() * sizeof(float), cudaMemcpyDeviceToHost),
-              cudaSuccess);
-#endif
-  }
-  return v;
-}
+using test::host_floats;
 
 double max_err(const std::vector<float>& got, const std::vector<float>& want) {
   if (got.size() != want.size()) return 1e30;

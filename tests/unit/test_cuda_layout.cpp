@@ -13,12 +13,9 @@
 #include "ir/graph.h"
 #include "kiln/builder.h"
 #include "kiln/runtime.h"
+#include "engine_test_util.h"
 #include "op_test_util.h"
 #include "runtime/device_context.h"
-
-#if defined(KILN_WITH_CUDA)
-#include <cuda_runtime_api.h>
-#endif
 
 namespace kiln {
 namespace {
@@ -39,30 +36,10 @@ bool have_gpu() {
 }
 
 std::shared_ptr<Engine> build(Model m, const std::string& device, bool fp16) {
-  BuilderConfig c;
-  c.device = device;
-  c.fp16 = fp16;
-  auto plan = build_plan(m, c, 7);
-  EXPECT_TRUE(plan.is_ok()) << plan.status().message();
-  if (!plan.is_ok()) return nullptr;
-  auto e = Engine::deserialize(plan->data(), plan->size());
-  EXPECT_TRUE(e.is_ok()) << e.status().message();
-  return e.is_ok() ? e.value() : nullptr;
+  return test::build_engine(std::move(m), device, fp16);
 }
 
-std::vector<float> to_host(const Tensor& t) {
-  std::vector<float> v(static_cast<size_t>(t.numel()));
-  if (v.empty()) return v;
-  if (!t.on_device()) {
-    std::memcpy(v.data(), t.raw_data(), v.size() * sizeof(float));
-  } else {
-#if defined(KILN_WITH_CUDA)
-    EXPECT_EQ(cudaMemcpy(v.data(), t.raw_data(), v.size() * sizeof(float), cudaMemcpyDeviceToHost),
-              cudaSuccess);
-#endif
-  }
-  return v;
-}
+std::vector<float> to_host(const Tensor& t) { return test::host_floats(t); }
 
 std::vector<float> run(Engine& e, const Tensor& x) {
   auto ctx = e.create_execution_context();
