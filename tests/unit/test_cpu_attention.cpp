@@ -12,16 +12,7 @@
 #include <string>
 #include <vector>
 
-#if __has_include(<dnnl.hpp>)
-#define KILN_TEST_HAS_DNNL 1
-#else
-#define KILN_TEST_HAS_DNNL 0
-#endif
-// The oneDNN kernels' declarations (cpu_kernels.h shows them under KILN_WITH_DNNL).
-#ifndef KILN_WITH_DNNL
-#define KILN_WITH_DNNL KILN_TEST_HAS_DNNL
-#endif
-#include "backends/cpu/cpu_kernels.h"
+#include "cpu_test_dnnl.h"
 #include "builder/builder_internal.h"
 #include "kiln/runtime.h"
 #include "op_test_util.h"

@@ -12,20 +12,12 @@
 #include <string>
 #include <vector>
 
-#if __has_include(<dnnl.hpp>)
-#define KILN_TEST_HAS_DNNL 1
-#else
-#define KILN_TEST_HAS_DNNL 0
-#endif
-#ifndef KILN_WITH_DNNL
-#define KILN_WITH_DNNL KILN_TEST_HAS_DNNL
-#endif
+#include "cpu_test_dnnl.h"
 #include <unistd.h>
 
 #include <filesystem>
 
 #include "backends/cpu/cpu_gemm.h"
-#include "backends/cpu/cpu_kernels.h"
 #include "base/file.h"
 #include "builder/builder_internal.h"
 #include "kiln/builder.h"

@@ -18,10 +18,8 @@
 
 #if __has_include(<dnnl.hpp>)
 #include <dnnl.hpp>
-#define KILN_TEST_HAS_DNNL 1
-#else
-#define KILN_TEST_HAS_DNNL 0
 #endif
+#include "cpu_test_dnnl.h"
 
 #include "builder/builder_internal.h"
 #include "kiln/builder.h"
