@@ -73,10 +73,11 @@ void lifetimes(const std::vector<ArenaEvent>& ev, std::vector<size_t>& ta,
   }
 }
 
-TEST(ArenaPlan, ChainReusesMemoryOptimally) {
-  // x0 -> x1 -> x2 -> x3 -> x4: each input dies once the next tensor exists.
-  const size_t sizes[] = {4 * K, 1 * K, 3 * K, 2 * K, 5 * K};
+// x0 -> x1 -> x2 -> x3 -> x4 of 4, 1, 3, 2 and 5 blocks: each input dies once the next tensor
+// exists.
+std::vector<ArenaEvent> chain_trace() {
   TraceBuilder t;
+  const size_t sizes[] = {4 * K, 1 * K, 3 * K, 2 * K, 5 * K};
   uint32_t prev = t.a(sizes[0]);
   for (int i = 1; i < 5; ++i) {
     uint32_t cur = t.a(sizes[i]);
@@ -84,7 +85,11 @@ TEST(ArenaPlan, ChainReusesMemoryOptimally) {
     prev = cur;
   }
   t.r(prev);
-  ArenaPlan p = plan_arena(t.ev);
+  return t.ev;
+}
+
+TEST(ArenaPlan, ChainReusesMemoryOptimally) {
+  ArenaPlan p = plan_arena(chain_trace());
   ASSERT_EQ(p.requests(), 5u);
   EXPECT_EQ(p.arena_requests(), 5u);
   EXPECT_EQ(p.sum_arena_sizes, 15 * K);
@@ -224,19 +229,6 @@ TEST(ArenaPlan, RandomTracesAreSafe) {
   EXPECT_GT(with_escapes, 300);
 }
 
-// The chain of ChainReusesMemoryOptimally, as a trace.
-std::vector<ArenaEvent> chain_trace() {
-  TraceBuilder t;
-  const size_t sizes[] = {4 * K, 1 * K, 3 * K, 2 * K, 5 * K};
-  uint32_t prev = t.a(sizes[0]);
-  for (int i = 1; i < 5; ++i) {
-    uint32_t cur = t.a(sizes[i]);
-    t.r(prev);
-    prev = cur;
-  }
-  t.r(prev);
-  return t.ev;
-}
 
 TEST(ArenaServer, IdenticalRunsFollowThePlan) {
   auto ev = chain_trace();
