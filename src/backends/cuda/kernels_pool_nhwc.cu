@@ -199,7 +199,8 @@ Status run_pool_nhwc(OpContext& ctx, std::span<const Value> in, std::span<Value>
   const int vec = dt == DataType::kFloat ? 4 : 8;  // 16 bytes of channels
   const bool aligned = Cc % vec == 0 && reinterpret_cast<uintptr_t>(x->raw_data()) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(y.raw_data()) % 16 == 0;
-  if (n > 0 && aligned && std::getenv("KILN_CUDA_POOL_SCALAR") == nullptr) {
+  static const bool scalar_only = std::getenv("KILN_CUDA_POOL_SCALAR") != nullptr;  // A/B knob
+  if (n > 0 && aligned && !scalar_only) {
     switch (dt) {
       case DataType::kFloat:
         launch_maxpool_vec<float, 4>(x->data<float>(), y.data<float>(), g, n, env.stream);
