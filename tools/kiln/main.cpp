@@ -882,8 +882,8 @@ int cmd_bench(const Options& o) {
   }
   if (!o.json.empty()) {
     std::ofstream j(o.json);
-    j << "{\n  \"model\": \"" << (o.load_engine.empty() ? o.onnx : o.load_engine) << "\",\n"
-      << "  \"device\": \"" << e.info().device << "\",\n  \"batch\": " << batch << ",\n"
+    j << "{\n  \"model\": \"" << json_escape(o.load_engine.empty() ? o.onnx : o.load_engine) << "\",\n"
+      << "  \"device\": \"" << json_escape(e.info().device) << "\",\n  \"batch\": " << batch << ",\n"
       << "  \"iterations\": " << lat.size() << ",\n  \"warmup\": " << o.warmup << ",\n"
       << "  \"streams\": " << ctxs.size() << ",\n  \"cuda_graph\": " << (o.cuda_graph ? "true" : "false") << ",\n"
       << "  \"latency_ms\": " << L.json() << ",\n  \"enqueue_ms\": " << E.json() << ",\n";
