@@ -40,6 +40,7 @@
 #include <tuple>
 
 #include "backends/cuda/dnn.h"
+#include "backends/cuda/lt_algo.h"
 #include "base/logging.h"
 #include "ops/util.h"
 
@@ -93,31 +94,6 @@ struct GemmConfig {
   cublasLtMatmulAlgo_t forced_algo{};
 };
 
-// "<readable>@<128 hex digits>": the raw cublasLtMatmulAlgo_t after the '@'.
-std::string algo_hex(const cublasLtMatmulAlgo_t& a) {
-  static const char* kHex = "0123456789abcdef";
-  std::string s;
-  for (uint64_t w : a.data)
-    for (int i = 15; i >= 0; --i) s += kHex[(w >> (4 * i)) & 15];
-  return s;
-}
-bool parse_algo_hex(const std::string& t, cublasLtMatmulAlgo_t* a) {
-  const size_t at = t.find('@');
-  if (t.rfind("cuda.gemm.cublaslt.", 0) != 0 || at == std::string::npos || t.size() - at - 1 != 128)
-    return false;
-  for (int w = 0; w < 8; ++w) {
-    uint64_t v = 0;
-    for (int i = 0; i < 16; ++i) {
-      const char c = t[at + 1 + static_cast<size_t>(w * 16 + i)];
-      int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-      if (d < 0) return false;
-      v = (v << 4) | static_cast<uint64_t>(d);
-    }
-    a->data[w] = v;
-  }
-  return true;
-}
-
 Result<GemmConfig> read_config(const Node& n) {
   GemmConfig c;
   if (n.op_type == "Gemm") {
@@ -137,7 +113,7 @@ Result<GemmConfig> read_config(const Node& n) {
   const int64_t ws = n.attr_int("kiln_workspace", -1);
   if (ws >= 0) c.ws_limit = static_cast<size_t>(ws);
   const std::string t = n.attr_string("kiln_tactic", "");
-  c.forced = parse_algo_hex(t, &c.forced_algo);
+  c.forced = lt_parse_algo(t, "cuda.gemm.cublaslt.", &c.forced_algo);
   c.forced_gelu = c.forced && t.substr(0, t.find('@')).find(".gelu") != std::string::npos;
   return c;
 }
@@ -273,23 +249,13 @@ bool gelu_epilogue_allowed(DataType dt) {
 }
 
 std::string algo_tactic(const cublasLtMatmulAlgo_t& algo, bool bias, bool gelu) {
-  int32_t id = -1;
-  uint32_t tile = 0, stages = 0, splitk = 0;
-  size_t w = 0;
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof(id), &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile), &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages,
-                                       sizeof(stages), &w);
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk,
-                                       sizeof(splitk), &w);
-  return "cuda.gemm.cublaslt.id" + std::to_string(id) + ".tile" + std::to_string(tile) +
-         ".stages" + std::to_string(stages) + ".splitk" + std::to_string(splitk) +
-         (bias ? ".bias" : "") + (gelu ? ".gelu" : "");
+  return "cuda.gemm.cublaslt." + lt_algo_readable(algo) + (bias ? ".bias" : "") +
+         (gelu ? ".gelu" : "");
 }
 
 // The persistable form: readable part, ".heuristic" when untimed, '@' and the raw algorithm.
 std::string full_tactic(const Plan& p) {
-  return p.tactic + (p.tuned ? "" : ".heuristic") + "@" + algo_hex(p.algo);
+  return p.tactic + (p.tuned ? "" : ".heuristic") + "@" + lt_algo_hex(p.algo);
 }
 
 class GemmKernel final : public DnnKernel {

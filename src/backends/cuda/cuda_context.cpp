@@ -283,6 +283,8 @@ class CudaContext final : public DeviceContext, public NodeObserver {
       // cuDNN: convolutions, and attention (cuDNN's SDPA engines).
       if (k.find("Conv") != std::string::npos || k.find("Attention") != std::string::npos) conv = true;
       if (k.find("Gemm") != std::string::npos || k.find("MatMul") != std::string::npos) gemm = true;
+      // Pointwise convolutions may run as cuBLASLt GEMMs (conv_gemm.h).
+      if (cn.node->attr_string("kiln_tactic").rfind("cuda.conv.cublaslt.", 0) == 0) gemm = true;
     }
     for (auto& [g, sub] : cg.subgraphs) scan_kernels(*sub, conv, gemm);
   }

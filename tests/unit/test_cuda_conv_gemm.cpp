@@ -1,0 +1,226 @@
+// Pointwise (1x1) NHWC convolutions run as one cuBLASLt GEMM (conv_gemm.h): the GEMM itself and
+// whole engines that use it, against references written here (plain loops in double). Bias,
+// residual and ReLU must come out in kiln.FusedConv's order: relu(conv + bias + z). GPU only.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "engine_test_util.h"
+#include "ir/graph.h"
+#include "kiln/half.h"
+#include "op_test_util.h"
+#include "runtime/device_context.h"
+
+#if defined(KILN_WITH_CUDA)
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include "backends/cuda/conv_gemm.h"
+#endif
+
+namespace kiln {
+namespace {
+
+bool have_gpu() {
+  const DeviceRuntime* rt = cuda_runtime();
+  return rt && rt->fingerprint().is_ok();
+}
+
+#if defined(KILN_WITH_CUDA)
+
+struct DevMem {
+  void* p = nullptr;
+  explicit DevMem(size_t bytes) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess); }
+  ~DevMem() { cudaFree(p); }
+};
+
+// Random float16 values; `ref` gets the values they round to.
+std::vector<Half> rand_half(std::mt19937& rng, size_t n, float lo, float hi, std::vector<double>* ref) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<Half> h(n);
+  ref->resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    h[i] = Half(d(rng));
+    (*ref)[i] = static_cast<float>(h[i]);
+  }
+  return h;
+}
+
+TEST(CudaConvGemm, PointwiseGemmMatchesTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  struct Case {
+    int64_t rows, cin, cout;
+    bool bias, z, relu;
+  };
+  const Case cases[] = {
+      {49, 64, 256, true, true, true},     // ResNet-50 layer4-like at batch 1, residual
+      {3136, 256, 64, true, false, true},  // a reduction 1x1, bias + ReLU
+      {50, 16, 8, false, true, false},     // residual only, no activation
+      {7, 8, 24, true, false, false},      // bias only
+  };
+  cublasLtHandle_t h = nullptr;
+  ASSERT_EQ(cublasLtCreate(&h), CUBLAS_STATUS_SUCCESS);
+  std::mt19937 rng(17);
+  for (const Case& c : cases) {
+    SCOPED_TRACE("rows " + std::to_string(c.rows) + " C " + std::to_string(c.cin) + " K " +
+                 std::to_string(c.cout));
+    const auto P = static_cast<size_t>(c.rows), C = static_cast<size_t>(c.cin),
+               K = static_cast<size_t>(c.cout);
+    std::vector<double> xr, wr, br, zr;
+    auto x = rand_half(rng, P * C, -1.f, 1.f, &xr);
+    auto w = rand_half(rng, K * C, -0.3f, 0.3f, &wr);
+    auto b = rand_half(rng, K, -0.5f, 0.5f, &br);
+    auto z = rand_half(rng, P * K, -1.f, 1.f, &zr);
+    std::vector<double> want(P * K);
+    double scale = 1;
+    for (size_t r = 0; r < P; ++r)
+      for (size_t k = 0; k < K; ++k) {
+        double acc = c.bias ? br[k] : 0.0;
+        for (size_t i = 0; i < C; ++i) acc += xr[r * C + i] * wr[k * C + i];
+        if (c.z) acc += zr[r * K + k];  // before the activation
+        if (c.relu) acc = std::max(acc, 0.0);
+        want[r * K + k] = acc;
+        scale = std::max(scale, std::fabs(acc));
+      }
+    DevMem dx(P * C * 2), dw(K * C * 2), db(K * 2), dz(P * K * 2), dy(P * K * 2);
+    ASSERT_EQ(cudaMemcpy(dx.p, x.data(), P * C * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dw.p, w.data(), K * C * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(db.p, b.data(), K * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dz.p, z.data(), P * K * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    cuda::PointwiseProblem pb;
+    pb.dt = DataType::kFloat16;
+    pb.rows = c.rows, pb.cin = c.cin, pb.cout = c.cout;
+    pb.bias = c.bias, pb.z = c.z, pb.relu = c.relu;
+    ASSERT_TRUE(cuda::pointwise_gemm_ok(pb));
+    auto tuned = cuda::PointwiseGemm::tune(pb, size_t{32} << 20, 8, dx.p, dw.p, db.p, dz.p, dy.p, "test");
+    ASSERT_TRUE(tuned.is_ok()) << tuned.status().message();
+    ASSERT_TRUE(tuned.value().first) << "no cuBLASLt candidate ran";
+    EXPECT_GT(tuned.value().second, 0.f);
+    const cuda::PointwiseGemm& g = *tuned.value().first;
+    ASSERT_TRUE(cuda::PointwiseGemm::aligned(dx.p, dw.p, dz.p, dy.p));
+    // The persisted form names the same algorithm and reproduces it bit for bit.
+    auto again = cuda::PointwiseGemm::from_tactic(pb, g.tactic(), size_t{32} << 20, "test");
+    ASSERT_TRUE(again.is_ok()) << again.status().message();
+    ASSERT_TRUE(again.value()) << "tactic not accepted back: " << g.tactic();
+    EXPECT_EQ(again.value()->tactic(), g.tactic());
+    std::vector<std::vector<Half>> outs;
+    const cuda::PointwiseGemm* runs[] = {&g, again.value().get()};
+    for (const cuda::PointwiseGemm* run : runs) {
+      DevMem ws(run->workspace());
+      ASSERT_EQ(cudaMemset(dy.p, 0xff, P * K * 2), cudaSuccess);  // NaN: every output is written
+      Status st = run->run(h, nullptr, dx.p, dw.p, c.bias ? db.p : nullptr, c.z ? dz.p : nullptr,
+                           dy.p, ws.p);
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      std::vector<Half> y(P * K);
+      ASSERT_EQ(cudaMemcpy(y.data(), dy.p, P * K * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+      double worst = 0;
+      for (size_t i = 0; i < y.size(); ++i) {
+        const double d = std::fabs(static_cast<float>(y[i]) - want[i]);
+        worst = std::isnan(d) ? 1e30 : std::max(worst, d);
+      }
+      EXPECT_LE(worst / scale, 4e-3) << g.tactic();
+      outs.push_back(std::move(y));
+    }
+    ASSERT_EQ(outs.size(), 2u);
+    EXPECT_EQ(std::memcmp(outs[0].data(), outs[1].data(), P * K * 2), 0);
+  }
+  cublasLtDestroy(h);
+}
+
+// A tactic of another path, or one whose hex is damaged, is not taken.
+TEST(CudaConvGemm, ForeignOrDamagedTacticsAreRefused) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  cuda::PointwiseProblem pb;
+  pb.rows = 64, pb.cin = 16, pb.cout = 16;
+  const std::vector<std::string> tactics = {"cuda.conv.cudnn.IMPLICIT_PRECOMP_GEMM.tc",
+                                            "cuda.conv.cublaslt.id1@00zz",
+                                            "cuda.gemm.cublaslt.id1@" + std::string(128, '0')};
+  for (const std::string& t : tactics) {
+    auto g = cuda::PointwiseGemm::from_tactic(pb, t, size_t{32} << 20, "test");
+    ASSERT_TRUE(g.is_ok()) << g.status().message();
+    EXPECT_FALSE(g.value()) << t;
+  }
+}
+
+#endif  // KILN_WITH_CUDA
+
+// x [2, 16, 7, 9] -> Conv 1x1 (16 -> 32, bias) -> Relu -> Conv 1x1 (32 -> 16, bias) -> + x -> Relu:
+// both 1x1 convolutions forced onto the GEMM path (KILN_CUDA_CONV_GEMM=force at build), the
+// second with the residual fused; float16 on CUDA against the double reference.
+TEST(CudaConvGemm, EngineWithResidualPointwiseConvsMatchesTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  std::mt19937 rng(5);
+  Model m;
+  m.ir_version = 8;
+  m.opsets[""] = 17;
+  m.graph.name = "pointwise";
+  const Shape xs = {2, 16, 7, 9};
+  m.graph.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, xs)});
+  m.graph.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  Graph& g = m.graph;
+  g.initializers["w1"] = test::rand_tensor(rng, {32, 16, 1, 1}, -0.3f, 0.3f);
+  g.initializers["b1"] = test::rand_tensor(rng, {32}, -0.2f, 0.2f);
+  g.initializers["w2"] = test::rand_tensor(rng, {16, 32, 1, 1}, -0.3f, 0.3f);
+  g.initializers["b2"] = test::rand_tensor(rng, {16}, -0.2f, 0.2f);
+  g.nodes.push_back(test::node("c1", "Conv", {"x", "w1", "b1"}, {"h1"}));
+  g.nodes.push_back(test::node("r1", "Relu", {"h1"}, {"h2"}));
+  g.nodes.push_back(test::node("c2", "Conv", {"h2", "w2", "b2"}, {"h3"}));
+  g.nodes.push_back(test::node("add", "Add", {"h3", "x"}, {"h4"}));
+  g.nodes.push_back(test::node("r2", "Relu", {"h4"}, {"y"}));
+  Tensor x = test::rand_tensor(rng, xs);
+  // Reference, NCHW in double.
+  const int64_t N = xs[0], C = xs[1], HW = xs[2] * xs[3], M = 32;
+  const float* xp = x.data<float>();
+  const float* w1 = g.initializers["w1"].data<float>();
+  const float* b1 = g.initializers["b1"].data<float>();
+  const float* w2 = g.initializers["w2"].data<float>();
+  const float* b2 = g.initializers["b2"].data<float>();
+  std::vector<double> h(static_cast<size_t>(N * M * HW)), want(static_cast<size_t>(N * C * HW));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < HW; ++p) {
+      for (int64_t o = 0; o < M; ++o) {
+        double a = b1[o];
+        for (int64_t c = 0; c < C; ++c) a += xp[(n * C + c) * HW + p] * w1[o * C + c];
+        h[static_cast<size_t>((n * M + o) * HW + p)] = std::max(a, 0.0);
+      }
+      for (int64_t o = 0; o < C; ++o) {
+        double a = b2[o] + xp[(n * C + o) * HW + p];
+        for (int64_t c = 0; c < M; ++c) a += h[static_cast<size_t>((n * M + c) * HW + p)] * w2[o * M + c];
+        want[static_cast<size_t>((n * C + o) * HW + p)] = std::max(a, 0.0);
+      }
+    }
+  setenv("KILN_CUDA_CONV_GEMM", "force", 1);
+  auto e = test::build_engine(m, "cuda", true);
+  unsetenv("KILN_CUDA_CONV_GEMM");
+  ASSERT_TRUE(e);
+  const std::string layers = e->describe_layers();
+  size_t uses = 0;
+  for (size_t at = layers.find("cuda.conv.cublaslt."); at != std::string::npos;
+       at = layers.find("cuda.conv.cublaslt.", at + 1))
+    ++uses;
+  EXPECT_EQ(uses, 2u) << layers;
+  auto ctx = e->create_execution_context();
+  ASSERT_TRUE(ctx.is_ok()) << ctx.status().message();
+  Status st = ctx.value()->set_input("x", x);
+  if (st.is_ok()) st = ctx.value()->enqueue();
+  if (st.is_ok()) st = ctx.value()->synchronize();
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  auto y = ctx.value()->get_output("y");
+  ASSERT_TRUE(y.is_ok()) << y.status().message();
+  const std::vector<float> got = test::host_floats(y.value());
+  ASSERT_EQ(got.size(), want.size());
+  double worst = 0, scale = 1;
+  for (size_t i = 0; i < want.size(); ++i) {
+    worst = std::max(worst, std::fabs(got[i] - want[i]));
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  EXPECT_LE(worst / scale, 1e-2);
+}
+
+}  // namespace
+}  // namespace kiln
