@@ -292,6 +292,38 @@ TEST(CudaLayout, NhwcGlobalAveragePoolMatchesTheReference) {
 // Device memory exhaustion is a Status naming the node, never an abort, and the context runs the
 // next (small) inference correctly: x [1] -> Expand(x, shape) -> ReduceSum -> y, the shape an
 // int64 input read on the host; first 2^37 floats (512 GiB), then [3, 4].
+// Constant Pad whose trailing axes are unpadded: the CUDA backend copies whole rows (here
+// 5 x 9 = 45 elements); channels padded at both ends, the batch at the end, with a fill value.
+TEST(CudaLayout, ConstantPadOfLeadingAxesMatchesTheReference) {
+  std::mt19937 rng(4);
+  const Shape xs = {2, 3, 5, 9};
+  Model m = one_node_model(xs, node("pad", "Pad", {"x", "pads", "cv"}, {"y"}));
+  Tensor pads = Tensor::create(DataType::kInt64, {8}).value();
+  const int64_t pv[8] = {0, 2, 0, 0, 1, 1, 0, 0};  // begins, then ends, per axis
+  std::copy(pv, pv + 8, pads.data<int64_t>());
+  m.graph.initializers["pads"] = pads;
+  Tensor cv = Tensor::create(DataType::kFloat, {}).value();
+  cv.data<float>()[0] = 0.5f;
+  m.graph.initializers["cv"] = cv;
+  m.opsets[""] = 19;
+  Tensor x = rand_tensor(rng, xs);
+  const Shape os = {3, 6, 5, 9};
+  std::vector<double> want;
+  for (int64_t n = 0; n < os[0]; ++n)
+    for (int64_t c = 0; c < os[1]; ++c)
+      for (int64_t i = 0; i < 45; ++i) {
+        const int64_t xc = c - 2;
+        const bool in = n < 2 && xc >= 0 && xc < 3;
+        want.push_back(in ? x.data<float>()[(n * 3 + xc) * 45 + i] : 0.5);
+      }
+  for (const Target& t : targets()) {
+    if (t.fp16) continue;  // a data movement op: float32 is the whole check
+    auto e = build(m, t.device, false);
+    ASSERT_TRUE(e);
+    EXPECT_EQ(scaled_err(run(*e, x), want), 0.0) << t.device;
+  }
+}
+
 TEST(CudaErrors, OutOfMemoryIsAStatusAndTheContextRecovers) {
   if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
   Model m = one_node_model({1}, node("grow", "Expand", {"x", "shape"}, {"big"}));

@@ -786,6 +786,34 @@ __global__ void k_pad(const U* __restrict__ src, U* __restrict__ dst, Dims oshap
     dst[e] = outside ? fill : src[off];
   }
 }
+// Constant mode with the trailing axes unpadded: those axes form rows of L contiguous elements,
+// copied (or filled) whole: blockIdx.y walks the rows (index math once per row), x the row.
+// The general kernel's per-element division chain made ResNet-50's 3 -> 4 channel pad at batch
+// 256 take 5.7 ms on an H100.
+template <typename U>
+__global__ void k_pad_rows(const U* __restrict__ src, U* __restrict__ dst, Dims oshape, Dims ishape,
+                           Dims istride, Dims pb, int64_t rows, int64_t L, U fill) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    int64_t rem = r, off = 0;
+    bool outside = false;
+    for (int d = oshape.rank - 1; d >= 0; --d) {
+      const int64_t q = rem / oshape.d[d];
+      const int64_t v = rem - q * oshape.d[d] - pb.d[d];
+      rem = q;
+      if (v < 0 || v >= ishape.d[d]) {
+        outside = true;
+        break;
+      }
+      off += v * istride.d[d];
+    }
+    U* drow = dst + r * L;
+    const U* srow = src + off;
+    for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < L;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      drow[j] = outside ? fill : srow[j];
+  }
+}
+
 Status run_pad(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_RETURN_IF_ERROR(check_movable(ctx, *x));
@@ -853,10 +881,29 @@ Status run_pad(OpContext& ctx, std::span<const Value> in, std::span<Value> out) 
     pd.d[d] = pb[static_cast<size_t>(d)];
   }
   Env& env = env_of(ctx);
-  KILN_DATA_BY_WIDTH(ctx, dtype_size(x->dtype()),
-                     k_pad<U><<<grid_for(n), 256, 0, env.stream>>>(
-                         static_cast<const U*>(x->raw_data()), static_cast<U*>(t.raw_data()), od,
-                         id, sd, pd, mode, static_cast<U>(fill), n));
+  // Rows: the trailing axes without padding (constant mode), when at least 32 elements long.
+  int outer = static_cast<int>(r);
+  int64_t L = 1;
+  while (outer > 0 && pb[static_cast<size_t>(outer - 1)] == 0 && pe[static_cast<size_t>(outer - 1)] == 0) {
+    L *= xs[static_cast<size_t>(outer - 1)];
+    --outer;
+  }
+  if (mode == kPadConstant && outer > 0 && L >= 32) {
+    Dims oo = od, io = id, so = sd, po = pd;
+    oo.rank = io.rank = so.rank = po.rank = outer;
+    const int64_t rows = n / L;
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((L + 255) / 256, 1024)),
+                    static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+    KILN_DATA_BY_WIDTH(ctx, dtype_size(x->dtype()),
+                       k_pad_rows<U><<<grid, 256, 0, env.stream>>>(
+                           static_cast<const U*>(x->raw_data()), static_cast<U*>(t.raw_data()),
+                           oo, io, so, po, rows, L, static_cast<U>(fill)));
+  } else {
+    KILN_DATA_BY_WIDTH(ctx, dtype_size(x->dtype()),
+                       k_pad<U><<<grid_for(n), 256, 0, env.stream>>>(
+                           static_cast<const U*>(x->raw_data()), static_cast<U*>(t.raw_data()), od,
+                           id, sd, pd, mode, static_cast<U>(fill), n));
+  }
   KILN_CUDA_LAUNCHED(ctx.node.where() + ": pad");
   return Status::ok();
 }
