@@ -1,7 +1,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <set>
 #include <unordered_map>
@@ -333,11 +332,6 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
   }
   fo.pack_parallel_matmuls = backend->is_device() || !cpu_attention;
   fo.stack_parallel_matmuls = backend->is_device();
-  // Convs on 3 channels (images) padded to 4 for cuDNN's 16-bit kernels; KILN_CONV_CHANNEL_PAD=0:
-  // off (A/B).
-  const char* pad_env = std::getenv("KILN_CONV_CHANNEL_PAD");
-  if (backend->is_device() && (config.fp16 || config.bf16) && !(pad_env && pad_env[0] == '0'))
-    fo.pad_conv_channels = 4;
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, fo, &ps));
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(infer_types(g, &ps));

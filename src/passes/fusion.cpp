@@ -624,45 +624,7 @@ bool nhwc_pool_candidate(const Graph& g, const Node& n,
          xt->has_shape && xt->dims.size() == 4;
 }
 
-// X [N, C, H, W] zero-padded to `channels` channels by a Pad node appended to `out` (once per X:
-// `padded` maps X to it; returns the padded value), and the 4-D weight W [K, C, R, S] as a new
-// initializer [K, channels, R, S].
-std::string pad_conv_input(Graph& g, std::unordered_set<std::string>& names, std::vector<Node>& out,
-                           std::unordered_map<std::string, std::string>& padded, Node& conv,
-                           int64_t c, int64_t channels) {
-  const Tensor& w = g.initializers.at(conv.inputs[1]);
-  const int64_t k = w.dim(0), rs = w.dim(2) * w.dim(3);
-  auto wp = Tensor::create(DataType::kFloat, {k, channels, w.dim(2), w.dim(3)});
-  if (!wp.is_ok()) return conv.inputs[0];  // no memory: leave the conv as it is
-  float* dst = wp.value().data<float>();
-  std::fill(dst, dst + wp.value().numel(), 0.f);
-  const float* src = w.data<float>();
-  for (int64_t o = 0; o < k; ++o)
-    std::copy(src + o * c * rs, src + (o + 1) * c * rs, dst + o * channels * rs);
-  const std::string wname = take_fresh_value(names, conv.inputs[1] + "/padded");
-  g.initializers[wname] = std::move(wp.value());
-  conv.inputs[1] = wname;
-  if (auto it = padded.find(conv.inputs[0]); it != padded.end()) return it->second;
-  auto pads = Tensor::create(DataType::kInt64, {8});
-  if (!pads.is_ok()) return conv.inputs[0];
-  int64_t* pp = pads.value().data<int64_t>();
-  std::fill(pp, pp + 8, int64_t{0});
-  pp[5] = channels - c;  // end of axis 1
-  const std::string pname = take_fresh_value(names, conv.name + "/channel_pads");
-  const std::string xname = take_fresh_value(names, conv.inputs[0] + "/padded");
-  g.initializers[pname] = std::move(pads.value());
-  Node pad;
-  pad.name = take_fresh_value(names, conv.name + "/pad_channels");
-  pad.op_type = "Pad";
-  pad.opset = 19;
-  pad.inputs = {conv.inputs[0], pname};
-  pad.outputs = {xname};
-  out.push_back(std::move(pad));
-  padded[conv.inputs[0]] = xname;
-  return xname;
-}
-
-Status choose_conv_layouts(Graph& g, bool nhwc_pools, int64_t pad_channels) {
+Status choose_conv_layouts(Graph& g, bool nhwc_pools) {
   std::unordered_set<std::string> names;
   for (auto& n : g.nodes)
     for (auto& o : n.outputs) names.insert(o);
@@ -680,7 +642,6 @@ Status choose_conv_layouts(Graph& g, bool nhwc_pools, int64_t pad_channels) {
     nhwc[v] = t;
     return t;
   };
-  std::unordered_map<std::string, std::string> padded;  // value -> its channel-padded copy
   bool changed = false;
   for (auto& n : g.nodes) {
     if (nhwc_pools && nhwc_pool_candidate(g, n, nhwc)) {
@@ -731,13 +692,6 @@ Status choose_conv_layouts(Graph& g, bool nhwc_pools, int64_t pad_channels) {
       f.domain = "kiln";
       f.opset = 1;
     }
-    if (pad_channels > 0 && f.attr_int("group", 1) == 1) {
-      const TypeInfo* xt = type_of(g, f.inputs[0]);
-      const Tensor& w = g.initializers.at(f.inputs[1]);
-      const int64_t c = w.dim(1);
-      if (xt->dims[1].known() && xt->dims[1].value == c && c < pad_channels)
-        f.inputs[0] = pad_conv_input(g, names, out, padded, f, c, pad_channels);
-    }
     f.inputs[0] = to_nhwc(f.inputs[0], f.name);
     if (f.has_input(3)) f.inputs[3] = to_nhwc(f.inputs[3], f.name);
     const std::string y = f.outputs[0];
@@ -769,8 +723,7 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) 
   KILN_RETURN_IF_ERROR(fuse_matmul_chains(g, stats));
   if (opts.pack_parallel_matmuls)
     KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats, opts.stack_parallel_matmuls));
-  if (opts.conv_layouts)
-    KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools, opts.pad_conv_channels));
+  if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools));
   return Status::ok();
 }
 

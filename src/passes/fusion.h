@@ -15,10 +15,6 @@ struct FusionOptions {
   // MaxPool / GlobalAveragePool fed by an NHWC conv run in NHWC too (kiln.PoolNHWC), so the
   // chain does not leave NHWC around them (on by default in the builder for both backends).
   bool nhwc_pools = false;
-  // NHWC convs whose input has fewer channels (an image's 3) get X and W zero-padded to this many
-  // (0: never): cuDNN's float16 kernels for 4 channels beat those for 3 (ResNet-50's stem at
-  // batch 256 on an H100: 596 -> 406 us; 8 channels: 1199 us). Device fp16/bf16 builds use 4.
-  int64_t pad_conv_channels = 0;
   // Sibling FusedMatMuls on one input (Q/K/V projections) become one GEMM and a Split.
   bool pack_parallel_matmuls = true;
   // ... in the stacked form: [G, ..., M, N] and a Split of axis 0, whose parts are contiguous

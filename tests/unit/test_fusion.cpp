@@ -88,7 +88,7 @@ Graph base_graph(const Shape& xs) {
 
 // Runs g before and after fusion on one random input, compares, returns the fused graph.
 Graph check_fusion(Graph g, const Shape& xs, bool layouts = false, float tol = 1e-4f,
-                   bool nhwc_pools = false, bool stacked = false, int64_t pad_channels = 0) {
+                   bool nhwc_pools = false, bool stacked = false) {
   Tensor x = rand_tensor(xs);
   auto before = run_graph_once(g, {Value(x)});
   EXPECT_TRUE(before.is_ok()) << before.status().message();
@@ -97,7 +97,6 @@ Graph check_fusion(Graph g, const Shape& xs, bool layouts = false, float tol = 1
   opts.conv_layouts = layouts;
   opts.nhwc_pools = nhwc_pools;
   opts.stack_parallel_matmuls = stacked;
-  opts.pad_conv_channels = pad_channels;
   Status st = run_fusion_passes(g, opts);
   EXPECT_TRUE(st.is_ok()) << st.message();
   EXPECT_TRUE(eliminate_dead_code(g).is_ok());
@@ -215,36 +214,6 @@ TEST(Fusion, ConvChainRunsInNhwcWithTransposesAtTheEdges) {
     if (n.op_type == "FusedConv") {
       EXPECT_EQ(n.attr_string("layout"), "NHWC");
     }
-  }
-}
-
-// Device fp16 builds: a conv on 3 (or 1) input channels gets X and W zero-padded to 4 channels
-// (a Pad before the NHWC Transpose); wider convs and grouped ones are left alone.
-TEST(Fusion, ConvsOnFewChannelsArePaddedToFour) {
-  for (int64_t c : {3, 1}) {
-    const Shape xs = {2, c, 9, 8};
-    Graph g = base_graph(xs);
-    add_conv(g, "c1", "x", "c1y", c, 6, 3, true);
-    g.nodes.push_back(node("relu", "Relu", {"c1y"}, {"r"}));
-    add_conv(g, "c2", "r", "c2y", 6, 6, 3, false);
-    add_conv(g, "dw", "x", "dwy", c, c, 3, false, c);  // grouped (C 3): not padded
-    add_conv(g, "c3", "x", "c3y", c, 5, 1, false);     // the same padded X
-    g.outputs.push_back({"c3y", TypeInfo::tensor(DataType::kFloat)});
-    g.outputs.push_back({"c2y", TypeInfo::tensor(DataType::kFloat)});
-    g.outputs.push_back({"dwy", TypeInfo::tensor(DataType::kFloat)});
-    Graph f = check_fusion(g, xs, true, 1e-4f, false, false, 4);
-    int pads = 0;
-    for (auto& n : f.nodes) {
-      if (n.op_type == "Pad") {
-        ++pads;
-        EXPECT_EQ(n.inputs[0], "x");
-      }
-      if (n.op_type != "FusedConv") continue;
-      const Tensor& w = f.initializers.at(n.inputs[1]);
-      const int64_t want = n.name == "c2" ? 6 : (n.name == "dw" && c == 3) ? 1 : 4;
-      EXPECT_EQ(w.dim(1), want) << n.name << ", C " << c;
-    }
-    EXPECT_EQ(pads, 1) << "C " << c;
   }
 }
 

@@ -787,9 +787,8 @@ __global__ void k_pad(const U* __restrict__ src, U* __restrict__ dst, Dims oshap
   }
 }
 // Constant mode with the trailing axes unpadded: those axes form rows of L contiguous elements,
-// copied (or filled) whole: blockIdx.y walks the rows (index math once per row), x the row.
-// The general kernel's per-element division chain made ResNet-50's 3 -> 4 channel pad at batch
-// 256 take 5.7 ms on an H100.
+// copied (or filled) whole: blockIdx.y walks the rows (index math once per row, not per element
+// as in the general kernel), x the row.
 template <typename U>
 __global__ void k_pad_rows(const U* __restrict__ src, U* __restrict__ dst, Dims oshape, Dims ishape,
                            Dims istride, Dims pb, int64_t rows, int64_t L, U fill) {
