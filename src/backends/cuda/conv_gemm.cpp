@@ -19,28 +19,10 @@
 namespace kiln::cuda {
 namespace {
 
-Status lt_status(cublasStatus_t s, const std::string& where, const char* what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
-  std::string msg = where + ": " + what + ": " + cublasLtGetStatusName(s) + " (" +
-                    cublasLtGetStatusString(s) + ")";
-  if (s == CUBLAS_STATUS_ALLOC_FAILED) return out_of_memory(msg);
-  if (s == CUBLAS_STATUS_NOT_SUPPORTED) return unsupported(msg);
-  return runtime_error(msg);
-}
 #define LT_CHECK(expr, what) KILN_RETURN_IF_ERROR(lt_status((expr), where, (what)))
-
-struct Layout {
-  cublasLtMatrixLayout_t d = nullptr;
-  ~Layout() { if (d) cublasLtMatrixLayoutDestroy(d); }
-};
-struct Desc {
-  cublasLtMatmulDesc_t d = nullptr;
-  ~Desc() { if (d) cublasLtMatmulDescDestroy(d); }
-};
-struct Pref {
-  cublasLtMatmulPreference_t d = nullptr;
-  ~Pref() { if (d) cublasLtMatmulPreferenceDestroy(d); }
-};
+using Layout = LtLayout;
+using Desc = LtDesc;
+using Pref = LtPref;
 
 cudaDataType_t lt_type(DataType dt) { return dt == DataType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F; }
 

@@ -47,15 +47,7 @@
 namespace kiln::cuda {
 namespace {
 
-Status blas_status(cublasStatus_t s, const std::string& where, const char* what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
-  std::string msg = where + ": " + what + ": " + cublasLtGetStatusName(s) + " (" +
-                    cublasLtGetStatusString(s) + ")";
-  if (s == CUBLAS_STATUS_ALLOC_FAILED) return out_of_memory(msg);
-  if (s == CUBLAS_STATUS_NOT_SUPPORTED) return unsupported(msg);
-  return runtime_error(msg);
-}
-#define BLAS_CHECK(expr, what) KILN_RETURN_IF_ERROR(blas_status((expr), where_, (what)))
+#define BLAS_CHECK(expr, what) KILN_RETURN_IF_ERROR(lt_status((expr), where_, (what)))
 
 bool blas_dtype(DataType dt, cudaDataType_t* out) {
   switch (dt) {
@@ -67,18 +59,9 @@ bool blas_dtype(DataType dt, cudaDataType_t* out) {
   }
 }
 
-struct Layout {
-  cublasLtMatrixLayout_t d = nullptr;
-  ~Layout() { if (d) cublasLtMatrixLayoutDestroy(d); }
-};
-struct MatmulDesc {
-  cublasLtMatmulDesc_t d = nullptr;
-  ~MatmulDesc() { if (d) cublasLtMatmulDescDestroy(d); }
-};
-struct Pref {
-  cublasLtMatmulPreference_t d = nullptr;
-  ~Pref() { if (d) cublasLtMatmulPreferenceDestroy(d); }
-};
+using Layout = LtLayout;
+using MatmulDesc = LtDesc;
+using Pref = LtPref;
 
 enum class GemmKind { kGemm, kMatMul, kFusedMatMul };
 

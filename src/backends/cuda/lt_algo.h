@@ -1,12 +1,38 @@
-// cuBLASLt algorithms as text, for tactics that persist them (cublaslt_gemm.cpp, conv_gemm.cpp):
-// "<readable>@<128 hex digits>", the hex being the raw cublasLtMatmulAlgo_t.
+// Shared cuBLASLt pieces of cublaslt_gemm.cpp and conv_gemm.cpp: status conversion, RAII owners
+// of the descriptors, and algorithms as text for tactics that persist them ("<readable>@<128 hex
+// digits>", the hex being the raw cublasLtMatmulAlgo_t).
 #pragma once
 #include <cublasLt.h>
 
 #include <cstdint>
 #include <string>
 
+#include "kiln/status.h"
+
 namespace kiln::cuda {
+
+// cuBLAS status -> Status naming `where` and `what`; out of memory is kOutOfMemory.
+inline Status lt_status(cublasStatus_t s, const std::string& where, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
+  std::string msg = where + ": " + what + ": " + cublasLtGetStatusName(s) + " (" +
+                    cublasLtGetStatusString(s) + ")";
+  if (s == CUBLAS_STATUS_ALLOC_FAILED) return out_of_memory(msg);
+  if (s == CUBLAS_STATUS_NOT_SUPPORTED) return unsupported(msg);
+  return runtime_error(msg);
+}
+
+struct LtLayout {
+  cublasLtMatrixLayout_t d = nullptr;
+  ~LtLayout() { if (d) cublasLtMatrixLayoutDestroy(d); }
+};
+struct LtDesc {
+  cublasLtMatmulDesc_t d = nullptr;
+  ~LtDesc() { if (d) cublasLtMatmulDescDestroy(d); }
+};
+struct LtPref {
+  cublasLtMatmulPreference_t d = nullptr;
+  ~LtPref() { if (d) cublasLtMatmulPreferenceDestroy(d); }
+};
 
 inline std::string lt_algo_hex(const cublasLtMatmulAlgo_t& a) {
   static const char* kHex = "0123456789abcdef";
