@@ -123,10 +123,16 @@ struct TimingCache {
   }
 };
 
-// What a tactic depends on: the device, the op and its attributes, the input types and shapes.
+// The generation of the tactic candidates: bumped when kernels gain or change candidates (2: the
+// cuBLASLt GEMM for 1x1 convolutions on CUDA), so that a timing cache written before does not
+// keep layers on a choice made without them. Older entries stay in the file, unused.
+constexpr const char kTacticGeneration[] = "tactics-2";
+
+// What a tactic depends on: the candidates' generation, the device, the op and its attributes,
+// the input types and shapes.
 std::string layer_signature(const Node& n, const std::unordered_map<std::string, TypeInfo>& types,
                             const std::string& device) {
-  std::string sig = device + "|" + n.domain + "." + n.op_type;
+  std::string sig = std::string(kTacticGeneration) + "|" + device + "|" + n.domain + "." + n.op_type;
   for (auto& a : n.attrs) {
     if (a.name == "kiln_tactic") continue;
     sig += "|" + a.name + "=";

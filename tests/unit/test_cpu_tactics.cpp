@@ -194,6 +194,24 @@ TEST(CpuTactics, TimedStoredAndReusedFromTheCache) {
   expect_correct(again);
 }
 
+// A cache written by a Kiln with an older generation of tactic candidates (another prefix on
+// every signature) is not reused: the layer is timed again.
+TEST(CpuTactics, CacheOfAnOlderTacticGenerationIsNotReused) {
+  TempDir td;
+  const std::string cache = td.path + "/tc.txt";
+  Built b;
+  if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
+  std::string text = read_text(cache);
+  const size_t at = text.find("\ntactics-");
+  ASSERT_NE(at, std::string::npos) << text;
+  text.replace(at + 1, std::string("tactics-").size(), "tactics-old-");
+  ASSERT_TRUE(write_file(cache, text.data(), text.size()).is_ok());
+  Built again = build(cache);
+  EXPECT_EQ(again.rep.tuned, 1u);
+  EXPECT_EQ(again.rep.tuned_from_cache, 0u);
+  expect_correct(again);
+}
+
 TEST(CpuTactics, ForcedTacticIsHonoured) {
   TempDir td;
   const std::string cache = td.path + "/tc.txt";
