@@ -19,7 +19,19 @@
 // tactic this machine cannot build (no AVX-512, another shape) loads as the default direct
 // conv. KILN_CPU_WINOGRAD=0: no winograd candidates, and wino tactics load as the default
 // direct conv (A/B on one plan).
+// Kiln's own Winograd F(4x4, 3x3) (cpu_winograd.h): NHWC in and out, so no reorders, with bias,
+// residual and activation in its output transform. For NHWC convs with a 3x3 kernel, stride 1,
+// no dilation, one group and pads <= 2 it is one more candidate, "kiln.wino4x3" (tactic
+// "cpu.conv.onednn.kiln.wino4x3"), timed with the same harness. Its weights are packed (and,
+// where it keeps U, transformed) once per kernel, at its first plan. Where it cannot run (no
+// AVX2/AVX-512, another shape, or KILN_CPU_KILN_WINO=0) the tactic loads as oneDNN's default
+// direct conv. KILN_CPU_KILN_WINO=force: tuning takes it wherever it applies, untimed (A/B in a
+// whole model). Zen 5, 2 threads, ResNet-50 b1 in the model (oneDNN's choice -> Kiln's):
+// 56x56x64 0.30 -> 0.17 ms, 28x28x128 0.32 -> 0.15, 14x14x256 0.37 -> 0.26; 7x7x512 ~0.55 either
+// way (weight-bandwidth bound; timing decides).
 #include "backends/cpu/cpu_kernels.h"
+#include "backends/cpu/cpu_parallel.h"
+#include "backends/cpu/cpu_winograd.h"
 #include "backends/cpu/weight_pages.h"
 
 #if KILN_WITH_DNNL
@@ -63,7 +75,26 @@ struct ConvPlan {
                      // one after kWinoPrefix, e.g. "wino.jit_wino_4x3:avx512_core"
   size_t scratch_bytes = 0;
   memory::desc scratch_md;
+  // Kiln's Winograd instead of oneDNN (impl kKilnWino): input dims (NHWC) and pads t, l, b, r.
+  std::shared_ptr<const WinogradConv> kwino;
+  int64_t kw_n = 0, kw_h = 0, kw_w = 0, kw_pads[4] = {0, 0, 0, 0};
 };
+
+// KILN_CPU_KILN_WINO=0 turns Kiln's own winograd off; =force makes tuning choose it wherever it
+// applies, untimed (A/B in a whole model, where timings on their own differ: see the top).
+const std::string& kiln_wino_env() {
+  static const std::string v = [] {
+    const char* e = std::getenv("KILN_CPU_KILN_WINO");
+    return std::string(e ? e : "");
+  }();
+  return v;
+}
+bool kiln_wino_enabled() {
+  return kiln_wino_env() != "0";
+}
+bool kiln_wino_forced() {
+  return kiln_wino_env() == "force";
+}
 
 // KILN_CPU_WINOGRAD=0 turns winograd off (see the top).
 bool winograd_enabled() {
@@ -103,6 +134,9 @@ constexpr const char kTacticPrefix[] = "cpu.conv.onednn.";
 constexpr const char kWinoPrefix[] = "wino.";
 
 bool is_wino(const std::string& impl) { return impl.rfind(kWinoPrefix, 0) == 0; }
+
+// Kiln's own winograd as an implementation name (cpu_winograd.h).
+constexpr const char kKilnWino[] = "kiln.wino4x3";
 
 class DnnlConv final : public Kernel {
  public:
@@ -151,6 +185,11 @@ class DnnlConv final : public Kernel {
       }
     }
     if (names.empty()) return;
+    if (kiln_wino_enabled() && winograd_isa_available(WinoIsa::kAuto) &&
+        kiln_wino_geometry(n, xs, nullptr)) {
+      if (kiln_wino_forced()) names.clear();
+      names.push_back(kKilnWino);
+    }
     std::string best = names[0];
     std::shared_ptr<const ConvPlan> best_plan;
     std::string log;
@@ -209,6 +248,10 @@ class DnnlConv final : public Kernel {
                                 << " -> " << best);
     impl_ = best;
     tactic_ = kTacticPrefix + best;
+    if (best != kKilnWino) {
+      std::lock_guard<std::mutex> lock(kwino_mu_);
+      kwino_.reset();  // a timed candidate only: its packed weights (and U) go
+    }
     std::lock_guard<std::mutex> lock(mu_);
     if (best_plan) plans_[xs] = best_plan;
   }
@@ -255,6 +298,11 @@ class DnnlConv final : public Kernel {
   bool execute(const ConvPlan& pl, const float* x, float* y, const float* z, bool z_in_y,
                size_t y_bytes) const {
     const ConvPlan* p = &pl;
+    if (p->kwino) {
+      const int64_t* pd = p->kw_pads;
+      return p->kwino->run(x, p->kw_n, p->kw_h, p->kw_w, pd[0], pd[1], pd[2], pd[3], z_in_y ? y : z,
+                           y, omp_threads());
+    }
     const dnnl::engine& eng = cpu_engine();
     dnnl::stream s(eng);
     memory user_src(p->user_src_md, eng, const_cast<float*>(x));
@@ -343,6 +391,25 @@ class DnnlConv final : public Kernel {
     return p;
   }
 
+  // Whether Kiln's winograd can do this conv for NHWC input shape xs; its pads (t, l, b, r)
+  // into pads when set.
+  bool kiln_wino_geometry(const Node& n, const Shape& xs, int64_t* pads) const {
+    if (!nhwc_ || xs.size() != 4 || n.attr_int("group", 1) != 1 || w_.rank() != 4 ||
+        w_.dim(2) != 3 || w_.dim(3) != 3 || xs[3] != w_.dim(1) || xs[0] < 1)
+      return false;
+    auto win = nn::make_window(n, Shape{xs[1], xs[2]}, Shape{3, 3}, false);
+    if (!win.is_ok()) return false;
+    const nn::Window& w = win.value();
+    if (w.nsp != 2 || w.strides[0] != 1 || w.strides[1] != 1 || w.dilations[0] != 1 ||
+        w.dilations[1] != 1)
+      return false;
+    const int64_t pt = w.pad_begin[0], pl = w.pad_begin[1], pb = w.pad_end[0], pr = w.pad_end[1];
+    if (!WinogradConv::supports(xs[1], xs[2], pt, pl, pb, pr)) return false;
+    if (w.out[0] != xs[1] + pt + pb - 2 || w.out[1] != xs[2] + pl + pr - 2) return false;
+    if (pads) pads[0] = pt, pads[1] = pl, pads[2] = pb, pads[3] = pr;
+    return true;
+  }
+
   // The convolution's primitive descriptor for input shape xs (oneDNN's first choice), or null
   // when oneDNN cannot do it. Throws dnnl::error.
   // wino: algorithm::convolution_winograd (throws where oneDNN has none for it), which needs
@@ -413,6 +480,27 @@ class DnnlConv final : public Kernel {
   Result<std::shared_ptr<const ConvPlan>> build(const Node& n, const Shape& xs,
                                                 const std::string& impl) const {
     auto p = std::make_shared<ConvPlan>();
+    if (impl == kKilnWino && kiln_wino_enabled() && kiln_wino_geometry(n, xs, p->kw_pads)) {
+      std::shared_ptr<const WinogradConv> k;
+      {
+        std::lock_guard<std::mutex> lock(kwino_mu_);
+        if (!kwino_) {
+          kwino_ = WinogradConv::create(w_.data<float>(), w_.dim(0), w_.dim(1),
+                                        has_bias_ ? b_.data<float>() : nullptr, ep_);
+          if (kwino_) packed_weight_done(w_.raw_data(), w_.nbytes());
+        }
+        k = kwino_;
+      }
+      if (k && k->prepare(xs[0], xs[1], xs[2], p->kw_pads[0], p->kw_pads[1], p->kw_pads[2],
+                          p->kw_pads[3])) {
+        p->kwino = k;
+        p->impl = kKilnWino;
+        p->kw_n = xs[0], p->kw_h = xs[1], p->kw_w = xs[2];
+        p->dst_dims = {xs[0], w_.dim(0), xs[1] + p->kw_pads[0] + p->kw_pads[2] - 2,
+                       xs[2] + p->kw_pads[1] + p->kw_pads[3] - 2};
+        return std::shared_ptr<const ConvPlan>(p);
+      }
+    }
     try {
       const dnnl::engine& eng = cpu_engine();
       const int64_t G = n.attr_int("group", 1);
@@ -498,6 +586,8 @@ class DnnlConv final : public Kernel {
   std::string tactic_;  // what tactic() reports
   mutable std::mutex mu_;
   mutable std::map<Shape, std::shared_ptr<const ConvPlan>> plans_;
+  mutable std::mutex kwino_mu_;
+  mutable std::shared_ptr<const WinogradConv> kwino_;  // Kiln's winograd, made at first use
 };
 
 // Transpose of a float32 tensor (rank 2..6, any perm) as a oneDNN reorder: the source is

@@ -1,0 +1,431 @@
+// Winograd F(4x4, 3x3) convolution, NHWC (see cpu_winograd.h). Transforms (Lavin & Gray):
+//   B^T = [4  0 -5  0 1 0]   G = [ 1/4     0     0]   A^T = [1 1  1 1  1 0]
+//         [0 -4 -4  1 1 0]       [-1/6  -1/6  -1/6]         [0 1 -1 2 -2 0]
+//         [0  4 -4 -1 1 0]       [-1/6   1/6  -1/6]         [0 1  1 4  4 0]
+//         [0 -2 -1  2 1 0]       [1/24  1/12   1/6]         [0 1 -1 8 -8 1]
+//         [0  2 -1 -2 1 0]       [1/24 -1/12   1/6]
+//         [0  4  0 -5 0 1]       [   0     0     1]
+// y tile (4x4) = A^T [ (G g G^T) .* (B^T d B) ] A, the elementwise product summed over input
+// channels: per position xi of the 6x6 transformed tile, one GEMM V[xi] (tiles x C) times
+// U[xi] (C x K). U is kept scaled, U' = S U S with S = diag(4, -6, -6, 24, 24, 1), which makes
+// S G integer ([1 0 0; 1 1 1; 1 -1 1; 1 2 4; 1 -2 4; 0 0 1]): the weight transform done per
+// call (kStreamed) is cheaper, and the output transform undoes S (A^T S^-1 M S^-1 A).
+// Layouts (floats): V [36][Tp][Cp] per block of tiles (Tp: tiles rounded up to the micro-tile's
+// rows; Cp: C to the vector width, zero padded); GEMM results of one panel [36][Tp][nr]; weights
+// packed at create() as [K panels][C][9][nr] (K padded with zeros to panels of nr columns), and
+// U (kFused) as [36][K panels][C][nr]. Planes of V and of the results are padded by a cache line
+// (see the kernel). The GEMM micro-kernel keeps a 6 x nr tile of results in registers (AVX-512:
+// 6 x 64 in 24 zmm; AVX2: 6 x 16), broadcasting V, loading U rows.
+// Zen 5, 2 threads, ResNet-50 shapes, N = 1 (each alone, warm): 56x56x64 0.155 ms, 28x28x128
+// 0.14 ms, 14x14x256 0.22 ms (streamed), 7x7x512 0.37 ms (streamed); the GEMMs run at ~87% of
+// FMA peak, the input and output transforms take ~25% of the fused mode's time.
+// Numerics: float32 throughout, U of kFused transformed in double. Against a double-precision
+// direct convolution, ~1e-6 to 5e-6 of the output range (tests ask 1e-5).
+#include "backends/cpu/cpu_winograd.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <new>
+
+#include "backends/cpu/cpu_parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KILN_WINO_X86 1
+#include <immintrin.h>
+#ifndef WINO_PF_HINT
+#define WINO_PF_HINT _MM_HINT_T0
+#endif
+#else
+#define KILN_WINO_X86 0
+#endif
+
+namespace kiln {
+namespace cpu {
+namespace {
+
+// One run: geometry, operands and how it is cut into tasks.
+struct WinoJob {
+  const float *x = nullptr, *z = nullptr, *u = nullptr, *wp = nullptr, *bias = nullptr;
+  float* y = nullptr;
+  int64_t N = 0, H = 0, W = 0, C = 0, K = 0, OH = 0, OW = 0, pt = 0, pl = 0;
+  int64_t th = 0, tw = 0, tiles = 0;  // 4x4 output tiles per column / row / in all
+  int64_t Cp = 0, npan = 0;           // V's row stride; panels of U
+  int64_t T = 0, Tp = 0, ntb = 0;     // tiles per block (the last may have fewer), blocks
+  int64_t ncc = 1, cpc = 0;           // phase 1: channel chunks, channels per chunk
+  int64_t cc = 0;                     // phase 2: input channels per block of U made at a time
+  // 0: task = tile block, all of it, with the pretransformed U; 1: task = (tile block, channel
+  // chunk)'s input transform into vglob; 2: task = (panel, tile block) from vglob, U made from
+  // the weights.
+  int phase = 0;
+  float* vglob = nullptr;        // [ntb][36][Tp][Cp]
+  const float* zeros = nullptr;  // Cp zeros
+  fused::Epilogue ep;
+};
+
+struct ScratchBuf {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~ScratchBuf() {
+    if (p) ::operator delete[](p, std::align_val_t(64));
+  }
+};
+
+// The calling thread's grow-only, 64-byte aligned buffer `slot` (0: V, 1: GEMM results,
+// 2: shared V of a two-phase run, 3: zeros) of at least n floats; null when out of memory.
+// Slot 0 holds U blocks in phase 2.
+float* thread_scratch(int slot, size_t n) {
+  thread_local ScratchBuf bufs[4];
+  ScratchBuf& b = bufs[slot];
+  if (n > b.cap) {
+    if (b.p) ::operator delete[](b.p, std::align_val_t(64));
+    b.p = static_cast<float*>(
+        ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
+    b.cap = b.p ? n : 0;
+  }
+  return b.p;
+}
+
+}  // namespace
+
+#if KILN_WINO_X86
+#if defined(__clang__)  // clang's form of `#pragma GCC target` (the sanitizer builds use clang)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+// GCC 12's AVX-512 headers start some intrinsics from a self-initialized "undefined" vector.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+namespace wino_avx512 {
+namespace {
+typedef __m512 V;
+constexpr int kW = 16, kNV = 4, kMR = 6;
+inline V vzero() {
+  return _mm512_setzero_ps();
+}
+inline V vset1(float x) {
+  return _mm512_set1_ps(x);
+}
+inline V vbcast(const float* p) {
+  return _mm512_set1_ps(*p);
+}
+inline V vfma(V a, V b, V c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+inline V vload(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+inline void vstore(float* p, V v) {
+  _mm512_storeu_ps(p, v);
+}
+inline __mmask16 lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+inline V vload_n(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(lanes(n), p);
+}
+inline void vstore_n(float* p, V v, int64_t n) {
+  _mm512_mask_storeu_ps(p, lanes(n), v);
+}
+// max/min return their second operand where either is NaN: NaN passes, as in the reference.
+inline V vmax(V a, V b) {
+  return _mm512_max_ps(a, b);
+}
+inline V vmin(V a, V b) {
+  return _mm512_min_ps(a, b);
+}
+inline void prefetch_line(const char* p) {
+  _mm_prefetch(p, WINO_PF_HINT);
+}
+inline V vleaky(V x, float a) {
+  return _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x,
+                            _mm512_set1_ps(a));
+}
+#include "backends/cpu/cpu_winograd_kernel.inc"
+}  // namespace
+bool task(const WinoJob& j, int64_t i) {
+  return run_task(j, i);
+}
+constexpr int64_t kLanes = kW, kPanel = kNR, kRows = kMR;
+}  // namespace wino_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace wino_avx2 {
+namespace {
+typedef __m256 V;
+constexpr int kW = 8, kNV = 2, kMR = 6;
+inline V vzero() {
+  return _mm256_setzero_ps();
+}
+inline V vset1(float x) {
+  return _mm256_set1_ps(x);
+}
+inline V vbcast(const float* p) {
+  return _mm256_broadcast_ss(p);
+}
+inline V vfma(V a, V b, V c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+inline V vload(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline void vstore(float* p, V v) {
+  _mm256_storeu_ps(p, v);
+}
+inline __m256i lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V vload_n(const float* p, int64_t n) {
+  return _mm256_maskload_ps(p, lanes(n));
+}
+inline void vstore_n(float* p, V v, int64_t n) {
+  _mm256_maskstore_ps(p, lanes(n), v);
+}
+inline V vmax(V a, V b) {
+  return _mm256_max_ps(a, b);
+}
+inline V vmin(V a, V b) {
+  return _mm256_min_ps(a, b);
+}
+inline void prefetch_line(const char* p) {
+  _mm_prefetch(p, WINO_PF_HINT);
+}
+inline V vleaky(V x, float a) {
+  return _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(a)),
+                          _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+#include "backends/cpu/cpu_winograd_kernel.inc"
+}  // namespace
+bool task(const WinoJob& j, int64_t i) {
+  return run_task(j, i);
+}
+constexpr int64_t kLanes = kW, kPanel = kNR, kRows = kMR;
+}  // namespace wino_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // KILN_WINO_X86
+
+namespace {
+
+bool has_avx512() {
+#if KILN_WINO_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+bool has_avx2() {
+#if KILN_WINO_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool winograd_isa_available(WinoIsa isa) {
+  switch (isa) {
+    case WinoIsa::kAuto:
+      return has_avx512() || has_avx2();
+    case WinoIsa::kAvx512:
+      return has_avx512();
+    case WinoIsa::kAvx2:
+      return has_avx2();
+  }
+  return false;
+}
+
+WinogradConv::~WinogradConv() {
+  for (float* p : {u_, wp_, bias_})
+    if (p) ::operator delete[](p, std::align_val_t(64));
+}
+
+namespace {
+
+float* alloc_floats(size_t n) {
+  return static_cast<float*>(
+      ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
+}
+
+}  // namespace
+
+std::shared_ptr<const WinogradConv> WinogradConv::create(const float* w, int64_t K, int64_t C,
+                                                         const float* bias,
+                                                         const fused::Epilogue& ep, WinoIsa isa) {
+  std::shared_ptr<const WinogradConv> none;
+  if (isa == WinoIsa::kAuto) isa = has_avx512() ? WinoIsa::kAvx512 : WinoIsa::kAvx2;
+  if (!w || K < 1 || C < 1 || K > (int64_t(1) << 24) || C > (int64_t(1) << 24) ||
+      !winograd_isa_available(isa))
+    return none;
+#if KILN_WINO_X86
+  std::shared_ptr<WinogradConv> k(new (std::nothrow) WinogradConv());
+  if (!k) return none;
+  k->isa_ = isa;
+  k->K_ = K, k->C_ = C, k->ep_ = ep;
+  k->nr_ = isa == WinoIsa::kAvx512 ? wino_avx512::kPanel : wino_avx2::kPanel;
+  k->Kp_ = (K + k->nr_ - 1) / k->nr_ * k->nr_;
+  const size_t wn = static_cast<size_t>(9 * k->Kp_ * C);
+  k->wp_ = alloc_floats(wn);
+  k->bias_ = alloc_floats(static_cast<size_t>(k->Kp_));
+  if (!k->wp_ || !k->bias_) return none;
+  for (int64_t i = 0; i < k->Kp_; ++i) k->bias_[i] = bias && i < K ? bias[i] : 0.f;
+  // [K panels][C][9][nr]: the taps of a panel's output channels side by side.
+  std::memset(k->wp_, 0, wn * sizeof(float));
+  const int64_t nr = k->nr_;
+  for (int64_t m = 0; m < K; ++m)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < 9; ++t)
+        k->wp_[(((m / nr) * C + c) * 9 + t) * nr + m % nr] = w[(m * C + c) * 9 + t];
+  return k;
+#else
+  (void)bias;
+  (void)ep;
+  return none;
+#endif
+}
+
+const float* WinogradConv::pretransformed() const {
+  std::call_once(u_once_, [this] {
+    const int64_t nr = nr_, npan = Kp_ / nr, C = C_;
+    float* u = alloc_floats(static_cast<size_t>(36 * Kp_ * C));
+    if (!u) return;
+    static const double G[6][3] = {{1, 0, 0}, {1, 1, 1},  {1, -1, 1},  // S G (see the top)
+                                   {1, 2, 4}, {1, -2, 4}, {0, 0, 1}};
+    for (int64_t pan = 0; pan < npan; ++pan)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t m = 0; m < nr; ++m) {
+          const float* wp = wp_ + ((pan * C + c) * 9) * nr + m;
+          double t[6][3];  // G g
+          for (int a = 0; a < 6; ++a)
+            for (int q = 0; q < 3; ++q)
+              t[a][q] =
+                  G[a][0] * wp[q * nr] + G[a][1] * wp[(3 + q) * nr] + G[a][2] * wp[(6 + q) * nr];
+          for (int a = 0; a < 6; ++a)
+            for (int b = 0; b < 6; ++b) {
+              const double v = t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2];
+              u[(((a * 6 + b) * npan + pan) * C + c) * nr + m] = static_cast<float>(v);
+            }
+        }
+    u_ = u;
+  });
+  return u_;
+}
+
+bool WinogradConv::supports(int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb, int64_t pr) {
+  for (int64_t p : {pt, pl, pb, pr})
+    if (p < 0 || p > 2) return false;
+  return H >= 1 && W >= 1 && H + pt + pb >= 3 && W + pl + pr >= 3 && H <= (int64_t(1) << 24) &&
+         W <= (int64_t(1) << 24);
+}
+
+WinoMode WinogradConv::auto_mode(int64_t tiles) const {
+  const double u_bytes = 36.0 * 4.0 * static_cast<double>(Kp_) * static_cast<double>(C_);
+  return tiles <= kStreamedTiles || (tiles <= 2 * kStreamedTiles && u_bytes > kStreamedUBytes) ||
+                 u_bytes > kMaxUBytes
+             ? WinoMode::kStreamed
+             : WinoMode::kFused;
+}
+
+bool WinogradConv::prepare(int64_t N, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb,
+                           int64_t pr) const {
+  if (N < 1 || !supports(H, W, pt, pl, pb, pr)) return true;
+  const int64_t OH = H + pt + pb - 2, OW = W + pl + pr - 2;
+  const int64_t tiles = N * ((OH + 3) / 4) * ((OW + 3) / 4);
+  return auto_mode(tiles) != WinoMode::kFused || pretransformed() != nullptr;
+}
+
+bool WinogradConv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_t pt, int64_t pl,
+                       int64_t pb, int64_t pr, const float* z, float* y, int threads,
+                       WinoMode mode) const {
+#if KILN_WINO_X86
+  if (!x || !y || N < 1 || !supports(H, W, pt, pl, pb, pr)) return false;
+  WinoJob j;
+  j.x = x, j.z = z, j.y = y, j.wp = wp_, j.bias = bias_, j.ep = ep_;
+  j.N = N, j.H = H, j.W = W, j.C = C_, j.K = K_, j.pt = pt, j.pl = pl;
+  j.OH = H + pt + pb - 2, j.OW = W + pl + pr - 2;
+  j.th = (j.OH + 3) / 4, j.tw = (j.OW + 3) / 4, j.tiles = N * j.th * j.tw;
+  const bool avx512 = isa_ == WinoIsa::kAvx512;
+  const int64_t lanes = avx512 ? wino_avx512::kLanes : wino_avx2::kLanes;
+  const int64_t rows = avx512 ? wino_avx512::kRows : wino_avx2::kRows;
+  auto task = avx512 ? &wino_avx512::task : &wino_avx2::task;
+  j.Cp = (C_ + lanes - 1) / lanes * lanes;
+  j.npan = Kp_ / nr_;
+  const int64_t P = std::max(1, threads);
+  float* zeros = thread_scratch(3, static_cast<size_t>(j.Cp));
+  if (!zeros) return false;
+  std::memset(zeros, 0, sizeof(float) * static_cast<size_t>(j.Cp));
+  j.zeros = zeros;
+  struct Ctx {
+    const WinoJob* j;
+    bool (*fn)(const WinoJob&, int64_t);
+  } ctx{&j, task};
+  auto body = [](void* c, int64_t i) {
+    auto* cx = static_cast<Ctx*>(c);
+    return cx->fn(*cx->j, i);
+  };
+  // Few tiles: each element of U serves few GEMM rows, and in a model the 4x larger U comes
+  // from memory (the weights of a model outgrow L3): make U from the weights instead, per task.
+  if (mode == WinoMode::kAuto) mode = auto_mode(j.tiles);
+  if (mode == WinoMode::kFused) j.u = pretransformed();
+  if (mode == WinoMode::kFused && j.u) {
+    // Tiles per block: V of a block in about half of L2 (2 MB per core on Zen 5), next to the
+    // panel of U and the GEMM results.
+    constexpr int64_t kVBudget = 768 * 1024;
+    const int64_t tmax = std::max<int64_t>(rows, kVBudget / (36 * 4 * j.Cp) / rows * rows);
+    int64_t ntb = (j.tiles + tmax - 1) / tmax;
+    if (ntb < 4 * P) ntb = (ntb + P - 1) / P * P;  // whole rounds of tasks
+    j.T = (j.tiles + ntb - 1) / ntb;
+    j.ntb = (j.tiles + j.T - 1) / j.T;
+    j.Tp = (j.T + rows - 1) / rows * rows;
+    j.phase = 0;
+    return parallel_tasks(j.ntb, threads, body, &ctx);
+  }
+  // Streamed: the input transform of all tiles first (tasks over tiles and channels), then
+  // tasks of (panel, tile block), each making its U from the weights, a block of input channels
+  // at a time. Blocks of up to ~64 tiles: GEMM results of a block in L2 (~600 KB).
+  constexpr int64_t kMBudget = 640 * 1024;
+  constexpr int64_t kUBudget = 512 * 1024;
+  const int64_t tmax = std::max<int64_t>(rows, kMBudget / (36 * 4 * nr_));
+  j.ntb = (j.tiles + tmax - 1) / tmax;
+  j.T = (j.tiles + j.ntb - 1) / j.ntb;
+  j.ntb = (j.tiles + j.T - 1) / j.T;
+  j.Tp = (j.T + rows - 1) / rows * rows;
+  const int64_t ccmax = std::max<int64_t>(8, kUBudget / (36 * 4 * nr_));
+  const int64_t nc = (C_ + ccmax - 1) / ccmax;
+  j.cc = (C_ + nc - 1) / nc;
+  j.vglob = thread_scratch(2, static_cast<size_t>(j.ntb * 36 * (j.Tp * j.Cp + 16)));
+  if (!j.vglob) return false;
+  j.phase = 1;
+  j.ncc = std::min(j.Cp / lanes, (2 * P + j.ntb - 1) / j.ntb);
+  j.cpc = (j.Cp / lanes + j.ncc - 1) / j.ncc * lanes;
+  j.ncc = (j.Cp + j.cpc - 1) / j.cpc;
+  if (!parallel_tasks(j.ntb * j.ncc, threads, body, &ctx)) return false;
+  j.phase = 2;
+  return parallel_tasks(j.npan * j.ntb, threads, body, &ctx);
+#else
+  (void)x, (void)N, (void)H, (void)W, (void)pt, (void)pl, (void)pb, (void)pr, (void)z, (void)y;
+  (void)threads, (void)mode;
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace kiln

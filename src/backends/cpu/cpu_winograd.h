@@ -1,0 +1,88 @@
+// Kiln's own Winograd convolution F(4x4, 3x3) for float32 NHWC activations (the layout of the
+// CPU conv chain): 3x3 kernel, stride 1, no dilation, one group, pads 0..2 per side, output
+// NHWC, epilogue y = act(conv + bias[k] + Z) fused into the output transform (Z optional, may be
+// y itself). No reorders: it reads X and writes Y where they are.
+// Weights (OIHW) are packed once, at create(); U = G g G^T is either made once and kept or made
+// per call from the packed weights (WinoMode). Work: input transform of 4x4-tile blocks into
+// V[36][tiles][C], 36 GEMMs V[xi] * U[xi] per panel of output channels, output transform with
+// the epilogue; in tasks on OpenMP's threads (cpu_parallel.h), sized to stay in L2.
+// AVX-512 and AVX2/FMA builds of the same code (cpu_winograd_kernel.inc), chosen at run time.
+// Lifetime / threads: one object per conv; run() is const and may run concurrently.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "ops/fused/fused.h"
+
+namespace kiln {
+namespace cpu {
+
+enum class WinoIsa { kAuto, kAvx512, kAvx2 };
+
+// How run() gets U = G g G^T. kFused: transformed once (at the first such run) and kept, 4x the
+// weights' size; tasks are blocks of tiles, each with its input transform, all the GEMMs and
+// the output transform. kStreamed: made per task from the weights (input transform of all
+// tiles first, then tasks of output-channel panels); moves a quarter of the bytes, which
+// matters when few tiles share each weight and the weights come from memory, as in a model's
+// later layers. kAuto: see auto_mode().
+enum class WinoMode { kAuto, kFused, kStreamed };
+
+// Whether this CPU can run the kernel with `isa` (kAuto: with any).
+bool winograd_isa_available(WinoIsa isa);
+
+class WinogradConv {
+ public:
+  // w: OIHW [K, C, 3, 3]; bias: K floats or null. Null when the CPU lacks `isa` (kAuto: the best
+  // this CPU has), K or C < 1, or out of memory.
+  static std::shared_ptr<const WinogradConv> create(const float* w, int64_t K, int64_t C,
+                                                    const float* bias, const fused::Epilogue& ep,
+                                                    WinoIsa isa = WinoIsa::kAuto);
+
+  // Whether the kernel takes these pads (each in [0, 2]) for an H x W input.
+  static bool supports(int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb, int64_t pr);
+
+  // y [N, H+pt+pb-2, W+pl+pr-2, K] = act(conv(x [N, H, W, C]) + bias + z), z of y's shape or
+  // null; z == y is allowed (in place). Runs on up to `threads` OpenMP threads. False: out of
+  // memory for the scratch buffers, or arguments supports() refuses (nothing written then).
+  bool run(const float* x, int64_t N, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb,
+           int64_t pr, const float* z, float* y, int threads,
+           WinoMode mode = WinoMode::kAuto) const;
+
+  // What kAuto runs for an output of `tiles` 4x4 tiles (N * ceil(OH / 4) * ceil(OW / 4)):
+  // kStreamed for up to kStreamedTiles tiles, or up to twice that when U would exceed
+  // kStreamedUBytes (in a model such a U comes from memory on every call), else kFused. Zen 5,
+  // 2 threads: ResNet-50 b1 in the model, 14x14x256 (16 tiles, U 9.4 MB) 0.26 ms streamed vs
+  // 0.34 ms with U (alone: 0.22 vs 0.19 ms); 28x28x128 (49 tiles, U 2.4 MB) fused 0.14 ms vs
+  // 0.16 ms alone; 14x14x256 at N = 8 (128 tiles) fused 1.8 ms vs 2.4 ms (timed among other
+  // candidates), 7x7x512 at N = 8 (32 tiles) streamed 2.0 ms vs 2.8 ms.
+  // A U over kMaxUBytes is never kept (memory: U is 4x the weights).
+  WinoMode auto_mode(int64_t tiles) const;
+  static constexpr int64_t kStreamedTiles = 32;
+  static constexpr int64_t kStreamedUBytes = 4 << 20;
+  static constexpr int64_t kMaxUBytes = 64 << 20;
+
+  // Makes U now where run() would make it at its first call (kFused for this input): so that
+  // a plan's first inference does not pay for it. False: out of memory.
+  bool prepare(int64_t N, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb,
+               int64_t pr) const;
+
+  WinoIsa isa() const { return isa_; }
+  ~WinogradConv();
+  WinogradConv(const WinogradConv&) = delete;
+  WinogradConv& operator=(const WinogradConv&) = delete;
+
+ private:
+  WinogradConv() = default;
+  const float* pretransformed() const;  // U, made at the first call; null: out of memory
+  WinoIsa isa_ = WinoIsa::kAuto;
+  int64_t K_ = 0, C_ = 0, Kp_ = 0, nr_ = 0;  // Kp_: K padded to panels of nr_ columns
+  float* wp_ = nullptr;                      // [Kp_ / nr_][C][9][nr_], 64-byte aligned
+  float* bias_ = nullptr;                    // [Kp_], zero past K
+  mutable std::once_flag u_once_;
+  mutable float* u_ = nullptr;  // [36][Kp_ / nr_][C][nr_] (kFused)
+  fused::Epilogue ep_;
+};
+
+}  // namespace cpu
+}  // namespace kiln
