@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/cpu_parallel.h"
 
@@ -95,21 +96,8 @@ namespace {
 
 using IsaFn = bool (*)(const AttnProblem&, int64_t, int64_t);
 
-bool has_avx512() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-bool has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool has_avx512() { return cpu_has_avx512(); }
+bool has_avx2() { return cpu_has_avx2(); }
 
 IsaFn best_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)

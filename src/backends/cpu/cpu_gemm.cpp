@@ -19,6 +19,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/cpu_parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -368,8 +369,7 @@ void gelu_avx512(float* x, int64_t n) {
 
 bool gemm_available() {
 #if KILN_GEMM_X86
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512vl");
+  static const bool ok = cpu_has_avx512();
   return ok;
 #else
   return false;

@@ -29,6 +29,7 @@
 #include <mutex>
 #include <new>
 
+#include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/cpu_parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -223,21 +224,8 @@ constexpr int64_t kLanes = kW, kPanel = kNR, kRows = kMR;
 
 namespace {
 
-bool has_avx512() {
-#if KILN_WINO_X86
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-bool has_avx2() {
-#if KILN_WINO_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool has_avx512() { return KILN_WINO_X86 && cpu_has_avx512(); }
+bool has_avx2() { return KILN_WINO_X86 && cpu_has_avx2(); }
 
 }  // namespace
 
