@@ -1,6 +1,8 @@
 // Helpers shared by tests that build whole engines in process: build a Model for a device and
 // copy a float32 output (host or CUDA) back to a vector.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -47,6 +49,31 @@ inline std::vector<float> host_floats(const Tensor& t) {
 #endif
   }
   return v;
+}
+
+// Runs engine e (one input "x", one output "y") on x; y as floats, or {} after a test failure.
+inline std::vector<float> run_xy(Engine& e, const Tensor& x) {
+  auto ctx = e.create_execution_context();
+  EXPECT_TRUE(ctx.is_ok()) << ctx.status().message();
+  if (!ctx.is_ok()) return {};
+  Status st = ctx.value()->set_input("x", x);
+  if (st.is_ok()) st = ctx.value()->enqueue();
+  if (st.is_ok()) st = ctx.value()->synchronize();
+  EXPECT_TRUE(st.is_ok()) << st.message();
+  auto y = ctx.value()->get_output("y");
+  EXPECT_TRUE(y.is_ok()) << y.status().message();
+  return y.is_ok() ? host_floats(y.value()) : std::vector<float>{};
+}
+
+// Worst |got - want| over max(1, max |want|); 1e30 when the sizes differ.
+inline double scaled_err(const std::vector<float>& got, const std::vector<double>& want) {
+  if (got.size() != want.size()) return 1e30;
+  double worst = 0, scale = 1;
+  for (size_t i = 0; i < want.size(); ++i) {
+    worst = std::max(worst, std::fabs(got[i] - want[i]));
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  return worst / scale;
 }
 
 }  // namespace kiln::test

@@ -1,8 +1,13 @@
-// Helpers shared by the per-family op tests: attribute constructors and a one-node runner over an
-// op's reference evaluation.
+// Helpers shared by the per-family op tests: attribute constructors, a one-node runner over an
+// op's reference evaluation, and the checks the optimized-kernel tests share.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -84,6 +89,25 @@ inline Result<std::vector<Value>> run(const std::string& op, std::vector<Attribu
   std::vector<Value> outs(nout);
   KILN_RETURN_IF_ERROR(def->eval(ctx, inputs, outs));
   return outs;
+}
+
+// A reference fallback that fails: proves an optimized kernel ran, not the reference.
+inline Status fail_ref(OpContext& ctx, std::span<const Value>, std::span<Value>) {
+  return ctx.fail("the reference kernel ran instead of the optimized one");
+}
+
+// max |got - want| / max |want| of two float32 tensors (1e9 on a shape or NaN mismatch).
+inline double rel_err(const Tensor& got, const Tensor& want) {
+  EXPECT_EQ(got.shape(), want.shape());
+  if (got.shape() != want.shape() || got.numel() == 0) return 1e9;
+  auto a = got.span<const float>(), b = want.span<const float>();
+  double err = 0, range = 1e-12;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) != std::isnan(b[i])) return 1e9;
+    err = std::max(err, std::fabs(double(a[i]) - b[i]));
+    range = std::max(range, std::fabs(double(b[i])));
+  }
+  return err / range;
 }
 
 }  // namespace kiln::test

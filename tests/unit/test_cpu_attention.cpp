@@ -27,23 +27,8 @@ using kiln::test::str_attr;
 
 namespace {
 
-Status fail_ref(OpContext& ctx, std::span<const Value>, std::span<Value>) {
-  return ctx.fail("the reference kernel ran instead of the optimized one");
-}
-
-// max |got - want| / max |want|.
-double rel_err(const Tensor& got, const Tensor& want) {
-  EXPECT_EQ(got.shape(), want.shape());
-  if (got.shape() != want.shape() || got.numel() == 0) return 1e9;
-  auto a = got.span<const float>(), b = want.span<const float>();
-  double err = 0, range = 1e-12;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i]) != std::isnan(b[i])) return 1e9;
-    err = std::max(err, std::fabs(double(a[i]) - b[i]));
-    range = std::max(range, std::fabs(double(b[i])));
-  }
-  return err / range;
-}
+using test::fail_ref;
+using test::rel_err;
 
 // Output 0 of the reference op and of the prepared kernel on the same node and inputs.
 void compare_kernel(const Node& n, const std::shared_ptr<const Kernel>& k, EvalFn ref_eval,

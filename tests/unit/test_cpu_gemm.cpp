@@ -145,22 +145,8 @@ TEST(CpuGemm, GeluMatchesErfForm) {
 
 #if KILN_WITH_DNNL
 
-Status fail_ref(OpContext& ctx, std::span<const Value>, std::span<Value>) {
-  return ctx.fail("the reference kernel ran instead of the optimized one");
-}
-
-double rel_err(const Tensor& got, const Tensor& want) {
-  EXPECT_EQ(got.shape(), want.shape());
-  if (got.shape() != want.shape() || got.numel() == 0) return 1e9;
-  auto a = got.span<const float>(), b = want.span<const float>();
-  double err = 0, range = 1e-12;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i]) != std::isnan(b[i])) return 1e9;
-    err = std::max(err, std::fabs(double(a[i]) - b[i]));
-    range = std::max(range, std::fabs(double(b[i])));
-  }
-  return err / range;
-}
+using test::fail_ref;
+using test::rel_err;
 
 struct NodeCase {
   Shape a;  // A's shape; B is [a.back(), N]

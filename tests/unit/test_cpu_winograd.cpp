@@ -46,6 +46,7 @@ namespace {
 
 using test::node;
 using test::rand_tensor;
+using test::rel_err;
 
 constexpr char k4x3[] = "cpu.conv.onednn.wino.jit_wino_4x3:avx512_core";
 constexpr char k2x3[] = "cpu.conv.onednn.wino.jit_fp32_wino_2x3:avx512_core";
@@ -168,18 +169,6 @@ Tensor run_reference(const Graph& g, const Tensor& x) {
                                                                      : Tensor();
 }
 
-// max |got - want| / max |want|.
-double rel_error(const Tensor& got, const Tensor& want) {
-  EXPECT_EQ(got.shape(), want.shape());
-  if (got.shape() != want.shape() || got.numel() == 0) return 1e9;
-  auto a = got.span<const float>(), b = want.span<const float>();
-  double err = 0, range = 1e-12;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs(double(a[i]) - b[i]));
-    range = std::max(range, std::fabs(double(b[i])));
-  }
-  return err / range;
-}
 
 bool has_dnnl_conv() {
   Node n = node("probe", "Conv", {"x", "w"}, {"y"});
@@ -244,7 +233,7 @@ void check(const Spec& s, const std::string& t, bool* wrote_into_z = nullptr) {
     log = cap.text();
   }
   Tensor want = run_reference(g, x);
-  const double err = rel_error(y, want);
+  const double err = rel_err(y, want);
   EXPECT_LE(err, kWinoTol);
   const bool fell_back =
       log.find("node 'c': oneDNN convolution implementation wino.") != std::string::npos;
@@ -322,7 +311,7 @@ TEST(CpuWinograd, TuningOffersWinogradWhereAvailable) {
   EXPECT_EQ(offered, onednn_has_wino(s, "jit_wino_4x3:avx512_core") ||
                          onednn_has_wino(s, "jit_fp32_wino_2x3:avx512_core"))
       << log;
-  EXPECT_LE(rel_error(y, run_reference(g, x)), kWinoTol);
+  EXPECT_LE(rel_err(y, run_reference(g, x)), kWinoTol);
   std::printf("[ wino     ] tuning: %s", log.c_str());
 }
 
@@ -745,7 +734,7 @@ TEST(KilnWino, DISABLED_BenchResNetShapes) {
       const double med = times[i][times[i].size() / 2];
       if (i == 0) base = med;
       std::printf("  %s=%.3fms(%.2fx, err %.1e)", i == 0 ? "direct" : tactics[i].c_str() + 16, med,
-                  base / med, rel_error(outs[i], outs[0]));
+                  base / med, rel_err(outs[i], outs[0]));
     }
     std::printf("\n");
   }

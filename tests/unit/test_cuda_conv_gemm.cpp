@@ -204,22 +204,9 @@ TEST(CudaConvGemm, EngineWithResidualPointwiseConvsMatchesTheReference) {
        at = layers.find("cuda.conv.cublaslt.", at + 1))
     ++uses;
   EXPECT_EQ(uses, 2u) << layers;
-  auto ctx = e->create_execution_context();
-  ASSERT_TRUE(ctx.is_ok()) << ctx.status().message();
-  Status st = ctx.value()->set_input("x", x);
-  if (st.is_ok()) st = ctx.value()->enqueue();
-  if (st.is_ok()) st = ctx.value()->synchronize();
-  ASSERT_TRUE(st.is_ok()) << st.message();
-  auto y = ctx.value()->get_output("y");
-  ASSERT_TRUE(y.is_ok()) << y.status().message();
-  const std::vector<float> got = test::host_floats(y.value());
+  const std::vector<float> got = test::run_xy(*e, x);
   ASSERT_EQ(got.size(), want.size());
-  double worst = 0, scale = 1;
-  for (size_t i = 0; i < want.size(); ++i) {
-    worst = std::max(worst, std::fabs(got[i] - want[i]));
-    scale = std::max(scale, std::fabs(want[i]));
-  }
-  EXPECT_LE(worst / scale, 1e-2);
+  EXPECT_LE(test::scaled_err(got, want), 1e-2);
 }
 
 }  // namespace

@@ -41,20 +41,7 @@ std::shared_ptr<Engine> build(Model m, const std::string& device, bool fp16) {
   return test::build_engine(std::move(m), device, fp16);
 }
 
-std::vector<float> to_host(const Tensor& t) { return test::host_floats(t); }
-
-std::vector<float> run(Engine& e, const Tensor& x) {
-  auto ctx = e.create_execution_context();
-  EXPECT_TRUE(ctx.is_ok()) << ctx.status().message();
-  if (!ctx.is_ok()) return {};
-  Status st = ctx.value()->set_input("x", x);
-  if (st.is_ok()) st = ctx.value()->enqueue();
-  if (st.is_ok()) st = ctx.value()->synchronize();
-  EXPECT_TRUE(st.is_ok()) << st.message();
-  auto y = ctx.value()->get_output("y");
-  EXPECT_TRUE(y.is_ok()) << y.status().message();
-  return y.is_ok() ? to_host(y.value()) : std::vector<float>{};
-}
+std::vector<float> run(Engine& e, const Tensor& x) { return test::run_xy(e, x); }
 
 Model one_node_model(const Shape& in, Node n) {
   Model m;
@@ -149,16 +136,7 @@ Act act_of(const Tensor& t) {
   return a;
 }
 
-// Worst |got - want| over max(1, max |want|).
-double scaled_err(const std::vector<float>& got, const std::vector<double>& want) {
-  if (got.size() != want.size()) return 1e30;
-  double worst = 0, scale = 1;
-  for (size_t i = 0; i < want.size(); ++i) {
-    worst = std::max(worst, std::fabs(got[i] - want[i]));
-    scale = std::max(scale, std::fabs(want[i]));
-  }
-  return worst / scale;
-}
+using test::scaled_err;
 
 // The backends to check: the CPU always (float32), CUDA in float32 and float16 when a GPU is
 // usable.
@@ -354,7 +332,7 @@ TEST(CudaErrors, OutOfMemoryIsAStatusAndTheContextRecovers) {
     ASSERT_TRUE(st.is_ok()) << st.message();
     auto y = c.get_output("y");
     ASSERT_TRUE(y.is_ok()) << y.status().message();
-    std::vector<float> v = to_host(y.value());
+    std::vector<float> v = test::host_floats(y.value());
     ASSERT_EQ(v.size(), 1u);
     EXPECT_FLOAT_EQ(v[0], 6.f);
   }
