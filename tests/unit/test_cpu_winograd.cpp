@@ -667,6 +667,7 @@ TEST(KilnWino, BuilderForcedTacticRunsAndMatches) {
   std::filesystem::remove_all(dir, ec);
 }
 
+#if KILN_TEST_HAS_DNNL  // times oneDNN's implementations next to Kiln's
 // Micro benchmark (run by hand, OMP_NUM_THREADS=2): Kiln's winograd vs oneDNN's winograd and
 // default direct conv, as the CPU backend's NHWC FusedConv (bias + relu) kernel with each tactic
 // forced, on ResNet-50's stride-1 3x3 shapes. Interleaved runs, median of each.
@@ -739,5 +740,6 @@ TEST(KilnWino, DISABLED_BenchResNetShapes) {
     std::printf("\n");
   }
 }
+#endif  // KILN_TEST_HAS_DNNL
 
 }  // namespace

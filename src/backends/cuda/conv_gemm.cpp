@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "backends/cuda/lt_algo.h"
+#include "backends/cuda/tune_timer.h"
 
 namespace kiln::cuda {
 namespace {
@@ -149,12 +150,9 @@ Result<std::pair<std::unique_ptr<PointwiseGemm>, float>> PointwiseGemm::tune(
   LT_CHECK(cublasLtCreate(&h), "cublasLtCreate");
   struct Guards {
     cublasLtHandle_t h;
-    cudaEvent_t e0 = nullptr, e1 = nullptr;
     void* ws = nullptr;
     ~Guards() {
       cudaDeviceSynchronize();
-      if (e0) cudaEventDestroy(e0);
-      if (e1) cudaEventDestroy(e1);
       if (ws) cudaFree(ws);
       cublasLtDestroy(h);
     }
@@ -178,31 +176,14 @@ Result<std::pair<std::unique_ptr<PointwiseGemm>, float>> PointwiseGemm::tune(
   size_t ws_max = 0;
   for (const auto& r : res) ws_max = std::max(ws_max, r.workspaceSize);
   if (ws_max) KILN_CUDA_CHECK(cudaMalloc(&g.ws, ws_max), where + ": tuning workspace");
-  KILN_CUDA_CHECK(cudaEventCreate(&g.e0), where + ": tuning events");
-  KILN_CUDA_CHECK(cudaEventCreate(&g.e1), where + ": tuning events");
+  TuneTimer timer;
+  KILN_RETURN_IF_ERROR(timer.init(where));
   for (const auto& r : res) {
     if (r.state != CUBLAS_STATUS_SUCCESS) continue;
-    auto once = [&]() {
-      return impl->call(h, nullptr, r.algo, r.workspaceSize, x, w, bias, z, y, g.ws).is_ok();
-    };
-    if (!once()) continue;  // a candidate that fails is skipped
-    float first = 0;
-    KILN_CUDA_CHECK(cudaEventRecord(g.e0, nullptr), where + ": tuning events");
-    if (!once()) continue;
-    KILN_CUDA_CHECK(cudaEventRecord(g.e1, nullptr), where + ": tuning events");
-    KILN_CUDA_CHECK(cudaEventSynchronize(g.e1), where + ": tuning");
-    KILN_CUDA_CHECK(cudaEventElapsedTime(&first, g.e0, g.e1), where + ": tuning events");
-    // The rule cudnn_conv.cpp and the graph API tuner use: >= 10 calls, about 2 ms of work.
-    const int reps = first > 0.2f ? 10 : std::min(200, std::max(10, static_cast<int>(2.f / std::max(first, 0.01f))));
-    bool ok = true;
-    KILN_CUDA_CHECK(cudaEventRecord(g.e0, nullptr), where + ": tuning events");
-    for (int i = 0; i < reps && ok; ++i) ok = once();
-    KILN_CUDA_CHECK(cudaEventRecord(g.e1, nullptr), where + ": tuning events");
-    KILN_CUDA_CHECK(cudaEventSynchronize(g.e1), where + ": tuning");
-    if (!ok) continue;
-    float ms = 0;
-    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, g.e0, g.e1), where + ": tuning events");
-    ms /= static_cast<float>(reps);
+    KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] {
+      return impl->call(h, timer.stream(), r.algo, r.workspaceSize, x, w, bias, z, y, g.ws).is_ok();
+    }));
+    if (ms < 0) continue;  // a candidate that fails is skipped
     if (out.second < 0 || ms < out.second) {
       out.second = ms;
       impl->algo = r.algo;

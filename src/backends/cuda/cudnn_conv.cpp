@@ -39,6 +39,7 @@
 #include "backends/cuda/conv_gemm.h"
 #include "backends/cuda/cudnn_graph.h"
 #include "backends/cuda/dnn.h"
+#include "backends/cuda/tune_timer.h"
 #include "base/logging.h"
 #include "ops/nn/nn_util.h"
 
@@ -659,17 +660,14 @@ Result<std::pair<ConvKernel::AlgoChoice, float>> ConvKernel::time_fused_legacy(
                                                                        : CUDNN_ACTIVATION_IDENTITY,
                                          CUDNN_PROPAGATE_NAN, 0.0),
             "cudnnSetActivationDescriptor");
-  cudaEvent_t e0 = nullptr, e1 = nullptr;
-  KILN_CUDA_CHECK(cudaEventCreate(&e0), where_ + ": tuning events");
-  struct EvGuard {
-    cudaEvent_t* a;
-    cudaEvent_t* b;
-    ~EvGuard() {
-      if (*a) cudaEventDestroy(*a);
-      if (*b) cudaEventDestroy(*b);
-    }
-  } eg{&e0, &e1};
-  KILN_CUDA_CHECK(cudaEventCreate(&e1), where_ + ": tuning events");
+  // The handle runs on the timer's stream while timing (it is this tune()'s own handle).
+  TuneTimer timer;
+  KILN_RETURN_IF_ERROR(timer.init(where_));
+  DNN_CHECK(cudnnSetStream(h, timer.stream()), "cudnnSetStream");
+  struct StreamBack {
+    cudnnHandle_t h;
+    ~StreamBack() { cudnnSetStream(h, nullptr); }
+  } stream_back{h};
   const float one = 1.f, zero = 0.f;
   for (const AlgoChoice& a : algos) {
     if (!set_algo(h, dt, p, a.first, a.second).is_ok() || p.ws > ws_bytes) continue;
@@ -679,24 +677,9 @@ Result<std::pair<ConvKernel::AlgoChoice, float>> ConvKernel::time_fused_legacy(
                                                    ws, p.ws, has_z ? &one : &zero, p.y.d,
                                                    has_z ? zb.p : y, p.bias.d, bb.p, act, p.y.d, y);
     };
-    if (call() != CUDNN_STATUS_SUCCESS) continue;  // refused: run() would not use it either
-    float first = 0;
-    KILN_CUDA_CHECK(cudaEventRecord(e0, nullptr), where_ + ": tuning events");
-    if (call() != CUDNN_STATUS_SUCCESS) continue;
-    KILN_CUDA_CHECK(cudaEventRecord(e1, nullptr), where_ + ": tuning events");
-    KILN_CUDA_CHECK(cudaEventSynchronize(e1), where_ + ": tuning");
-    KILN_CUDA_CHECK(cudaEventElapsedTime(&first, e0, e1), where_ + ": tuning events");
-    // The graph API tuner's repetition rule: at least 10 calls, about 2 ms of work.
-    const int reps = first > 0.2f ? 10 : std::min(200, std::max(10, static_cast<int>(2.f / std::max(first, 0.01f))));
-    KILN_CUDA_CHECK(cudaEventRecord(e0, nullptr), where_ + ": tuning events");
-    bool ok = true;
-    for (int r = 0; r < reps && ok; ++r) ok = call() == CUDNN_STATUS_SUCCESS;
-    KILN_CUDA_CHECK(cudaEventRecord(e1, nullptr), where_ + ": tuning events");
-    KILN_CUDA_CHECK(cudaEventSynchronize(e1), where_ + ": tuning");
-    if (!ok) continue;
-    float ms = 0;
-    KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), where_ + ": tuning events");
-    ms /= static_cast<float>(reps);
+    // A refused call is skipped: run() would not use it either.
+    KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] { return call() == CUDNN_STATUS_SUCCESS; }));
+    if (ms < 0) continue;
     if (best.second < 0 || ms < best.second) best = {a, ms};
   }
   return best;

@@ -2,6 +2,7 @@
 #include "backends/cuda/cudnn_graph.h"
 
 #include "backends/cuda/dnn.h"
+#include "backends/cuda/tune_timer.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -14,6 +15,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace kiln::cuda::fe {
@@ -61,14 +63,6 @@ struct DevBuf {
   void* p = nullptr;
   ~DevBuf() {
     if (p) cudaFree(p);
-  }
-};
-
-struct Events {
-  cudaEvent_t a = nullptr, b = nullptr;
-  ~Events() {
-    if (a) cudaEventDestroy(a);
-    if (b) cudaEventDestroy(b);
   }
 };
 
@@ -200,8 +194,6 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
   try {
     auto h = static_cast<cudnnHandle_t>(handle);
     auto& g = impl_->g;
-    cudaStream_t stream = nullptr;
-    if (cudnnGetStream(h, &stream) != CUDNN_STATUS_SUCCESS) stream = nullptr;
     // Operands: random values (see fill_tuning_data).
     std::vector<DevBuf> bufs(buffer_bytes_.size());
     std::vector<void*> ptrs(buffer_bytes_.size());
@@ -211,20 +203,32 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
       KILN_RETURN_IF_ERROR(fill_tuning_data(bufs[i].p, std::max<size_t>(buffer_bytes_[i], 256), dt_));
       ptrs[i] = bufs[i].p;
     }
-    Events ev;
-    KILN_CUDA_CHECK(cudaEventCreate(&ev.a), "tuning events");
-    KILN_CUDA_CHECK(cudaEventCreate(&ev.b), "tuning events");
+    std::unordered_map<int64_t, void*> vp;
+    for (size_t k = 0; k < uids_.size(); ++k) vp[uids_[k]] = ptrs[k];
+    // The timer's stream carries the handle's work while tuning (the build handle is shared:
+    // its stream is put back after).
+    TuneTimer timer;
+    KILN_RETURN_IF_ERROR(timer.init("cuDNN graph API " + kind_));
+    cudaStream_t prev = nullptr;
+    if (cudnnGetStream(h, &prev) != CUDNN_STATUS_SUCCESS) prev = nullptr;
+    if (cudnnSetStream(h, timer.stream()) != CUDNN_STATUS_SUCCESS)
+      return runtime_error("cuDNN graph API: binding the tuning stream");
+    struct StreamBack {
+      cudnnHandle_t h;
+      cudaStream_t s;
+      ~StreamBack() { cudnnSetStream(h, s); }
+    } stream_back{h, prev};
     float best = -1.f;
     int64_t best_i = -1;
     size_t best_ws = 0;
     std::string best_name;
-    int timed = 0;
     DevBuf ws;
     size_t ws_have = 0;
-    for (int64_t i = 0; i < impl_->candidates && timed < max_candidates; ++i) {
+    // Builds and times plan i; false when it does not build, fit or run.
+    auto time_plan = [&](int64_t i) -> Result<bool> {
       size_t wsz = 0;
       std::string n;
-      if (!impl_->build(h, i, ws_limit, &wsz, &n)) continue;
+      if (!impl_->build(h, i, ws_limit, &wsz, &n)) return false;
       if (wsz > ws_have) {
         if (ws.p) cudaFree(ws.p);
         ws.p = nullptr;
@@ -232,42 +236,26 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
         if (cudaMalloc(&ws.p, wsz) != cudaSuccess) {
           (void)cudaGetLastError();
           ws.p = nullptr;
-          continue;
+          return false;
         }
         ws_have = wsz;
       }
-      std::unordered_map<int64_t, void*> vp;
-      for (size_t k = 0; k < uids_.size(); ++k) vp[uids_[k]] = ptrs[k];
-      // Warm-up (also catches launch failures), then the timed runs: at least 10, and about
-      // 2 ms of work for the short ones (microsecond kernels need many to rank stably).
-      if (g.execute_plan_at_index(h, vp, ws.p, i).is_bad()) continue;
-      if (cudaStreamSynchronize(stream) != cudaSuccess) {
-        (void)cudaGetLastError();
-        continue;
-      }
-      float first_ms = 0;
-      KILN_CUDA_CHECK(cudaEventRecord(ev.a, stream), "tuning events");
-      bool ok = g.execute_plan_at_index(h, vp, ws.p, i).is_good();
-      KILN_CUDA_CHECK(cudaEventRecord(ev.b, stream), "tuning events");
-      KILN_CUDA_CHECK(cudaEventSynchronize(ev.b), "tuning " + kind_);
-      if (!ok) continue;
-      KILN_CUDA_CHECK(cudaEventElapsedTime(&first_ms, ev.a, ev.b), "tuning events");
-      const int kReps = first_ms > 0.2f ? 10 : std::min(200, std::max(10, static_cast<int>(2.f / std::max(first_ms, 0.01f))));
-      KILN_CUDA_CHECK(cudaEventRecord(ev.a, stream), "tuning events");
-      for (int r = 0; r < kReps && ok; ++r) ok = g.execute_plan_at_index(h, vp, ws.p, i).is_good();
-      KILN_CUDA_CHECK(cudaEventRecord(ev.b, stream), "tuning events");
-      KILN_CUDA_CHECK(cudaEventSynchronize(ev.b), "tuning " + kind_);
-      if (!ok) continue;
-      float ms = 0;
-      KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, ev.a, ev.b), "tuning events");
-      ms /= kReps;
-      ++timed;
+      KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] {
+        return g.execute_plan_at_index(h, vp, ws.p, i).is_good();
+      }));
+      if (ms < 0) return false;
       if (best < 0 || ms < best) {
         best = ms;
         best_i = i;
         best_ws = wsz;
         best_name = n;
       }
+      return true;
+    };
+    int timed = 0;
+    for (int64_t i = 0; i < impl_->candidates && timed < max_candidates; ++i) {
+      KILN_ASSIGN_OR_RETURN(bool t, time_plan(i));
+      timed += t ? 1 : 0;
     }
     if (best_i < 0) return unsupported("cuDNN graph API: no " + kind_ + " plan could be timed");
     index_ = best_i;
