@@ -14,11 +14,13 @@ struct Omp {
   using ParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
   using IntFn = int (*)();
   ParallelFn parallel = nullptr;
-  IntFn max_threads = nullptr;
+  IntFn max_threads = nullptr, thread_num = nullptr, num_threads = nullptr;
   Omp() {
     parallel = reinterpret_cast<ParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
     max_threads = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
-    if (!parallel || !max_threads) parallel = nullptr;
+    thread_num = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    num_threads = reinterpret_cast<IntFn>(dlsym(RTLD_DEFAULT, "omp_get_num_threads"));
+    if (!parallel || !max_threads || !thread_num || !num_threads) parallel = nullptr;
   }
 };
 
@@ -44,6 +46,14 @@ void body(void* data) {
   }
 }
 
+void body_static(void* data) {
+  auto* job = static_cast<Job*>(data);
+  const Omp& o = omp();
+  const int64_t t = o.thread_num(), T = std::max(1, o.num_threads());
+  for (int64_t i = job->n * t / T, e = job->n * (t + 1) / T; i < e; ++i)
+    if (!job->task(job->ctx, i)) job->ok.store(false, std::memory_order_relaxed);
+}
+
 }  // namespace
 
 int omp_threads() {
@@ -61,6 +71,20 @@ bool parallel_tasks(int64_t n, int threads, TaskFn task, void* ctx) {
     body(&job);
   } else {
     o.parallel(&body, &job, static_cast<unsigned>(std::min<int64_t>(threads, n)), 0);
+  }
+  return job.ok.load();
+}
+
+bool parallel_tasks_static(int64_t n, int threads, TaskFn task, void* ctx) {
+  Job job;
+  job.task = task;
+  job.ctx = ctx;
+  job.n = n;
+  const Omp& o = omp();
+  if (!o.parallel || threads <= 1 || n <= 1) {
+    body(&job);
+  } else {
+    o.parallel(&body_static, &job, static_cast<unsigned>(std::min<int64_t>(threads, n)), 0);
   }
   return job.ok.load();
 }

@@ -29,6 +29,19 @@
 // whole model). Zen 5, 2 threads, ResNet-50 b1 in the model (oneDNN's choice -> Kiln's):
 // 56x56x64 0.30 -> 0.17 ms, 28x28x128 0.32 -> 0.15, 14x14x256 0.37 -> 0.26; 7x7x512 ~0.55 either
 // way (weight-bandwidth bound; timing decides).
+// Kiln's own 1x1 conv (cpu_conv1x1.h, AVX-512 / AVX2): for NHWC 1x1 convs with no pads and one
+// group, Y[N*OH*OW, M] = act(X[N*OH*OW, C] * W^T + bias + Z) with the epilogue in registers,
+// weights packed once (at its first plan); strided ones (ResNet's downsampling) gather their
+// input rows. One more candidate, "kiln.conv1x1" (tactic "cpu.conv.onednn.kiln.conv1x1"),
+// timed with the same harness; where it cannot run it loads as oneDNN's default.
+// KILN_CPU_KILN_CONV1X1=0: never (and such tactics load as oneDNN's default: A/B on one plan);
+// =force: tuning takes it wherever it applies, untimed. Zen 5, 2 threads, one plan with and
+// without: ResNet-50 b8 123 -> 113 ms (the bottleneck expansions with their residual, 26 MB
+// each at 56x56: brgconv_1x1 3.4 ms, Kiln's 2.0), b1 and MobileNetV2 b1 unchanged (oneDNN is
+// kept for most of their 1x1 convs).
+// Timing a conv with a residual: the output starts as a copy of Z, made before the clock starts
+// (in a model the executor donates Z: no candidate pays a copy there).
+#include "backends/cpu/cpu_conv1x1.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/cpu_parallel.h"
 #include "backends/cpu/cpu_winograd.h"
@@ -38,10 +51,12 @@
 #include <malloc.h>
 
 #include <cstdlib>
+#include <limits>
 #include <new>
 #include <cstring>
 #include <string>
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <vector>
 #include <map>
@@ -65,6 +80,7 @@ using dt = dnnl::memory::data_type;
 
 // One compiled convolution for one input shape.
 struct ConvPlan {
+  uint64_t id = 0;  // unique in the process (a key of exec_args)
   dnnl::convolution_forward conv;
   memory::desc src_md, dst_md, user_src_md, user_dst_md;
   memory weights, bias;
@@ -78,6 +94,10 @@ struct ConvPlan {
   // Kiln's Winograd instead of oneDNN (impl kKilnWino): input dims (NHWC) and pads t, l, b, r.
   std::shared_ptr<const WinogradConv> kwino;
   int64_t kw_n = 0, kw_h = 0, kw_w = 0, kw_pads[4] = {0, 0, 0, 0};
+  // Kiln's 1x1 conv instead of oneDNN (impl kKilnConv1x1): rows N*OH*OW, input geometry.
+  std::shared_ptr<const Conv1x1> kc1;
+  int64_t kc1_rows = 0;
+  Conv1x1::Strided kc1_in;
 };
 
 // KILN_CPU_KILN_WINO=0 turns Kiln's own winograd off; =force makes tuning choose it wherever it
@@ -94,6 +114,21 @@ bool kiln_wino_enabled() {
 }
 bool kiln_wino_forced() {
   return kiln_wino_env() == "force";
+}
+
+// KILN_CPU_KILN_CONV1X1=0 / =force, as KILN_CPU_KILN_WINO for Kiln's 1x1 conv.
+const std::string& kiln_conv1x1_env() {
+  static const std::string v = [] {
+    const char* e = std::getenv("KILN_CPU_KILN_CONV1X1");
+    return std::string(e ? e : "");
+  }();
+  return v;
+}
+bool kiln_conv1x1_enabled() {
+  return kiln_conv1x1_env() != "0" && conv1x1_isa_available(C1Isa::kAuto);
+}
+bool kiln_conv1x1_forced() {
+  return kiln_conv1x1_env() == "force";
 }
 
 // KILN_CPU_WINOGRAD=0 turns winograd off (see the top).
@@ -137,6 +172,8 @@ bool is_wino(const std::string& impl) { return impl.rfind(kWinoPrefix, 0) == 0; 
 
 // Kiln's own winograd as an implementation name (cpu_winograd.h).
 constexpr const char kKilnWino[] = "kiln.wino4x3";
+// Kiln's 1x1 conv as an implementation name (cpu_conv1x1.h).
+constexpr const char kKilnConv1x1[] = "kiln.conv1x1";
 
 class DnnlConv final : public Kernel {
  public:
@@ -190,6 +227,10 @@ class DnnlConv final : public Kernel {
       if (kiln_wino_forced()) names.clear();
       names.push_back(kKilnWino);
     }
+    if (kiln_conv1x1_enabled() && kiln_conv1x1_geometry(n, xs, nullptr)) {
+      if (kiln_conv1x1_forced()) names.clear();
+      names.push_back(kKilnConv1x1);
+    }
     std::string best = names[0];
     std::shared_ptr<const ConvPlan> best_plan;
     std::string log;
@@ -197,7 +238,7 @@ class DnnlConv final : public Kernel {
       struct Cand {
         std::string name;
         std::shared_ptr<const ConvPlan> plan;
-        double best = -1, total = 0;
+        double best = -1;
         bool out = false;  // failed, or clearly slower than the best
       };
       std::vector<Cand> cands;
@@ -216,8 +257,11 @@ class DnnlConv final : public Kernel {
       }
       // Round robin, best run of each: a burst of load on a shared machine then hits every
       // candidate alike rather than whichever is timed during it (winograd ones come last).
-      // At least 2 rounds, more (up to 8; small convolutions are noisier) while the fastest
-      // has run under 4 ms in all; from then on, candidates over 2x the fastest stop.
+      // At least 2 rounds, more (up to 8; small convolutions are noisier) while the fastest's
+      // best run times the rounds stays under 4 ms (its best, not its total: runs that a
+      // neighbour held up, 8 ms each on this 2-core VM, would otherwise end the rounds after
+      // two and leave a coin toss between candidates); from then on, candidates over 2x the
+      // fastest stop.
       const Cand* lead = nullptr;
       for (int round = 0; round < 8; ++round) {
         for (Cand& c : cands) {
@@ -227,13 +271,12 @@ class DnnlConv final : public Kernel {
             c.out = true, c.best = -1;
             continue;
           }
-          c.total += s;
           if (c.best < 0 || s < c.best) c.best = s;
         }
         lead = nullptr;
         for (const Cand& c : cands)
           if (!c.out && (!lead || c.best < lead->best)) lead = &c;
-        if (!lead || (round >= 1 && lead->total >= 0.004)) break;
+        if (!lead || (round >= 1 && lead->best * (round + 1) >= 0.004)) break;
         if (round >= 1)
           for (Cand& c : cands)
             if (&c != lead && c.best > 2 * lead->best) c.out = true;
@@ -251,6 +294,10 @@ class DnnlConv final : public Kernel {
     if (best != kKilnWino) {
       std::lock_guard<std::mutex> lock(kwino_mu_);
       kwino_.reset();  // a timed candidate only: its packed weights (and U) go
+    }
+    if (best != kKilnConv1x1) {
+      std::lock_guard<std::mutex> lock(kwino_mu_);
+      kc1_.reset();  // a timed candidate only: its packed weights go
     }
     std::lock_guard<std::mutex> lock(mu_);
     if (best_plan) plans_[xs] = best_plan;
@@ -298,13 +345,42 @@ class DnnlConv final : public Kernel {
   bool execute(const ConvPlan& pl, const float* x, float* y, const float* z, bool z_in_y,
                size_t y_bytes) const {
     const ConvPlan* p = &pl;
+    if (p->kc1)
+      return p->kc1->run(x, p->kc1_rows, z_in_y ? y : z, y, omp_threads(), C1Order::kAuto,
+                         &p->kc1_in);
     if (p->kwino) {
       const int64_t* pd = p->kw_pads;
       return p->kwino->run(x, p->kw_n, p->kw_h, p->kw_w, pd[0], pd[1], pd[2], pd[3], z_in_y ? y : z,
                            y, omp_threads());
     }
     const dnnl::engine& eng = cpu_engine();
-    dnnl::stream s(eng);
+    static thread_local dnnl::stream s(eng);
+    if (!p->reorder_src && !p->reorder_dst) {
+      // The common case (NHWC chain, oneDNN's own layouts): this thread's memory objects and
+      // argument map for the plan, made once, pointed at this call's buffers. Making them per
+      // call was ~0.5 us of the ~1 us a small conv's call costs beyond its arithmetic (malloc),
+      // on every one of MobileNetV2's 52 convs.
+      ExecArgs& ea = exec_args(*p);
+      if (z && !z_in_y) std::memcpy(y, z, y_bytes);
+      uint8_t* scratch = scratch_buffer(p->scratch_bytes);
+      if (!scratch && p->scratch_bytes) return false;
+      ea.src.set_data_handle(const_cast<float*>(x));
+      ea.dst.set_data_handle(y);
+      ea.sp.set_data_handle(scratch);
+      ea.args[DNNL_ARG_WEIGHTS] = p->weights;
+      if (has_bias_) ea.args[DNNL_ARG_BIAS] = p->bias;
+      struct Clear {  // also when execute throws
+        ExecArgs& ea;
+        bool bias;
+        ~Clear() {
+          ea.args[DNNL_ARG_WEIGHTS] = memory();
+          if (bias) ea.args[DNNL_ARG_BIAS] = memory();
+        }
+      } clear{ea, has_bias_};
+      p->conv.execute(s, ea.args);
+      s.wait();
+      return true;
+    }
     memory user_src(p->user_src_md, eng, const_cast<float*>(x));
     memory user_dst(p->user_dst_md, eng, y);
     memory src = user_src, dst = user_dst;
@@ -335,9 +411,50 @@ class DnnlConv final : public Kernel {
     return true;
   }
 
+  // 64-byte aligned, as kernel outputs are (Kiln's 1x1 conv streams whole lines only there).
+  template <class T>
+  struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <class U>
+    Aligned64(const Aligned64<U>&) {}
+    T* allocate(size_t n) {
+      return static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t(64)));
+    }
+    void deallocate(T* p, size_t) { ::operator delete[](p, std::align_val_t(64)); }
+    bool operator==(const Aligned64&) const { return true; }
+    bool operator!=(const Aligned64&) const { return false; }
+  };
+  // A thread's memory objects and argument map for plan p (no reorders), pointing at whatever
+  // buffers the last call had. Keyed by the plan's unique id (a freed plan's address may come
+  // back); at most 512 per thread, all dropped past that.
+  struct ExecArgs {
+    memory src, dst, sp;
+    std::unordered_map<int, memory> args;
+  };
+  ExecArgs& exec_args(const ConvPlan& p) const {
+    thread_local std::unordered_map<uint64_t, ExecArgs> cache;
+    auto it = cache.find(p.id);
+    if (it != cache.end()) return it->second;
+    if (cache.size() >= 512) cache.clear();
+    const dnnl::engine& eng = cpu_engine();
+    ExecArgs ea;
+    ea.src = memory(p.user_src_md, eng, nullptr);
+    ea.dst = memory(p.user_dst_md, eng, nullptr);
+    ea.sp = memory(p.scratch_md, eng, nullptr);
+    // The weights and bias are set per call, and cleared after it: the cache must not keep a
+    // dead engine's weights alive.
+    ea.args = {{DNNL_ARG_SRC, ea.src},
+               {DNNL_ARG_WEIGHTS, memory()},
+               {DNNL_ARG_DST, ea.dst},
+               {DNNL_ARG_SCRATCHPAD, ea.sp}};
+    if (has_bias_) ea.args[DNNL_ARG_BIAS] = memory();
+    return cache.emplace(p.id, std::move(ea)).first->second;
+  }
+
   // Buffers for timing runs: random X (and Z), made once per tune().
   struct TuneData {
-    std::vector<float> x, y, z;
+    std::vector<float, Aligned64<float>> x, y, z;
   };
 
   // Seconds of one run of plan p (user-layout reorders included) on random data of input shape
@@ -354,7 +471,7 @@ class DnnlConv final : public Kernel {
         td.y.resize(yn);
         td.z.resize(residual_ ? yn : 0);
         uint32_t r = 0x9e3779b9u;  // xorshift: the values only need to be ordinary floats
-        auto fill = [&r](std::vector<float>& v) {
+        auto fill = [&r](std::vector<float, Aligned64<float>>& v) {
           for (float& f : v) {
             r ^= r << 13, r ^= r >> 17, r ^= r << 5;
             f = static_cast<float>(r >> 8) * (2.f / 16777216.f) - 1.f;
@@ -370,9 +487,12 @@ class DnnlConv final : public Kernel {
     float* y = td.y.data();
     const float* x = td.x.data();
     try {
+      // A residual as the executor hands it over in a model: donated, the output in its buffer
+      // (the copy, which no candidate pays then, is left out of the timing).
+      if (zp) std::memcpy(y, zp, yn * sizeof(float));
       using clock = std::chrono::steady_clock;
       auto t0 = clock::now();
-      if (!execute(p, x, y, zp, false, yn * sizeof(float))) return -1;
+      if (!execute(p, x, y, zp ? y : nullptr, zp != nullptr, yn * sizeof(float))) return -1;
       return std::chrono::duration<double>(clock::now() - t0).count();
     } catch (const dnnl::error&) {
       return -1;
@@ -407,6 +527,26 @@ class DnnlConv final : public Kernel {
     if (!WinogradConv::supports(xs[1], xs[2], pt, pl, pb, pr)) return false;
     if (w.out[0] != xs[1] + pt + pb - 2 || w.out[1] != xs[2] + pl + pr - 2) return false;
     if (pads) pads[0] = pt, pads[1] = pl, pads[2] = pb, pads[3] = pr;
+    return true;
+  }
+
+  // Whether Kiln's 1x1 conv can do this conv for NHWC input shape xs; its strides (sh, sw) and
+  // output size (OH, OW) into so when set.
+  bool kiln_conv1x1_geometry(const Node& n, const Shape& xs, int64_t* so) const {
+    if (!nhwc_ || xs.size() != 4 || n.attr_int("group", 1) != 1 || w_.rank() != 4 ||
+        w_.dim(2) != 1 || w_.dim(3) != 1 || xs[3] != w_.dim(1) || xs[0] < 1 || xs[1] < 1 ||
+        xs[2] < 1 || xs[0] * xs[1] * xs[2] > (int64_t(1) << 30))
+      return false;
+    if (ep_.kind == fused::Epilogue::kClip && !(ep_.a <= ep_.b)) return false;
+    auto win = nn::make_window(n, Shape{xs[1], xs[2]}, Shape{1, 1}, false);
+    if (!win.is_ok()) return false;
+    const nn::Window& w = win.value();
+    if (w.nsp != 2 || w.strides[0] < 1 || w.strides[1] < 1 || w.strides[0] > xs[1] ||
+        w.strides[1] > xs[2] || w.pad_begin[0] != 0 || w.pad_begin[1] != 0 ||
+        w.pad_end[0] != 0 || w.pad_end[1] != 0 ||
+        w.out[0] != (xs[1] - 1) / w.strides[0] + 1 || w.out[1] != (xs[2] - 1) / w.strides[1] + 1)
+      return false;
+    if (so) so[0] = w.strides[0], so[1] = w.strides[1], so[2] = w.out[0], so[3] = w.out[1];
     return true;
   }
 
@@ -480,6 +620,27 @@ class DnnlConv final : public Kernel {
   Result<std::shared_ptr<const ConvPlan>> build(const Node& n, const Shape& xs,
                                                 const std::string& impl) const {
     auto p = std::make_shared<ConvPlan>();
+    int64_t so[4];
+    if (impl == kKilnConv1x1 && kiln_conv1x1_enabled() && kiln_conv1x1_geometry(n, xs, so)) {
+      std::shared_ptr<const Conv1x1> k;
+      {
+        std::lock_guard<std::mutex> lock(kwino_mu_);
+        if (!kc1_) {
+          kc1_ = Conv1x1::create(w_.data<float>(), w_.dim(0), w_.dim(1),
+                                 has_bias_ ? b_.data<float>() : nullptr, ep_);
+          if (kc1_) packed_weight_done(w_.raw_data(), w_.nbytes());
+        }
+        k = kc1_;
+      }
+      if (k) {
+        p->kc1 = k;
+        p->impl = kKilnConv1x1;
+        p->kc1_rows = xs[0] * so[2] * so[3];
+        p->kc1_in.H = xs[1], p->kc1_in.W = xs[2], p->kc1_in.sh = so[0], p->kc1_in.sw = so[1];
+        p->dst_dims = {xs[0], w_.dim(0), so[2], so[3]};
+        return std::shared_ptr<const ConvPlan>(p);
+      }
+    }
     if (impl == kKilnWino && kiln_wino_enabled() && kiln_wino_geometry(n, xs, p->kw_pads)) {
       std::shared_ptr<const WinogradConv> k;
       {
@@ -538,6 +699,8 @@ class DnnlConv final : public Kernel {
         if (!found) pdp = primitive_desc_for(n, xs);
       }
       dnnl::convolution_forward::primitive_desc& pd = pdp->pd;
+      static std::atomic<uint64_t> next_id{1};
+      p->id = next_id.fetch_add(1);
       p->impl = (wino ? kWinoPrefix : "") + std::string(pd.impl_info_str());
       if (!impl.empty() && p->impl != impl)
         KILN_LOG(kVerbose, "node '" << n.name << "': oneDNN convolution implementation " << impl
@@ -588,6 +751,7 @@ class DnnlConv final : public Kernel {
   mutable std::map<Shape, std::shared_ptr<const ConvPlan>> plans_;
   mutable std::mutex kwino_mu_;
   mutable std::shared_ptr<const WinogradConv> kwino_;  // Kiln's winograd, made at first use
+  mutable std::shared_ptr<const Conv1x1> kc1_;         // Kiln's 1x1 conv, made at first use
 };
 
 // Transpose of a float32 tensor (rank 2..6, any perm) as a oneDNN reorder: the source is

@@ -71,9 +71,28 @@ class DnnlMatMul final : public Kernel {
     gelu_ = gelu;
     residual_ = residual;
     b_const_ = std::move(b_const);
+    b_user_ = b_const_;
   }
   // MatMul with a constant 2-D B: the kiln tactic may pack it (oneDNN takes B per call).
-  void set_const_b(Tensor b_const) { b_const_ = std::move(b_const); }
+  void set_const_b(Tensor b_const) {
+    b_const_ = std::move(b_const);
+    b_user_ = b_const_;
+  }
+  // Gemm (no transA, alpha 1) with a constant 2-D B: b_kn is B as [K, N] (transposed when
+  // transB), b the input itself.
+  void set_gemm_const_b(Tensor b_kn, Tensor b) {
+    b_const_ = std::move(b_kn);
+    b_user_ = std::move(b);
+    gemm_kiln_ = true;
+  }
+  // Once the kiln GEMM has B in its panels, a Gemm's transposed copy of B goes (the dims stay).
+  void drop_gemm_copy() {
+    if (!gemm_kiln_ || b_const_.rank() != 2) return;
+    kk_ = b_const_.dim(0), kn_ = b_const_.dim(1);
+    b_const_ = Tensor();
+  }
+  int64_t kiln_k() const { return b_const_.rank() == 2 ? b_const_.dim(0) : kk_; }
+  int64_t kiln_n() const { return b_const_.rank() == 2 ? b_const_.dim(1) : kn_; }
 
   std::string tactic() const override { return tactic_; }
 
@@ -82,11 +101,13 @@ class DnnlMatMul final : public Kernel {
     if (t == kKilnTactic && kiln_possible()) {
       if (pack_kiln()) {
         tactic_ = t;
-        packed_weight_done(b_const_.raw_data(), b_const_.nbytes());
+        packed_weight_done(b_user_.raw_data(), b_user_.nbytes());
+        drop_gemm_copy();
         return;
       }
     }
     if (t == kKilnTactic || t == kDnnlTactic) tactic_ = kDnnlTactic;
+    if (gemm_kiln_) b_const_ = Tensor();  // Gemm's transposed copy: oneDNN reads B itself
   }
 
   // Times oneDNN and the kiln GEMM for A of shape `as` and keeps the faster (see the top).
@@ -112,7 +133,7 @@ class DnnlMatMul final : public Kernel {
     if (!A.is_ok() || !C.is_ok() || !Y.is_ok()) return drop_kiln();
     const Tensor* Cp = has_bias_ ? &C.value() : nullptr;
     Shape dys;
-    auto pr = plan_for(A.value(), b_const_, Cp, &dys);
+    auto pr = plan_for(A.value(), b_user_, Cp, &dys);
     std::shared_ptr<const MmPlan> p = pr.is_ok() ? pr.value() : nullptr;
     using clock = std::chrono::steady_clock;
     // With GELU the kiln GEMM cannot sum into the residual's buffer: a separate output.
@@ -128,13 +149,13 @@ class DnnlMatMul final : public Kernel {
         if (p->has_packed_b)
           evict_from_cache(p->packed_b.get_data_handle(), p->packed_b.get_desc().get_size());
         else
-          evict_from_cache(b_const_.raw_data(), b_const_.nbytes());
+          evict_from_cache(b_user_.raw_data(), b_user_.nbytes());
       } catch (const dnnl::error&) {
         return -1;
       }
       auto t0 = clock::now();
       try {
-        if (!execute_dnnl(*p, A.value(), b_const_, Cp, Y.value())) return -1;
+        if (!execute_dnnl(*p, A.value(), b_user_, Cp, Y.value())) return -1;
       } catch (const dnnl::error&) {
         return -1;
       }
@@ -173,12 +194,14 @@ class DnnlMatMul final : public Kernel {
                       << ", kiln " << bk * 1e3 << "ms -> " << (kiln ? "kiln" : "oneDNN"));
     if (kiln) {
       tactic_ = kKilnTactic;
-      packed_weight_done(b_const_.raw_data(), b_const_.nbytes());
+      packed_weight_done(b_user_.raw_data(), b_user_.nbytes());
+      drop_gemm_copy();
       std::lock_guard<std::mutex> lock(mu_);
       plans_.clear();  // oneDNN's packed copy of B is not needed
     } else {
       tactic_ = kDnnlTactic;
       drop_kiln();
+      if (gemm_kiln_) b_const_ = Tensor();  // Gemm's transposed copy: oneDNN reads B itself
     }
   }
 
@@ -246,9 +269,10 @@ class DnnlMatMul final : public Kernel {
     return true;
   }
 
-  // The kiln GEMM applies: MatMul / FusedMatMul with a constant 2-D float B, on AVX-512.
+  // The kiln GEMM applies: MatMul / FusedMatMul with a constant 2-D float B, or Gemm with one
+  // (set_gemm_const_b), on AVX-512.
   bool kiln_possible() const {
-    return !gemm_ && kiln_gemm_enabled() && b_const_.dtype() == DataType::kFloat &&
+    return (!gemm_ || gemm_kiln_) && kiln_gemm_enabled() && b_const_.dtype() == DataType::kFloat &&
            b_const_.rank() == 2 && b_const_.numel() > 0;
   }
   // Packs B for the kiln GEMM. From 2 MB up, the copy starts on a 2 MB boundary (the slack
@@ -284,7 +308,7 @@ class DnnlMatMul final : public Kernel {
     ep.bias = C ? C->data<float>() : nullptr;
     ep.gelu = gelu_;
     ep.residual = Z ? Z->data<float>() : nullptr;
-    gemm_packed(M, b_const_.dim(1), b_const_.dim(0), A.data<float>(), b_const_.dim(0), kb_,
+    gemm_packed(M, kiln_n(), kiln_k(), A.data<float>(), kiln_k(), kb_,
                 Y.data<float>(), ep, omp_threads());
   }
 
@@ -293,11 +317,15 @@ class DnnlMatMul final : public Kernel {
   Status run_kiln(OpContext& ctx, const Tensor& A, const Tensor& B, const Tensor* C,
                   const Tensor* Z, std::span<Value> out, bool* done) const {
     *done = false;
-    const int64_t K = b_const_.dim(0), N = b_const_.dim(1);
+    if (kpacked_.numel() == 0) return Status::ok();
+    const int64_t K = kiln_k(), N = kiln_n();
     if (kpacked_.numel() == 0 || A.rank() < 2 || A.shape().back() != K ||
-        B.shape() != b_const_.shape())
+        B.shape() != b_user_.shape() || (gemm_ && A.rank() != 2))
       return Status::ok();
     if (C && (C->dtype() != DataType::kFloat || C->numel() != N)) return Status::ok();
+    // Gemm's C as a bias: [N] or [1, N] (a [M, N] C with M = 1 is the same).
+    if (gemm_ && C && !(C->rank() == 1 || (C->rank() == 2 && C->dim(0) == 1)))
+      return Status::ok();
     const int64_t M = A.numel() / K;
     Shape ys(A.shape().begin(), A.shape().end() - 1);
     ys.push_back(N);
@@ -424,7 +452,10 @@ class DnnlMatMul final : public Kernel {
   bool has_bias_;
   EvalFn ref_;
   bool fused_ = false, gelu_ = false, residual_ = false;
-  Tensor b_const_;
+  Tensor b_const_;              // constant B as [K, N] (the kiln GEMM's operand)
+  Tensor b_user_;               // the constant B input as the node has it (oneDNN's operand)
+  bool gemm_kiln_ = false;      // a Gemm the kiln GEMM may run (set_gemm_const_b)
+  int64_t kk_ = 0, kn_ = 0;     // B's [K, N] once a Gemm's copy is dropped
   Tensor kpacked_;             // holds B in the kiln GEMM's panels (kiln tactic only)
   const float* kb_ = nullptr;  // where in kpacked_ they start
   std::string tactic_;         // what tactic() reports; kKilnTactic runs the kiln GEMM
@@ -474,9 +505,30 @@ Result<std::shared_ptr<const Kernel>> prepare_dnnl_matmul(const Node& n, const C
   if (has_c && n.attr_float("beta", 1.f) != 1.f) return none;
   // oneDNN's output scale would scale the bias too.
   if (has_c && n.attr_float("alpha", 1.f) != 1.f) return none;
-  return std::shared_ptr<const Kernel>(std::make_shared<DnnlMatMul>(
-      true, n.attr_int("transA", 0) != 0, n.attr_int("transB", 0) != 0, n.attr_float("alpha", 1.f), has_c,
-      ref));
+  const bool ta = n.attr_int("transA", 0) != 0, tb = n.attr_int("transB", 0) != 0;
+  const float alpha = n.attr_float("alpha", 1.f);
+  auto k = std::make_shared<DnnlMatMul>(true, ta, tb, alpha, has_c, ref);
+  // A constant B (a classifier's weights), no transA, alpha 1: the kiln GEMM is a candidate
+  // too, on B as [K, N] (transposed once here when transB).
+  const Tensor* b = constants(n.inputs[1]);
+  const std::string t = n.attr_string("kiln_tactic");
+  if (!ta && alpha == 1.f && b && b->dtype() == DataType::kFloat && b->rank() == 2 &&
+      b->numel() > 0 && kiln_gemm_enabled() && t != kDnnlTactic) {
+    Tensor bkn = *b;
+    if (tb) {
+      const int64_t N = b->dim(0), K = b->dim(1);
+      auto t = Tensor::create_uninitialized(DataType::kFloat, Shape{K, N});
+      if (!t.is_ok()) return none;
+      bkn = std::move(t).value();
+      const float* src = b->data<float>();
+      float* dst = bkn.data<float>();
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < K; ++j) dst[j * N + i] = src[i * K + j];
+    }
+    k->set_gemm_const_b(std::move(bkn), *b);
+  }
+  choose_tactic(*k, n);
+  return std::shared_ptr<const Kernel>(k);
 }
 
 }  // namespace cpu
