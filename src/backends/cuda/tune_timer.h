@@ -1,9 +1,10 @@
-// Timing of tactic candidates at engine build, the way engines run them: a candidate's calls are
-// captured into a CUDA graph and the graph is replayed between two events. Launched one by one,
-// microsecond kernels measure the host's launch rate instead (a cuDNN graph-API execute costs a
-// few microseconds of host time), which hides the difference between the candidates that
-// matters inside Kiln's own CUDA-graph replay at batch 1. KILN_CUDA_TUNE_GRAPH=0 times calls
-// launched one by one (A/B).
+// Timing of tactic candidates at engine build, the way engines run them: a short candidate's
+// calls (under 50 µs) are captured into a CUDA graph and the graph is replayed between two
+// events. Launched one by one, microsecond kernels measure the host's launch rate instead (a
+// cuDNN graph-API execute costs a few microseconds of host time), which hides the difference
+// between the candidates that matters inside Kiln's own CUDA-graph replay at batch 1. Longer
+// calls hide the launch behind the GPU's work and are timed launched one by one.
+// KILN_CUDA_TUNE_GRAPH=0 times every candidate launched one by one (A/B).
 #pragma once
 #include <cuda_runtime_api.h>
 
