@@ -6,12 +6,14 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "ir/graph.h"
+#include "kiln/logger.h"
 #include "ops/op.h"
 
 namespace kiln::test {
@@ -109,5 +111,25 @@ inline double rel_err(const Tensor& got, const Tensor& want) {
   }
   return err / range;
 }
+
+// A logger that collects verbose messages for the lifetime of the object.
+class LogCapture final : public Logger {
+ public:
+  LogCapture() { set_logger(this); }
+  ~LogCapture() override { set_logger(nullptr); }
+  void log(Severity, const std::string& m) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    text_ += m + "\n";
+  }
+  Severity min_severity() const override { return Severity::kVerbose; }
+  std::string text() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return text_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::string text_;
+};
 
 }  // namespace kiln::test

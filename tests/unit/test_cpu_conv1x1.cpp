@@ -59,25 +59,6 @@ bool kernel_on() {
   return cpu::conv1x1_isa_available(cpu::C1Isa::kAuto) && !(e && std::string(e) == "0");
 }
 
-class LogCapture final : public Logger {
- public:
-  LogCapture() { set_logger(this); }
-  ~LogCapture() override { set_logger(nullptr); }
-  void log(Severity, const std::string& m) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    text_ += m + "\n";
-  }
-  Severity min_severity() const override { return Severity::kVerbose; }
-  std::string text() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return text_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::string text_;
-};
-
 std::vector<float> uniform(size_t n, float lo, float hi, uint32_t seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> d(lo, hi);
@@ -202,7 +183,7 @@ double check(const Spec& s, const std::string& tactic = kConv1x1, uint32_t seed 
     if (s.in_place) ctx.donatable = uint64_t(1) << 3;
     Status st;
     {
-      LogCapture cap;
+      test::LogCapture cap;
       st = k.value()->run(ctx, in, out);
       if (log) *log += cap.text();
     }
@@ -526,7 +507,7 @@ TEST(KilnConv1x1, TuningOffersItWhereItApplies) {
     };
     std::string log;
     {
-      LogCapture cap;
+      test::LogCapture cap;
       auto k = cpu::prepare_dnnl_conv(n, constants, &test::fail_ref);
       ASSERT_TRUE(k.is_ok() && k.value());
       log = cap.text();

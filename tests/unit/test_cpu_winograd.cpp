@@ -94,26 +94,6 @@ Graph with_reference_kernels(Graph g) {
   return g;
 }
 
-// Collects verbose messages for the lifetime of the object.
-class LogCapture final : public Logger {
- public:
-  LogCapture() { set_logger(this); }
-  ~LogCapture() override { set_logger(nullptr); }
-  void log(Severity, const std::string& m) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    text_ += m + "\n";
-  }
-  Severity min_severity() const override { return Severity::kVerbose; }
-  std::string text() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return text_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::string text_;
-};
-
 // Runs the CPU backend's kernels and records whether the fused conv wrote into its residual.
 class RecordingKernel final : public Kernel {
  public:
@@ -228,7 +208,7 @@ void check(const Spec& s, const std::string& t, bool* wrote_into_z = nullptr) {
   std::string log;
   Tensor y;
   {
-    LogCapture cap;
+    test::LogCapture cap;
     y = run_on(b, g, x);
     log = cap.text();
   }
@@ -303,7 +283,7 @@ TEST(CpuWinograd, TuningOffersWinogradWhereAvailable) {
   std::string log;
   Tensor y;
   {
-    LogCapture cap;
+    test::LogCapture cap;
     y = run_on(cpu_backend(), g, x);
     log = cap.text();
   }
@@ -639,7 +619,7 @@ TEST(KilnWino, BuilderForcedTacticRunsAndMatches) {
       ctx.value()->set_input("x", Tensor::from_vector<float>({kBN, kBC, kBH, kBW}, x)).is_ok());
   std::string log;
   {
-    LogCapture cap;
+    test::LogCapture cap;
     Status st = ctx.value()->enqueue();
     ASSERT_TRUE(st.is_ok()) << st.message();
     ASSERT_TRUE(ctx.value()->synchronize().is_ok());

@@ -61,7 +61,10 @@ int omp_threads() {
   return o.parallel ? std::max(1, o.max_threads()) : 1;
 }
 
-bool parallel_tasks(int64_t n, int threads, TaskFn task, void* ctx) {
+namespace {
+
+// Runs `body` (dynamic or static task order) on up to `threads` OpenMP threads, inline when one.
+bool run_tasks(int64_t n, int threads, TaskFn task, void* ctx, void (*parallel_body)(void*)) {
   Job job;
   job.task = task;
   job.ctx = ctx;
@@ -70,23 +73,19 @@ bool parallel_tasks(int64_t n, int threads, TaskFn task, void* ctx) {
   if (!o.parallel || threads <= 1 || n <= 1) {
     body(&job);
   } else {
-    o.parallel(&body, &job, static_cast<unsigned>(std::min<int64_t>(threads, n)), 0);
+    o.parallel(parallel_body, &job, static_cast<unsigned>(std::min<int64_t>(threads, n)), 0);
   }
   return job.ok.load();
 }
 
+}  // namespace
+
+bool parallel_tasks(int64_t n, int threads, TaskFn task, void* ctx) {
+  return run_tasks(n, threads, task, ctx, &body);
+}
+
 bool parallel_tasks_static(int64_t n, int threads, TaskFn task, void* ctx) {
-  Job job;
-  job.task = task;
-  job.ctx = ctx;
-  job.n = n;
-  const Omp& o = omp();
-  if (!o.parallel || threads <= 1 || n <= 1) {
-    body(&job);
-  } else {
-    o.parallel(&body_static, &job, static_cast<unsigned>(std::min<int64_t>(threads, n)), 0);
-  }
-  return job.ok.load();
+  return run_tasks(n, threads, task, ctx, &body_static);
 }
 
 }  // namespace cpu
