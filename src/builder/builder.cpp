@@ -129,7 +129,7 @@ struct TimingCache {
 // 1x1 convolution, residual convolutions timed in place, Kiln's GEMM for Gemm nodes), so that a
 // timing cache written before does not keep layers on a choice made without them. Older entries
 // stay in the file, unused.
-constexpr const char kTacticGeneration[] = "tactics-4";
+constexpr const char kTacticGeneration[] = "tactics-5";
 
 // What a tactic depends on: the candidates' generation, the device, the op and its attributes,
 // the input types and shapes.

@@ -1,6 +1,7 @@
-// Pointwise (1x1) NHWC convolutions run as one cuBLASLt GEMM (conv_gemm.h): the GEMM itself and
-// whole engines that use it, against references written here (plain loops in double). Bias,
-// residual and ReLU must come out in kiln.FusedConv's order: relu(conv + bias + z). GPU only.
+// Pointwise (1x1) NHWC convolutions run as one cuBLASLt GEMM (conv_gemm.h), and RxS ones as the
+// tap GEMM + tap sum: the GEMM itself and whole engines that use them, against references written
+// here (plain loops in double). Bias, residual and ReLU must come out in kiln.FusedConv's order:
+// relu(conv + bias + z). GPU only.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -139,12 +140,19 @@ TEST(CudaConvGemm, ForeignOrDamagedTacticsAreRefused) {
   pb.rows = 64, pb.cin = 16, pb.cout = 16;
   const std::vector<std::string> tactics = {"cuda.conv.cudnn.IMPLICIT_PRECOMP_GEMM.tc",
                                             "cuda.conv.cublaslt.id1@00zz",
-                                            "cuda.gemm.cublaslt.id1@" + std::string(128, '0')};
+                                            "cuda.gemm.cublaslt.id1@" + std::string(128, '0'),
+                                            "cuda.conv.tapgemm.id1@" + std::string(128, '0')};
   for (const std::string& t : tactics) {
     auto g = cuda::PointwiseGemm::from_tactic(pb, t, size_t{32} << 20, "test");
     ASSERT_TRUE(g.is_ok()) << g.status().message();
     EXPECT_FALSE(g.value()) << t;
   }
+  // A pointwise tactic does not name a tap GEMM (float32 output) either.
+  pb.f32_out = true;
+  auto g = cuda::PointwiseGemm::from_tactic(pb, "cuda.conv.cublaslt.id1@" + std::string(128, '0'),
+                                            size_t{32} << 20, "test");
+  ASSERT_TRUE(g.is_ok()) << g.status().message();
+  EXPECT_FALSE(g.value());
 }
 
 #endif  // KILN_WITH_CUDA
@@ -204,6 +212,147 @@ TEST(CudaConvGemm, EngineWithResidualPointwiseConvsMatchesTheReference) {
        at = layers.find("cuda.conv.cublaslt.", at + 1))
     ++uses;
   EXPECT_EQ(uses, 2u) << layers;
+  const std::vector<float> got = test::run_xy(*e, x);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_LE(test::scaled_err(got, want), 1e-2);
+}
+
+// Reference NCHW convolution in double: out[n, k, p, q] = sum w[k, c, r, s] * x[n, c, iy, ix].
+std::vector<double> conv_ref(const std::vector<double>& x, const Shape& xs, const Tensor& w,
+                             const float* bias, const int64_t st[2], const int64_t pads[4],
+                             Shape* ys) {
+  const int64_t N = xs[0], C = xs[1], H = xs[2], W = xs[3];
+  const int64_t K = w.shape()[0], R = w.shape()[2], S = w.shape()[3];
+  const int64_t P = (H + pads[0] + pads[2] - R) / st[0] + 1, Q = (W + pads[1] + pads[3] - S) / st[1] + 1;
+  *ys = {N, K, P, Q};
+  const float* wp = w.data<float>();
+  std::vector<double> y(static_cast<size_t>(N * K * P * Q));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t q = 0; q < Q; ++q) {
+          double a = bias ? bias[k] : 0.0;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t s = 0; s < S; ++s) {
+                const int64_t iy = p * st[0] - pads[0] + r, ix = q * st[1] - pads[1] + s;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+                a += x[static_cast<size_t>(((n * C + c) * H + iy) * W + ix)] *
+                     wp[((k * C + c) * R + r) * S + s];
+              }
+          y[static_cast<size_t>(((n * K + k) * P + p) * Q + q)] = a;
+        }
+  return y;
+}
+
+// x [2, 16, 9, 11] -> Conv 3x3 pad 1 (16 -> 24, bias) -> Relu -> Conv 3x3 pad 1 (24 -> 16, bias)
+// -> + x -> Relu -> Conv 2x3, strides (2, 1), pads (0, 1, 1, 1) (16 -> 32, no bias): all three on
+// the tap-GEMM path (KILN_CUDA_CONV_TAPS=force at build): bias + ReLU, the residual, and a
+// non-square filter with strides and asymmetric pads. float16 on CUDA against the double
+// reference.
+TEST(CudaConvGemm, EngineWithTapGemmConvsMatchesTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  std::mt19937 rng(9);
+  Model m;
+  m.ir_version = 8;
+  m.opsets[""] = 17;
+  m.graph.name = "taps";
+  const Shape xs = {2, 16, 9, 11};
+  m.graph.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, xs)});
+  m.graph.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  Graph& g = m.graph;
+  g.initializers["w1"] = test::rand_tensor(rng, {24, 16, 3, 3}, -0.15f, 0.15f);
+  g.initializers["b1"] = test::rand_tensor(rng, {24}, -0.2f, 0.2f);
+  g.initializers["w2"] = test::rand_tensor(rng, {16, 24, 3, 3}, -0.15f, 0.15f);
+  g.initializers["b2"] = test::rand_tensor(rng, {16}, -0.2f, 0.2f);
+  g.initializers["w3"] = test::rand_tensor(rng, {32, 16, 2, 3}, -0.2f, 0.2f);
+  g.nodes.push_back(test::node("c1", "Conv", {"x", "w1", "b1"}, {"h1"}));
+  g.nodes.back().attrs.push_back(test::ints_attr("pads", {1, 1, 1, 1}));
+  g.nodes.push_back(test::node("r1", "Relu", {"h1"}, {"h2"}));
+  g.nodes.push_back(test::node("c2", "Conv", {"h2", "w2", "b2"}, {"h3"}));
+  g.nodes.back().attrs.push_back(test::ints_attr("pads", {1, 1, 1, 1}));
+  g.nodes.push_back(test::node("add", "Add", {"h3", "x"}, {"h4"}));
+  g.nodes.push_back(test::node("r2", "Relu", {"h4"}, {"h5"}));
+  g.nodes.push_back(test::node("c3", "Conv", {"h5", "w3"}, {"y"}));
+  g.nodes.back().attrs.push_back(test::ints_attr("strides", {2, 1}));
+  g.nodes.back().attrs.push_back(test::ints_attr("pads", {0, 1, 1, 1}));
+  Tensor x = test::rand_tensor(rng, xs);
+  std::vector<double> xd(x.span<float>().begin(), x.span<float>().end());
+  const int64_t s1[2] = {1, 1}, p1[4] = {1, 1, 1, 1}, s3[2] = {2, 1}, p3[4] = {0, 1, 1, 1};
+  Shape hs, ys;
+  std::vector<double> h = conv_ref(xd, xs, g.initializers["w1"], g.initializers["b1"].data<float>(), s1, p1, &hs);
+  for (double& v : h) v = std::max(v, 0.0);
+  std::vector<double> h3 = conv_ref(h, hs, g.initializers["w2"], g.initializers["b2"].data<float>(), s1, p1, &hs);
+  for (size_t i = 0; i < h3.size(); ++i) h3[i] = std::max(h3[i] + xd[i], 0.0);
+  const std::vector<double> want = conv_ref(h3, hs, g.initializers["w3"], nullptr, s3, p3, &ys);
+  ASSERT_EQ(ys, (Shape{2, 32, 5, 11}));
+  setenv("KILN_CUDA_CONV_TAPS", "force", 1);
+  auto e = test::build_engine(m, "cuda", true);
+  unsetenv("KILN_CUDA_CONV_TAPS");
+  ASSERT_TRUE(e);
+  const std::string layers = e->describe_layers();
+  size_t uses = 0;
+  for (size_t at = layers.find("cuda.conv.tapgemm."); at != std::string::npos;
+       at = layers.find("cuda.conv.tapgemm.", at + 1))
+    ++uses;
+  EXPECT_EQ(uses, 3u) << layers;
+  const std::vector<float> got = test::run_xy(*e, x);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_LE(test::scaled_err(got, want), 1e-2);
+}
+
+// A ResNet-like stem, x [2, 3, 21, 18] -> Conv 7x7 / 2, pads 3 (3 -> 16, bias) -> Relu -> MaxPool
+// 3x3 / 2, pads 1: the convolution on the im2col path (KILN_CUDA_CONV_IM2COL=force at build; 147
+// columns padded to 152), the pool on the NHWC pool kernel. float16 on CUDA against the double
+// reference.
+TEST(CudaConvGemm, EngineWithIm2colStemMatchesTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  std::mt19937 rng(11);
+  Model m;
+  m.ir_version = 8;
+  m.opsets[""] = 17;
+  m.graph.name = "stem";
+  const Shape xs = {2, 3, 21, 18};
+  m.graph.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, xs)});
+  m.graph.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  Graph& g = m.graph;
+  g.initializers["w"] = test::rand_tensor(rng, {16, 3, 7, 7}, -0.2f, 0.2f);
+  g.initializers["b"] = test::rand_tensor(rng, {16}, -0.2f, 0.2f);
+  g.nodes.push_back(test::node("stem", "Conv", {"x", "w", "b"}, {"h1"}));
+  g.nodes.back().attrs.push_back(test::ints_attr("strides", {2, 2}));
+  g.nodes.back().attrs.push_back(test::ints_attr("pads", {3, 3, 3, 3}));
+  g.nodes.push_back(test::node("relu", "Relu", {"h1"}, {"h2"}));
+  g.nodes.push_back(test::node("pool", "MaxPool", {"h2"}, {"y"}));
+  g.nodes.back().attrs.push_back(test::ints_attr("kernel_shape", {3, 3}));
+  g.nodes.back().attrs.push_back(test::ints_attr("strides", {2, 2}));
+  g.nodes.back().attrs.push_back(test::ints_attr("pads", {1, 1, 1, 1}));
+  Tensor x = test::rand_tensor(rng, xs);
+  std::vector<double> xd(x.span<float>().begin(), x.span<float>().end());
+  const int64_t st[2] = {2, 2}, pads[4] = {3, 3, 3, 3};
+  Shape hs;
+  std::vector<double> h = conv_ref(xd, xs, g.initializers["w"], g.initializers["b"].data<float>(), st, pads, &hs);
+  ASSERT_EQ(hs, (Shape{2, 16, 11, 9}));
+  const int64_t N = 2, K = 16, H = 11, W = 9, P = 6, Q = 5;
+  std::vector<double> want(static_cast<size_t>(N * K * P * Q));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t q = 0; q < Q; ++q) {
+          double mx = -1e300;
+          for (int64_t a = 0; a < 3; ++a)
+            for (int64_t b = 0; b < 3; ++b) {
+              const int64_t iy = p * 2 - 1 + a, ix = q * 2 - 1 + b;
+              if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+              mx = std::max(mx, std::max(h[static_cast<size_t>(((n * K + k) * H + iy) * W + ix)], 0.0));
+            }
+          want[static_cast<size_t>(((n * K + k) * P + p) * Q + q)] = mx;
+        }
+  setenv("KILN_CUDA_CONV_IM2COL", "force", 1);
+  auto e = test::build_engine(m, "cuda", true);
+  unsetenv("KILN_CUDA_CONV_IM2COL");
+  ASSERT_TRUE(e);
+  const std::string layers = e->describe_layers();
+  EXPECT_NE(layers.find("cuda.conv.im2col."), std::string::npos) << layers;
   const std::vector<float> got = test::run_xy(*e, x);
   ASSERT_EQ(got.size(), want.size());
   EXPECT_LE(test::scaled_err(got, want), 1e-2);

@@ -27,6 +27,10 @@ using Pref = LtPref;
 
 cudaDataType_t lt_type(DataType dt) { return dt == DataType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F; }
 
+const char* prefix_of(const PointwiseProblem& p) {
+  return p.f32_out ? kTapTacticPrefix : p.im2col ? kIm2colTacticPrefix : kPointwiseTacticPrefix;
+}
+
 cublasLtEpilogue_t epilogue_of(const PointwiseProblem& p) {
   if (p.bias) return p.relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
   return p.relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT;
@@ -65,7 +69,8 @@ struct PointwiseGemm::Impl {
                P = static_cast<uint64_t>(p.rows);
     LT_CHECK(cublasLtMatrixLayoutCreate(&la.d, t, C, K, p.cin), "layout W");
     LT_CHECK(cublasLtMatrixLayoutCreate(&lb.d, t, C, P, p.cin), "layout X");
-    LT_CHECK(cublasLtMatrixLayoutCreate(&lcd.d, t, K, P, p.cout), "layout Y");
+    LT_CHECK(cublasLtMatrixLayoutCreate(&lcd.d, p.f32_out ? CUDA_R_32F : t, K, P, p.cout),
+             "layout Y");
     return Status::ok();
   }
 
@@ -86,7 +91,8 @@ bool pointwise_gemm_ok(const PointwiseProblem& p) {
   const int64_t lim = std::numeric_limits<int32_t>::max();
   return (p.dt == DataType::kFloat16 || p.dt == DataType::kBFloat16) && p.rows > 0 &&
          p.cin > 0 && p.cout > 0 && p.rows <= lim && p.cin <= lim && p.cout <= lim &&
-         p.cin % 8 == 0 && p.cout % 8 == 0;  // 16-byte rows: every operand stays aligned
+         p.cin % 8 == 0 && p.cout % 8 == 0 &&  // 16-byte rows: every operand stays aligned
+         (!p.f32_out || (!p.bias && !p.z && !p.relu && !p.im2col));
 }
 
 PointwiseGemm::PointwiseGemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -95,7 +101,7 @@ PointwiseGemm::~PointwiseGemm() = default;
 size_t PointwiseGemm::workspace() const { return impl_->ws; }
 
 std::string PointwiseGemm::tactic() const {
-  return std::string(kPointwiseTacticPrefix) + lt_algo_readable(impl_->algo) +
+  return std::string(prefix_of(impl_->p)) + lt_algo_readable(impl_->algo) +
          (impl_->p.bias ? ".bias" : "") + (impl_->p.relu ? ".relu" : "") + "@" +
          lt_algo_hex(impl_->algo);
 }
@@ -118,7 +124,7 @@ Result<std::unique_ptr<PointwiseGemm>> PointwiseGemm::from_tactic(const Pointwis
                                                                   size_t ws_limit,
                                                                   const std::string& where) {
   cublasLtMatmulAlgo_t algo{};
-  if (!pointwise_gemm_ok(p) || !lt_parse_algo(tactic, kPointwiseTacticPrefix, &algo))
+  if (!pointwise_gemm_ok(p) || !lt_parse_algo(tactic, prefix_of(p), &algo))
     return std::unique_ptr<PointwiseGemm>();
   auto impl = std::make_unique<Impl>();
   KILN_RETURN_IF_ERROR(impl->init(p, where));

@@ -7,6 +7,16 @@
 // alpha * A * B + beta * C, i.e. the residual before the activation as kiln.FusedConv says.
 // ResNet's 1x1 convolutions are such GEMMs; at batch 1 the GEMM's split-K algorithms fill the
 // GPU where cuDNN's convolution kernels run a handful of blocks.
+//
+// The same GEMM with a float32 output and no epilogue (PointwiseProblem::f32_out) is the first
+// half of the tap-GEMM form of an RxS convolution (cudnn_conv.cpp): with the filter laid out as
+// [R*S*K, C], D[P, R*S*K] = X[P, C] * Wt^T holds every tap's contribution of every input pixel,
+// and launch_tap_sum (dnn.h) adds the R*S shifted slices per output pixel with the epilogue.
+// At batch 1 the GEMM's N = R*S*K fills the GPU where a 7x7 or 14x14 convolution does not.
+//
+// Convolutions with few input channels (ResNet's stem: C = 3, 7x7) run as launch_im2col (dnn.h)
+// into workspace, then this GEMM over the im2col rows with the usual epilogue
+// (PointwiseProblem::im2col: only the tactic prefix differs).
 #pragma once
 #include <memory>
 #include <string>
@@ -22,6 +32,11 @@ struct PointwiseProblem {
   int64_t cin = 0;   // C
   int64_t cout = 0;  // K
   bool bias = false, z = false, relu = false;
+  // Float32 D, no bias / residual / activation (the tap-GEMM form; tactics carry
+  // kTapTacticPrefix instead of kPointwiseTacticPrefix).
+  bool f32_out = false;
+  // The GEMM of the im2col form (tactics carry kIm2colTacticPrefix).
+  bool im2col = false;
 };
 
 // True when the GEMM form applies (float16 / bfloat16 and sizes cuBLASLt takes).
@@ -61,7 +76,9 @@ class PointwiseGemm {
   std::unique_ptr<Impl> impl_;
 };
 
-// The tactic prefix of this path.
+// The tactic prefixes of the three forms.
 inline constexpr const char kPointwiseTacticPrefix[] = "cuda.conv.cublaslt.";
+inline constexpr const char kTapTacticPrefix[] = "cuda.conv.tapgemm.";
+inline constexpr const char kIm2colTacticPrefix[] = "cuda.conv.im2col.";
 
 }  // namespace kiln::cuda

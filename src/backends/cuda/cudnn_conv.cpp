@@ -25,8 +25,19 @@
 //   wins, persisted as "cuda.conv.cublaslt.<readable>@<hex>". ResNet-50's layer1 1x1 expansions
 //   with a residual run 1.25x faster that way at batch 256 on an H100 (0.400 -> 0.319 ms as
 //   timed at build); at batch 1 its 1x1 reductions gain 2-3 us each (split-K GEMMs).
+// Other NHWC float16 / bfloat16 convolutions with one group and no dilation (3x3 and the like)
+//   also time the tap-GEMM form (conv_gemm.h): one cuBLASLt GEMM D[N*H*W, R*S*K] = X * Wt^T into
+//   float32 workspace, then launch_tap_sum adds each output pixel's R*S shifted taps with bias,
+//   residual and activation. Persisted as "cuda.conv.tapgemm.<readable>@<hex>". It wins where the
+//   output is small (ResNet-50's 14x14 and 7x7 convolutions at batch 1): N = R*S*K spreads the
+//   GEMM over the GPU where cuDNN's kernels run a few blocks. Only offered while D fits the
+//   context's library workspace (32 MiB, or the workspace limit when lower).
+// Convolutions with few input channels (R*S*C <= 512, ResNet's stem) also time the im2col form:
+//   launch_im2col into workspace, then one cuBLASLt GEMM with bias, residual and ReLU in its
+//   epilogue. Persisted as "cuda.conv.im2col.<readable>@<hex>"; the same workspace rule.
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
 #include <cudnn.h>
+#include <cublasLt.h>
 
 #include <algorithm>
 #include <atomic>
@@ -109,6 +120,8 @@ struct ConvConfig {
   bool forced_tc = false;
   std::string fe_name;  // kiln_tactic names a cuDNN graph API plan ("cuda.conv.cudnn_fe.<plan>")
   std::string gemm_tactic;  // kiln_tactic names a cuBLASLt algorithm (conv_gemm.h)
+  std::string tap_tactic;   // kiln_tactic names a tap-GEMM cuBLASLt algorithm (conv_gemm.h)
+  std::string i2c_tactic;   // kiln_tactic names an im2col-GEMM cuBLASLt algorithm
 };
 
 Result<ConvConfig> read_config(const Node& n) {
@@ -145,6 +158,8 @@ Result<ConvConfig> read_config(const Node& n) {
   const std::string prefix = "cuda.conv.cudnn.";
   if (t.rfind("cuda.conv.cudnn_fe.", 0) == 0) c.fe_name = t.substr(0, t.find(' '));
   if (t.rfind(kPointwiseTacticPrefix, 0) == 0) c.gemm_tactic = t.substr(0, t.find(' '));
+  if (t.rfind(kTapTacticPrefix, 0) == 0) c.tap_tactic = t.substr(0, t.find(' '));
+  if (t.rfind(kIm2colTacticPrefix, 0) == 0) c.i2c_tactic = t.substr(0, t.find(' '));
   if (t.rfind(prefix, 0) == 0) {
     std::string rest = t.substr(prefix.size());
     const size_t dot = rest.find('.');
@@ -186,8 +201,25 @@ struct Plan {
   bool pw_eligible = false;
   PointwiseProblem pw_prob;
   std::shared_ptr<const PointwiseGemm> pw;
+  // The tap-GEMM path (RxS, one group, no dilation, NHWC fp16/bf16): the GEMM into tap_d_bytes
+  // of float32 workspace, then launch_tap_sum with tap_args (geometry and activation; the
+  // pointers are set per run). cuDNN stays the fallback for unaligned operands.
+  bool tap_eligible = false;
+  PointwiseProblem tap_prob;
+  TapSumArgs tap_args;
+  size_t tap_d_bytes = 0;
+  std::shared_ptr<const PointwiseGemm> tap;
+  // The im2col path (few input channels): launch_im2col into i2c_bytes of workspace, then the
+  // GEMM with the epilogue.
+  bool i2c_eligible = false;
+  PointwiseProblem i2c_prob;
+  Im2colArgs i2c_args;
+  size_t i2c_bytes = 0;
+  std::shared_ptr<const PointwiseGemm> i2c;
   std::string tactic() const {
     if (pw) return pw->tactic();
+    if (tap) return tap->tactic();
+    if (i2c) return i2c->tactic();
     if (fe) return fe->tactic();
     std::string s = "cuda.conv.cudnn." + algo_name(algo);
     if (math == CUDNN_TENSOR_OP_MATH || math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) s += ".tc";
@@ -207,6 +239,26 @@ bool gemm_disabled() {
   }();
   return off;
 }
+
+// KILN_CUDA_CONV_TAPS=0: no tap-GEMM candidates (A/B runs); "force" (read at each tuning): the
+// tap GEMM wherever it runs.
+bool taps_disabled() {
+  static const bool off = [] {
+    const char* e = std::getenv("KILN_CUDA_CONV_TAPS");
+    return e && e[0] == '0';
+  }();
+  return off;
+}
+bool env_is_force(const char* name) {
+  const char* e = std::getenv(name);
+  return e && std::string(e) == "force";
+}
+
+// The tap GEMM's float32 D and cuBLASLt's workspace share the context's library workspace
+// (cuda_context.cpp: at most 32 MiB).
+constexpr size_t kTapWorkspaceCap = size_t{32} << 20;
+size_t round_up_256(size_t v) { return (v + 255) / 256 * 256; }
+bool aligned_to(const void* p, uintptr_t m) { return reinterpret_cast<uintptr_t>(p) % m == 0; }
 
 class ConvKernel final : public DnnKernel {
  public:
@@ -248,6 +300,21 @@ class ConvKernel final : public DnnKernel {
     (void)tc_result;
     return CUDNN_TENSOR_OP_MATH;
   }
+  // cuBLASLt's workspace limit for the tap GEMM: what the library workspace leaves beside D.
+  size_t tap_lt_limit(const Plan& p) const {
+    return std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.tap_d_bytes;
+  }
+  // Uploads the filter in the tap GEMM's layout (to_taps) unless it is there already.
+  Status upload_taps(const Tensor& w_host);
+  // Times the tap-GEMM form of `p` (GEMM + tap sum) on the tuning buffers; sets p.tap when it
+  // beats `best_ms` (or KILN_CUDA_CONV_TAPS=force).
+  Status tune_taps(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
+                   float best_ms);
+  Status upload_i2c(const Plan& p, const Tensor& w_host);
+  // The same for the im2col form; sets p.i2c when it beats `best_ms` (KILN_CUDA_CONV_IM2COL=force:
+  // always).
+  Status tune_i2c(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
+                  float best_ms);
   void note_tactic(const Plan& p) const {
     std::lock_guard<std::mutex> lock(mu_);
     if (tactic_.empty()) tactic_ = p.tactic() + (p.tuned ? "" : ".heuristic");
@@ -257,6 +324,8 @@ class ConvKernel final : public DnnKernel {
   ConvConfig cfg_;
   Tensor w_krsc_;     // device filter in KRSC (NHWC FusedConv with constant W), else undefined
   Tensor zero_bias_;  // device zeros [M] for the fused call without B, else undefined
+  Tensor w_taps_;     // device filter as [R*S*K, C] while the tap GEMM is (or may be) used
+  Tensor w_i2c_;      // device filter as [K, kc] (KRSC, zero-padded) for the im2col GEMM
   mutable std::mutex mu_;
   mutable std::map<std::pair<Shape, Shape>, std::shared_ptr<Plan>> plans_;
   mutable std::string tactic_;
@@ -380,6 +449,46 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
       q.relu = s.relu;
       p->pw_eligible = pointwise_gemm_ok(q);
     }
+    const size_t tap_cap = std::min(cfg_.ws_limit, kTapWorkspaceCap);
+    if (!pointwise && g == 1 && s.dil[0] == 1 && s.dil[1] == 1 && !taps_disabled()) {
+      PointwiseProblem& q = p->tap_prob;
+      q.dt = dt;
+      q.rows = N * s.H * s.W;
+      q.cin = C;
+      q.cout = s.R * s.S * M;
+      q.f32_out = true;
+      p->tap_d_bytes = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cout) * 4);
+      TapSumArgs& t = p->tap_args;
+      t.dtype = dt;
+      t.N = N, t.H = s.H, t.W = s.W, t.K = M, t.P = s.P, t.Q = s.Q;
+      t.R = static_cast<int>(s.R), t.S = static_cast<int>(s.S);
+      t.sh = static_cast<int>(s.stride[0]), t.sw = static_cast<int>(s.stride[1]);
+      t.pt = static_cast<int>(s.pre[0]), t.pl = static_cast<int>(s.pre[1]);
+      t.act = cfg_.act, t.a = cfg_.a, t.b = cfg_.b;
+      p->tap_eligible = pointwise_gemm_ok(q) && M % 8 == 0 && s.R <= 64 && s.S <= 64 &&
+                        s.stride[0] <= 1024 && s.stride[1] <= 1024 && s.pre[0] <= 1024 &&
+                        s.pre[1] <= 1024 && p->tap_d_bytes < tap_cap;
+    }
+    if (!pointwise && g == 1 && s.dil[0] == 1 && s.dil[1] == 1 && s.R * s.S * C <= 512 &&
+        !taps_disabled()) {
+      PointwiseProblem& q = p->i2c_prob;
+      q.dt = dt;
+      q.rows = N * s.P * s.Q;
+      q.cin = (s.R * s.S * C + 7) / 8 * 8;
+      q.cout = M;
+      q.bias = s.bias;
+      q.z = s.z;
+      q.relu = s.relu;
+      q.im2col = true;
+      p->i2c_bytes = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cin) * 2);
+      Im2colArgs& t = p->i2c_args;
+      t.N = N, t.H = s.H, t.W = s.W, t.C = C, t.P = s.P, t.Q = s.Q, t.kc = q.cin;
+      t.R = static_cast<int>(s.R), t.S = static_cast<int>(s.S);
+      t.sh = static_cast<int>(s.stride[0]), t.sw = static_cast<int>(s.stride[1]);
+      t.pt = static_cast<int>(s.pre[0]), t.pl = static_cast<int>(s.pre[1]);
+      p->i2c_eligible = pointwise_gemm_ok(q) && s.stride[0] <= 1024 && s.stride[1] <= 1024 &&
+                        s.pre[0] <= 1024 && s.pre[1] <= 1024 && p->i2c_bytes < tap_cap;
+    }
   }
 
   const cudnnTensorFormat_t fmt = cfg_.nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
@@ -480,7 +589,22 @@ Result<std::shared_ptr<Plan>> ConvKernel::get_plan(OpContext& ctx, DataType dt, 
         p->tuned = true;
       }
     }
-    if (p->fe_eligible && !cfg_.forced && !p->pw) {
+    if (p->tap_eligible && !cfg_.tap_tactic.empty() && w_taps_.defined()) {
+      auto g = PointwiseGemm::from_tactic(p->tap_prob, cfg_.tap_tactic, tap_lt_limit(*p), where_);
+      if (g.is_ok() && g.value()) {
+        p->tap = std::move(g.value());
+        p->tuned = true;
+      }
+    }
+    if (p->i2c_eligible && !cfg_.i2c_tactic.empty() && w_i2c_.defined()) {
+      auto g = PointwiseGemm::from_tactic(p->i2c_prob, cfg_.i2c_tactic,
+                                          std::min(cfg_.ws_limit, kTapWorkspaceCap) - p->i2c_bytes, where_);
+      if (g.is_ok() && g.value()) {
+        p->i2c = std::move(g.value());
+        p->tuned = true;
+      }
+    }
+    if (p->fe_eligible && !cfg_.forced && !p->pw && !p->tap && !p->i2c) {
       auto cg = fe::ConvGraph::make(p->spec, cfg_.fe_name, cfg_.ws_limit);
       if (cg.is_ok()) p->fe = std::move(cg.value());
     }
@@ -530,6 +654,29 @@ Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   const void* x = X->raw_data();
   std::shared_ptr<Storage> pad_buf, ws_buf;
   const void* zp = Z ? Z->raw_data() : nullptr;
+  if (p->tap && env.cublaslt && PointwiseGemm::aligned(x, w_taps_.raw_data(), nullptr, nullptr) &&
+      aligned_to(Y.raw_data(), 8) && aligned_to(zp, 8) && aligned_to(B ? B->raw_data() : nullptr, 8)) {
+    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->tap_d_bytes + p->tap->workspace(), &ws_buf));
+    auto* d = static_cast<float*>(ws);
+    KILN_RETURN_IF_ERROR(p->tap->run(env.cublaslt, env.stream, x, w_taps_.raw_data(), nullptr,
+                                     nullptr, d, static_cast<char*>(ws) + p->tap_d_bytes));
+    TapSumArgs t = p->tap_args;
+    t.d = d;
+    t.y = Y.raw_data();
+    t.bias = B ? B->raw_data() : nullptr;
+    t.z = zp;
+    return launch_tap_sum(t, env.stream).with_context(where_);
+  }
+  if (p->i2c && env.cublaslt && PointwiseGemm::aligned(nullptr, w_i2c_.raw_data(), zp, Y.raw_data()) &&
+      PointwiseGemm::aligned(B ? B->raw_data() : nullptr, nullptr, nullptr, nullptr)) {
+    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->i2c_bytes + p->i2c->workspace(), &ws_buf));
+    Im2colArgs a = p->i2c_args;
+    a.x = x;
+    a.col = ws;
+    KILN_RETURN_IF_ERROR(launch_im2col(a, env.stream).with_context(where_));
+    return p->i2c->run(env.cublaslt, env.stream, ws, w_i2c_.raw_data(), B ? B->raw_data() : nullptr,
+                       zp, Y.raw_data(), static_cast<char*>(ws) + p->i2c_bytes);
+  }
   if (p->pw && env.cublaslt && PointwiseGemm::aligned(x, w_krsc_.raw_data(), zp, Y.raw_data()) &&
       PointwiseGemm::aligned(B ? B->raw_data() : nullptr, nullptr, nullptr, nullptr)) {
     KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->pw->workspace(), &ws_buf));
@@ -625,6 +772,21 @@ Result<Tensor> to_krsc(const Tensor& w) {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(dst + ((k * R + r) * C + c) * es, src + ((k * C + c) * R + r) * es, es);
+  return t;
+}
+
+// OIHW (host, 4-D) -> [R*S*K, C]: row (r*S + s)*K + k holds W[k, :, r, s] (the tap GEMM's B).
+Result<Tensor> to_taps(const Tensor& w) {
+  const Shape& s = w.shape();
+  const int64_t K = s[0], C = s[1], R = s[2], S = s[3];
+  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(w.dtype(), {R * S * K, C}));
+  const size_t es = dtype_size(w.dtype());
+  const auto* src = static_cast<const uint8_t*>(w.raw_data());
+  auto* dst = static_cast<uint8_t*>(t.raw_data());
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t rs = 0; rs < R * S; ++rs)
+        std::memcpy(dst + ((rs * K + k) * C + c) * es, src + ((k * C + c) * R * S + rs) * es, es);
   return t;
 }
 
@@ -808,11 +970,148 @@ Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tenso
       KILN_LOG(kVerbose, where_ << ": pointwise conv: cuBLASLt not timed: " << t.status().message());
     }
   }
+  if (p->tap_eligible && w_krsc_.defined()) {
+    const float cudnn_ms = p->fe ? fe_ms : legacy_ms;
+    Status st = tune_taps(*p, dt, w_host, xb.p, yb.p, cudnn_ms);
+    if (!st.is_ok()) KILN_LOG(kVerbose, where_ << ": tap GEMM not timed: " << st.message());
+  }
+  if (!p->tap) w_taps_ = Tensor();
+  if (p->i2c_eligible && w_krsc_.defined() && !p->tap) {
+    const float best_ms = p->fe ? fe_ms : legacy_ms;
+    Status st = tune_i2c(*p, dt, w_host, xb.p, yb.p, best_ms);
+    if (!st.is_ok()) KILN_LOG(kVerbose, where_ << ": im2col GEMM not timed: " << st.message());
+  }
+  if (!p->i2c) w_i2c_ = Tensor();
   KILN_CUDA_CHECK(cudaDeviceSynchronize(), where_ + ": tuning");
   std::lock_guard<std::mutex> lock(mu_);
   plans_[{xs, w_host.shape()}] = p;
-  tactic_ = p->tactic() + (p->pw || p->fe || chosen ? "" : ".heuristic");
+  tactic_ = p->tactic() + (p->pw || p->tap || p->i2c || p->fe || chosen ? "" : ".heuristic");
   if (!fe_error.empty() && !p->fe) tune_error_ = "graph API: " + fe_error;
+  return Status::ok();
+}
+
+Status ConvKernel::upload_taps(const Tensor& w_host) {
+  if (w_taps_.defined()) return Status::ok();
+  const Backend* be = cuda_backend();
+  if (!be) return internal_error(where_ + ": no CUDA backend for the tap GEMM's filter");
+  KILN_ASSIGN_OR_RETURN(Tensor t, to_taps(w_host));
+  KILN_ASSIGN_OR_RETURN(w_taps_, be->upload_constant(t));
+  return Status::ok();
+}
+
+Status ConvKernel::tune_taps(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
+                             float best_ms) {
+  KILN_RETURN_IF_ERROR(upload_taps(w_host));
+  const size_t es = dtype_size(dt);
+  const size_t y_bytes = static_cast<size_t>(nn::prod(p.y_shape)) * es;
+  const bool has_bias = p.spec.bias, has_z = p.spec.z;
+  DevBuf d, gz, gb, lws;
+  KILN_CUDA_CHECK(cudaMalloc(&d.p, p.tap_d_bytes), where_ + ": tuning tap GEMM output");
+  if (has_z) {
+    KILN_CUDA_CHECK(cudaMalloc(&gz.p, std::max<size_t>(1, y_bytes)), where_ + ": tuning Z");
+    KILN_RETURN_IF_ERROR(fill_tuning_data(gz.p, y_bytes, dt).with_context(where_));
+  }
+  if (has_bias) {
+    const size_t bb = static_cast<size_t>(p.M) * es;
+    KILN_CUDA_CHECK(cudaMalloc(&gb.p, std::max<size_t>(1, bb)), where_ + ": tuning bias");
+    KILN_RETURN_IF_ERROR(fill_tuning_data(gb.p, bb, dt).with_context(where_));
+  }
+  // The GEMM's algorithm first (its own timing), then the GEMM + tap sum as run() calls them.
+  KILN_ASSIGN_OR_RETURN(auto t, PointwiseGemm::tune(p.tap_prob, tap_lt_limit(p), 16, x,
+                                                    w_taps_.raw_data(), nullptr, nullptr, d.p,
+                                                    where_));
+  if (!t.first) return Status::ok();
+  const PointwiseGemm& g = *t.first;
+  if (g.workspace())
+    KILN_CUDA_CHECK(cudaMalloc(&lws.p, g.workspace()), where_ + ": tuning tap GEMM workspace");
+  cublasLtHandle_t lt = nullptr;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return runtime_error(where_ + ": cublasLtCreate");
+  struct LtGuard {
+    cublasLtHandle_t h;
+    ~LtGuard() {
+      cudaDeviceSynchronize();
+      cublasLtDestroy(h);
+    }
+  } lt_guard{lt};
+  TapSumArgs a = p.tap_args;
+  a.d = static_cast<const float*>(d.p);
+  a.y = y;
+  a.bias = gb.p;
+  a.z = gz.p;
+  TuneTimer timer;
+  KILN_RETURN_IF_ERROR(timer.init(where_));
+  KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] {
+    return g.run(lt, timer.stream(), x, w_taps_.raw_data(), nullptr, nullptr, d.p, lws.p).is_ok() &&
+           launch_tap_sum(a, timer.stream()).is_ok();
+  }));
+  KILN_LOG(kVerbose, where_ << ": tap GEMM: cuDNN " << best_ms << " ms, GEMM " << t.second
+                            << " ms, GEMM + tap sum " << ms << " ms");
+  if (ms > 0 && (ms < best_ms || env_is_force("KILN_CUDA_CONV_TAPS"))) p.tap = std::move(t.first);
+  return Status::ok();
+}
+
+Status ConvKernel::upload_i2c(const Plan& p, const Tensor& w_host) {
+  if (w_i2c_.defined()) return Status::ok();
+  const Backend* be = cuda_backend();
+  if (!be) return internal_error(where_ + ": no CUDA backend for the im2col GEMM's filter");
+  KILN_ASSIGN_OR_RETURN(Tensor krsc, to_krsc(w_host));
+  const int64_t K = p.M, row = krsc.numel() / std::max<int64_t>(K, 1), kc = p.i2c_prob.cin;
+  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(w_host.dtype(), {K, kc}));  // zero-filled
+  const size_t es = dtype_size(w_host.dtype());
+  for (int64_t k = 0; k < K; ++k)
+    std::memcpy(static_cast<uint8_t*>(t.raw_data()) + k * kc * es,
+                static_cast<const uint8_t*>(krsc.raw_data()) + k * row * es, row * es);
+  KILN_ASSIGN_OR_RETURN(w_i2c_, be->upload_constant(t));
+  return Status::ok();
+}
+
+Status ConvKernel::tune_i2c(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
+                            float best_ms) {
+  KILN_RETURN_IF_ERROR(upload_i2c(p, w_host));
+  const size_t es = dtype_size(dt);
+  const size_t y_bytes = static_cast<size_t>(nn::prod(p.y_shape)) * es;
+  const PointwiseProblem& q = p.i2c_prob;
+  DevBuf col, gz, gb, lws;
+  KILN_CUDA_CHECK(cudaMalloc(&col.p, p.i2c_bytes), where_ + ": tuning im2col buffer");
+  if (q.z) {
+    KILN_CUDA_CHECK(cudaMalloc(&gz.p, std::max<size_t>(1, y_bytes)), where_ + ": tuning Z");
+    KILN_RETURN_IF_ERROR(fill_tuning_data(gz.p, y_bytes, dt).with_context(where_));
+  }
+  if (q.bias) {
+    const size_t bb = static_cast<size_t>(p.M) * es;
+    KILN_CUDA_CHECK(cudaMalloc(&gb.p, std::max<size_t>(1, bb)), where_ + ": tuning bias");
+    KILN_RETURN_IF_ERROR(fill_tuning_data(gb.p, bb, dt).with_context(where_));
+  }
+  Im2colArgs a = p.i2c_args;
+  a.x = x;
+  a.col = col.p;
+  KILN_RETURN_IF_ERROR(launch_im2col(a, nullptr).with_context(where_));
+  KILN_CUDA_CHECK(cudaDeviceSynchronize(), where_ + ": tuning im2col");
+  KILN_ASSIGN_OR_RETURN(auto t, PointwiseGemm::tune(q, std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.i2c_bytes,
+                                                    16, col.p, w_i2c_.raw_data(), gb.p, gz.p, y,
+                                                    where_));
+  if (!t.first) return Status::ok();
+  const PointwiseGemm& g = *t.first;
+  if (g.workspace())
+    KILN_CUDA_CHECK(cudaMalloc(&lws.p, g.workspace()), where_ + ": tuning im2col GEMM workspace");
+  cublasLtHandle_t lt = nullptr;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return runtime_error(where_ + ": cublasLtCreate");
+  struct LtGuard {
+    cublasLtHandle_t h;
+    ~LtGuard() {
+      cudaDeviceSynchronize();
+      cublasLtDestroy(h);
+    }
+  } lt_guard{lt};
+  TuneTimer timer;
+  KILN_RETURN_IF_ERROR(timer.init(where_));
+  KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] {
+    return launch_im2col(a, timer.stream()).is_ok() &&
+           g.run(lt, timer.stream(), col.p, w_i2c_.raw_data(), gb.p, gz.p, y, lws.p).is_ok();
+  }));
+  KILN_LOG(kVerbose, where_ << ": im2col GEMM: cuDNN " << best_ms << " ms, GEMM " << t.second
+                            << " ms, im2col + GEMM " << ms << " ms");
+  if (ms > 0 && (ms < best_ms || env_is_force("KILN_CUDA_CONV_IM2COL"))) p.i2c = std::move(t.first);
   return Status::ok();
 }
 
@@ -867,6 +1166,47 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
         }
       }
     }
+  } else if (!tune_shape.empty() && !cfg_.tap_tactic.empty()) {
+    // A persisted tap-GEMM algorithm: the same, with the filter in the tap layout.
+    auto p = build_plan(n, dt, tune_shape, W->shape());
+    if (p.is_ok() && p.value()->x.d && p.value()->tap_eligible && upload_taps(*W).is_ok()) {
+      auto g = PointwiseGemm::from_tactic(p.value()->tap_prob, cfg_.tap_tactic,
+                                          tap_lt_limit(*p.value()), where_);
+      cudnnHandle_t h = nullptr;
+      if (g.is_ok() && g.value() && cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) {
+        Status st = pick_heuristic(h, dt, *p.value());
+        cudnnDestroy(h);
+        if (st.is_ok()) {
+          p.value()->tap = std::move(g.value());
+          p.value()->tuned = true;
+          std::lock_guard<std::mutex> lk(mu_);
+          plans_[{tune_shape, W->shape()}] = p.value();
+          tactic_ = p.value()->tactic();
+        }
+      }
+    }
+    if (tactic_.rfind(kTapTacticPrefix, 0) != 0) w_taps_ = Tensor();  // the tactic was refused
+  } else if (!tune_shape.empty() && !cfg_.i2c_tactic.empty()) {
+    // A persisted im2col-GEMM algorithm: the same, with the filter in the im2col layout.
+    auto p = build_plan(n, dt, tune_shape, W->shape());
+    if (p.is_ok() && p.value()->x.d && p.value()->i2c_eligible && upload_i2c(*p.value(), *W).is_ok()) {
+      auto g = PointwiseGemm::from_tactic(p.value()->i2c_prob, cfg_.i2c_tactic,
+                                          std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.value()->i2c_bytes,
+                                          where_);
+      cudnnHandle_t h = nullptr;
+      if (g.is_ok() && g.value() && cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) {
+        Status st = pick_heuristic(h, dt, *p.value());
+        cudnnDestroy(h);
+        if (st.is_ok()) {
+          p.value()->i2c = std::move(g.value());
+          p.value()->tuned = true;
+          std::lock_guard<std::mutex> lk(mu_);
+          plans_[{tune_shape, W->shape()}] = p.value();
+          tactic_ = p.value()->tactic();
+        }
+      }
+    }
+    if (tactic_.rfind(kIm2colTacticPrefix, 0) != 0) w_i2c_ = Tensor();  // the tactic was refused
   } else if (!tune_shape.empty() && !cfg_.forced) {
     Status st = tune(n, dt, tune_shape, *W);
     if (!st.is_ok()) tune_error_ = st.message();

@@ -69,6 +69,37 @@ Status launch_zero_pad(size_t elem_size, const void* x, void* y, const Dims& in_
 Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, int64_t N,
                            int64_t s0, int64_t s1, cudaStream_t stream);
 
+// The second half of the tap-GEMM convolution (conv_gemm.h): d is float32 [N*H*W, R*S*K] (row
+// (n, iy, ix), column (r*S + s)*K + k: tap (r, s)'s contribution of input pixel (iy, ix) to
+// output channel k). For each NHWC output (n, p, q, k):
+//   y = act(sum over taps inside the input of d[(n, p*sh - pt + r, q*sw - pl + s), (r*S+s)*K+k]
+//           + bias[k] + z[n, p, q, k])
+// in float, y / bias / z of `dtype` (float16 or bfloat16). K must be a multiple of 4 and every
+// pointer 8-byte aligned.
+struct TapSumArgs {
+  DataType dtype = DataType::kFloat16;
+  const float* d = nullptr;
+  void* y = nullptr;
+  const void* bias = nullptr;  // K elements or nullptr
+  const void* z = nullptr;     // like y, or nullptr
+  int64_t N = 0, H = 0, W = 0, K = 0, P = 0, Q = 0;
+  int R = 0, S = 0, sh = 1, sw = 1, pt = 0, pl = 0;
+  EpAct act = EpAct::kNone;
+  float a = 0, b = 0;
+};
+Status launch_tap_sum(const TapSumArgs& a, cudaStream_t stream);
+
+// im2col of an NHWC image x (2-byte elements) for a convolution with no dilation: col is
+// [N*P*Q, kc] with row (n, p, q) = x[n, p*sh - pt + r, q*sw - pl + s, c] at column (r*S + s)*C + c
+// (zero outside the image), columns R*S*C .. kc-1 zero (kc >= R*S*C).
+struct Im2colArgs {
+  const void* x = nullptr;
+  void* col = nullptr;
+  int64_t N = 0, H = 0, W = 0, C = 0, P = 0, Q = 0, kc = 0;
+  int R = 0, S = 0, sh = 1, sw = 1, pt = 0, pl = 0;
+};
+Status launch_im2col(const Im2colArgs& a, cudaStream_t stream);
+
 // Fills a device tuning buffer with random values in [-1, 1) of `dt` (engine build only:
 // synchronous copies). Other dtypes get float32 patterns.
 Status fill_tuning_data(void* p, size_t bytes, DataType dt);

@@ -137,7 +137,141 @@ __global__ void broadcast_2d_kernel(const T* c, T* y, int64_t M, int64_t N, int6
   }
 }
 
+// One thread per 4 consecutive output channels of one output pixel: the taps' float4 loads of
+// neighbouring threads are contiguous (k is the fastest index of d's rows). int32 indexing (the
+// caller keeps d and y under 2^31 elements). With the filter size known at compile time (RR, SS
+// > 0) the tap loop unrolls and every tap's load is issued before the first add (a tap outside
+// the input loads a valid address and is dropped), so the kernel waits for one L2 round trip,
+// not R*S of them.
+template <typename T, int RR, int SS>
+__global__ void tap_sum_kernel(const float* __restrict__ d, T* __restrict__ y,
+                               const T* __restrict__ bias, const T* __restrict__ z, int H, int W,
+                               int K, int P, int Q, int R_, int S_, int sh, int sw, int pt, int pl,
+                               int total, int act, float a, float b) {
+  using C = acc_t<T>;
+  const int R = RR > 0 ? RR : R_, S = SS > 0 ? SS : S_;
+  const int kq = K >> 2, rsk = R * S * K;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int k = (i % kq) * 4;
+  const int pix = i / kq;  // (n, p, q)
+  const int q = pix % Q, p = (pix / Q) % P, n = pix / (P * Q);
+  const int iy0 = p * sh - pt, ix0 = q * sw - pl;
+  const float* base = d + k;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int iy = iy0 + r, ix = ix0 + s;
+      const bool in = static_cast<unsigned>(iy) < static_cast<unsigned>(H) &&
+                      static_cast<unsigned>(ix) < static_cast<unsigned>(W);
+      const int off = in ? ((n * H + iy) * W + ix) * rsk + (r * S + s) * K : 0;
+      const float4 v = __ldg(reinterpret_cast<const float4*>(base + off));
+      if (in) acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+    }
+  }
+  float o[4] = {acc.x, acc.y, acc.z, acc.w};
+  const int at = pix * K + k;
+  T bz[4], zz[4];
+  if (bias) *reinterpret_cast<uint2*>(bz) = *reinterpret_cast<const uint2*>(bias + k);
+  if (z) *reinterpret_cast<uint2*>(zz) = *reinterpret_cast<const uint2*>(z + at);
+  T out[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    C v = o[j];
+    if (bias) v += convert<C>(bz[j]);
+    if (z) v += convert<C>(zz[j]);
+    out[j] = convert<T>(apply_act<C>(v, act, a, b));
+  }
+  *reinterpret_cast<uint2*>(y + at) = *reinterpret_cast<const uint2*>(out);
+}
+
+template <typename T>
+void launch_tap_sum_t(const TapSumArgs& a, int total, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>((total + 127) / 128);
+  auto* y = static_cast<T*>(a.y);
+  auto* bias = static_cast<const T*>(a.bias);
+  auto* z = static_cast<const T*>(a.z);
+  const int act = static_cast<int>(a.act);
+  const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), K = static_cast<int>(a.K),
+            P = static_cast<int>(a.P), Q = static_cast<int>(a.Q);
+#define KILN_TAP_SUM(RR, SS)                                                                   \
+  tap_sum_kernel<T, RR, SS><<<grid, 128, 0, stream>>>(a.d, y, bias, z, H, W, K, P, Q, a.R, a.S, \
+                                                      a.sh, a.sw, a.pt, a.pl, total, act, a.a, \
+                                                      a.b)
+  if (a.R == 3 && a.S == 3)
+    KILN_TAP_SUM(3, 3);
+  else if (a.R == 1 && a.S == 1)
+    KILN_TAP_SUM(1, 1);
+  else
+    KILN_TAP_SUM(0, 0);
+#undef KILN_TAP_SUM
+}
+
+// One thread per (im2col row, filter row r): S*C consecutive columns, read from S*C consecutive
+// input elements (one NHWC image row), no division in the loop. The threads of r == 0 also zero
+// the padding columns.
+__global__ void im2col_kernel(const uint16_t* __restrict__ x, uint16_t* __restrict__ col, int H,
+                              int W, int C, int P, int Q, int R, int S, int sh, int sw, int pt,
+                              int pl, int kc, int total) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int r = i % R, row = i / R;
+  const int q = row % Q, p = (row / Q) % P, n = row / (P * Q);
+  const int iy = p * sh - pt + r, ix0 = q * sw - pl;
+  uint16_t* out = col + static_cast<int64_t>(row) * kc + r * S * C;
+  const bool row_in = iy >= 0 && iy < H;
+  const uint16_t* src = x + (static_cast<int64_t>(n * H + (row_in ? iy : 0)) * W) * C;
+  int s = 0, c = 0;
+  for (int j = 0; j < S * C; ++j) {
+    const int ix = ix0 + s;
+    out[j] = row_in && ix >= 0 && ix < W ? src[ix * C + c] : uint16_t{0};
+    if (++c == C) c = 0, ++s;
+  }
+  if (r == 0)
+    for (int j = R * S * C; j < kc; ++j) col[static_cast<int64_t>(row) * kc + j] = 0;
+}
+
 }  // namespace
+
+Status launch_im2col(const Im2colArgs& a, cudaStream_t stream) {
+  if (a.C <= 0 || a.R <= 0 || a.S <= 0 || a.kc < a.R * a.S * a.C)
+    return internal_error("im2col: bad geometry");
+  const int64_t lim = int64_t{1} << 31;
+  const int64_t rows = a.N * a.P * a.Q;
+  if (rows * a.kc >= lim || a.N * a.H * a.W * a.C >= lim || rows * a.R >= lim)
+    return internal_error("im2col: over 2^31 elements");
+  const int total = static_cast<int>(rows * a.R);
+  if (total <= 0) return Status::ok();
+  im2col_kernel<<<static_cast<unsigned>((total + 127) / 128), 128, 0, stream>>>(
+      static_cast<const uint16_t*>(a.x), static_cast<uint16_t*>(a.col), static_cast<int>(a.H),
+      static_cast<int>(a.W), static_cast<int>(a.C), static_cast<int>(a.P), static_cast<int>(a.Q),
+      a.R, a.S, a.sh, a.sw, a.pt, a.pl, static_cast<int>(a.kc), total);
+  KILN_CUDA_LAUNCHED("im2col kernel");
+  return Status::ok();
+}
+
+Status launch_tap_sum(const TapSumArgs& a, cudaStream_t stream) {
+  if (a.K <= 0 || a.K % 4 != 0 || a.R <= 0 || a.S <= 0)
+    return internal_error("tap sum: bad geometry");
+  auto misaligned = [](const void* q, uintptr_t m) { return reinterpret_cast<uintptr_t>(q) % m != 0; };
+  if (misaligned(a.d, 16) || misaligned(a.y, 8) || misaligned(a.bias, 8) || misaligned(a.z, 8))
+    return internal_error("tap sum: unaligned operand");
+  const int64_t lim = int64_t{1} << 31;
+  const int64_t d_numel = a.N * a.H * a.W * int64_t{a.R} * a.S * a.K, y_numel = a.N * a.P * a.Q * a.K;
+  if (d_numel >= lim || y_numel >= lim || a.N * a.H * a.W >= lim)
+    return internal_error("tap sum: over 2^31 elements");
+  const int total = static_cast<int>(y_numel / 4);
+  if (total <= 0) return Status::ok();
+  switch (a.dtype) {
+    case DataType::kFloat16: launch_tap_sum_t<__half>(a, total, stream); break;
+    case DataType::kBFloat16: launch_tap_sum_t<__nv_bfloat16>(a, total, stream); break;
+    default: return unsupported(std::string("tap sum: dtype ") + dtype_name(a.dtype));
+  }
+  KILN_CUDA_LAUNCHED("tap sum kernel");
+  return Status::ok();
+}
 
 Status launch_epilogue(const EpilogueArgs& a, cudaStream_t stream) {
   if (a.n <= 0) return Status::ok();

@@ -59,12 +59,17 @@ struct alignas(16) PoolVec {
   T v[V];
 };
 
-template <typename T, int V, typename I>
+// KK > 0: a KK x KK window known at compile time. The window loop unrolls and every position's
+// load is issued before the first compare (a position outside the input loads the window's
+// first valid address instead and is dropped), so a thread waits for one memory round trip, not
+// kh * kw of them (ResNet's 3x3 stem pool at batch 1: a latency-bound kernel).
+template <typename T, int V, typename I, int KK>
 __global__ void maxpool_nhwc_vec_kernel(const T* __restrict__ x, T* __restrict__ y, PoolNhwcGeom g,
                                         I n) {
   using Vec = PoolVec<T, V>;
   const I CV = static_cast<I>(g.C / V), OW = static_cast<I>(g.OW), OH = static_cast<I>(g.OH);
   const I H = static_cast<I>(g.H), W = static_cast<I>(g.W), Cc = static_cast<I>(g.C);
+  const int kh = KK > 0 ? KK : g.kh, kw = KK > 0 ? KK : g.kw;
   for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<I>(gridDim.x) * blockDim.x) {
     const I cv = i % CV;
@@ -77,17 +82,20 @@ __global__ void maxpool_nhwc_vec_kernel(const T* __restrict__ x, T* __restrict__
 #pragma unroll
     for (int k = 0; k < V; ++k) m[k] = -INFINITY;
     bool found = false;
-    for (int a = 0; a < g.kh; ++a) {
+    const T* xb = x + b * H * W * Cc + cv * V;
+#pragma unroll
+    for (int a = 0; a < kh; ++a) {
       const I ih = oh * static_cast<I>(g.sh) - static_cast<I>(g.ph) + a * static_cast<I>(g.dh);
-      if (ih < 0 || ih >= H) continue;
-      for (int e = 0; e < g.kw; ++e) {
+#pragma unroll
+      for (int e = 0; e < kw; ++e) {
         const I iw = ow * static_cast<I>(g.sw) - static_cast<I>(g.pw) + e * static_cast<I>(g.dw);
-        if (iw < 0 || iw >= W) continue;
-        const Vec in = *reinterpret_cast<const Vec*>(x + ((b * H + ih) * W + iw) * Cc + cv * V);
+        const bool in = ih >= 0 && ih < H && iw >= 0 && iw < W;
+        const Vec v = *reinterpret_cast<const Vec*>(xb + (in ? (ih * W + iw) * Cc : 0));
+        if (!in) continue;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
-          const float v = convert<float>(in.v[k]);
-          if (!found || v > m[k]) m[k] = v;
+          const float f = convert<float>(v.v[k]);
+          if (!found || f > m[k]) m[k] = f;
         }
         found = true;
       }
@@ -103,10 +111,15 @@ template <typename T, int V>
 void launch_maxpool_vec(const T* x, T* y, const PoolNhwcGeom& g, int64_t n_out, cudaStream_t st) {
   const int64_t n = n_out / V;
   const int64_t in_elems = g.N * g.H * g.W * g.C;
-  if (in_elems < (int64_t{1} << 31) && n_out < (int64_t{1} << 31))
-    maxpool_nhwc_vec_kernel<T, V, int32_t><<<grid_for(n), 256, 0, st>>>(x, y, g, static_cast<int32_t>(n));
-  else
-    maxpool_nhwc_vec_kernel<T, V, int64_t><<<grid_for(n), 256, 0, st>>>(x, y, g, n);
+  const bool k3 = g.kh == 3 && g.kw == 3;
+  if (in_elems < (int64_t{1} << 31) && n_out < (int64_t{1} << 31)) {
+    if (k3)
+      maxpool_nhwc_vec_kernel<T, V, int32_t, 3><<<grid_for(n), 256, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+    else
+      maxpool_nhwc_vec_kernel<T, V, int32_t, 0><<<grid_for(n), 256, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+  } else {
+    maxpool_nhwc_vec_kernel<T, V, int64_t, 0><<<grid_for(n), 256, 0, st>>>(x, y, g, n);
+  }
 }
 
 // Global average pool with the positions split over 8 thread rows: block (32 channels x 8 rows),
