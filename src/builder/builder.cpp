@@ -341,6 +341,7 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
   }
   fo.pack_parallel_matmuls = backend->is_device() || !cpu_attention;
   fo.stack_parallel_matmuls = backend->is_device();
+  fo.mbconv_blocks = !backend->is_device();  // a block form only the CPU backend runs
   KILN_RETURN_IF_ERROR(run_fusion_passes(g, fo, &ps));
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g, &ps));
   KILN_RETURN_IF_ERROR(infer_types(g, &ps));

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <unordered_map>
 #include <unordered_set>
@@ -714,6 +715,112 @@ Status choose_conv_layouts(Graph& g, bool nhwc_pools) {
   return Status::ok();
 }
 
+// Every entry of ints attribute `name` equals v (or the attribute is absent).
+bool ints_all(const Node& n, const char* name, int64_t v) {
+  for (int64_t x : n.attr_ints(name))
+    if (x != v) return false;
+  return true;
+}
+
+// An NHWC FusedConv (not a block) with one output and a constant float32 4-D weight (and bias,
+// when it has one); its weight, or null.
+const Tensor* nhwc_conv_weight(const Graph& g, const Node& n) {
+  if (n.domain != "kiln" || n.op_type != "FusedConv" || n.outputs.size() != 1 ||
+      n.inputs.size() < 2 || n.attr_string("layout") != "NHWC" || n.has_attr("kiln_block"))
+    return nullptr;
+  const Tensor* W = const_f32(g, n.inputs[1]);
+  if (!W || W->rank() != 4 || (n.has_input(2) && !const_f32(g, n.inputs[2]))) return nullptr;
+  return W;
+}
+
+// A pointwise conv [N, K, 1, 1] (stride 1, no pads, one group) with the given K (or any K < 0).
+bool is_pointwise(const Node& n, const Tensor& W, int64_t K) {
+  return W.dim(2) == 1 && W.dim(3) == 1 && (K < 0 || W.dim(1) == K) &&
+         n.attr_int("group", 1) == 1 && ints_all(n, "strides", 1) && ints_all(n, "pads", 0) &&
+         ints_all(n, "dilations", 1) && n.attr_string("auto_pad", "NOTSET") == "NOTSET";
+}
+
+// Inverted-residual blocks: NHWC FusedConv 1x1 (expand) -> depthwise 3x3 (stride 1 or 2, pads
+// <= 1) -> 1x1 (project, optional residual), the two intermediates read only by the next conv,
+// become one FusedConv in block form (fused::is_mbconv_block), which only the CPU backend runs
+// (its cpu.mbconv tactics time the fused kernel against the three convs).
+Status fuse_mbconv_blocks(Graph& g, PassStats* stats) {
+  KILN_RETURN_IF_ERROR(eliminate_dead_code(g));  // the layout pass's unused Transposes back
+  Uses uses(g);
+  std::vector<bool> dead(g.nodes.size(), false);
+  bool changed = false;
+  for (size_t ai = 0; ai < g.nodes.size(); ++ai) {
+    if (dead[ai]) continue;
+    const Node& a = g.nodes[ai];
+    const Tensor* W1 = nhwc_conv_weight(g, a);
+    if (!W1 || a.has_input(3) || !is_pointwise(a, *W1, -1) || !uses.single_use(a.outputs[0]))
+      continue;
+    const int64_t ce = W1->dim(0);
+    const size_t bi = consumer_of(g, a.outputs[0], dead);
+    if (bi == SIZE_MAX || bi <= ai) continue;
+    const Node& b = g.nodes[bi];
+    const Tensor* W2 = nhwc_conv_weight(g, b);
+    if (!W2 || b.has_input(3) || b.inputs[0] != a.outputs[0] || W2->dim(0) != ce ||
+        W2->dim(1) != 1 || W2->dim(2) != 3 || W2->dim(3) != 3 || b.attr_int("group", 1) != ce ||
+        !ints_all(b, "dilations", 1) || b.attr_string("auto_pad", "NOTSET") != "NOTSET" ||
+        !uses.single_use(b.outputs[0]))
+      continue;
+    const std::vector<int64_t> st = b.attr_ints("strides", {1, 1}), pads = b.attr_ints("pads", {0, 0, 0, 0});
+    if (st.size() != 2 || st[0] != st[1] || (st[0] != 1 && st[0] != 2) || pads.size() != 4) continue;
+    bool pads_ok = true;
+    for (int64_t p : pads) pads_ok = pads_ok && p >= 0 && p <= 1;
+    if (!pads_ok) continue;
+    const size_t ci = consumer_of(g, b.outputs[0], dead);
+    if (ci == SIZE_MAX || ci <= bi) continue;
+    const Node& c = g.nodes[ci];
+    const Tensor* W3 = nhwc_conv_weight(g, c);
+    if (!W3 || c.inputs[0] != b.outputs[0] || !is_pointwise(c, *W3, ce) || c.inputs.size() > 4) continue;
+    Node blk;
+    blk.name = c.name + "/mbconv";
+    blk.op_type = "FusedConv";
+    blk.domain = "kiln";
+    blk.opset = 1;
+    blk.inputs = {a.inputs[0], a.inputs[1], a.has_input(2) ? a.inputs[2] : "", b.inputs[1],
+                  b.has_input(2) ? b.inputs[2] : "", c.inputs[1], c.has_input(2) ? c.inputs[2] : ""};
+    blk.outputs = c.outputs;
+    Attribute s;
+    s.kind = Attribute::Kind::kString;
+    s.name = "layout", s.s = "NHWC";
+    blk.set_attr(s);
+    s.name = "kiln_block", s.s = "mbconv";
+    blk.set_attr(s);
+    if (c.has_input(3)) {
+      if (c.inputs[3] == a.inputs[0]) {
+        Attribute r;
+        r.name = "kiln_mbconv_residual_x";
+        r.kind = Attribute::Kind::kInt;
+        r.i = 1;
+        blk.set_attr(r);
+      } else {
+        blk.inputs.push_back(c.inputs[3]);
+      }
+    }
+    const Node* parts[3] = {&a, &b, &c};
+    for (int k = 0; k < 3; ++k)
+      for (const Attribute& at : parts[k]->attrs) {
+        Attribute p = at;
+        p.name = "mb" + std::to_string(k) + "." + at.name;
+        blk.set_attr(p);
+      }
+    g.nodes[ci] = std::move(blk);
+    dead[ai] = dead[bi] = true;
+    changed = true;
+  }
+  if (changed) erase_dead(g, dead, stats);
+  return Status::ok();
+}
+
+// KILN_CPU_MBCONV=0 (read at build time): no block fusion (A/B against the unfused graph).
+bool mbconv_env_off() {
+  const char* e = std::getenv("KILN_CPU_MBCONV");
+  return e && e[0] == '0' && e[1] == 0;
+}
+
 }  // namespace
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) {
@@ -724,6 +831,8 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) 
   if (opts.pack_parallel_matmuls)
     KILN_RETURN_IF_ERROR(fuse_parallel_matmuls(g, stats, opts.stack_parallel_matmuls));
   if (opts.conv_layouts) KILN_RETURN_IF_ERROR(choose_conv_layouts(g, opts.nhwc_pools));
+  if (opts.conv_layouts && opts.mbconv_blocks && !mbconv_env_off())
+    KILN_RETURN_IF_ERROR(fuse_mbconv_blocks(g, stats));
   return Status::ok();
 }
 

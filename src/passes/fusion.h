@@ -20,6 +20,10 @@ struct FusionOptions {
   // ... in the stacked form: [G, ..., M, N] and a Split of axis 0, whose parts are contiguous
   // (views on the CUDA backend), instead of a Split of the last axis (copies).
   bool stack_parallel_matmuls = false;
+  // MobileNetV2-style inverted-residual blocks (NHWC 1x1 -> depthwise 3x3 -> 1x1) become one
+  // kiln.FusedConv in block form (fused::is_mbconv_block), which only the CPU backend runs: the
+  // builder sets it for the CPU only. KILN_CPU_MBCONV=0 in the environment: off.
+  bool mbconv_blocks = false;
 };
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);

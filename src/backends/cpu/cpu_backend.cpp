@@ -6,6 +6,7 @@
 
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/weight_pages.h"
+#include "ops/fused/fused.h"
 #include "runtime/backend.h"
 
 namespace kiln {
@@ -22,6 +23,8 @@ constexpr const char kPoolNhwcDnnl[] = "cpu.f32.poolnhwc.dnnl";
 constexpr const char kMatMulDnnl[] = "cpu.f32.matmul.dnnl";
 constexpr const char kGemmDnnl[] = "cpu.f32.gemm.dnnl";
 constexpr const char kAttention[] = "cpu.f32.attention.fused";
+// kiln.FusedConv in mbconv block form (fused::is_mbconv_block; cpu_mbconv.h).
+constexpr const char kMbConv[] = "cpu.f32.mbconv";
 
 // Tactics with a reference fallback resolve to the op's reference kernel: a prepared kernel runs
 // instead when prepare() made one; otherwise (non-constant weights, a build without oneDNN) the
@@ -48,6 +51,7 @@ class CpuBackend final : public Backend {
     if (!d) return "";
     if (n.domain.empty() && n.op_type == "Attention") return kAttention;
 #if KILN_WITH_DNNL
+    if (fused::is_mbconv_block(n)) return kMbConv;
     if (is_conv_family(n)) return kConvDnnl;
     if ((n.domain.empty() && n.op_type == "MatMul") || (n.domain == "kiln" && n.op_type == "FusedMatMul"))
       return kMatMulDnnl;
@@ -64,7 +68,7 @@ class CpuBackend final : public Backend {
     return std::string(kRefPrefix) + (n.domain.empty() ? "" : n.domain + ":") + n.op_type;
   }
   EvalFn resolve(const std::string& kernel) const override {
-    if (kernel == kConvDnnl) return &eval_conv_family;
+    if (kernel == kConvDnnl || kernel == kMbConv) return &eval_conv_family;
     if (kernel == kTransposeDnnl) return kOp_Transpose.eval;
     if (kernel == kSoftmaxDnnl) return kOp_Softmax.eval;
     if (kernel == kMaxPoolDnnl) return kOp_MaxPool.eval;
@@ -94,6 +98,8 @@ class CpuBackend final : public Backend {
     if (kernel == kAttention && n.domain.empty() && n.op_type == "Attention")
       return cpu::prepare_cpu_attention(n, kOp_Attention.eval);
 #if KILN_WITH_DNNL
+    if (kernel == kMbConv && fused::is_mbconv_block(n))
+      return cpu::prepare_cpu_mbconv(n, constants, &eval_conv_family);
     if (kernel == kConvDnnl && is_conv_family(n))
       return cpu::prepare_dnnl_conv(n, constants, &eval_conv_family);
     if (kernel == kMatMulDnnl && (n.op_type == "MatMul" || n.op_type == "FusedMatMul"))

@@ -21,6 +21,11 @@ const dnnl::engine& cpu_engine();
 // back to `ref` for inputs it cannot take (other dtypes, shapes oneDNN refuses).
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_conv(const Node& n, const ConstantLookup& constants,
                                                         EvalFn ref);
+// Runs a kernel made by prepare_dnnl_conv with its residual Z (input 3) as if donated: the output
+// may be written into Z's storage, which the caller vouches nothing reads afterwards (a fused
+// block's own intermediate). Other kernels: k.run.
+Status run_dnnl_conv_z_owned(const Kernel& k, OpContext& ctx, std::span<const Value> in,
+                             std::span<Value> out);
 // A float32 kernel output: 64-byte aligned, not zero-filled.
 Result<Tensor> new_output(const Shape& shape);
 // The calling thread's oneDNN scratchpad (grow-only), or nullptr when out of memory.
@@ -42,6 +47,14 @@ Result<std::shared_ptr<const Kernel>> prepare_dnnl_pool(const Node& n, EvalFn re
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_layernorm(const Node& n, EvalFn ref);
 // Softmax (opset-13 form: one axis) as oneDNN softmax for float32.
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_softmax(const Node& n, EvalFn ref);
+// A kiln.FusedConv in mbconv block form (fused::is_mbconv_block) as Kiln's fused block
+// (cpu_mbconv.h, tactic "cpu.mbconv.kiln") or as its three convolutions in turn, each a
+// prepare_dnnl_conv kernel ("cpu.mbconv.split|<expand>|<dw>|<project>"): timed against each
+// other under kiln_tune_shape. Null when the node's form is not covered (the reference runs).
+// KILN_CPU_MBCONV=0: never fused (and a fused tactic loads split); =force: fused wherever it
+// applies, untimed.
+Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n, const ConstantLookup& constants,
+                                                         EvalFn ref);
 #endif
 
 // ONNX Attention (float32; 3-D or 4-D; optional additive float / bool mask; is_causal) as one

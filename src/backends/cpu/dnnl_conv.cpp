@@ -304,6 +304,16 @@ class DnnlConv final : public Kernel {
   }
 
   Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    return run_impl(ctx, in, out, false);
+  }
+  // run, with Z's storage the caller's to overwrite (run_dnnl_conv_z_owned).
+  Status run_z_owned(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const {
+    return run_impl(ctx, in, out, true);
+  }
+
+ private:
+  Status run_impl(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
+                  bool z_owned) const {
     const Tensor* X = opt_tensor(in, 0);
     const Tensor* Z = residual_ ? opt_tensor(in, 3) : nullptr;
     if (!X || X->dtype() != DataType::kFloat || X->rank() != 4 || X->dim(nhwc_ ? 3 : 1) != w_.dim(1) * group(ctx) ||
@@ -317,7 +327,8 @@ class DnnlConv final : public Kernel {
     if (Z && Z->shape() != ys) return ref_(ctx, in, out);
     // A residual Z handed over by the executor (it dies here, nothing else holds its storage):
     // accumulate into its buffer instead of copying it into a fresh Y.
-    const bool in_place = Z && ((ctx.donatable >> 3) & 1) && Z->storage().use_count() == 1;
+    const bool in_place =
+        Z && (z_owned || (((ctx.donatable >> 3) & 1) && Z->storage().use_count() == 1));
     Tensor Y;
     if (in_place) {
       Y = *Z;
@@ -337,7 +348,6 @@ class DnnlConv final : public Kernel {
     return Status::ok();
   }
 
- private:
   static int64_t group(const OpContext& ctx) { return ctx.node.attr_int("group", 1); }
 
   // One run of plan p: X (and Z) in the user layout, into Y. False: no scratchpad memory.
@@ -1200,6 +1210,12 @@ uint8_t* scratch_buffer(size_t bytes) {
 const dnnl::engine& cpu_engine() {
   static const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   return eng;
+}
+
+Status run_dnnl_conv_z_owned(const Kernel& k, OpContext& ctx, std::span<const Value> in,
+                             std::span<Value> out) {
+  if (auto* c = dynamic_cast<const DnnlConv*>(&k)) return c->run_z_owned(ctx, in, out);
+  return k.run(ctx, in, out);
 }
 
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_conv(const Node& n, const ConstantLookup& constants,

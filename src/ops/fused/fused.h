@@ -19,6 +19,19 @@ Result<Epilogue> read_epilogue(const Node& n);
 // y += z (when z is set), then the node's activation, in place over n floats.
 Status apply_epilogue(const OpContext& ctx, const float* z, float* y, int64_t n);
 
+// An inverted-residual block (MobileNetV2's expand 1x1 -> depthwise 3x3 -> project 1x1, each an
+// NHWC FusedConv) in one kiln.FusedConv node, made by the CPU-only pass fuse_mbconv_blocks
+// (passes/fusion.h) and run by the CPU backend's cpu.mbconv tactics: attribute kiln_block =
+// "mbconv"; inputs X, W1, B1, W2, B2, W3, B3 (biases may be omitted) and optionally Z (input 7);
+// with kiln_mbconv_residual_x = 1 the residual is X itself (one input, so the executor can hand
+// X over); each part's own attributes under the prefixes "mb0." (expand), "mb1." (depthwise),
+// "mb2." (project).
+bool is_mbconv_block(const Node& n);
+// The block's three FusedConv nodes as the unfused graph had them (names <block>/expand,
+// <block>/dw, <block>/project; intermediate values <block>/e and <block>/d); an error naming the
+// node when the block is malformed.
+Result<std::vector<Node>> mbconv_parts(const Node& block);
+
 // 4-D float32 relayout between NHWC and NCHW (to_nchw: NHWC -> NCHW, else NCHW -> NHWC).
 Result<Tensor> relayout(const Tensor& t, bool to_nchw);
 

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "ops/fused/fused.h"
 #include "ops/op.h"
@@ -13,7 +15,10 @@ namespace {
 
 bool is_nhwc(const Node& n) { return n.attr_string("layout", "NCHW") == "NHWC"; }
 
+Status eval_mbconv_block(OpContext& ctx, std::span<const Value> in, std::span<Value> out);
+
 Status eval_fused_conv(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  if (fused::is_mbconv_block(ctx.node)) return eval_mbconv_block(ctx, in, out);
   if (in.size() < 2 || out.empty()) return ctx.bad_input("FusedConv needs inputs X, W and one output");
   KILN_ASSIGN_OR_RETURN(const Tensor* X, req_tensor(ctx, in, 0));
   if (X->dtype() != DataType::kFloat) return ctx.bad_input("FusedConv supports float32 only");
@@ -46,7 +51,48 @@ Status eval_fused_conv(OpContext& ctx, std::span<const Value> in, std::span<Valu
   return Status::ok();
 }
 
+// The block form (fused::is_mbconv_block): its three parts in turn, as the unfused graph.
+Status eval_mbconv_block(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
+  auto parts = fused::mbconv_parts(ctx.node);
+  if (!parts.is_ok()) return parts.status();
+  const std::vector<Node>& p = parts.value();
+  auto arg = [&](size_t i) { return i < in.size() ? in[i] : Value(); };
+  const Value z = ctx.node.attr_int("kiln_mbconv_residual_x", 0) ? arg(0) : arg(7);
+  std::vector<Value> a = {arg(0), arg(1), arg(2)}, o(1);
+  for (size_t k = 0; k < 3; ++k) {
+    OpContext c{p[k], ctx.run_subgraph, ctx.seed, ctx.device_env};
+    if (k > 0) a = {o[0], arg(1 + 2 * k), arg(2 + 2 * k)};
+    if (k == 2) a.push_back(z);
+    o.assign(1, Value());
+    KILN_RETURN_IF_ERROR(eval_fused_conv(c, a, o));
+  }
+  out[0] = std::move(o[0]);
+  return Status::ok();
+}
+
+Status infer_fused_conv(InferContext& ctx);
+
+Status infer_mbconv_block(InferContext& ctx) {
+  auto parts = fused::mbconv_parts(ctx.node);
+  if (!parts.is_ok()) return parts.status();
+  const std::vector<Node>& p = parts.value();
+  auto type = [&](size_t i) { return i < ctx.input_types.size() ? ctx.input_types[i] : TypeInfo(); };
+  auto cst = [&](size_t i) -> const Tensor* {
+    return i < ctx.input_constants.size() ? ctx.input_constants[i] : nullptr;
+  };
+  TypeInfo t = type(0);
+  for (size_t k = 0; k < 3; ++k) {
+    InferContext c{p[k], {t, type(1 + 2 * k), type(2 + 2 * k)}, {nullptr, cst(1 + 2 * k), cst(2 + 2 * k)},
+                   std::vector<TypeInfo>(1)};
+    KILN_RETURN_IF_ERROR(infer_fused_conv(c));
+    t = c.output_types[0];
+  }
+  if (!ctx.output_types.empty()) ctx.output_types[0] = t;
+  return Status::ok();
+}
+
 Status infer_fused_conv(InferContext& ctx) {
+  if (fused::is_mbconv_block(ctx.node)) return infer_mbconv_block(ctx);
   InferContext c{ctx.node, {}, {}, ctx.output_types};
   for (size_t i = 0; i < ctx.input_types.size() && i < 3; ++i) {
     c.input_types.push_back(ctx.input_types[i]);
@@ -87,6 +133,40 @@ Result<Tensor> relayout(const Tensor& t, bool to_nchw) {
           for (int64_t w = 0; w < C; ++w) y[((n * B + h) * C + w) * A + c] = x[((n * A + c) * B + h) * C + w];
   }
   return o;
+}
+
+bool is_mbconv_block(const Node& n) {
+  return n.domain == "kiln" && n.op_type == "FusedConv" && n.attr_string("kiln_block") == "mbconv";
+}
+
+Result<std::vector<Node>> mbconv_parts(const Node& b) {
+  if (b.inputs.size() < 7 || b.inputs.size() > 8 || b.outputs.size() != 1 || b.inputs[0].empty() ||
+      b.inputs[1].empty() || b.inputs[3].empty() || b.inputs[5].empty())
+    return invalid_argument(b.where() + ": an mbconv block needs inputs X, W1, B1, W2, B2, W3, B3 "
+                            "[, Z] and one output");
+  static const char* const kSuffix[3] = {"/expand", "/dw", "/project"};
+  std::vector<Node> p(3);
+  const std::string e = b.name + "/e", d = b.name + "/d";
+  for (int k = 0; k < 3; ++k) {
+    Node& n = p[k];
+    n.name = b.name + kSuffix[k];
+    n.op_type = "FusedConv";
+    n.domain = "kiln";
+    n.opset = 1;
+    n.inputs = {k == 0 ? b.inputs[0] : k == 1 ? e : d, b.inputs[1 + 2 * k], b.inputs[2 + 2 * k]};
+    n.outputs = {k == 0 ? e : k == 1 ? d : b.outputs[0]};
+    const std::string prefix = "mb" + std::to_string(k) + ".";
+    for (const Attribute& a : b.attrs) {
+      if (a.name.rfind(prefix, 0) != 0) continue;
+      Attribute c = a;
+      c.name = a.name.substr(prefix.size());
+      n.set_attr(c);
+    }
+  }
+  if (b.attr_int("kiln_mbconv_residual_x", 0)) p[2].inputs.push_back(b.inputs[0]);
+  else if (b.has_input(7)) p[2].inputs.push_back(b.inputs[7]);
+  while (!p[2].inputs.empty() && p[2].inputs.back().empty()) p[2].inputs.pop_back();
+  return p;
 }
 
 Result<Epilogue> read_epilogue(const Node& n) {

@@ -1,0 +1,724 @@
+// Kiln's fused inverted-residual block (see cpu_mbconv.h) and the CPU backend's kernel for
+// kiln.FusedConv in mbconv block form (cpu_kernels.h: prepare_cpu_mbconv).
+#include "backends/cpu/cpu_mbconv.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/cpu_isa.h"
+#include "backends/cpu/cpu_kernels.h"
+#include "backends/cpu/cpu_parallel.h"
+#include "backends/cpu/weight_pages.h"
+#include "base/logging.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KILN_MB_X86 1
+#include <immintrin.h>
+#else
+#define KILN_MB_X86 0
+#endif
+
+namespace kiln {
+namespace cpu {
+namespace {
+
+using DwFn = void (*)(const float* const* r, int64_t G, int64_t W, int64_t OW, int s, int64_t pl,
+                      const float* wd, const float* bd, int64_t ce, int64_t is, int64_t os,
+                      int64_t cep, int act, float lo, float hi, float alpha, float* d, int64_t ds);
+
+// Channels of the depthwise weights are padded to this (the widest vector).
+constexpr int64_t kPad = 16;
+// Output rows per chunk at most (and per depthwise call).
+constexpr int64_t kMaxChunk = 64;
+
+float* alloc_floats(size_t n) {
+  return static_cast<float*>(
+      ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
+}
+
+// The calling thread's grow-only scratch `slot` (0: a task's rows, 1: a call's depthwise
+// output shared by its tasks) of at least n floats (64-byte aligned); null when out of memory.
+float* mb_scratch(size_t n, int slot = 0) {
+  struct Buf {
+    float* p = nullptr;
+    size_t cap = 0;
+    ~Buf() {
+      if (p) ::operator delete[](p, std::align_val_t(64));
+    }
+  };
+  thread_local Buf bufs[2];
+  Buf& b = bufs[slot];
+  if (n > b.cap) {
+    if (b.p) ::operator delete[](b.p, std::align_val_t(64));
+    b.p = alloc_floats(n);
+    b.cap = b.p ? n : 0;
+  }
+  return b.p;
+}
+
+}  // namespace
+
+#if KILN_MB_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+namespace mb_avx512 {
+namespace {
+typedef __m512 V;
+constexpr int kW = 16;
+inline V vset1(float x) {
+  return _mm512_set1_ps(x);
+}
+inline V vfma(V a, V b, V c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+inline V vload(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+inline void vstore(float* p, V v) {
+  _mm512_storeu_ps(p, v);
+}
+inline __mmask16 lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+inline void vstore_n(float* p, V v, int64_t n) {
+  _mm512_mask_storeu_ps(p, lanes(n), v);
+}
+inline V vmax(V a, V b) {
+  return _mm512_max_ps(a, b);
+}
+inline V vmin(V a, V b) {
+  return _mm512_min_ps(a, b);
+}
+inline V vleaky(V x, float a) {
+  return _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x,
+                            _mm512_set1_ps(a));
+}
+#include "backends/cpu/cpu_mbconv_kernel.inc"
+}  // namespace
+DwFn dw() {
+  return &dw_rows;
+}
+}  // namespace mb_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace mb_avx2 {
+namespace {
+typedef __m256 V;
+constexpr int kW = 8;
+inline V vset1(float x) {
+  return _mm256_set1_ps(x);
+}
+inline V vfma(V a, V b, V c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+inline V vload(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+inline void vstore(float* p, V v) {
+  _mm256_storeu_ps(p, v);
+}
+inline __m256i lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline void vstore_n(float* p, V v, int64_t n) {
+  _mm256_maskstore_ps(p, lanes(n), v);
+}
+inline V vmax(V a, V b) {
+  return _mm256_max_ps(a, b);
+}
+inline V vmin(V a, V b) {
+  return _mm256_min_ps(a, b);
+}
+inline V vleaky(V x, float a) {
+  return _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(a)),
+                          _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+#include "backends/cpu/cpu_mbconv_kernel.inc"
+}  // namespace
+DwFn dw() {
+  return &dw_rows;
+}
+}  // namespace mb_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // KILN_MB_X86
+
+namespace {
+
+// Bytes of expanded and depthwise rows a chunk keeps (L2: 1 MB per core on Zen 5). Large: each
+// chunk's two 1x1 convs stream their packed weights again (MobileNetV2 b1, 2 threads, every
+// block fused, per-layer sums with 64 / 128 / 320 / 768 KB: 2.34 / 2.18 / 2.08 / 1.95 ms, the
+// 7x7 blocks' 0.6 MB weights costing most). KILN_CPU_MBCONV_CHUNK_KB overrides (tuning).
+int64_t chunk_budget() {
+  static const int64_t b = [] {
+    const char* e = std::getenv("KILN_CPU_MBCONV_CHUNK_KB");
+    const long v = e ? std::strtol(e, nullptr, 10) : 0;
+    return v > 0 && v < (1 << 20) ? int64_t(v) << 10 : int64_t(768) << 10;
+  }();
+  return b;
+}
+
+// Bands per thread (KILN_CPU_MBCONV_BANDS overrides: tuning). One: more re-expand halo rows and
+// re-stream weights (MobileNetV2 b1, every block fused: 1.96 / 2.33 / 2.42 ms with 1 / 2 / 3).
+int64_t bands_per_thread() {
+  static const int64_t b = [] {
+    const char* e = std::getenv("KILN_CPU_MBCONV_BANDS");
+    const long v = e ? std::strtol(e, nullptr, 10) : 0;
+    return v > 0 && v < 64 ? int64_t(v) : int64_t(1);
+  }();
+  return b;
+}
+
+}  // namespace
+
+// The depthwise activation as dw_rows takes it.
+struct DwAct {
+  int act = 0;  // 0: clamp to [lo, hi]; 2: leaky
+  float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+  float alpha = 0;
+  explicit DwAct(const fused::Epilogue& e) {
+    switch (e.kind) {
+      case fused::Epilogue::kNone:
+        break;
+      case fused::Epilogue::kRelu:
+        lo = 0.f;
+        break;
+      case fused::Epilogue::kClip:
+        lo = e.a, hi = e.b;
+        break;
+      case fused::Epilogue::kLeakyRelu:
+        act = 2, alpha = e.a;
+        break;
+    }
+  }
+};
+
+struct MbJob {
+  const MbConv* m;
+  const float *x, *z;
+  float* y;
+  int64_t n, H, W, OH, OW, band, nb, G;
+  DwFn dw;
+  float* D;  // channel slices: the depthwise output [n, OH, OW, ce]
+};
+
+struct MbSliceTask {
+  // Task i: slice i % slices of image i / slices.
+  static bool run(void* ctx, int64_t i) {
+    const MbJob& j = *static_cast<const MbJob*>(ctx);
+    const MbConv& m = *j.m;
+    const MbConvShape& s = m.s_;
+    const int64_t S = static_cast<int64_t>(m.slices_.size());
+    const int64_t img = i / S;
+    const MbConv::Slice& sl = m.slices_[static_cast<size_t>(i % S)];
+    const int64_t nc = sl.c1 - sl.c0, W = j.W;
+    float* E = mb_scratch(static_cast<size_t>((j.H + 1) * W * nc + 2 * kPad));
+    if (!E) return false;
+    float* zero = E + j.H * W * nc + kPad;
+    std::memset(zero, 0, sizeof(float) * static_cast<size_t>(W * nc + kPad));
+    if (!sl.expand->run(j.x + img * j.H * W * s.cin, j.H * W, nullptr, E, 1)) return false;
+    const DwAct a(s.e2);
+    float* D = j.D + img * j.OH * j.OW * s.ce + sl.c0;
+    for (int64_t o0 = 0; o0 < j.OH; o0 += kMaxChunk) {
+      const int64_t o1 = std::min(j.OH, o0 + kMaxChunk);
+      const float* r[3 * kMaxChunk];
+      for (int64_t oh = o0; oh < o1; ++oh)
+        for (int kh = 0; kh < 3; ++kh) {
+          const int64_t ih = oh * s.stride - s.pt + kh;
+          r[3 * (oh - o0) + kh] = ih >= 0 && ih < j.H ? E + ih * W * nc : zero;
+        }
+      j.dw(r, o1 - o0, W, j.OW, s.stride, s.pl, m.wd_ + sl.c0, m.bd_ + sl.c0, nc, nc, s.ce, m.cep_,
+           a.act, a.lo, a.hi, a.alpha, D + o0 * j.OW * s.ce, j.OW * s.ce);
+    }
+    return true;
+  }
+};
+
+struct MbTask {
+  // Task i: band i % nb of image i / nb.
+  static bool run(void* ctx, int64_t i) {
+    const MbJob& j = *static_cast<const MbJob*>(ctx);
+    const MbConv& m = *j.m;
+    const MbConvShape& s = m.s_;
+    const int64_t img = i / j.nb, o0 = (i % j.nb) * j.band, o1 = std::min(j.OH, o0 + j.band);
+    if (o0 >= o1) return true;
+    const int64_t ce = s.ce, st = s.stride, W = j.W, OW = j.OW;
+    const int64_t rowE = W * ce, rowD = OW * ce;
+    const int64_t G = j.G, erows = (G - 1) * st + 3;
+    float* buf = mb_scratch(static_cast<size_t>(erows * rowE + G * rowD + rowE + 3 * kPad));
+    if (!buf) return false;
+    float* E = buf;
+    float* D = E + erows * rowE + kPad;
+    float* zero = D + G * rowD + kPad;
+    std::memset(zero, 0, sizeof(float) * static_cast<size_t>(rowE + kPad));
+    const DwAct a(s.e2);
+    const float* x = j.x + img * j.H * W * s.cin;
+    const float* z = j.z ? j.z + img * j.OH * OW * s.cout : nullptr;
+    float* y = j.y + img * j.OH * OW * s.cout;
+    int64_t blo = 0, bhi = 0;  // input rows [blo, bhi) are expanded in E
+    for (int64_t oc = o0; oc < o1; oc += G) {
+      const int64_t oe = std::min(o1, oc + G);
+      const int64_t lo_r = std::max<int64_t>(0, oc * st - s.pt);
+      const int64_t hi_r = std::min<int64_t>(j.H, (oe - 1) * st - s.pt + 3);
+      if (blo <= lo_r && lo_r < bhi) {  // keep the rows this chunk shares with the last
+        if (lo_r > blo)
+          std::memmove(E, E + (lo_r - blo) * rowE,
+                       sizeof(float) * static_cast<size_t>((bhi - lo_r) * rowE));
+        blo = lo_r;
+      } else {
+        blo = bhi = lo_r;
+      }
+      if (bhi < hi_r) {
+        if (!m.expand_->run(x + bhi * W * s.cin, (hi_r - bhi) * W, nullptr, E + (bhi - blo) * rowE,
+                            1))
+          return false;
+        bhi = hi_r;
+      }
+      const float* r[3 * kMaxChunk];
+      for (int64_t oh = oc; oh < oe; ++oh)
+        for (int kh = 0; kh < 3; ++kh) {
+          const int64_t ih = oh * st - s.pt + kh;
+          r[3 * (oh - oc) + kh] = ih >= 0 && ih < j.H ? E + (ih - blo) * rowE : zero;
+        }
+      j.dw(r, oe - oc, W, OW, static_cast<int>(st), s.pl, m.wd_, m.bd_, ce, ce, ce, m.cep_, a.act,
+           a.lo, a.hi, a.alpha, D, rowD);
+      if (!m.project_->run(D, (oe - oc) * OW, z ? z + oc * OW * s.cout : nullptr,
+                           y + oc * OW * s.cout, 1))
+        return false;
+    }
+    return true;
+  }
+};
+
+MbConv::~MbConv() {
+  for (float* p : {wd_, bd_})
+    if (p) ::operator delete[](p, std::align_val_t(64));
+}
+
+std::shared_ptr<const MbConv> MbConv::create(const float* w1, const float* b1, const float* w2,
+                                             const float* b2, const float* w3, const float* b3,
+                                             const MbConvShape& s, C1Isa isa) {
+  std::shared_ptr<const MbConv> none;
+#if KILN_MB_X86
+  if (isa == C1Isa::kAuto)
+    isa = conv1x1_isa_available(C1Isa::kAvx512) ? C1Isa::kAvx512 : C1Isa::kAvx2;
+  if (!w1 || !w2 || !w3 || !conv1x1_isa_available(isa)) return none;
+  if (s.cin < 1 || s.ce < 1 || s.cout < 1 || s.cin > (1 << 16) || s.ce > (1 << 16) ||
+      s.cout > (1 << 16) || (s.stride != 1 && s.stride != 2))
+    return none;
+  for (int64_t p : {s.pt, s.pl, s.pb, s.pr})
+    if (p < 0 || p > 1) return none;
+  if (s.e2.kind == fused::Epilogue::kClip && !(s.e2.a <= s.e2.b)) return none;
+  std::shared_ptr<MbConv> m(new (std::nothrow) MbConv());
+  if (!m) return none;
+  m->s_ = s;
+  m->isa_ = isa;
+  m->expand_ = Conv1x1::create(w1, s.ce, s.cin, b1, s.e1, isa);
+  m->project_ = Conv1x1::create(w3, s.cout, s.ce, b3, s.e3, isa);
+  if (!m->expand_ || !m->project_) return none;
+  // Channel slices of 16-multiples: 4 where each keeps 64 channels or more, else 2 (else none).
+  const int64_t vecs = (s.ce + kPad - 1) / kPad;
+  const int64_t S = vecs >= 16 ? 4 : vecs >= 2 ? 2 : 1;
+  if (S > 1) {
+    const int64_t per = (vecs + S - 1) / S * kPad;
+    for (int64_t c0 = 0; c0 < s.ce; c0 += per) {
+      Slice sl;
+      sl.c0 = c0, sl.c1 = std::min(s.ce, c0 + per);
+      sl.expand =
+          Conv1x1::create(w1 + c0 * s.cin, sl.c1 - sl.c0, s.cin, b1 ? b1 + c0 : nullptr, s.e1, isa);
+      if (!sl.expand) return none;
+      m->slices_.push_back(std::move(sl));
+    }
+  }
+  m->cep_ = (s.ce + kPad - 1) / kPad * kPad;
+  m->wd_ = alloc_floats(static_cast<size_t>(9 * m->cep_));
+  m->bd_ = alloc_floats(static_cast<size_t>(m->cep_));
+  if (!m->wd_ || !m->bd_) return none;
+  for (int64_t k = 0; k < 9; ++k)
+    for (int64_t c = 0; c < m->cep_; ++c) m->wd_[k * m->cep_ + c] = c < s.ce ? w2[c * 9 + k] : 0.f;
+  for (int64_t c = 0; c < m->cep_; ++c) m->bd_[c] = b2 && c < s.ce ? b2[c] : 0.f;
+  return m;
+#else
+  (void)w1, (void)b1, (void)w2, (void)b2, (void)w3, (void)b3, (void)s, (void)isa;
+  return none;
+#endif
+}
+
+bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z, float* y,
+                 int threads, int64_t bands, int64_t chunk) const {
+#if KILN_MB_X86
+  if (!x || !y || z == y || n < 1 || H < 1 || W < 1 || H > (1 << 20) || W > (1 << 20)) return false;
+  const int64_t OH = out_h(H), OW = out_w(W);
+  if (OH < 1 || OW < 1) return false;
+  MbJob j;
+  j.m = this, j.x = x, j.z = z, j.y = y;
+  j.n = n, j.H = H, j.W = W, j.OH = OH, j.OW = OW;
+  j.dw = isa_ == C1Isa::kAvx512 ? mb_avx512::dw() : mb_avx2::dw();
+  const int64_t P = std::max(1, threads);
+  // Channel slices where bands would be short: 4 output rows per thread or fewer (MobileNetV2
+  // at 7x7 output, 2 threads: 960 expanded channels 98 -> 79 us; at 14x14 bands were as fast
+  // or faster: 384 channels 51 vs 56 us).
+  if (!slices_.empty() && (bands < 0 || (bands == 0 && n * OH <= 4 * P))) {
+    j.D = mb_scratch(static_cast<size_t>(n * OH * OW * s_.ce), 1);
+    if (!j.D) return false;
+    if (!parallel_tasks(n * static_cast<int64_t>(slices_.size()), threads, &MbSliceTask::run, &j))
+      return false;
+    return project_->run(j.D, n * OH * OW, z, y, threads);
+  }
+  j.nb = bands > 0 ? bands : (P * bands_per_thread() + n - 1) / n;
+  j.nb = std::clamp<int64_t>(j.nb, 1, OH);
+  j.band = (OH + j.nb - 1) / j.nb;
+  j.nb = (OH + j.band - 1) / j.band;
+  if (chunk > 0) {
+    j.G = chunk;
+  } else {
+    // The most output rows whose expanded rows (with halo) and depthwise rows fit the budget.
+    const int64_t rowE = W * s_.ce * 4, rowD = OW * s_.ce * 4, st = s_.stride;
+    j.G = std::max<int64_t>(1, (chunk_budget() - (3 - st) * rowE) / (st * rowE + rowD));
+  }
+  j.G = std::clamp<int64_t>(j.G, 1, std::min(j.band, kMaxChunk));
+  // Thread t takes bands [t B / T, (t + 1) B / T): the rows oneDNN's static split gives it in the
+  // layers around (their L2 holds them; see parallel_tasks_static).
+  return parallel_tasks_static(n * j.nb, threads, &MbTask::run, &j);
+#else
+  (void)x, (void)n, (void)H, (void)W, (void)z, (void)y, (void)threads, (void)bands, (void)chunk;
+  return false;
+#endif
+}
+
+#if KILN_WITH_DNNL
+namespace {
+
+constexpr const char kFusedTactic[] = "cpu.mbconv.kiln";
+constexpr const char kSplitTactic[] = "cpu.mbconv.split";
+
+// KILN_CPU_MBCONV=0: never fused; =force: fused wherever it applies, untimed. Read at each
+// prepare (tests switch it).
+std::string mbconv_env() {
+  const char* e = std::getenv("KILN_CPU_MBCONV");
+  return std::string(e ? e : "");
+}
+
+class MbConvKernel final : public Kernel {
+ public:
+  MbConvKernel(const Node& n, std::vector<Node> parts, EvalFn ref)
+      : parts_(std::move(parts)),
+        ref_(ref),
+        residual_x_(n.attr_int("kiln_mbconv_residual_x", 0) != 0),
+        has_z_(residual_x_ || n.has_input(7)) {}
+
+  std::string tactic() const override { return tactic_; }
+
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    if (fused_) {
+      bool covered = false;
+      KILN_RETURN_IF_ERROR(run_fused(ctx, in, out, &covered));
+      if (covered) return Status::ok();
+    }
+    const bool own_x = residual_x_ && (ctx.donatable & 1) && !in.empty() && in[0].is_tensor() &&
+                       in[0].tensor.storage().use_count() == 1;
+    return run_split(ctx, in, out, own_x);
+  }
+
+  // The fused block; *covered false (nothing done) for inputs it does not take.
+  Status run_fused(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
+                   bool* covered) const {
+    *covered = false;
+    const Tensor* X = opt_tensor(in, 0);
+    const MbConvShape& s = fused_->shape();
+    if (!X || X->dtype() != DataType::kFloat || X->rank() != 4 || X->dim(3) != s.cin ||
+        X->numel() == 0)
+      return Status::ok();
+    const int64_t n = X->dim(0), H = X->dim(1), W = X->dim(2);
+    const int64_t OH = fused_->out_h(H), OW = fused_->out_w(W);
+    if (OH < 1 || OW < 1) return Status::ok();
+    const Shape ys{n, OH, OW, s.cout};
+    const Tensor* Z = residual_x_ ? X : has_z_ ? opt_tensor(in, 7) : nullptr;
+    if (has_z_ && (!Z || Z->dtype() != DataType::kFloat || Z->shape() != ys)) return Status::ok();
+    KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(ys));
+    if (!fused_->run(X->data<float>(), n, H, W, Z ? Z->data<float>() : nullptr, Y.data<float>(),
+                     omp_threads()))
+      return ctx.fail("out of memory in the fused mbconv block");
+    out[0] = Value(std::move(Y));
+    *covered = true;
+    return Status::ok();
+  }
+
+  // The three convolutions in turn. own_x: X's storage is this call's to overwrite (the
+  // projection then accumulates into it, as the unfused graph's donated residual does).
+  Status run_split(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
+                   bool own_x) const {
+    auto arg = [&](size_t i) { return i < in.size() ? in[i] : Value(); };
+    std::vector<Value> a = {arg(0), arg(1), arg(2)}, o(1);
+    for (size_t k = 0; k < 3; ++k) {
+      OpContext c{parts_[k], ctx.run_subgraph, ctx.seed, ctx.device_env};
+      if (k > 0) a = {std::move(o[0]), arg(1 + 2 * k), arg(2 + 2 * k)};
+      if (k == 2 && has_z_) a.push_back(residual_x_ ? arg(0) : arg(7));
+      o.assign(1, Value());
+      if (!sub_[k]) {
+        KILN_RETURN_IF_ERROR(ref_(c, a, o));
+      } else if (k == 2 && own_x) {
+        KILN_RETURN_IF_ERROR(run_dnnl_conv_z_owned(*sub_[k], c, a, o));
+      } else {
+        KILN_RETURN_IF_ERROR(sub_[k]->run(c, a, o));
+      }
+    }
+    out[0] = std::move(o[0]);
+    return Status::ok();
+  }
+
+  // Split mode: each part as prepare_dnnl_conv makes it (tuned where the part has
+  // kiln_tune_shape, else with its kiln_tactic, else oneDNN's default).
+  Status prepare_split(const ConstantLookup& constants, EvalFn ref) {
+    for (int k = 0; k < 3; ++k) {
+      KILN_ASSIGN_OR_RETURN(sub_[k], prepare_dnnl_conv(parts_[k], constants, ref));
+    }
+    return Status::ok();
+  }
+
+  std::string split_tactic() const {
+    std::string t = kSplitTactic;
+    for (int k = 0; k < 3; ++k) t += "|" + (sub_[k] ? sub_[k]->tactic() : std::string());
+    return t;
+  }
+
+  std::vector<Node> parts_;
+  EvalFn ref_;
+  bool residual_x_ = false, has_z_ = false;
+  std::shared_ptr<const Kernel> sub_[3];
+  std::shared_ptr<const MbConv> fused_;
+  std::string tactic_;
+};
+
+void set_string(Node& n, const char* name, const std::string& v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kString;
+  a.s = v;
+  n.set_attr(a);
+}
+
+void set_ints(Node& n, const char* name, std::vector<int64_t> v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kInts;
+  a.ints = std::move(v);
+  n.set_attr(a);
+}
+
+// Seconds of the best of a few alternating runs of the fused block and of the split one on
+// random data of NHWC input shape xs: {fused, split}; -1 where one failed.
+std::pair<double, double> time_block(const MbConvKernel& k, const Node& n, const Shape& xs,
+                                     const ConstantLookup& constants) {
+  std::pair<double, double> best{-1, -1};
+  auto xr = Tensor::create(DataType::kFloat, xs);
+  if (!xr.is_ok()) return best;
+  Tensor X = xr.value();
+  float* x = X.data<float>();
+  uint32_t r = 0x9e3779b9u;
+  for (int64_t i = 0; i < X.numel(); ++i) {
+    r ^= r << 13, r ^= r >> 17, r ^= r << 5;
+    x[i] = static_cast<float>(r >> 8) * (2.f / 16777216.f) - 1.f;
+  }
+  std::vector<Value> in(n.inputs.size());
+  in[0] = Value(X);
+  for (size_t i = 1; i < n.inputs.size(); ++i)
+    if (const Tensor* t = constants(n.inputs[i])) in[i] = Value(*t);
+  Tensor Zt;
+  if (k.has_z_ && !k.residual_x_) {
+    // A separate residual: of the output's shape, from a run of the block.
+    std::vector<Value> o(1);
+    OpContext c{n, nullptr, 0, nullptr};
+    if (!k.run_split(c, in, o, false).is_ok() || !o[0].is_tensor()) return best;
+    Zt = o[0].tensor;
+    if (in.size() < 8) in.resize(8);
+    in[7] = Value(Zt);
+  }
+  using clock = std::chrono::steady_clock;
+  // Before each run, 16 MB written elsewhere (KILN_CPU_MBCONV_FLUSH_MB overrides; 0: none), as
+  // a model's other layers leave the caches: with everything hot, a block's split form kept its
+  // intermediates in L2 / L3 across runs and timing chose it for every MobileNetV2 b1 block,
+  // where in the model the fused one ran faster at features.2 (112x112x96 expanded: 205 vs
+  // 232 us; Zen 5, 2 threads, per-layer profile, 3 runs each).
+  std::vector<float> flush;
+  {
+    const char* e = std::getenv("KILN_CPU_MBCONV_FLUSH_MB");
+    const long mb = e ? std::strtol(e, nullptr, 10) : 16;
+    if (mb > 0 && mb <= 1024) flush.resize(size_t(mb) << 18);
+  }
+  auto once = [&](bool fused) -> double {
+    std::vector<Value> o(1);
+    OpContext c{n, nullptr, 0, nullptr};
+    std::vector<Value> args = in;
+    bool own_x = false;
+    if (!fused && k.residual_x_) {
+      // As the executor hands X over in a model: the projection accumulates into a copy of X
+      // (made before the clock starts).
+      auto cp = Tensor::create(DataType::kFloat, xs);
+      if (!cp.is_ok()) return -1;
+      std::memcpy(cp.value().data<float>(), x, X.nbytes());
+      args[0] = Value(cp.value());
+      own_x = true;
+    }
+    if (flush.size()) {
+      // Out of the caches first, as a model's previous layers leave them.
+      for (size_t i = 0; i < flush.size(); i += 16) flush[i] += 1.f;
+    }
+    const auto t0 = clock::now();
+    bool covered = true;
+    Status st = fused ? k.run_fused(c, args, o, &covered) : k.run_split(c, args, o, own_x);
+    const double t = std::chrono::duration<double>(clock::now() - t0).count();
+    return st.is_ok() && covered ? t : -1;
+  };
+  if (once(true) < 0 || once(false) < 0) return best;  // warm-up (first touch, plans)
+  double total = 0;
+  for (int round = 0; round < 12 && (round < 3 || total < 0.03); ++round) {
+    for (int f = 0; f < 2; ++f) {
+      const double t = once(f == 0);
+      if (t < 0) return {-1, -1};
+      double& b = f == 0 ? best.first : best.second;
+      if (b < 0 || t < b) b = t;
+      total += t;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
+                                                         const ConstantLookup& constants,
+                                                         EvalFn ref) {
+  std::shared_ptr<const Kernel> none;
+  if (!fused::is_mbconv_block(n)) return none;
+  auto parts = fused::mbconv_parts(n);
+  if (!parts.is_ok()) return none;
+  const Tensor* W[3];
+  const Tensor* B[3] = {nullptr, nullptr, nullptr};
+  for (int k = 0; k < 3; ++k) {
+    W[k] = constants(n.inputs[1 + 2 * k]);
+    if (!W[k] || W[k]->dtype() != DataType::kFloat || W[k]->rank() != 4) return none;
+    if (n.has_input(2 + 2 * k)) {
+      B[k] = constants(n.inputs[2 + 2 * k]);
+      if (!B[k] || B[k]->dtype() != DataType::kFloat || B[k]->numel() != W[k]->dim(0)) return none;
+    }
+  }
+  MbConvShape s;
+  s.cin = W[0]->dim(1), s.ce = W[0]->dim(0), s.cout = W[2]->dim(0);
+  if (W[0]->dim(2) != 1 || W[0]->dim(3) != 1 || W[1]->dim(0) != s.ce || W[1]->dim(1) != 1 ||
+      W[1]->dim(2) != 3 || W[1]->dim(3) != 3 || W[2]->dim(1) != s.ce || W[2]->dim(2) != 1 ||
+      W[2]->dim(3) != 1)
+    return none;
+  const Node& dw = parts.value()[1];
+  const std::vector<int64_t> st = dw.attr_ints("strides", {1, 1}),
+                             pads = dw.attr_ints("pads", {0, 0, 0, 0});
+  if (st.size() != 2 || st[0] != st[1] || pads.size() != 4 || dw.attr_int("group", 1) != s.ce)
+    return none;
+  s.stride = static_cast<int>(st[0]);
+  s.pt = pads[0], s.pl = pads[1], s.pb = pads[2], s.pr = pads[3];
+  fused::Epilogue* eps[3] = {&s.e1, &s.e2, &s.e3};
+  for (int k = 0; k < 3; ++k) {
+    auto e = fused::read_epilogue(parts.value()[k]);
+    if (!e.is_ok()) return none;
+    *eps[k] = e.value();
+  }
+  auto k = std::make_shared<MbConvKernel>(n, std::move(parts.value()), ref);
+  const std::string env = mbconv_env();
+  const bool fused_ok = env != "0";
+  std::shared_ptr<const MbConv> fm;
+  if (fused_ok)
+    fm = MbConv::create(W[0]->data<float>(), B[0] ? B[0]->data<float>() : nullptr,
+                        W[1]->data<float>(), B[1] ? B[1]->data<float>() : nullptr,
+                        W[2]->data<float>(), B[2] ? B[2]->data<float>() : nullptr, s);
+  const std::string tactic = n.attr_string("kiln_tactic");
+  std::vector<int64_t> ts = n.attr_ints("kiln_tune_shape");
+  bool tune = !n.has_attr("kiln_tactic") && ts.size() == 4;
+  for (int64_t d : ts) tune = tune && d > 0 && d <= (int64_t(1) << 24);
+  if (tune && ts[3] != s.cin) tune = false;
+  if (!tune) {
+    // A plan's (or the timing cache's) choice, or no timing: fused where the tactic says so (or
+    // names nothing) and it can run; else split, with the parts' tactics after the prefix.
+    // Anything else (a stale or foreign tactic) loads as split with oneDNN's defaults.
+    if (fm && (tactic == kFusedTactic || tactic.empty() || env == "force")) {
+      k->fused_ = fm;
+      k->tactic_ = kFusedTactic;
+      // The fused block keeps its own packed copies (an mmap'd plan's pages can go).
+      for (const Tensor* w : W) packed_weight_done(w->raw_data(), w->nbytes());
+      return std::shared_ptr<const Kernel>(k);
+    }
+    if (tactic.rfind(std::string(kSplitTactic) + "|", 0) == 0) {
+      std::vector<std::string> ts3;
+      size_t pos = sizeof(kSplitTactic);
+      for (int i = 0; i < 3; ++i) {
+        size_t bar = i < 2 ? tactic.find('|', pos) : tactic.size();
+        if (bar == std::string::npos) break;
+        ts3.push_back(tactic.substr(pos, bar - pos));
+        pos = bar + 1;
+      }
+      if (ts3.size() == 3)
+        for (int i = 0; i < 3; ++i)
+          if (!ts3[i].empty()) set_string(k->parts_[i], "kiln_tactic", ts3[i]);
+    }
+    KILN_RETURN_IF_ERROR(k->prepare_split(constants, ref));
+    k->tactic_ = k->split_tactic();
+    return std::shared_ptr<const Kernel>(k);
+  }
+  // Tuning: each part's own tactics first (timed as the unfused graph's convs are), then the
+  // fused block against the three in turn.
+  const int64_t OH = (ts[1] + s.pt + s.pb - 3) / s.stride + 1,
+                OW = (ts[2] + s.pl + s.pr - 3) / s.stride + 1;
+  set_ints(k->parts_[0], "kiln_tune_shape", ts);
+  set_ints(k->parts_[1], "kiln_tune_shape", {ts[0], ts[1], ts[2], s.ce});
+  set_ints(k->parts_[2], "kiln_tune_shape", {ts[0], OH, OW, s.ce});
+  if (fm && env == "force") {
+    k->fused_ = fm;
+    k->tactic_ = kFusedTactic;
+    return std::shared_ptr<const Kernel>(k);
+  }
+  KILN_RETURN_IF_ERROR(k->prepare_split(constants, ref));
+  for (auto& p : k->parts_) p.remove_attr("kiln_tune_shape");
+  std::string log = "split only";
+  if (fm && OH >= 1 && OW >= 1) {
+    k->fused_ = fm;
+    const auto [tf, tsplit] = time_block(*k, n, Shape(ts.begin(), ts.end()), constants);
+    k->fused_.reset();
+    log = "fused=" + std::to_string(tf * 1e3) + "ms split=" + std::to_string(tsplit * 1e3) + "ms";
+    if (tf > 0 && (tsplit < 0 || tf < tsplit)) {
+      k->fused_ = fm;
+      for (auto& p : k->sub_) p.reset();  // a timed candidate only
+    }
+  }
+  k->tactic_ = k->fused_ ? std::string(kFusedTactic) : k->split_tactic();
+  KILN_LOG(kVerbose, "node '" << n.name << "': mbconv block: " << log << " -> " << k->tactic_);
+  return std::shared_ptr<const Kernel>(k);
+}
+
+#endif  // KILN_WITH_DNNL
+
+}  // namespace cpu
+}  // namespace kiln
