@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "backends/cuda/conv_gemm.h"
 #include "backends/cuda/cuda_env.h"
 #include "backends/cuda/device_pool.h"
 #include "base/logging.h"
@@ -284,7 +285,11 @@ class CudaContext final : public DeviceContext, public NodeObserver {
       if (k.find("Conv") != std::string::npos || k.find("Attention") != std::string::npos) conv = true;
       if (k.find("Gemm") != std::string::npos || k.find("MatMul") != std::string::npos) gemm = true;
       // Pointwise convolutions may run as cuBLASLt GEMMs (conv_gemm.h).
-      if (cn.node->attr_string("kiln_tactic").rfind("cuda.conv.cublaslt.", 0) == 0) gemm = true;
+      // So may other convolutions (the tap-GEMM and im2col forms).
+      const std::string t = cn.node->attr_string("kiln_tactic");
+      if (t.rfind(kPointwiseTacticPrefix, 0) == 0 || t.rfind(kTapTacticPrefix, 0) == 0 ||
+          t.rfind(kIm2colTacticPrefix, 0) == 0)
+        gemm = true;
     }
     for (auto& [g, sub] : cg.subgraphs) scan_kernels(*sub, conv, gemm);
   }

@@ -209,45 +209,51 @@ void launch_tap_sum_t(const TapSumArgs& a, int total, cudaStream_t stream) {
 #undef KILN_TAP_SUM
 }
 
-// One thread per (im2col row, filter row r): S*C consecutive columns, read from S*C consecutive
-// input elements (one NHWC image row), no division in the loop. The threads of r == 0 also zero
-// the padding columns.
+// One warp per im2col row, lanes over its columns (coalesced stores); each column's (r, s, c) comes
+// from a table in shared memory made once per block (-1: a zero padding column).
+constexpr int kIm2colRowsPerBlock = 8;
+constexpr int kIm2colMaxCols = 1024;
 __global__ void im2col_kernel(const uint16_t* __restrict__ x, uint16_t* __restrict__ col, int H,
                               int W, int C, int P, int Q, int R, int S, int sh, int sw, int pt,
-                              int pl, int kc, int total) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const int r = i % R, row = i / R;
-  const int q = row % Q, p = (row / Q) % P, n = row / (P * Q);
-  const int iy = p * sh - pt + r, ix0 = q * sw - pl;
-  uint16_t* out = col + static_cast<int64_t>(row) * kc + r * S * C;
-  const bool row_in = iy >= 0 && iy < H;
-  const uint16_t* src = x + (static_cast<int64_t>(n * H + (row_in ? iy : 0)) * W) * C;
-  int s = 0, c = 0;
-  for (int j = 0; j < S * C; ++j) {
-    const int ix = ix0 + s;
-    out[j] = row_in && ix >= 0 && ix < W ? src[ix * C + c] : uint16_t{0};
-    if (++c == C) c = 0, ++s;
+                              int pl, int kc, int rows) {
+  __shared__ int tab[kIm2colMaxCols];
+  for (int j = threadIdx.x; j < kc; j += blockDim.x) {
+    const int c = j % C, t = j / C;
+    tab[j] = t < R * S ? ((t / S) << 20) | ((t % S) << 10) | c : -1;
   }
-  if (r == 0)
-    for (int j = R * S * C; j < kc; ++j) col[static_cast<int64_t>(row) * kc + j] = 0;
+  __syncthreads();
+  const int row = blockIdx.x * kIm2colRowsPerBlock + static_cast<int>(threadIdx.x / 32);
+  if (row >= rows) return;
+  const int q = row % Q, p = (row / Q) % P, n = row / (P * Q);
+  const int iy0 = p * sh - pt, ix0 = q * sw - pl;
+  const uint16_t* img = x + static_cast<int64_t>(n) * H * W * C;
+  uint16_t* out = col + static_cast<int64_t>(row) * kc;
+  for (int j = static_cast<int>(threadIdx.x % 32); j < kc; j += 32) {
+    const int e = tab[j];
+    uint16_t v = 0;
+    if (e >= 0) {
+      const int iy = iy0 + (e >> 20), ix = ix0 + ((e >> 10) & 1023), c = e & 1023;
+      if (iy >= 0 && iy < H && ix >= 0 && ix < W) v = img[(iy * W + ix) * C + c];
+    }
+    out[j] = v;
+  }
 }
 
 }  // namespace
 
 Status launch_im2col(const Im2colArgs& a, cudaStream_t stream) {
-  if (a.C <= 0 || a.R <= 0 || a.S <= 0 || a.kc < a.R * a.S * a.C)
+  if (a.C <= 0 || a.R <= 0 || a.S <= 0 || a.kc < a.R * a.S * a.C || a.kc > kIm2colMaxCols ||
+      a.C >= 1024 || a.S >= 1024)
     return internal_error("im2col: bad geometry");
   const int64_t lim = int64_t{1} << 31;
   const int64_t rows = a.N * a.P * a.Q;
-  if (rows * a.kc >= lim || a.N * a.H * a.W * a.C >= lim || rows * a.R >= lim)
-    return internal_error("im2col: over 2^31 elements");
-  const int total = static_cast<int>(rows * a.R);
-  if (total <= 0) return Status::ok();
-  im2col_kernel<<<static_cast<unsigned>((total + 127) / 128), 128, 0, stream>>>(
+  if (rows * a.kc >= lim || a.N * a.H * a.W * a.C >= lim) return internal_error("im2col: over 2^31 elements");
+  if (rows <= 0) return Status::ok();
+  const auto blocks = static_cast<unsigned>((rows + kIm2colRowsPerBlock - 1) / kIm2colRowsPerBlock);
+  im2col_kernel<<<blocks, 32 * kIm2colRowsPerBlock, 0, stream>>>(
       static_cast<const uint16_t*>(a.x), static_cast<uint16_t*>(a.col), static_cast<int>(a.H),
       static_cast<int>(a.W), static_cast<int>(a.C), static_cast<int>(a.P), static_cast<int>(a.Q),
-      a.R, a.S, a.sh, a.sw, a.pt, a.pl, static_cast<int>(a.kc), total);
+      a.R, a.S, a.sh, a.sw, a.pt, a.pl, static_cast<int>(a.kc), static_cast<int>(rows));
   KILN_CUDA_LAUNCHED("im2col kernel");
   return Status::ok();
 }
