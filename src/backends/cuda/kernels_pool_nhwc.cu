@@ -112,11 +112,14 @@ void launch_maxpool_vec(const T* x, T* y, const PoolNhwcGeom& g, int64_t n_out, 
   const int64_t n = n_out / V;
   const int64_t in_elems = g.N * g.H * g.W * g.C;
   const bool k3 = g.kh == 3 && g.kw == 3;
+  // Small outputs (ResNet's stem pool at batch 1: 25k threads) in 64-thread blocks, so that they
+  // spread over all SMs.
+  const unsigned block = n < (int64_t{1} << 18) ? 64 : 256;
   if (in_elems < (int64_t{1} << 31) && n_out < (int64_t{1} << 31)) {
     if (k3)
-      maxpool_nhwc_vec_kernel<T, V, int32_t, 3><<<grid_for(n), 256, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+      maxpool_nhwc_vec_kernel<T, V, int32_t, 3><<<grid_for(n, block), block, 0, st>>>(x, y, g, static_cast<int32_t>(n));
     else
-      maxpool_nhwc_vec_kernel<T, V, int32_t, 0><<<grid_for(n), 256, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+      maxpool_nhwc_vec_kernel<T, V, int32_t, 0><<<grid_for(n, block), block, 0, st>>>(x, y, g, static_cast<int32_t>(n));
   } else {
     maxpool_nhwc_vec_kernel<T, V, int64_t, 0><<<grid_for(n), 256, 0, st>>>(x, y, g, n);
   }
