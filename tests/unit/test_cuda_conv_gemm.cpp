@@ -286,19 +286,29 @@ TEST(CudaConvGemm, EngineWithTapGemmConvsMatchesTheReference) {
   for (size_t i = 0; i < h3.size(); ++i) h3[i] = std::max(h3[i] + xd[i], 0.0);
   const std::vector<double> want = conv_ref(h3, hs, g.initializers["w3"], nullptr, s3, p3, &ys);
   ASSERT_EQ(ys, (Shape{2, 32, 5, 11}));
-  setenv("KILN_CUDA_CONV_TAPS", "force", 1);
-  auto e = test::build_engine(m, "cuda", true);
-  unsetenv("KILN_CUDA_CONV_TAPS");
-  ASSERT_TRUE(e);
-  const std::string layers = e->describe_layers();
-  size_t uses = 0;
-  for (size_t at = layers.find("cuda.conv.tapgemm."); at != std::string::npos;
-       at = layers.find("cuda.conv.tapgemm.", at + 1))
-    ++uses;
-  EXPECT_EQ(uses, 3u) << layers;
-  const std::vector<float> got = test::run_xy(*e, x);
-  ASSERT_EQ(got.size(), want.size());
-  EXPECT_LE(test::scaled_err(got, want), 1e-2);
+  for (const bool bf16 : {false, true}) {
+    SCOPED_TRACE(bf16 ? "bfloat16" : "float16");
+    BuilderConfig c;
+    c.device = "cuda";
+    c.fp16 = !bf16;
+    c.bf16 = bf16;
+    Model mm = m;  // build_plan rewrites the model it is given
+    setenv("KILN_CUDA_CONV_TAPS", "force", 1);
+    auto plan = build_plan(mm, c, 7);
+    unsetenv("KILN_CUDA_CONV_TAPS");
+    ASSERT_TRUE(plan.is_ok()) << plan.status().message();
+    auto e = Engine::deserialize(plan->data(), plan->size());
+    ASSERT_TRUE(e.is_ok()) << e.status().message();
+    const std::string layers = e.value()->describe_layers();
+    size_t uses = 0;
+    for (size_t at = layers.find("cuda.conv.tapgemm."); at != std::string::npos;
+         at = layers.find("cuda.conv.tapgemm.", at + 1))
+      ++uses;
+    EXPECT_EQ(uses, 3u) << layers;
+    const std::vector<float> got = test::run_xy(*e.value(), x);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LE(test::scaled_err(got, want), bf16 ? 3e-2 : 1e-2);
+  }
 }
 
 // A ResNet-like stem, x [2, 3, 21, 18] -> Conv 7x7 / 2, pads 3 (3 -> 16, bias) -> Relu -> MaxPool

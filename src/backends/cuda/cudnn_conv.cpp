@@ -40,6 +40,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
 #include <cstring>
@@ -106,6 +107,15 @@ struct ConvDesc {
   ~ConvDesc() { if (d) cudnnDestroyConvolutionDescriptor(d); }
 };
 
+// The GEMM forms of a convolution (conv_gemm.h): their tactic prefixes and the environment
+// variables that force them (="force", read at each tuning; tests and A/B runs).
+enum GemmFormId : int { kFormPointwise = 0, kFormTaps = 1, kFormIm2col = 2, kGemmForms = 3 };
+constexpr const char* kFormPrefix[kGemmForms] = {kPointwiseTacticPrefix, kTapTacticPrefix,
+                                                 kIm2colTacticPrefix};
+constexpr const char* kFormForceEnv[kGemmForms] = {"KILN_CUDA_CONV_GEMM", "KILN_CUDA_CONV_TAPS",
+                                                   "KILN_CUDA_CONV_IM2COL"};
+constexpr const char* kFormName[kGemmForms] = {"pointwise GEMM", "tap GEMM", "im2col GEMM"};
+
 // Shape-independent configuration read from the node once.
 struct ConvConfig {
   bool fused = false;  // kiln.FusedConv
@@ -119,9 +129,13 @@ struct ConvConfig {
   cudnnConvolutionFwdAlgo_t forced_algo = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
   bool forced_tc = false;
   std::string fe_name;  // kiln_tactic names a cuDNN graph API plan ("cuda.conv.cudnn_fe.<plan>")
-  std::string gemm_tactic;  // kiln_tactic names a cuBLASLt algorithm (conv_gemm.h)
-  std::string tap_tactic;   // kiln_tactic names a tap-GEMM cuBLASLt algorithm (conv_gemm.h)
-  std::string i2c_tactic;   // kiln_tactic names an im2col-GEMM cuBLASLt algorithm
+  // kiln_tactic names a cuBLASLt algorithm of GEMM form f (conv_gemm.h): form_tactic[f].
+  std::array<std::string, kGemmForms> form_tactic;
+  int persisted_form() const {
+    for (int f = 0; f < kGemmForms; ++f)
+      if (!form_tactic[static_cast<size_t>(f)].empty()) return f;
+    return -1;
+  }
 };
 
 Result<ConvConfig> read_config(const Node& n) {
@@ -157,9 +171,8 @@ Result<ConvConfig> read_config(const Node& n) {
   const std::string t = n.attr_string("kiln_tactic", "");
   const std::string prefix = "cuda.conv.cudnn.";
   if (t.rfind("cuda.conv.cudnn_fe.", 0) == 0) c.fe_name = t.substr(0, t.find(' '));
-  if (t.rfind(kPointwiseTacticPrefix, 0) == 0) c.gemm_tactic = t.substr(0, t.find(' '));
-  if (t.rfind(kTapTacticPrefix, 0) == 0) c.tap_tactic = t.substr(0, t.find(' '));
-  if (t.rfind(kIm2colTacticPrefix, 0) == 0) c.i2c_tactic = t.substr(0, t.find(' '));
+  for (int f = 0; f < kGemmForms; ++f)
+    if (t.rfind(kFormPrefix[f], 0) == 0) c.form_tactic[static_cast<size_t>(f)] = t.substr(0, t.find(' '));
   if (t.rfind(prefix, 0) == 0) {
     std::string rest = t.substr(prefix.size());
     const size_t dot = rest.find('.');
@@ -196,30 +209,27 @@ struct Plan {
   bool fe_eligible = false;
   fe::ConvSpec spec;
   std::shared_ptr<fe::ConvGraph> fe;
-  // The GEMM path (1x1 / stride 1 / unpadded NHWC fp16/bf16): when set, run() uses it for
-  // 256-byte aligned operands; the cuDNN algorithm above stays the fallback.
-  bool pw_eligible = false;
-  PointwiseProblem pw_prob;
-  std::shared_ptr<const PointwiseGemm> pw;
-  // The tap-GEMM path (RxS, one group, no dilation, NHWC fp16/bf16): the GEMM into tap_d_bytes
-  // of float32 workspace, then launch_tap_sum with tap_args (geometry and activation; the
-  // pointers are set per run). cuDNN stays the fallback for unaligned operands.
-  bool tap_eligible = false;
-  PointwiseProblem tap_prob;
-  TapSumArgs tap_args;
-  size_t tap_d_bytes = 0;
-  std::shared_ptr<const PointwiseGemm> tap;
-  // The im2col path (few input channels): launch_im2col into i2c_bytes of workspace, then the
-  // GEMM with the epilogue.
-  bool i2c_eligible = false;
-  PointwiseProblem i2c_prob;
+  // The GEMM forms (NHWC fp16/bf16, conv_gemm.h), by GemmFormId: the pointwise GEMM (1x1 /
+  // stride 1 / unpadded), the tap GEMM (RxS, one group, no dilation: the GEMM into `extra` bytes
+  // of float32 workspace, then launch_tap_sum with tap_args) and the im2col GEMM (few input
+  // channels: launch_im2col with i2c_args into `extra` bytes, then the GEMM). When one's `g` is
+  // set, run() uses it for 256-byte aligned operands; cuDNN stays the fallback.
+  struct GemmForm {
+    bool eligible = false;
+    PointwiseProblem prob;
+    size_t extra = 0;
+    std::shared_ptr<const PointwiseGemm> g;
+  };
+  std::array<GemmForm, kGemmForms> forms;
+  TapSumArgs tap_args;   // geometry and activation; pointers are set per call
   Im2colArgs i2c_args;
-  size_t i2c_bytes = 0;
-  std::shared_ptr<const PointwiseGemm> i2c;
+  int chosen_form() const {
+    for (int f = 0; f < kGemmForms; ++f)
+      if (forms[static_cast<size_t>(f)].g) return f;
+    return -1;
+  }
   std::string tactic() const {
-    if (pw) return pw->tactic();
-    if (tap) return tap->tactic();
-    if (i2c) return i2c->tactic();
+    if (chosen_form() >= 0) return forms[static_cast<size_t>(chosen_form())].g->tactic();
     if (fe) return fe->tactic();
     std::string s = "cuda.conv.cudnn." + algo_name(algo);
     if (math == CUDNN_TENSOR_OP_MATH || math == CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION) s += ".tc";
@@ -300,21 +310,29 @@ class ConvKernel final : public DnnKernel {
     (void)tc_result;
     return CUDNN_TENSOR_OP_MATH;
   }
-  // cuBLASLt's workspace limit for the tap GEMM: what the library workspace leaves beside D.
-  size_t tap_lt_limit(const Plan& p) const {
-    return std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.tap_d_bytes;
+  // GEMM form f's filter on the device (the pointwise form uses the KRSC filter).
+  const void* form_w(int f) const {
+    return f == kFormPointwise ? w_krsc_.raw_data() : w_form_[static_cast<size_t>(f)].raw_data();
   }
-  // Uploads the filter in the tap GEMM's layout (to_taps) unless it is there already.
-  Status upload_taps(const Tensor& w_host);
-  // Times the tap-GEMM form of `p` (GEMM + tap sum) on the tuning buffers; sets p.tap when it
-  // beats `best_ms` (or KILN_CUDA_CONV_TAPS=force).
-  Status tune_taps(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
-                   float best_ms);
-  Status upload_i2c(const Plan& p, const Tensor& w_host);
-  // The same for the im2col form; sets p.i2c when it beats `best_ms` (KILN_CUDA_CONV_IM2COL=force:
-  // always).
-  Status tune_i2c(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
-                  float best_ms);
+  bool form_w_ready(int f) const {
+    return f == kFormPointwise ? w_krsc_.defined() : w_form_[static_cast<size_t>(f)].defined();
+  }
+  // cuBLASLt's workspace limit for form f: what the library workspace leaves beside `extra`.
+  size_t form_lt_limit(const Plan& p, int f) const {
+    if (f == kFormPointwise) return cfg_.ws_limit;
+    return std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.forms[static_cast<size_t>(f)].extra;
+  }
+  // Uploads form f's filter layout (to_taps / to_im2col) unless it is there already.
+  Status upload_form(const Plan& p, int f, const Tensor& w_host);
+  // Enqueues form f with GEMM g: `extra` holds the form's extra workspace, `lt_ws` cuBLASLt's.
+  Status enqueue_form(const Plan& p, int f, const PointwiseGemm& g, void* lt, cudaStream_t s,
+                      const void* x, const void* bias, const void* z, void* y, void* extra,
+                      void* lt_ws) const;
+  // Times form f of `p` as run() calls it, on the tuning buffers x / y (the GEMM's algorithms
+  // first, then the whole form with the best one); sets its `g`, and lowers *best_ms, when it
+  // beats *best_ms (or its force variable is set), dropping a form chosen before.
+  Status tune_form(Plan& p, int f, DataType dt, const Tensor& w_host, const void* x, void* y,
+                   float* best_ms);
   void note_tactic(const Plan& p) const {
     std::lock_guard<std::mutex> lock(mu_);
     if (tactic_.empty()) tactic_ = p.tactic() + (p.tuned ? "" : ".heuristic");
@@ -324,8 +342,9 @@ class ConvKernel final : public DnnKernel {
   ConvConfig cfg_;
   Tensor w_krsc_;     // device filter in KRSC (NHWC FusedConv with constant W), else undefined
   Tensor zero_bias_;  // device zeros [M] for the fused call without B, else undefined
-  Tensor w_taps_;     // device filter as [R*S*K, C] while the tap GEMM is (or may be) used
-  Tensor w_i2c_;      // device filter as [K, kc] (KRSC, zero-padded) for the im2col GEMM
+  // Device filters of the GEMM forms while they are (or may be) used: [kFormTaps] as
+  // [R*S*K, C], [kFormIm2col] as [K, kc] (KRSC rows, zero-padded); [kFormPointwise] unused.
+  std::array<Tensor, kGemmForms> w_form_;
   mutable std::mutex mu_;
   mutable std::map<std::pair<Shape, Shape>, std::shared_ptr<Plan>> plans_;
   mutable std::string tactic_;
@@ -439,7 +458,7 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
                            s.dil[0] == 1 && s.dil[1] == 1 && s.pre[0] == 0 && s.pre[1] == 0 &&
                            s.post[0] == 0 && s.post[1] == 0;
     if (pointwise && !gemm_disabled()) {
-      PointwiseProblem& q = p->pw_prob;
+      PointwiseProblem& q = p->forms[kFormPointwise].prob;
       q.dt = dt;
       q.rows = N * s.H * s.W;
       q.cin = C;
@@ -447,17 +466,18 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
       q.bias = s.bias;
       q.z = s.z;
       q.relu = s.relu;
-      p->pw_eligible = pointwise_gemm_ok(q);
+      p->forms[kFormPointwise].eligible = pointwise_gemm_ok(q);
     }
     const size_t tap_cap = std::min(cfg_.ws_limit, kTapWorkspaceCap);
     if (!pointwise && g == 1 && s.dil[0] == 1 && s.dil[1] == 1 && !taps_disabled()) {
-      PointwiseProblem& q = p->tap_prob;
+      Plan::GemmForm& fm = p->forms[kFormTaps];
+      PointwiseProblem& q = fm.prob;
       q.dt = dt;
       q.rows = N * s.H * s.W;
       q.cin = C;
       q.cout = s.R * s.S * M;
       q.f32_out = true;
-      p->tap_d_bytes = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cout) * 4);
+      fm.extra = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cout) * 4);
       TapSumArgs& t = p->tap_args;
       t.dtype = dt;
       t.N = N, t.H = s.H, t.W = s.W, t.K = M, t.P = s.P, t.Q = s.Q;
@@ -465,13 +485,14 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
       t.sh = static_cast<int>(s.stride[0]), t.sw = static_cast<int>(s.stride[1]);
       t.pt = static_cast<int>(s.pre[0]), t.pl = static_cast<int>(s.pre[1]);
       t.act = cfg_.act, t.a = cfg_.a, t.b = cfg_.b;
-      p->tap_eligible = pointwise_gemm_ok(q) && M % 8 == 0 && s.R <= 64 && s.S <= 64 &&
-                        s.stride[0] <= 1024 && s.stride[1] <= 1024 && s.pre[0] <= 1024 &&
-                        s.pre[1] <= 1024 && p->tap_d_bytes < tap_cap;
+      fm.eligible = pointwise_gemm_ok(q) && M % 8 == 0 && s.R <= 64 && s.S <= 64 &&
+                    s.stride[0] <= 1024 && s.stride[1] <= 1024 && s.pre[0] <= 1024 &&
+                    s.pre[1] <= 1024 && fm.extra < tap_cap;
     }
     if (!pointwise && g == 1 && s.dil[0] == 1 && s.dil[1] == 1 && s.R * s.S * C <= 512 &&
         !taps_disabled()) {
-      PointwiseProblem& q = p->i2c_prob;
+      Plan::GemmForm& fm = p->forms[kFormIm2col];
+      PointwiseProblem& q = fm.prob;
       q.dt = dt;
       q.rows = N * s.P * s.Q;
       q.cin = (s.R * s.S * C + 7) / 8 * 8;
@@ -480,14 +501,14 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
       q.z = s.z;
       q.relu = s.relu;
       q.im2col = true;
-      p->i2c_bytes = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cin) * 2);
+      fm.extra = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cin) * 2);
       Im2colArgs& t = p->i2c_args;
       t.N = N, t.H = s.H, t.W = s.W, t.C = C, t.P = s.P, t.Q = s.Q, t.kc = q.cin;
       t.R = static_cast<int>(s.R), t.S = static_cast<int>(s.S);
       t.sh = static_cast<int>(s.stride[0]), t.sw = static_cast<int>(s.stride[1]);
       t.pt = static_cast<int>(s.pre[0]), t.pl = static_cast<int>(s.pre[1]);
-      p->i2c_eligible = pointwise_gemm_ok(q) && s.stride[0] <= 1024 && s.stride[1] <= 1024 &&
-                        s.pre[0] <= 1024 && s.pre[1] <= 1024 && p->i2c_bytes < tap_cap;
+      fm.eligible = pointwise_gemm_ok(q) && s.stride[0] <= 1024 && s.stride[1] <= 1024 &&
+                    s.pre[0] <= 1024 && s.pre[1] <= 1024 && fm.extra < tap_cap;
     }
   }
 
@@ -582,29 +603,16 @@ Result<std::shared_ptr<Plan>> ConvKernel::get_plan(OpContext& ctx, DataType dt, 
     // Graph API first (the persisted plan, else cuDNN's heuristics) unless a legacy algorithm
     // was persisted; the legacy API otherwise.
     // A persisted cuBLASLt algorithm first (cuDNN's heuristics as its fallback).
-    if (p->pw_eligible && !cfg_.gemm_tactic.empty()) {
-      auto g = PointwiseGemm::from_tactic(p->pw_prob, cfg_.gemm_tactic, cfg_.ws_limit, where_);
+    const int f = cfg_.persisted_form();
+    if (f >= 0 && p->forms[static_cast<size_t>(f)].eligible && form_w_ready(f)) {
+      auto g = PointwiseGemm::from_tactic(p->forms[static_cast<size_t>(f)].prob,
+                                          cfg_.form_tactic[static_cast<size_t>(f)], form_lt_limit(*p, f), where_);
       if (g.is_ok() && g.value()) {
-        p->pw = std::move(g.value());
+        p->forms[static_cast<size_t>(f)].g = std::move(g.value());
         p->tuned = true;
       }
     }
-    if (p->tap_eligible && !cfg_.tap_tactic.empty() && w_taps_.defined()) {
-      auto g = PointwiseGemm::from_tactic(p->tap_prob, cfg_.tap_tactic, tap_lt_limit(*p), where_);
-      if (g.is_ok() && g.value()) {
-        p->tap = std::move(g.value());
-        p->tuned = true;
-      }
-    }
-    if (p->i2c_eligible && !cfg_.i2c_tactic.empty() && w_i2c_.defined()) {
-      auto g = PointwiseGemm::from_tactic(p->i2c_prob, cfg_.i2c_tactic,
-                                          std::min(cfg_.ws_limit, kTapWorkspaceCap) - p->i2c_bytes, where_);
-      if (g.is_ok() && g.value()) {
-        p->i2c = std::move(g.value());
-        p->tuned = true;
-      }
-    }
-    if (p->fe_eligible && !cfg_.forced && !p->pw && !p->tap && !p->i2c) {
+    if (p->fe_eligible && !cfg_.forced && p->chosen_form() < 0) {
       auto cg = fe::ConvGraph::make(p->spec, cfg_.fe_name, cfg_.ws_limit);
       if (cg.is_ok()) p->fe = std::move(cg.value());
     }
@@ -654,34 +662,14 @@ Status ConvKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   const void* x = X->raw_data();
   std::shared_ptr<Storage> pad_buf, ws_buf;
   const void* zp = Z ? Z->raw_data() : nullptr;
-  if (p->tap && env.cublaslt && PointwiseGemm::aligned(x, w_taps_.raw_data(), nullptr, nullptr) &&
-      aligned_to(Y.raw_data(), 8) && aligned_to(zp, 8) && aligned_to(B ? B->raw_data() : nullptr, 8)) {
-    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->tap_d_bytes + p->tap->workspace(), &ws_buf));
-    auto* d = static_cast<float*>(ws);
-    KILN_RETURN_IF_ERROR(p->tap->run(env.cublaslt, env.stream, x, w_taps_.raw_data(), nullptr,
-                                     nullptr, d, static_cast<char*>(ws) + p->tap_d_bytes));
-    TapSumArgs t = p->tap_args;
-    t.d = d;
-    t.y = Y.raw_data();
-    t.bias = B ? B->raw_data() : nullptr;
-    t.z = zp;
-    return launch_tap_sum(t, env.stream).with_context(where_);
-  }
-  if (p->i2c && env.cublaslt && PointwiseGemm::aligned(nullptr, w_i2c_.raw_data(), zp, Y.raw_data()) &&
+  if (const int f = p->chosen_form(); f >= 0 && env.cublaslt &&
+      PointwiseGemm::aligned(x, form_w(f), zp, Y.raw_data()) &&
       PointwiseGemm::aligned(B ? B->raw_data() : nullptr, nullptr, nullptr, nullptr)) {
-    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->i2c_bytes + p->i2c->workspace(), &ws_buf));
-    Im2colArgs a = p->i2c_args;
-    a.x = x;
-    a.col = ws;
-    KILN_RETURN_IF_ERROR(launch_im2col(a, env.stream).with_context(where_));
-    return p->i2c->run(env.cublaslt, env.stream, ws, w_i2c_.raw_data(), B ? B->raw_data() : nullptr,
-                       zp, Y.raw_data(), static_cast<char*>(ws) + p->i2c_bytes);
-  }
-  if (p->pw && env.cublaslt && PointwiseGemm::aligned(x, w_krsc_.raw_data(), zp, Y.raw_data()) &&
-      PointwiseGemm::aligned(B ? B->raw_data() : nullptr, nullptr, nullptr, nullptr)) {
-    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->pw->workspace(), &ws_buf));
-    return p->pw->run(env.cublaslt, env.stream, x, w_krsc_.raw_data(), B ? B->raw_data() : nullptr,
-                      zp, Y.raw_data(), ws);
+    const Plan::GemmForm& fm = p->forms[static_cast<size_t>(f)];
+    KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(fm.extra + fm.g->workspace(), &ws_buf));
+    return enqueue_form(*p, f, *fm.g, env.cublaslt, env.stream, x, B ? B->raw_data() : nullptr, zp,
+                        Y.raw_data(), ws, static_cast<char*>(ws) + fm.extra)
+        .with_context(where_);
   }
   if (p->fe) {  // one graph API engine does it all (pads included)
     KILN_ASSIGN_OR_RETURN(void* ws, env.library_workspace(p->fe->workspace(), &ws_buf));
@@ -943,175 +931,126 @@ Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tenso
     if (timed) legacy_ms = full->second;
   }
   if (fg && fe_ms <= legacy_ms) p->fe = std::move(fg);
-  // The GEMM form of a pointwise convolution, timed as run() calls it (bias, residual, ReLU).
-  if (p->pw_eligible && w_krsc_.defined()) {
-    const size_t yb_bytes = static_cast<size_t>(nn::prod(p->y_shape)) * es;
-    DevBuf gz, gb;
-    const PointwiseProblem& q = p->pw_prob;
-    if (q.z) {
-      KILN_CUDA_CHECK(cudaMalloc(&gz.p, std::max<size_t>(1, yb_bytes)), where_ + ": tuning Z");
-      KILN_RETURN_IF_ERROR(fill_tuning_data(gz.p, yb_bytes, dt).with_context(where_));
-    }
-    if (q.bias) {
-      const size_t bb = static_cast<size_t>(p->M) * es;
-      KILN_CUDA_CHECK(cudaMalloc(&gb.p, std::max<size_t>(1, bb)), where_ + ": tuning bias");
-      KILN_RETURN_IF_ERROR(fill_tuning_data(gb.p, bb, dt).with_context(where_));
-    }
-    auto t = PointwiseGemm::tune(q, cfg_.ws_limit, 16, xb.p, w, gb.p, gz.p, yb.p, where_);
-    const float cudnn_ms = p->fe ? fe_ms : legacy_ms;
-    if (t.is_ok() && t.value().first) {
-      KILN_LOG(kVerbose, where_ << ": pointwise conv: cuDNN " << cudnn_ms << " ms, cuBLASLt "
-                                << t.value().second << " ms");
-      // KILN_CUDA_CONV_GEMM=force: the GEMM whenever it runs (tests of this path, A/B).
-      const char* e = std::getenv("KILN_CUDA_CONV_GEMM");
-      const bool force = e && std::string(e) == "force";
-      if (force || t.value().second < cudnn_ms) p->pw = std::move(t.value().first);
-    } else if (!t.is_ok()) {
-      KILN_LOG(kVerbose, where_ << ": pointwise conv: cuBLASLt not timed: " << t.status().message());
-    }
+  // The GEMM forms, each timed as run() calls it (bias, residual, ReLU); the fastest of all wins.
+  float best_ms = p->fe ? fe_ms : legacy_ms;
+  for (int f = 0; f < kGemmForms; ++f) {
+    if (!p->forms[static_cast<size_t>(f)].eligible || !w_krsc_.defined()) continue;
+    Status st = tune_form(*p, f, dt, w_host, xb.p, yb.p, &best_ms);
+    if (!st.is_ok()) KILN_LOG(kVerbose, where_ << ": " << kFormName[f] << " not timed: " << st.message());
+    if (p->forms[static_cast<size_t>(f)].g && env_is_force(kFormForceEnv[f])) break;  // forced: no rival
   }
-  if (p->tap_eligible && w_krsc_.defined()) {
-    const float cudnn_ms = p->fe ? fe_ms : legacy_ms;
-    Status st = tune_taps(*p, dt, w_host, xb.p, yb.p, cudnn_ms);
-    if (!st.is_ok()) KILN_LOG(kVerbose, where_ << ": tap GEMM not timed: " << st.message());
-  }
-  if (!p->tap) w_taps_ = Tensor();
-  if (p->i2c_eligible && w_krsc_.defined() && !p->tap) {
-    const float best_ms = p->fe ? fe_ms : legacy_ms;
-    Status st = tune_i2c(*p, dt, w_host, xb.p, yb.p, best_ms);
-    if (!st.is_ok()) KILN_LOG(kVerbose, where_ << ": im2col GEMM not timed: " << st.message());
-  }
-  if (!p->i2c) w_i2c_ = Tensor();
+  for (int f = kFormTaps; f < kGemmForms; ++f)
+    if (!p->forms[static_cast<size_t>(f)].g) w_form_[static_cast<size_t>(f)] = Tensor();
   KILN_CUDA_CHECK(cudaDeviceSynchronize(), where_ + ": tuning");
   std::lock_guard<std::mutex> lock(mu_);
   plans_[{xs, w_host.shape()}] = p;
-  tactic_ = p->tactic() + (p->pw || p->tap || p->i2c || p->fe || chosen ? "" : ".heuristic");
+  tactic_ = p->tactic() + (p->chosen_form() >= 0 || p->fe || chosen ? "" : ".heuristic");
   if (!fe_error.empty() && !p->fe) tune_error_ = "graph API: " + fe_error;
   return Status::ok();
 }
 
-Status ConvKernel::upload_taps(const Tensor& w_host) {
-  if (w_taps_.defined()) return Status::ok();
+Status ConvKernel::upload_form(const Plan& p, int f, const Tensor& w_host) {
+  if (f == kFormPointwise || w_form_[static_cast<size_t>(f)].defined()) return Status::ok();
   const Backend* be = cuda_backend();
-  if (!be) return internal_error(where_ + ": no CUDA backend for the tap GEMM's filter");
-  KILN_ASSIGN_OR_RETURN(Tensor t, to_taps(w_host));
-  KILN_ASSIGN_OR_RETURN(w_taps_, be->upload_constant(t));
+  if (!be) return internal_error(where_ + ": no CUDA backend for the " + kFormName[f] + "'s filter");
+  Tensor t;
+  if (f == kFormTaps) {
+    KILN_ASSIGN_OR_RETURN(t, to_taps(w_host));
+  } else {
+    KILN_ASSIGN_OR_RETURN(Tensor krsc, to_krsc(w_host));
+    const int64_t K = p.M, row = krsc.numel() / std::max<int64_t>(K, 1), kc = p.forms[kFormIm2col].prob.cin;
+    KILN_ASSIGN_OR_RETURN(t, Tensor::create(w_host.dtype(), {K, kc}));  // zero-filled
+    const size_t es = dtype_size(w_host.dtype());
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(static_cast<uint8_t*>(t.raw_data()) + k * kc * es,
+                  static_cast<const uint8_t*>(krsc.raw_data()) + k * row * es, row * es);
+  }
+  KILN_ASSIGN_OR_RETURN(w_form_[static_cast<size_t>(f)], be->upload_constant(t));
   return Status::ok();
 }
 
-Status ConvKernel::tune_taps(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
-                             float best_ms) {
-  KILN_RETURN_IF_ERROR(upload_taps(w_host));
-  const size_t es = dtype_size(dt);
-  const size_t y_bytes = static_cast<size_t>(nn::prod(p.y_shape)) * es;
-  const bool has_bias = p.spec.bias, has_z = p.spec.z;
-  DevBuf d, gz, gb, lws;
-  KILN_CUDA_CHECK(cudaMalloc(&d.p, p.tap_d_bytes), where_ + ": tuning tap GEMM output");
-  if (has_z) {
-    KILN_CUDA_CHECK(cudaMalloc(&gz.p, std::max<size_t>(1, y_bytes)), where_ + ": tuning Z");
-    KILN_RETURN_IF_ERROR(fill_tuning_data(gz.p, y_bytes, dt).with_context(where_));
-  }
-  if (has_bias) {
-    const size_t bb = static_cast<size_t>(p.M) * es;
-    KILN_CUDA_CHECK(cudaMalloc(&gb.p, std::max<size_t>(1, bb)), where_ + ": tuning bias");
-    KILN_RETURN_IF_ERROR(fill_tuning_data(gb.p, bb, dt).with_context(where_));
-  }
-  // The GEMM's algorithm first (its own timing), then the GEMM + tap sum as run() calls them.
-  KILN_ASSIGN_OR_RETURN(auto t, PointwiseGemm::tune(p.tap_prob, tap_lt_limit(p), 16, x,
-                                                    w_taps_.raw_data(), nullptr, nullptr, d.p,
-                                                    where_));
-  if (!t.first) return Status::ok();
-  const PointwiseGemm& g = *t.first;
-  if (g.workspace())
-    KILN_CUDA_CHECK(cudaMalloc(&lws.p, g.workspace()), where_ + ": tuning tap GEMM workspace");
-  cublasLtHandle_t lt = nullptr;
-  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return runtime_error(where_ + ": cublasLtCreate");
-  struct LtGuard {
-    cublasLtHandle_t h;
-    ~LtGuard() {
-      cudaDeviceSynchronize();
-      cublasLtDestroy(h);
-    }
-  } lt_guard{lt};
-  TapSumArgs a = p.tap_args;
-  a.d = static_cast<const float*>(d.p);
-  a.y = y;
-  a.bias = gb.p;
-  a.z = gz.p;
-  TuneTimer timer;
-  KILN_RETURN_IF_ERROR(timer.init(where_));
-  KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] {
-    return g.run(lt, timer.stream(), x, w_taps_.raw_data(), nullptr, nullptr, d.p, lws.p).is_ok() &&
-           launch_tap_sum(a, timer.stream()).is_ok();
-  }));
-  KILN_LOG(kVerbose, where_ << ": tap GEMM: cuDNN " << best_ms << " ms, GEMM " << t.second
-                            << " ms, GEMM + tap sum " << ms << " ms");
-  if (ms > 0 && (ms < best_ms || env_is_force("KILN_CUDA_CONV_TAPS"))) p.tap = std::move(t.first);
-  return Status::ok();
-}
-
-Status ConvKernel::upload_i2c(const Plan& p, const Tensor& w_host) {
-  if (w_i2c_.defined()) return Status::ok();
-  const Backend* be = cuda_backend();
-  if (!be) return internal_error(where_ + ": no CUDA backend for the im2col GEMM's filter");
-  KILN_ASSIGN_OR_RETURN(Tensor krsc, to_krsc(w_host));
-  const int64_t K = p.M, row = krsc.numel() / std::max<int64_t>(K, 1), kc = p.i2c_prob.cin;
-  KILN_ASSIGN_OR_RETURN(Tensor t, Tensor::create(w_host.dtype(), {K, kc}));  // zero-filled
-  const size_t es = dtype_size(w_host.dtype());
-  for (int64_t k = 0; k < K; ++k)
-    std::memcpy(static_cast<uint8_t*>(t.raw_data()) + k * kc * es,
-                static_cast<const uint8_t*>(krsc.raw_data()) + k * row * es, row * es);
-  KILN_ASSIGN_OR_RETURN(w_i2c_, be->upload_constant(t));
-  return Status::ok();
-}
-
-Status ConvKernel::tune_i2c(Plan& p, DataType dt, const Tensor& w_host, const void* x, void* y,
-                            float best_ms) {
-  KILN_RETURN_IF_ERROR(upload_i2c(p, w_host));
-  const size_t es = dtype_size(dt);
-  const size_t y_bytes = static_cast<size_t>(nn::prod(p.y_shape)) * es;
-  const PointwiseProblem& q = p.i2c_prob;
-  DevBuf col, gz, gb, lws;
-  KILN_CUDA_CHECK(cudaMalloc(&col.p, p.i2c_bytes), where_ + ": tuning im2col buffer");
-  if (q.z) {
-    KILN_CUDA_CHECK(cudaMalloc(&gz.p, std::max<size_t>(1, y_bytes)), where_ + ": tuning Z");
-    KILN_RETURN_IF_ERROR(fill_tuning_data(gz.p, y_bytes, dt).with_context(where_));
-  }
-  if (q.bias) {
-    const size_t bb = static_cast<size_t>(p.M) * es;
-    KILN_CUDA_CHECK(cudaMalloc(&gb.p, std::max<size_t>(1, bb)), where_ + ": tuning bias");
-    KILN_RETURN_IF_ERROR(fill_tuning_data(gb.p, bb, dt).with_context(where_));
+Status ConvKernel::enqueue_form(const Plan& p, int f, const PointwiseGemm& g, void* lt,
+                                cudaStream_t s, const void* x, const void* bias, const void* z,
+                                void* y, void* extra, void* lt_ws) const {
+  const void* w = form_w(f);
+  if (f == kFormPointwise) return g.run(lt, s, x, w, bias, z, y, lt_ws);
+  if (f == kFormTaps) {
+    KILN_RETURN_IF_ERROR(g.run(lt, s, x, w, nullptr, nullptr, extra, lt_ws));
+    TapSumArgs a = p.tap_args;
+    a.d = static_cast<const float*>(extra);
+    a.y = y;
+    a.bias = bias;
+    a.z = z;
+    return launch_tap_sum(a, s);
   }
   Im2colArgs a = p.i2c_args;
   a.x = x;
-  a.col = col.p;
-  KILN_RETURN_IF_ERROR(launch_im2col(a, nullptr).with_context(where_));
-  KILN_CUDA_CHECK(cudaDeviceSynchronize(), where_ + ": tuning im2col");
-  KILN_ASSIGN_OR_RETURN(auto t, PointwiseGemm::tune(q, std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.i2c_bytes,
-                                                    16, col.p, w_i2c_.raw_data(), gb.p, gz.p, y,
-                                                    where_));
+  a.col = extra;
+  KILN_RETURN_IF_ERROR(launch_im2col(a, s));
+  return g.run(lt, s, extra, w, bias, z, y, lt_ws);
+}
+
+Status ConvKernel::tune_form(Plan& p, int f, DataType dt, const Tensor& w_host, const void* x,
+                             void* y, float* best_ms) {
+  KILN_RETURN_IF_ERROR(upload_form(p, f, w_host));
+  Plan::GemmForm& fm = p.forms[static_cast<size_t>(f)];
+  const size_t es = dtype_size(dt);
+  const size_t y_bytes = static_cast<size_t>(nn::prod(p.y_shape)) * es;
+  DevBuf extra, gz, gb, lws;
+  if (fm.extra) KILN_CUDA_CHECK(cudaMalloc(&extra.p, fm.extra), where_ + ": tuning workspace");
+  if (p.spec.z) {
+    KILN_CUDA_CHECK(cudaMalloc(&gz.p, std::max<size_t>(1, y_bytes)), where_ + ": tuning Z");
+    KILN_RETURN_IF_ERROR(fill_tuning_data(gz.p, y_bytes, dt).with_context(where_));
+  }
+  if (p.spec.bias) {
+    const size_t bb = static_cast<size_t>(p.M) * es;
+    KILN_CUDA_CHECK(cudaMalloc(&gb.p, std::max<size_t>(1, bb)), where_ + ": tuning bias");
+    KILN_RETURN_IF_ERROR(fill_tuning_data(gb.p, bb, dt).with_context(where_));
+  }
+  // The GEMM's own operands: the tap GEMM writes D (no epilogue), the im2col GEMM reads the
+  // im2col matrix (made once here).
+  const void* gx = x;
+  const void *gbias = gb.p, *gzp = gz.p;
+  void* gy = y;
+  if (f == kFormTaps) gbias = gzp = nullptr, gy = extra.p;
+  if (f == kFormIm2col) {
+    Im2colArgs a = p.i2c_args;
+    a.x = x;
+    a.col = extra.p;
+    KILN_RETURN_IF_ERROR(launch_im2col(a, nullptr).with_context(where_));
+    KILN_CUDA_CHECK(cudaDeviceSynchronize(), where_ + ": tuning im2col");
+    gx = extra.p;
+  }
+  KILN_ASSIGN_OR_RETURN(auto t, PointwiseGemm::tune(fm.prob, form_lt_limit(p, f), 16, gx, form_w(f),
+                                                    gbias, gzp, gy, where_));
   if (!t.first) return Status::ok();
-  const PointwiseGemm& g = *t.first;
-  if (g.workspace())
-    KILN_CUDA_CHECK(cudaMalloc(&lws.p, g.workspace()), where_ + ": tuning im2col GEMM workspace");
-  cublasLtHandle_t lt = nullptr;
-  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return runtime_error(where_ + ": cublasLtCreate");
-  struct LtGuard {
-    cublasLtHandle_t h;
-    ~LtGuard() {
-      cudaDeviceSynchronize();
-      cublasLtDestroy(h);
-    }
-  } lt_guard{lt};
-  TuneTimer timer;
-  KILN_RETURN_IF_ERROR(timer.init(where_));
-  KILN_ASSIGN_OR_RETURN(float ms, timer.time([&] {
-    return launch_im2col(a, timer.stream()).is_ok() &&
-           g.run(lt, timer.stream(), col.p, w_i2c_.raw_data(), gb.p, gz.p, y, lws.p).is_ok();
-  }));
-  KILN_LOG(kVerbose, where_ << ": im2col GEMM: cuDNN " << best_ms << " ms, GEMM " << t.second
-                            << " ms, im2col + GEMM " << ms << " ms");
-  if (ms > 0 && (ms < best_ms || env_is_force("KILN_CUDA_CONV_IM2COL"))) p.i2c = std::move(t.first);
+  float ms = t.second;  // the pointwise form is its GEMM
+  if (f != kFormPointwise) {
+    const PointwiseGemm& g = *t.first;
+    if (g.workspace())
+      KILN_CUDA_CHECK(cudaMalloc(&lws.p, g.workspace()), where_ + ": tuning GEMM workspace");
+    cublasLtHandle_t lt = nullptr;
+    if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return runtime_error(where_ + ": cublasLtCreate");
+    struct LtGuard {
+      cublasLtHandle_t h;
+      ~LtGuard() {
+        cudaDeviceSynchronize();
+        cublasLtDestroy(h);
+      }
+    } lt_guard{lt};
+    TuneTimer timer;
+    KILN_RETURN_IF_ERROR(timer.init(where_));
+    KILN_ASSIGN_OR_RETURN(ms, timer.time([&] {
+      return enqueue_form(p, f, g, lt, timer.stream(), x, gb.p, gz.p, y, extra.p, lws.p).is_ok();
+    }));
+  }
+  KILN_LOG(kVerbose, where_ << ": " << kFormName[f] << ": best so far " << *best_ms << " ms, GEMM "
+                            << t.second << " ms, whole form " << ms << " ms");
+  if (ms > 0 && (ms < *best_ms || env_is_force(kFormForceEnv[f]))) {
+    for (auto& other : p.forms) other.g.reset();
+    fm.g = std::move(t.first);
+    *best_ms = ms;
+  }
   return Status::ok();
 }
 
@@ -1147,18 +1086,21 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
         tactic_ = p.value()->tactic();
       }
     }
-  } else if (!tune_shape.empty() && !cfg_.gemm_tactic.empty()) {
-    // A persisted cuBLASLt algorithm: set up now (with cuDNN's heuristic algorithm as the
-    // fallback for unaligned operands) so that the first run does not.
+  } else if (const int f = cfg_.persisted_form(); !tune_shape.empty() && f >= 0) {
+    // A persisted GEMM form: set up now (with cuDNN's heuristic algorithm as the fallback for
+    // unaligned operands) so that the first run does not.
     auto p = build_plan(n, dt, tune_shape, W->shape());
-    if (p.is_ok() && p.value()->x.d && p.value()->pw_eligible) {
-      auto g = PointwiseGemm::from_tactic(p.value()->pw_prob, cfg_.gemm_tactic, cfg_.ws_limit, where_);
+    if (p.is_ok() && p.value()->x.d && p.value()->forms[static_cast<size_t>(f)].eligible &&
+        upload_form(*p.value(), f, *W).is_ok()) {
+      auto g = PointwiseGemm::from_tactic(p.value()->forms[static_cast<size_t>(f)].prob,
+                                          cfg_.form_tactic[static_cast<size_t>(f)],
+                                          form_lt_limit(*p.value(), f), where_);
       cudnnHandle_t h = nullptr;
       if (g.is_ok() && g.value() && cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) {
         Status st = pick_heuristic(h, dt, *p.value());
         cudnnDestroy(h);
         if (st.is_ok()) {
-          p.value()->pw = std::move(g.value());
+          p.value()->forms[static_cast<size_t>(f)].g = std::move(g.value());
           p.value()->tuned = true;
           std::lock_guard<std::mutex> lk(mu_);
           plans_[{tune_shape, W->shape()}] = p.value();
@@ -1166,47 +1108,8 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
         }
       }
     }
-  } else if (!tune_shape.empty() && !cfg_.tap_tactic.empty()) {
-    // A persisted tap-GEMM algorithm: the same, with the filter in the tap layout.
-    auto p = build_plan(n, dt, tune_shape, W->shape());
-    if (p.is_ok() && p.value()->x.d && p.value()->tap_eligible && upload_taps(*W).is_ok()) {
-      auto g = PointwiseGemm::from_tactic(p.value()->tap_prob, cfg_.tap_tactic,
-                                          tap_lt_limit(*p.value()), where_);
-      cudnnHandle_t h = nullptr;
-      if (g.is_ok() && g.value() && cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) {
-        Status st = pick_heuristic(h, dt, *p.value());
-        cudnnDestroy(h);
-        if (st.is_ok()) {
-          p.value()->tap = std::move(g.value());
-          p.value()->tuned = true;
-          std::lock_guard<std::mutex> lk(mu_);
-          plans_[{tune_shape, W->shape()}] = p.value();
-          tactic_ = p.value()->tactic();
-        }
-      }
-    }
-    if (tactic_.rfind(kTapTacticPrefix, 0) != 0) w_taps_ = Tensor();  // the tactic was refused
-  } else if (!tune_shape.empty() && !cfg_.i2c_tactic.empty()) {
-    // A persisted im2col-GEMM algorithm: the same, with the filter in the im2col layout.
-    auto p = build_plan(n, dt, tune_shape, W->shape());
-    if (p.is_ok() && p.value()->x.d && p.value()->i2c_eligible && upload_i2c(*p.value(), *W).is_ok()) {
-      auto g = PointwiseGemm::from_tactic(p.value()->i2c_prob, cfg_.i2c_tactic,
-                                          std::min(cfg_.ws_limit, kTapWorkspaceCap) - p.value()->i2c_bytes,
-                                          where_);
-      cudnnHandle_t h = nullptr;
-      if (g.is_ok() && g.value() && cudnnCreate(&h) == CUDNN_STATUS_SUCCESS) {
-        Status st = pick_heuristic(h, dt, *p.value());
-        cudnnDestroy(h);
-        if (st.is_ok()) {
-          p.value()->i2c = std::move(g.value());
-          p.value()->tuned = true;
-          std::lock_guard<std::mutex> lk(mu_);
-          plans_[{tune_shape, W->shape()}] = p.value();
-          tactic_ = p.value()->tactic();
-        }
-      }
-    }
-    if (tactic_.rfind(kIm2colTacticPrefix, 0) != 0) w_i2c_ = Tensor();  // the tactic was refused
+    // A refused tactic: the form's own filter layout is not needed.
+    if (f != kFormPointwise && tactic_.rfind(kFormPrefix[f], 0) != 0) w_form_[static_cast<size_t>(f)] = Tensor();
   } else if (!tune_shape.empty() && !cfg_.forced) {
     Status st = tune(n, dt, tune_shape, *W);
     if (!st.is_ok()) tune_error_ = st.message();
