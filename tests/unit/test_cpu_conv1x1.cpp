@@ -319,8 +319,8 @@ TEST(KilnConv1x1Kernel, LongKManyRowsAndEpilogues) {
   std::printf("[ conv1x1  ] kernel, epilogues / long K / many rows: worst rel err %.2e\n", worst);
 }
 
-// An output past 8 MB, fresh and 64-byte aligned: stored non-temporally (unless
-// KILN_CPU_CONV1X1_NT=0); in place (y = z) it is not. Both against the double loop.
+// An output past 4 MB (the non-temporal threshold), fresh and 64-byte aligned: stored
+// non-temporally (unless KILN_CPU_CONV1X1_NT=0); in place (y = z) it is not. Both against the double loop.
 TEST(KilnConv1x1Kernel, LargeOutputStreamedStores) {
   if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
   const int64_t rows = 8 * 56 * 56, C = 12, M = 128;  // y: 12.8 MB

@@ -13,6 +13,7 @@
 #include <limits>
 #include <new>
 
+#include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/cpu_parallel.h"
 
@@ -188,8 +189,17 @@ constexpr int kLanes = kW, kVecs = kMaxNV;
 namespace {
 
 // Outputs larger than this are stored non-temporally. ResNet-50 batch 8, 56x56 64 -> 256
-// (26 MB out): 2.27 -> 1.85 ms.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
+// (26 MB out): 2.27 -> 1.85 ms; 56x56 256 -> 64 (6.4 MB out, read next by Kiln's Winograd,
+// which prefetches its input), in the model: 2.0 -> 1.73 ms with 4 MB here instead of 8 MB.
+// KILN_CPU_CONV1X1_NT_MB=<n>: n MB instead (A/B runs; 8 was the value before).
+int64_t stream_bytes() {
+  static const int64_t b = [] {
+    const char* e = std::getenv("KILN_CPU_CONV1X1_NT_MB");
+    const long long mb = e ? std::atoll(e) : 4;
+    return static_cast<int64_t>(std::clamp<long long>(mb, 0, 1 << 20)) << 20;
+  }();
+  return b;
+}
 
 // KILN_CPU_CONV1X1_NT=0: never store non-temporally (A/B runs).
 bool stream_stores_enabled() {
@@ -252,8 +262,8 @@ bool conv1x1_isa_available(C1Isa isa) {
 }
 
 Conv1x1::~Conv1x1() {
-  for (float* p : {bp_, bias_})
-    if (p) ::operator delete[](p, std::align_val_t(64));
+  free_weight_floats(bp_, static_cast<size_t>(npan_ * K_ * W_));
+  if (bias_) ::operator delete[](bias_, std::align_val_t(64));
 }
 
 std::shared_ptr<const Conv1x1> Conv1x1::create(const float* w, int64_t N, int64_t K,
@@ -287,7 +297,7 @@ std::shared_ptr<const Conv1x1> Conv1x1::create(const float* w, int64_t N, int64_
   c->W_ = int64_t(nv) * lanes;
   c->npan_ = (nvec + nv - 1) / nv;
   const size_t bn = static_cast<size_t>(c->npan_ * K * c->W_);
-  c->bp_ = alloc_floats(bn);
+  c->bp_ = alloc_weight_floats(bn);  // huge pages from 2 MB up (cpu_gemm.h)
   if (!c->bp_) return none;
   std::memset(c->bp_, 0, bn * sizeof(float));
   for (int64_t n = 0; n < N; ++n) {
@@ -357,10 +367,10 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
     order = T >= 8 * P && packed_bytes() <= kRowsOuterBytes ? C1Order::kRowsOuter
                                                             : C1Order::kPanelsOuter;
   j.rows_outer = order == C1Order::kRowsOuter;
-  // A fresh y past kStreamBytes: stored around the caches (no read for ownership of lines that
+  // A fresh y past stream_bytes(): stored around the caches (no read for ownership of lines that
   // are all written; the next layer would find little of it in L3 anyway). Whole 64-byte lines
   // only: y and its rows and panels aligned.
-  j.nt = stream_stores_enabled() && y != z && M * N_ * 4 > kStreamBytes &&
+  j.nt = stream_stores_enabled() && y != z && M * N_ * 4 > stream_bytes() &&
          reinterpret_cast<uintptr_t>(y) % 64 == 0 && (W_ * 4) % 64 == 0 && (N_ * 4) % 64 == 0;
   int64_t nrb = 1;
   if (j.rows_outer) {

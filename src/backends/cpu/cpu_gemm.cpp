@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -442,6 +443,25 @@ bool huge_pages_enabled() {
     return !(e && e[0] == '0' && e[1] == 0);
   }();
   return on;
+}
+
+namespace {
+constexpr size_t kHugePage = size_t(2) << 20;
+size_t weight_alignment(size_t n) {
+  return n * sizeof(float) >= kHugePage && huge_pages_enabled() ? kHugePage : 64;
+}
+}  // namespace
+
+float* alloc_weight_floats(size_t n) {
+  const size_t align = weight_alignment(n);
+  auto* p = static_cast<float*>(
+      ::operator new[](n * sizeof(float), std::align_val_t(align), std::nothrow));
+  if (p && align == kHugePage) advise_huge_pages(p, n * sizeof(float));
+  return p;
+}
+
+void free_weight_floats(float* p, size_t n) {
+  if (p) ::operator delete[](p, std::align_val_t(weight_alignment(n)));
 }
 
 void gemm_gelu(float* x, int64_t n) {

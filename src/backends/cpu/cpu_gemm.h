@@ -38,6 +38,14 @@ void advise_huge_pages(void* p, size_t bytes);
 // False when KILN_CPU_HUGE_PAGES=0 (A/B runs).
 bool huge_pages_enabled();
 
+// n floats for packed weights, which stream from memory at every run once a model's weights
+// outgrow the last-level cache: 64-byte aligned; from 2 MB up (and huge_pages_enabled()),
+// 2 MB aligned with their whole 2 MB pages advised huge before anything touches them (fewer TLB
+// misses; the hardware prefetchers stop at 4 KB page boundaries, not within a 2 MB one). Null
+// when out of memory. Free with free_weight_floats(p, n), n as allocated.
+float* alloc_weight_floats(size_t n);
+void free_weight_floats(float* p, size_t n);
+
 // GELU (erf form) of n floats in place, with the kernel's vectorized erf (tests; AVX-512 only).
 void gemm_gelu(float* x, int64_t n);
 

@@ -24,11 +24,13 @@
 #include "backends/cpu/cpu_winograd.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
 #include <new>
 
+#include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_isa.h"
 #include "backends/cpu/cpu_parallel.h"
 
@@ -63,7 +65,18 @@ struct WinoJob {
   float* vglob = nullptr;        // [ntb][36][Tp][Cp]
   const float* zeros = nullptr;  // Cp zeros
   fused::Epilogue ep;
+  bool prefetch = true;  // the next tile's input / output lines (KILN_CPU_WINO_PREFETCH)
 };
+
+// KILN_CPU_WINO_PREFETCH=0: no software prefetch of the next tile's input and output lines in
+// the transforms (A/B runs).
+bool wino_prefetch_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CPU_WINO_PREFETCH");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  return on;
+}
 
 struct ScratchBuf {
   float* p = nullptr;
@@ -242,8 +255,9 @@ bool winograd_isa_available(WinoIsa isa) {
 }
 
 WinogradConv::~WinogradConv() {
-  for (float* p : {u_, wp_, bias_})
-    if (p) ::operator delete[](p, std::align_val_t(64));
+  free_weight_floats(u_, static_cast<size_t>(36 * Kp_ * C_));
+  free_weight_floats(wp_, static_cast<size_t>(9 * Kp_ * C_));
+  if (bias_) ::operator delete[](bias_, std::align_val_t(64));
 }
 
 namespace {
@@ -271,7 +285,7 @@ std::shared_ptr<const WinogradConv> WinogradConv::create(const float* w, int64_t
   k->nr_ = isa == WinoIsa::kAvx512 ? wino_avx512::kPanel : wino_avx2::kPanel;
   k->Kp_ = (K + k->nr_ - 1) / k->nr_ * k->nr_;
   const size_t wn = static_cast<size_t>(9 * k->Kp_ * C);
-  k->wp_ = alloc_floats(wn);
+  k->wp_ = alloc_weight_floats(wn);  // huge pages from 2 MB up (cpu_gemm.h)
   k->bias_ = alloc_floats(static_cast<size_t>(k->Kp_));
   if (!k->wp_ || !k->bias_) return none;
   for (int64_t i = 0; i < k->Kp_; ++i) k->bias_[i] = bias && i < K ? bias[i] : 0.f;
@@ -293,7 +307,7 @@ std::shared_ptr<const WinogradConv> WinogradConv::create(const float* w, int64_t
 const float* WinogradConv::pretransformed() const {
   std::call_once(u_once_, [this] {
     const int64_t nr = nr_, npan = Kp_ / nr, C = C_;
-    float* u = alloc_floats(static_cast<size_t>(36 * Kp_ * C));
+    float* u = alloc_weight_floats(static_cast<size_t>(36 * Kp_ * C));
     if (!u) return;
     static const double G[6][3] = {{1, 0, 0}, {1, 1, 1},  {1, -1, 1},  // S G (see the top)
                                    {1, 2, 4}, {1, -2, 4}, {0, 0, 1}};
@@ -347,6 +361,7 @@ bool WinogradConv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_t 
   if (!x || !y || N < 1 || !supports(H, W, pt, pl, pb, pr)) return false;
   WinoJob j;
   j.x = x, j.z = z, j.y = y, j.wp = wp_, j.bias = bias_, j.ep = ep_;
+  j.prefetch = wino_prefetch_enabled();
   j.N = N, j.H = H, j.W = W, j.C = C_, j.K = K_, j.pt = pt, j.pl = pl;
   j.OH = H + pt + pb - 2, j.OW = W + pl + pr - 2;
   j.th = (j.OH + 3) / 4, j.tw = (j.OW + 3) / 4, j.tiles = N * j.th * j.tw;

@@ -5,7 +5,9 @@
 // Weights (OIHW) are packed once, at create(); U = G g G^T is either made once and kept or made
 // per call from the packed weights (WinoMode). Work: input transform of 4x4-tile blocks into
 // V[36][tiles][C], 36 GEMMs V[xi] * U[xi] per panel of output channels, output transform with
-// the epilogue; in tasks on OpenMP's threads (cpu_parallel.h), sized to stay in L2.
+// the epilogue; in tasks on OpenMP's threads (cpu_parallel.h), sized to stay in L2. The
+// transforms prefetch the next tile's input pixels and output (and residual) lines
+// (KILN_CPU_WINO_PREFETCH=0: not, for A/B runs).
 // AVX-512 and AVX2/FMA builds of the same code (cpu_winograd_kernel.inc), chosen at run time.
 // Lifetime / threads: one object per conv; run() is const and may run concurrently.
 #pragma once

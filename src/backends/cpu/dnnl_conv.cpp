@@ -41,7 +41,12 @@
 // kept for most of their 1x1 convs).
 // Timing a conv with a residual: the output starts as a copy of Z, made before the clock starts
 // (in a model the executor donates Z: no candidate pays a copy there).
+// Weights in oneDNN's layout live in alloc_weight_floats buffers (cpu_gemm.h): from 2 MB up on
+// huge pages, as Kiln's own kernels' packed weights. At batch 1 the weights stream from memory
+// at every run (~100 MB for ResNet-50, past L3): Zen 5, 2 threads, KILN_CPU_HUGE_PAGES=0 A/B on
+// one plan, layer4's convs 5-12% faster, the whole b1 run ~3%; b8 unchanged.
 #include "backends/cpu/cpu_conv1x1.h"
+#include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/cpu_parallel.h"
 #include "backends/cpu/cpu_winograd.h"
@@ -83,6 +88,7 @@ struct ConvPlan {
   uint64_t id = 0;  // unique in the process (a key of exec_args)
   dnnl::convolution_forward conv;
   memory::desc src_md, dst_md, user_src_md, user_dst_md;
+  std::shared_ptr<float> weights_buf;  // weights' storage (alloc_weight_floats: huge pages)
   memory weights, bias;
   bool reorder_src = false, reorder_dst = false;
   dnnl::reorder src_reorder, dst_reorder, z_reorder;
@@ -732,7 +738,18 @@ class DnnlConv final : public Kernel {
       dnnl::stream s(eng);
       memory user_w(memory::desc(wdims, dt::f32, G == 1 ? tag::oihw : tag::goihw), eng,
                     const_cast<float*>(w_.data<float>()));
-      p->weights = memory(pd.weights_desc(), eng);
+      // oneDNN's layout of the weights in our own buffer: from 2 MB up on huge pages, advised
+      // before the reorder first touches them (they stream from memory at every run once the
+      // model's weights outgrow L3).
+      {
+        const size_t wn = (pd.weights_desc().get_size() + sizeof(float) - 1) / sizeof(float);
+        float* wb = alloc_weight_floats(std::max<size_t>(wn, 1));
+        if (!wb) return std::shared_ptr<const ConvPlan>();  // out of memory: the reference
+        p->weights_buf = std::shared_ptr<float>(wb, [wn](float* q) {
+          free_weight_floats(q, std::max<size_t>(wn, 1));
+        });
+        p->weights = memory(pd.weights_desc(), eng, wb);
+      }
       dnnl::reorder(user_w, p->weights).execute(s, user_w, p->weights);
       if (has_bias_) {
         p->bias = memory(b_md, eng);
