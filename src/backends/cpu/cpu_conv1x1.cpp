@@ -31,22 +31,7 @@ namespace {
 // The calling thread's grow-only buffer `slot` (0: a partial tile's rows, 1: a strided conv's
 // gathered rows) of at least n floats; null when out of memory.
 float* c1_scratch(int slot, size_t n) {
-  struct Buf {
-    float* p = nullptr;
-    size_t cap = 0;
-    ~Buf() {
-      if (p) ::operator delete[](p, std::align_val_t(64));
-    }
-  };
-  thread_local Buf bufs[2];
-  Buf& b = bufs[slot];
-  if (n > b.cap) {
-    if (b.p) ::operator delete[](b.p, std::align_val_t(64));
-    b.p = static_cast<float*>(
-        ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
-    b.cap = b.p ? n : 0;
-  }
-  return b.p;
+  return thread_scratch(ScratchOwner::kConv1x1, slot, n);
 }
 
 struct C1Job;
@@ -236,10 +221,6 @@ bool gather_task(void* ctx, int64_t i) {
 bool has_avx512() { return KILN_C1_X86 && cpu_has_avx512(); }
 bool has_avx2() { return KILN_C1_X86 && cpu_has_avx2(); }
 
-float* alloc_floats(size_t n) {
-  return static_cast<float*>(
-      ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
-}
 
 // Rows per micro-tile for panels of nv vectors.
 int mr_for(bool avx512, int nv) {
@@ -263,7 +244,7 @@ bool conv1x1_isa_available(C1Isa isa) {
 
 Conv1x1::~Conv1x1() {
   free_weight_floats(bp_, static_cast<size_t>(npan_ * K_ * W_));
-  if (bias_) ::operator delete[](bias_, std::align_val_t(64));
+  free_floats(bias_);
 }
 
 std::shared_ptr<const Conv1x1> Conv1x1::create(const float* w, int64_t N, int64_t K,

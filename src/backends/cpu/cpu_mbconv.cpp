@@ -37,29 +37,10 @@ constexpr int64_t kPad = 16;
 // Output rows per chunk at most (and per depthwise call).
 constexpr int64_t kMaxChunk = 64;
 
-float* alloc_floats(size_t n) {
-  return static_cast<float*>(
-      ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
-}
-
 // The calling thread's grow-only scratch `slot` (0: a task's rows, 1: a call's depthwise
 // output shared by its tasks) of at least n floats (64-byte aligned); null when out of memory.
 float* mb_scratch(size_t n, int slot = 0) {
-  struct Buf {
-    float* p = nullptr;
-    size_t cap = 0;
-    ~Buf() {
-      if (p) ::operator delete[](p, std::align_val_t(64));
-    }
-  };
-  thread_local Buf bufs[2];
-  Buf& b = bufs[slot];
-  if (n > b.cap) {
-    if (b.p) ::operator delete[](b.p, std::align_val_t(64));
-    b.p = alloc_floats(n);
-    b.cap = b.p ? n : 0;
-  }
-  return b.p;
+  return thread_scratch(ScratchOwner::kMbConv, slot, n);
 }
 
 }  // namespace
@@ -317,7 +298,7 @@ struct MbTask {
 
 MbConv::~MbConv() {
   for (float* p : {wd_, bd_})
-    if (p) ::operator delete[](p, std::align_val_t(64));
+    free_floats(p);
 }
 
 std::shared_ptr<const MbConv> MbConv::create(const float* w1, const float* b1, const float* w2,

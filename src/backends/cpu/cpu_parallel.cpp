@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 
 namespace kiln {
 namespace cpu {
@@ -86,6 +87,31 @@ bool parallel_tasks(int64_t n, int threads, TaskFn task, void* ctx) {
 
 bool parallel_tasks_static(int64_t n, int threads, TaskFn task, void* ctx) {
   return run_tasks(n, threads, task, ctx, &body_static);
+}
+
+float* alloc_floats(size_t n) {
+  return static_cast<float*>(
+      ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
+}
+
+void free_floats(float* p) {
+  if (p) ::operator delete[](p, std::align_val_t(64));
+}
+
+float* thread_scratch(ScratchOwner owner, int slot, size_t n) {
+  struct Buf {
+    float* p = nullptr;
+    size_t cap = 0;
+    ~Buf() { free_floats(p); }
+  };
+  thread_local Buf bufs[3][4];
+  Buf& b = bufs[static_cast<int>(owner)][slot];
+  if (n > b.cap) {
+    free_floats(b.p);
+    b.p = alloc_floats(n);
+    b.cap = b.p ? n : 0;
+  }
+  return b.p;
 }
 
 }  // namespace cpu

@@ -78,27 +78,11 @@ bool wino_prefetch_enabled() {
   return on;
 }
 
-struct ScratchBuf {
-  float* p = nullptr;
-  size_t cap = 0;
-  ~ScratchBuf() {
-    if (p) ::operator delete[](p, std::align_val_t(64));
-  }
-};
-
 // The calling thread's grow-only, 64-byte aligned buffer `slot` (0: V, 1: GEMM results,
 // 2: shared V of a two-phase run, 3: zeros) of at least n floats; null when out of memory.
 // Slot 0 holds U blocks in phase 2.
 float* thread_scratch(int slot, size_t n) {
-  thread_local ScratchBuf bufs[4];
-  ScratchBuf& b = bufs[slot];
-  if (n > b.cap) {
-    if (b.p) ::operator delete[](b.p, std::align_val_t(64));
-    b.p = static_cast<float*>(
-        ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
-    b.cap = b.p ? n : 0;
-  }
-  return b.p;
+  return cpu::thread_scratch(ScratchOwner::kWinograd, slot, n);
 }
 
 }  // namespace
@@ -257,15 +241,11 @@ bool winograd_isa_available(WinoIsa isa) {
 WinogradConv::~WinogradConv() {
   free_weight_floats(u_, static_cast<size_t>(36 * Kp_ * C_));
   free_weight_floats(wp_, static_cast<size_t>(9 * Kp_ * C_));
-  if (bias_) ::operator delete[](bias_, std::align_val_t(64));
+  free_floats(bias_);
 }
 
 namespace {
 
-float* alloc_floats(size_t n) {
-  return static_cast<float*>(
-      ::operator new[](n * sizeof(float), std::align_val_t(64), std::nothrow));
-}
 
 }  // namespace
 
