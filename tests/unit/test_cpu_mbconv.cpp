@@ -519,6 +519,23 @@ TEST(KilnMbConv, ReferenceOfTheBlockForm) {
   EXPECT_LE(max_rel(got, reference(b, x, 1, H, W, x.data())), 1e-5);
 }
 
+// A block node missing its project weights (a damaged plan): an error naming the node, no crash.
+TEST(KilnMbConv, MalformedBlockIsRefusedWithItsName) {
+  std::mt19937 rng(43);
+  Block b = make_block(rng, 4, 10, 4, 1, {1, 1, 1, 1});
+  Node n = block_node(b, false);
+  n.inputs.resize(5);
+  std::vector<Value> in = {Value(to_tensor(rnd(rng, 5 * 6 * 4), {1, 5, 6, 4})),
+                           Value(to_tensor(b.w1, {10, 4, 1, 1})), Value(to_tensor(b.b1, {10})),
+                           Value(to_tensor(b.w2, {10, 1, 3, 3})), Value(to_tensor(b.b2, {10}))};
+  std::vector<Value> out(1);
+  OpContext ctx{n};
+  Status st = cpu_backend().resolve("cpu.f32.mbconv")(ctx, in, out);
+  ASSERT_FALSE(st.is_ok());
+  EXPECT_NE(st.message().find(n.name), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("mbconv block"), std::string::npos) << st.message();
+}
+
 }  // namespace
 
 #endif  // KILN_TEST_HAS_DNNL
