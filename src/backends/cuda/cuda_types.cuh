@@ -3,8 +3,10 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "ir/dtype.h"
 
@@ -55,5 +57,51 @@ __device__ __forceinline__ To convert(From v) {
     KILN_CUDA_CASE(kDouble, double, __VA_ARGS__)                      \
     default: { otherwise; } break;                                    \
   }
+
+// Programmatic dependent launch (sm_90+). A kernel launched with launch_pdl may start while the
+// kernel before it on the stream is still finishing (its blocks are scheduled early and wait);
+// it must call pdl_wait() before it reads anything an earlier kernel wrote. Kiln's kernels never
+// signal early completion, so pdl_wait() returns once the previous grid has completed and its
+// writes are visible: only the launch latency overlaps. Inside Kiln's CUDA graph this removes
+// part of the gap between a library kernel and the small kernel after it (ResNet-50's tap sums,
+// pools, casts). KILN_CUDA_PDL=0 launches them the ordinary way (A/B runs).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CUDA_PDL");
+    if (e && e[0] == '0') return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
+  return on;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the programmatic-serialization attribute
+// (when pdl_enabled()); errors are left for the caller's cudaGetLastError check.
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  (void)cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
 
 }  // namespace kiln::cuda

@@ -149,6 +149,7 @@ __global__ void tap_sum_kernel(const float* __restrict__ d, T* __restrict__ y,
                                int K, int P, int Q, int R_, int S_, int sh, int sw, int pt, int pl,
                                int total, int act, float a, float b) {
   using C = acc_t<T>;
+  pdl_wait();
   const int R = RR > 0 ? RR : R_, S = SS > 0 ? SS : S_;
   const int kq = K >> 2, rsk = R * S * K;
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -199,9 +200,8 @@ void launch_tap_sum_t(const TapSumArgs& a, int total, cudaStream_t stream) {
   const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), K = static_cast<int>(a.K),
             P = static_cast<int>(a.P), Q = static_cast<int>(a.Q);
 #define KILN_TAP_SUM(RR, SS)                                                                   \
-  tap_sum_kernel<T, RR, SS><<<grid, 64, 0, stream>>>(a.d, y, bias, z, H, W, K, P, Q, a.R, a.S, \
-                                                      a.sh, a.sw, a.pt, a.pl, total, act, a.a, \
-                                                      a.b)
+  launch_pdl(&tap_sum_kernel<T, RR, SS>, dim3(grid), dim3(64), 0, stream, a.d, y, bias, z, H, W, K, \
+             P, Q, a.R, a.S, a.sh, a.sw, a.pt, a.pl, total, act, a.a, a.b)
   if (a.R == 3 && a.S == 3)
     KILN_TAP_SUM(3, 3);
   else if (a.R == 1 && a.S == 1)
@@ -224,6 +224,7 @@ __global__ void im2col_kernel(const uint16_t* __restrict__ x, uint16_t* __restri
     tab[j] = t < R * S ? ((t / S) << 20) | ((t % S) << 10) | c : -1;
   }
   __syncthreads();
+  pdl_wait();  // the column table above needs nothing from the kernel before
   const int row = blockIdx.x * kIm2colRowsPerBlock + static_cast<int>(threadIdx.x / 32);
   if (row >= rows) return;
   const int q = row % Q, p = (row / Q) % P, n = row / (P * Q);
@@ -264,7 +265,7 @@ Status launch_im2col(const Im2colArgs& a, cudaStream_t stream) {
   if (rows * a.kc >= lim || a.N * a.H * a.W * a.C >= lim) return internal_error("im2col: over 2^31 elements");
   if (rows <= 0) return Status::ok();
   const auto blocks = static_cast<unsigned>((rows + kIm2colRowsPerBlock - 1) / kIm2colRowsPerBlock);
-  im2col_kernel<<<blocks, 32 * kIm2colRowsPerBlock, 0, stream>>>(
+  launch_pdl(&im2col_kernel, dim3(blocks), dim3(32 * kIm2colRowsPerBlock), 0, stream,
       static_cast<const uint16_t*>(a.x), static_cast<uint16_t*>(a.col), static_cast<int>(a.H),
       static_cast<int>(a.W), static_cast<int>(a.C), static_cast<int>(a.P), static_cast<int>(a.Q),
       a.R, a.S, a.sh, a.sw, a.pt, a.pl, static_cast<int>(a.kc), static_cast<int>(rows));

@@ -162,6 +162,7 @@ Status launch_transpose_tiled(OpContext& ctx, const U* src, U* dst, int64_t B, i
 template <typename U, typename I, bool kNarrowInDst>
 __global__ void k_transpose_narrow(const U* __restrict__ src, U* __restrict__ dst, I B, I L,
                                    int S) {
+  pdl_wait();
   const I n = B * L;
   for (I i = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<I>(gridDim.x) * blockDim.x) {
@@ -187,9 +188,9 @@ Status launch_transpose_narrow(OpContext& ctx, const U* src, U* dst, int64_t B, 
   if (n * S < (int64_t{1} << 31)) {
     const int32_t b32 = static_cast<int32_t>(B), l32 = static_cast<int32_t>(L);
     if (narrow_in_dst)
-      k_transpose_narrow<U, int32_t, true><<<grid_for(n), 256, 0, env.stream>>>(src, dst, b32, l32, s);
+      launch_pdl(&k_transpose_narrow<U, int32_t, true>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, b32, l32, s);
     else
-      k_transpose_narrow<U, int32_t, false><<<grid_for(n), 256, 0, env.stream>>>(src, dst, b32, l32, s);
+      launch_pdl(&k_transpose_narrow<U, int32_t, false>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, b32, l32, s);
   } else if (narrow_in_dst) {
     k_transpose_narrow<U, int64_t, true><<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
   } else {

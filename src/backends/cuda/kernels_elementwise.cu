@@ -253,6 +253,7 @@ __device__ __forceinline__ int64_t thread_stride() {
 template <typename T, typename R, typename Op>
 __global__ void unary_kernel(int64_t n, const T* x, R* y, Op op, bool vec) {
   constexpr int kVec = kVecW<T, R>;
+  pdl_wait();
   const int64_t tid = thread_index(), stride = thread_stride();
   int64_t start = 0;
   if (vec) {
@@ -491,7 +492,7 @@ Status launch_unary(Env& env, const T* x, R* y, int64_t n, Op op) {
   constexpr int kVec = kVecW<T, R>;
   const bool vec = n >= kVec && vec_aligned<T, kVec>(x) && vec_aligned<R, kVec>(y);
   const int64_t work = vec ? (n + kVec - 1) / kVec : n;
-  unary_kernel<T, R, Op><<<grid_for(work, kBlock), kBlock, 0, env.stream>>>(n, x, y, op, vec);
+  launch_pdl(&unary_kernel<T, R, Op>, dim3(grid_for(work, kBlock)), dim3(kBlock), 0, env.stream, n, x, y, op, vec);
   KILN_CUDA_LAUNCHED("elementwise unary kernel");
   return Status::ok();
 }

@@ -67,6 +67,7 @@ template <typename T, int V, typename I, int KK>
 __global__ void maxpool_nhwc_vec_kernel(const T* __restrict__ x, T* __restrict__ y, PoolNhwcGeom g,
                                         I n) {
   using Vec = PoolVec<T, V>;
+  pdl_wait();
   const I CV = static_cast<I>(g.C / V), OW = static_cast<I>(g.OW), OH = static_cast<I>(g.OH);
   const I H = static_cast<I>(g.H), W = static_cast<I>(g.W), Cc = static_cast<I>(g.C);
   const int kh = KK > 0 ? KK : g.kh, kw = KK > 0 ? KK : g.kw;
@@ -117,11 +118,13 @@ void launch_maxpool_vec(const T* x, T* y, const PoolNhwcGeom& g, int64_t n_out, 
   const unsigned block = n < (int64_t{1} << 18) ? 64 : 256;
   if (in_elems < (int64_t{1} << 31) && n_out < (int64_t{1} << 31)) {
     if (k3)
-      maxpool_nhwc_vec_kernel<T, V, int32_t, 3><<<grid_for(n, block), block, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+      launch_pdl(&maxpool_nhwc_vec_kernel<T, V, int32_t, 3>, dim3(grid_for(n, block)), dim3(block), 0, st,
+                 x, y, g, static_cast<int32_t>(n));
     else
-      maxpool_nhwc_vec_kernel<T, V, int32_t, 0><<<grid_for(n, block), block, 0, st>>>(x, y, g, static_cast<int32_t>(n));
+      launch_pdl(&maxpool_nhwc_vec_kernel<T, V, int32_t, 0>, dim3(grid_for(n, block)), dim3(block), 0, st,
+                 x, y, g, static_cast<int32_t>(n));
   } else {
-    maxpool_nhwc_vec_kernel<T, V, int64_t, 0><<<grid_for(n), 256, 0, st>>>(x, y, g, n);
+    launch_pdl(&maxpool_nhwc_vec_kernel<T, V, int64_t, 0>, dim3(grid_for(n)), dim3(256), 0, st, x, y, g, n);
   }
 }
 
@@ -132,6 +135,7 @@ template <typename T>
 __global__ void gavg_nhwc_split_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t HW,
                                        int64_t C) {
   __shared__ float part[8][33];
+  pdl_wait();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   const int64_t b = blockIdx.y;
   float s = 0.f;
@@ -185,10 +189,9 @@ Status run_pool_nhwc(OpContext& ctx, std::span<const Value> in, std::span<Value>
     const bool split = n < 132 * 256 && N <= 65535 && H * W >= 8;
 #define KILN_GAVG_LAUNCH                                                                        \
   if (split)                                                                                    \
-    gavg_nhwc_split_kernel<T><<<dim3(static_cast<unsigned>((Cc + 31) / 32),                     \
-                                     static_cast<unsigned>(N)),                                 \
-                                dim3(32, 8), 0, env.stream>>>(x->data<T>(), y.data<T>(), H * W, \
-                                                              Cc);                              \
+    launch_pdl(&gavg_nhwc_split_kernel<T>,                                                     \
+               dim3(static_cast<unsigned>((Cc + 31) / 32), static_cast<unsigned>(N)), dim3(32, 8), \
+               0, env.stream, x->data<T>(), y.data<T>(), H * W, Cc);                             \
   else                                                                                          \
     gavg_nhwc_kernel<T><<<grid_for(n), 256, 0, env.stream>>>(x->data<T>(), y.data<T>(), H * W, Cc, n)
       switch (dt) {
