@@ -126,10 +126,12 @@ struct TimingCache {
 // The generation of the tactic candidates: bumped when kernels gain or change candidates (2: the
 // cuBLASLt GEMM for 1x1 convolutions on CUDA; 3: Kiln's Winograd for 3x3 convolutions on the
 // CPU; 4: CUDA candidates timed as CUDA-graph replays, see tune_timer.h, and on the CPU Kiln's
-// 1x1 convolution, residual convolutions timed in place, Kiln's GEMM for Gemm nodes), so that a
+// 1x1 convolution, residual convolutions timed in place, Kiln's GEMM for Gemm nodes; 5: CUDA tap
+// GEMM and im2col forms; 6: CPU convs with big weights timed with them flushed from the caches,
+// and the margin Kiln's 1x1 conv must win by with a residual), so that a
 // timing cache written before does not keep layers on a choice made without them. Older entries
 // stay in the file, unused.
-constexpr const char kTacticGeneration[] = "tactics-5";
+constexpr const char kTacticGeneration[] = "tactics-6";
 
 // What a tactic depends on: the candidates' generation, the device, the op and its attributes,
 // the input types and shapes.

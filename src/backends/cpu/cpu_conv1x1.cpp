@@ -195,6 +195,18 @@ bool stream_stores_enabled() {
   return on;
 }
 
+// KILN_CPU_CONV1X1_GROUPED=0: panels outer always a panel per task (A/B runs).
+bool grouped_panels_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CPU_CONV1X1_GROUPED");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  return on;
+}
+
+// Packed weights from this size up run panels outer in groups (see run()).
+constexpr int64_t kGroupedBytes = 1 << 20;
+
 // Rows outer needs the packed weights in L2 (2 MB per core on Zen 5) for every row tile.
 constexpr int64_t kRowsOuterBytes = 256 << 10;
 
@@ -354,6 +366,7 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
   j.nt = stream_stores_enabled() && y != z && M * N_ * 4 > stream_bytes() &&
          reinterpret_cast<uintptr_t>(y) % 64 == 0 && (W_ * 4) % 64 == 0 && (N_ * 4) % 64 == 0;
   int64_t nrb = 1;
+  bool static_order = false;  // thread t runs tasks [t n / T, (t + 1) n / T)
   if (j.rows_outer) {
     j.npg = 1, j.ppg = npan_;
     nrb = std::min<int64_t>(T, 8 * P);
@@ -362,6 +375,18 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
     // groups of 3 ran 4 / 3); rows split too only where panels are few.
     j.npg = npan_, j.ppg = 1;
     nrb = npan_ >= 4 * P ? 1 : std::min<int64_t>(T, (4 * P + npan_ - 1) / npan_);
+    // Big weights (from memory in a model): a contiguous group of panels per thread, in order,
+    // each panel prefetching the next of its group into L2 while it runs (a panel per task has
+    // none to prefetch: each starts with its first row tile waiting on memory). Zen 5, 2
+    // threads, alone with the weights flushed from the caches: 7x7 2048 -> 512 0.253 -> 0.235
+    // ms, 7x7 512 -> 2048 0.277 -> 0.230, 14x14 256 -> 1024 0.234 -> 0.210; warm and at batch 8
+    // (7x7 2048 -> 512: 1.63 -> 1.60 ms) no slower. KILN_CPU_CONV1X1_GROUPED=0: not (A/B).
+    if (grouped_panels_enabled() && packed_bytes() >= kGroupedBytes && npan_ >= P &&
+        npan_ % P == 0) {
+      j.ppg = npan_ / P, j.npg = P;
+      nrb = 1;
+      static_order = true;
+    }
   }
   j.rows_per_task = (T + nrb - 1) / nrb * mr_;
   struct Ctx {
@@ -372,12 +397,14 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
     auto* cx = static_cast<Ctx*>(c);
     return cx->fn(*cx->j, i);
   };
-  // Rows outer with an output that the threads' L2s hold (1.5 MB each): each thread a
-  // contiguous block of rows, where the next layer's thread looks for it (see
-  // parallel_tasks_static; ResNet-50 b1, 3.2 MB outputs: layer1.0.conv3 0.30 -> 0.27 ms and the
-  // oneDNN conv after it 0.26 -> 0.24 ms). Larger outputs go to L3 / memory anyway: tasks as
-  // taken balance better (b8, 26 MB outputs: 112 ms static, 110 ms as taken).
-  if (j.rows_outer && M * N_ * 4 <= P * (int64_t(3) << 19))
+  // Rows outer with an output of up to 2 MB per thread: each thread a contiguous block of rows,
+  // where the next layer's thread looks for it (see parallel_tasks_static; ResNet-50 b1, 3.2 MB
+  // outputs: layer1.0.conv3 0.30 -> 0.27 ms and the oneDNN conv after it 0.26 -> 0.24 ms). (The
+  // bound was 1.5 MB per thread, which left those 3.2 MB outputs, 3 KB over it, to tasks as
+  // taken: in the model layer1.1/1.2.conv3 0.37 vs 0.26 ms, the conv after each 0.25 vs 0.22.)
+  // Larger outputs go to L3 / memory anyway: tasks as taken balance better (b8, 26 MB outputs:
+  // 112 ms static, 110 ms as taken).
+  if (static_order || (j.rows_outer && M * N_ * 4 <= P * (int64_t(2) << 20)))
     return parallel_tasks_static(nrb * j.npg, threads, body, &ctx);
   return parallel_tasks(nrb * j.npg, threads, body, &ctx);
 #else

@@ -10,8 +10,10 @@
 // block of rows, and each strip of row tiles runs over all panels (X's rows stay in L1, Z and Y
 // stream once, contiguously), prefetching the next strip's X and Z; otherwise (few rows: batch
 // 1 at 7x7, or big weights) a task is a panel (and a block of rows where panels are few), each
-// panel's weights read once. Tasks on OpenMP's threads (cpu_parallel.h); outputs past 4 MB that
-// are not in place are stored non-temporally.
+// panel's weights read once; with packed weights of 1 MB up, a contiguous group of panels per
+// thread, each panel prefetching the next into L2 (the weights come from memory in a model).
+// Tasks on OpenMP's threads (cpu_parallel.h); outputs past 4 MB that are not in place are stored
+// non-temporally.
 // AVX-512 and AVX2/FMA builds of the same code (cpu_conv1x1_kernel.inc), chosen at run time.
 // Lifetime / threads: one object per conv; run() is const and may run concurrently.
 #pragma once

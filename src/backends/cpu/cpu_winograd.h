@@ -25,9 +25,10 @@ enum class WinoIsa { kAuto, kAvx512, kAvx2 };
 // How run() gets U = G g G^T. kFused: transformed once (at the first such run) and kept, 4x the
 // weights' size; tasks are blocks of tiles, each with its input transform, all the GEMMs and
 // the output transform. kStreamed: made per task from the weights (input transform of all
-// tiles first, then tasks of output-channel panels); moves a quarter of the bytes, which
-// matters when few tiles share each weight and the weights come from memory, as in a model's
-// later layers. kAuto: see auto_mode().
+// tiles first, then tasks of output-channel panels, a contiguous run of them per thread, each
+// panel's last weight block prefetching the next panel's first); moves a quarter of the bytes,
+// which matters when few tiles share each weight and the weights come from memory, as in a
+// model's later layers. kAuto: see auto_mode().
 enum class WinoMode { kAuto, kFused, kStreamed };
 
 // Whether this CPU can run the kernel with `isa` (kAuto: with any).
@@ -68,6 +69,12 @@ class WinogradConv {
   // a plan's first inference does not pay for it. False: out of memory.
   bool prepare(int64_t N, int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb,
                int64_t pr) const;
+
+  // The weights run() reads for an N x H x W input with pads (t, l, b, r) in WinoMode::kAuto:
+  // U where it keeps it (made here if not yet), else the packed weights; their size into
+  // *bytes. (Tuning flushes them from the caches before timing runs: dnnl_conv.cpp.)
+  const float* weights_read(int64_t N, int64_t H, int64_t W, const int64_t pads[4],
+                            size_t* bytes) const;
 
   WinoIsa isa() const { return isa_; }
   ~WinogradConv();
