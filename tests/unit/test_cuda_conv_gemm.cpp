@@ -148,6 +148,7 @@ TEST(CudaConvGemm, ForeignOrDamagedTacticsAreRefused) {
     EXPECT_FALSE(g.value()) << t;
   }
   // A pointwise tactic does not name a tap GEMM (float32 output) either.
+  pb.tap = true;
   pb.f32_out = true;
   auto g = cuda::PointwiseGemm::from_tactic(pb, "cuda.conv.cublaslt.id1@" + std::string(128, '0'),
                                             size_t{32} << 20, "test");

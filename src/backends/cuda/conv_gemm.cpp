@@ -28,7 +28,7 @@ using Pref = LtPref;
 cudaDataType_t lt_type(DataType dt) { return dt == DataType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F; }
 
 const char* prefix_of(const PointwiseProblem& p) {
-  return p.f32_out ? kTapTacticPrefix : p.im2col ? kIm2colTacticPrefix : kPointwiseTacticPrefix;
+  return p.tap ? kTapTacticPrefix : p.im2col ? kIm2colTacticPrefix : kPointwiseTacticPrefix;
 }
 
 cublasLtEpilogue_t epilogue_of(const PointwiseProblem& p) {
@@ -92,7 +92,7 @@ bool pointwise_gemm_ok(const PointwiseProblem& p) {
   return (p.dt == DataType::kFloat16 || p.dt == DataType::kBFloat16) && p.rows > 0 &&
          p.cin > 0 && p.cout > 0 && p.rows <= lim && p.cin <= lim && p.cout <= lim &&
          p.cin % 8 == 0 && p.cout % 8 == 0 &&  // 16-byte rows: every operand stays aligned
-         (!p.f32_out || (!p.bias && !p.z && !p.relu && !p.im2col));
+         (!p.f32_out || p.tap) && (!p.tap || (!p.bias && !p.z && !p.relu && !p.im2col));
 }
 
 PointwiseGemm::PointwiseGemm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

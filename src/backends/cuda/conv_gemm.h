@@ -8,9 +8,10 @@
 // ResNet's 1x1 convolutions are such GEMMs; at batch 1 the GEMM's split-K algorithms fill the
 // GPU where cuDNN's convolution kernels run a handful of blocks.
 //
-// The same GEMM with a float32 output and no epilogue (PointwiseProblem::f32_out) is the first
-// half of the tap-GEMM form of an RxS convolution (cudnn_conv.cpp): with the filter laid out as
-// [R*S*K, C], D[P, R*S*K] = X[P, C] * Wt^T holds every tap's contribution of every input pixel,
+// The same GEMM with no epilogue (PointwiseProblem::tap; D in the conv's 16-bit type, or float32
+// with f32_out) is the first half of the tap-GEMM form of an RxS convolution (cudnn_conv.cpp):
+// with the filter laid out as [R*S*K, C], D[P, R*S*K] = X[P, C] * Wt^T holds every tap's
+// contribution of every input pixel,
 // and launch_tap_sum (dnn.h) adds the R*S shifted slices per output pixel with the epilogue.
 // At batch 1 the GEMM's N = R*S*K fills the GPU where a 7x7 or 14x14 convolution does not.
 //
@@ -32,8 +33,9 @@ struct PointwiseProblem {
   int64_t cin = 0;   // C
   int64_t cout = 0;  // K
   bool bias = false, z = false, relu = false;
-  // Float32 D, no bias / residual / activation (the tap-GEMM form; tactics carry
-  // kTapTacticPrefix instead of kPointwiseTacticPrefix).
+  // The tap-GEMM form: no bias / residual / activation, tactics carry kTapTacticPrefix instead
+  // of kPointwiseTacticPrefix; D in float32 when f32_out, else in dt.
+  bool tap = false;
   bool f32_out = false;
   // The GEMM of the im2col form (tactics carry kIm2colTacticPrefix).
   bool im2col = false;

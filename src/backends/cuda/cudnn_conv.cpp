@@ -27,7 +27,7 @@
 //   timed at build); at batch 1 its 1x1 reductions gain 2-3 us each (split-K GEMMs).
 // Other NHWC float16 / bfloat16 convolutions with one group and no dilation (3x3 and the like)
 //   also time the tap-GEMM form (conv_gemm.h): one cuBLASLt GEMM D[N*H*W, R*S*K] = X * Wt^T into
-//   float32 workspace, then launch_tap_sum adds each output pixel's R*S shifted taps with bias,
+//   16-bit (or float32) workspace, then launch_tap_sum adds each output pixel's R*S shifted taps with bias,
 //   residual and activation. Persisted as "cuda.conv.tapgemm.<readable>@<hex>". It wins where the
 //   output is small (ResNet-50's 14x14 and 7x7 convolutions at batch 1): N = R*S*K spreads the
 //   GEMM over the GPU where cuDNN's kernels run a few blocks. Only offered while D fits the
@@ -211,7 +211,7 @@ struct Plan {
   std::shared_ptr<fe::ConvGraph> fe;
   // The GEMM forms (NHWC fp16/bf16, conv_gemm.h), by GemmFormId: the pointwise GEMM (1x1 /
   // stride 1 / unpadded), the tap GEMM (RxS, one group, no dilation: the GEMM into `extra` bytes
-  // of float32 workspace, then launch_tap_sum with tap_args) and the im2col GEMM (few input
+  // of 16-bit (or float32) workspace, then launch_tap_sum with tap_args) and the im2col GEMM (few input
   // channels: launch_im2col with i2c_args into `extra` bytes, then the GEMM). When one's `g` is
   // set, run() uses it for 256-byte aligned operands; cuDNN stays the fallback.
   struct GemmForm {
@@ -259,12 +259,23 @@ bool taps_disabled() {
   }();
   return off;
 }
+// The tap GEMM writes D in the conv's own 16-bit type: half the bytes between the GEMM and the
+// tap sum, each tap's partial sum (float-accumulated) rounded once to fp16 / bf16 before the
+// float sum of the R*S taps. ResNet-50 fp16 b1 on an H100: 0.273 -> 0.270 ms, and 12 convs take
+// the tap GEMM instead of 8 (session 9). KILN_CUDA_TAP_D16=0: float32 D (A/B, accuracy checks).
+bool tap_d_reduced() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CUDA_TAP_D16");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
 bool env_is_force(const char* name) {
   const char* e = std::getenv(name);
   return e && std::string(e) == "force";
 }
 
-// The tap GEMM's float32 D and cuBLASLt's workspace share the context's library workspace
+// The tap GEMM's D and cuBLASLt's workspace share the context's library workspace
 // (cuda_context.cpp: at most 32 MiB).
 constexpr size_t kTapWorkspaceCap = size_t{32} << 20;
 size_t round_up_256(size_t v) { return (v + 255) / 256 * 256; }
@@ -476,10 +487,13 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
       q.rows = N * s.H * s.W;
       q.cin = C;
       q.cout = s.R * s.S * M;
-      q.f32_out = true;
-      fm.extra = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cout) * 4);
+      q.tap = true;
+      q.f32_out = !tap_d_reduced();
+      fm.extra = round_up_256(static_cast<size_t>(q.rows) * static_cast<size_t>(q.cout) *
+                              (q.f32_out ? 4 : dtype_size(dt)));
       TapSumArgs& t = p->tap_args;
       t.dtype = dt;
+      t.d_reduced = !q.f32_out;
       t.N = N, t.H = s.H, t.W = s.W, t.K = M, t.P = s.P, t.Q = s.Q;
       t.R = static_cast<int>(s.R), t.S = static_cast<int>(s.S);
       t.sh = static_cast<int>(s.stride[0]), t.sw = static_cast<int>(s.stride[1]);
@@ -977,7 +991,7 @@ Status ConvKernel::enqueue_form(const Plan& p, int f, const PointwiseGemm& g, vo
   if (f == kFormTaps) {
     KILN_RETURN_IF_ERROR(g.run(lt, s, x, w, nullptr, nullptr, extra, lt_ws));
     TapSumArgs a = p.tap_args;
-    a.d = static_cast<const float*>(extra);
+    a.d = extra;
     a.y = y;
     a.bias = bias;
     a.z = z;

@@ -78,7 +78,8 @@ Status launch_broadcast_2d(size_t elem_size, const void* c, void* y, int64_t M, 
 // pointer 8-byte aligned.
 struct TapSumArgs {
   DataType dtype = DataType::kFloat16;
-  const float* d = nullptr;
+  const void* d = nullptr;  // float32, or dtype when d_reduced
+  bool d_reduced = false;
   void* y = nullptr;
   const void* bias = nullptr;  // K elements or nullptr
   const void* z = nullptr;     // like y, or nullptr

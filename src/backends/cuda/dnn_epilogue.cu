@@ -143,8 +143,17 @@ __global__ void broadcast_2d_kernel(const T* c, T* y, int64_t M, int64_t N, int6
 // > 0) the tap loop unrolls and every tap's load is issued before the first add (a tap outside
 // the input loads a valid address and is dropped), so the kernel waits for one L2 round trip,
 // not R*S of them.
-template <typename T, int RR, int SS>
-__global__ void tap_sum_kernel(const float* __restrict__ d, T* __restrict__ y,
+// Four consecutive D values as floats (D in float32, or in the conv's 16-bit type).
+__device__ __forceinline__ float4 load4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+template <typename U>
+__device__ __forceinline__ float4 load4(const U* p) {
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+  const U* u = reinterpret_cast<const U*>(&raw);
+  return make_float4(convert<float>(u[0]), convert<float>(u[1]), convert<float>(u[2]), convert<float>(u[3]));
+}
+
+template <typename T, typename DT, int RR, int SS>
+__global__ void tap_sum_kernel(const DT* __restrict__ d, T* __restrict__ y,
                                const T* __restrict__ bias, const T* __restrict__ z, int H, int W,
                                int K, int P, int Q, int R_, int S_, int sh, int sw, int pt, int pl,
                                int total, int act, float a, float b) {
@@ -158,7 +167,7 @@ __global__ void tap_sum_kernel(const float* __restrict__ d, T* __restrict__ y,
   const int pix = i / kq;  // (n, p, q)
   const int q = pix % Q, p = (pix / Q) % P, n = pix / (P * Q);
   const int iy0 = p * sh - pt, ix0 = q * sw - pl;
-  const float* base = d + k;
+  const DT* base = d + k;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -168,7 +177,7 @@ __global__ void tap_sum_kernel(const float* __restrict__ d, T* __restrict__ y,
       const bool in = static_cast<unsigned>(iy) < static_cast<unsigned>(H) &&
                       static_cast<unsigned>(ix) < static_cast<unsigned>(W);
       const int off = in ? ((n * H + iy) * W + ix) * rsk + (r * S + s) * K : 0;
-      const float4 v = __ldg(reinterpret_cast<const float4*>(base + off));
+      const float4 v = load4(base + off);
       if (in) acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
     }
   }
@@ -200,8 +209,14 @@ void launch_tap_sum_t(const TapSumArgs& a, int total, cudaStream_t stream) {
   const int H = static_cast<int>(a.H), W = static_cast<int>(a.W), K = static_cast<int>(a.K),
             P = static_cast<int>(a.P), Q = static_cast<int>(a.Q);
 #define KILN_TAP_SUM(RR, SS)                                                                   \
-  launch_pdl(&tap_sum_kernel<T, RR, SS>, dim3(grid), dim3(64), 0, stream, a.d, y, bias, z, H, W, K, \
-             P, Q, a.R, a.S, a.sh, a.sw, a.pt, a.pl, total, act, a.a, a.b)
+  if (a.d_reduced)                                                                              \
+    launch_pdl(&tap_sum_kernel<T, T, RR, SS>, dim3(grid), dim3(64), 0, stream,                  \
+               static_cast<const T*>(a.d), y, bias, z, H, W, K, P, Q, a.R, a.S, a.sh, a.sw, a.pt, \
+               a.pl, total, act, a.a, a.b);                                                       \
+  else                                                                                           \
+    launch_pdl(&tap_sum_kernel<T, float, RR, SS>, dim3(grid), dim3(64), 0, stream,              \
+               static_cast<const float*>(a.d), y, bias, z, H, W, K, P, Q, a.R, a.S, a.sh, a.sw,   \
+               a.pt, a.pl, total, act, a.a, a.b)
   if (a.R == 3 && a.S == 3)
     KILN_TAP_SUM(3, 3);
   else if (a.R == 1 && a.S == 1)
