@@ -313,6 +313,7 @@ template <typename A, typename B, typename R, typename Op>
 __global__ void binary_flat_kernel(int64_t n, const A* a, int a_mode, int64_t a_len, const B* b,
                                    int b_mode, int64_t b_len, R* o, Op op, bool vec) {
   constexpr int kVec = kVecW<A, B, R>;
+  pdl_wait();
   const int64_t tid = thread_index(), stride = thread_stride();
   int64_t start = 0;
   if (vec) {
@@ -518,8 +519,8 @@ Status launch_binary(OpContext& ctx, const Tensor& a, const Tensor& b, Tensor& o
     if (mode[0] == kFull || mode[0] == kRow) vec = vec && vec_aligned<A, kVec>(pa);
     if (mode[1] == kFull || mode[1] == kRow) vec = vec && vec_aligned<B, kVec>(pb);
     const int64_t work = vec ? (n + kVec - 1) / kVec : n;
-    binary_flat_kernel<A, B, R, Op><<<grid_for(work, kBlock), kBlock, 0, env.stream>>>(
-        n, pa, mode[0], len[0], pb, mode[1], len[1], po, op, vec);
+    launch_pdl(&binary_flat_kernel<A, B, R, Op>, dim3(grid_for(work, kBlock)), dim3(kBlock), 0,
+               env.stream, n, pa, mode[0], len[0], pb, mode[1], len[1], po, op, vec);
   } else if (n < kMax32) {
     binary_bcast_kernel<A, B, R, Op, uint32_t><<<grid_for(n, kBlock), kBlock, 0, env.stream>>>(
         static_cast<uint32_t>(n), device_plan<uint32_t>(hp), pa, pb, po, op);

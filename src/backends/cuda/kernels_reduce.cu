@@ -1100,6 +1100,7 @@ __global__ void __launch_bounds__(kLnMaxGroup)
                          StatOut<T> so) {
   constexpr int V = LnVec<T>::V;
   __shared__ float red[kLnMaxGroup / 32];
+  pdl_wait();
   const int G = blockDim.x, tid = threadIdx.x;
   const int64_t n = static_cast<int64_t>(nch) * V;
   const float inv_n = 1.f / static_cast<float>(n);
@@ -1169,15 +1170,15 @@ template <class T, class S, class Bt>
 Status launch_layernorm_vec(Env& env, const T* x, T* y, int64_t rows, int64_t nch, const void* sc,
                             const void* bi, float eps, bool rms, const StatOut<T>& so) {
   if (nch <= 128) {  // a warp per row, up to 4 chunks per lane (half: n <= 1024)
-    layernorm_vec_kernel<T, S, Bt><<<rows_grid(rows, 4), dim3(32, 4), 0, env.stream>>>(
-        x, y, rows, static_cast<int>(nch), static_cast<const S*>(sc), static_cast<const Bt*>(bi),
-        eps, rms ? 1 : 0, so);
+    launch_pdl(&layernorm_vec_kernel<T, S, Bt>, dim3(rows_grid(rows, 4)), dim3(32, 4), 0, env.stream,
+               x, y, rows, static_cast<int>(nch), static_cast<const S*>(sc),
+               static_cast<const Bt*>(bi), eps, rms ? 1 : 0, so);
   } else {  // a block per row, up to 4 chunks per thread
     int g = 64;
     while (g < kLnMaxGroup && static_cast<int64_t>(g) * kLnChunks < nch) g *= 2;
-    layernorm_vec_kernel<T, S, Bt><<<rows_grid(rows, 1), dim3(g, 1), 0, env.stream>>>(
-        x, y, rows, static_cast<int>(nch), static_cast<const S*>(sc), static_cast<const Bt*>(bi),
-        eps, rms ? 1 : 0, so);
+    launch_pdl(&layernorm_vec_kernel<T, S, Bt>, dim3(rows_grid(rows, 1)), dim3(g, 1), 0, env.stream,
+               x, y, rows, static_cast<int>(nch), static_cast<const S*>(sc),
+               static_cast<const Bt*>(bi), eps, rms ? 1 : 0, so);
   }
   KILN_CUDA_LAUNCHED("layernorm kernel");
   return Status::ok();
