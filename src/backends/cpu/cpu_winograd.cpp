@@ -19,6 +19,8 @@
 // Zen 5, 2 threads, ResNet-50 shapes, N = 1 (each alone, warm): 56x56x64 0.155 ms, 28x28x128
 // 0.14 ms, 14x14x256 0.22 ms (streamed), 7x7x512 0.37 ms (streamed); the GEMMs run at ~87% of
 // FMA peak, the input and output transforms take ~25% of the fused mode's time.
+// The stride-2 variant (WinogradS2Conv, cpu_winograd_s2_kernel.inc) reuses the GEMM
+// micro-kernel, the epilogue and the task machinery with its own transforms and plane layout.
 // Numerics: float32 throughout, U of kFused transformed in double. Against a double-precision
 // direct convolution, ~1e-6 to 5e-6 of the output range (tests ask 1e-5).
 #include "backends/cpu/cpu_winograd.h"
@@ -68,6 +70,39 @@ struct WinoJob {
   bool prefetch = true;  // the next tile's input / output lines (KILN_CPU_WINO_PREFETCH)
   bool pf_next_panel = false;  // phase 2: static task order, the next panel's weights prefetched
 };
+
+// One run of WinogradS2Conv: geometry, operands, plane offsets and tasks.
+struct WinoS2Job {
+  const float *x = nullptr, *z = nullptr, *u = nullptr, *wp = nullptr, *bias = nullptr;
+  float* y = nullptr;
+  int64_t N = 0, H = 0, W = 0, C = 0, K = 0, OH = 0, OW = 0, pt = 0, pl = 0;
+  int64_t th = 0, tw = 0, tiles = 0;  // 4x4 output tiles per column / row / in all
+  int64_t Cp = 0, npan = 0;
+  int64_t T = 0, ntb = 0;    // tiles per block (the last may have fewer), blocks
+  int64_t cc = 0;            // phase 3: input channels per block of U made at a time
+  int64_t ncc = 1, cpc = 0;  // phase 1: channel chunks per tile block, channels per chunk
+  // Offsets (floats) of the 36 planes of a block's transformed input (rows Cp floats apart) and
+  // of its GEMM results for one panel (rows nr apart); sizes of both.
+  int64_t voff[36] = {}, moff[36] = {}, vsize = 0, msize = 0;
+  // 0: task = tile block, all of it; 1: task = tile block's input transform into vglob;
+  // 2: task = (panel, tile block) from vglob; 3: as 2, U made from the weights (wp).
+  int phase = 0;
+  float* vglob = nullptr;
+  const float* zeros = nullptr;
+  fused::Epilogue ep;
+  bool prefetch = true;
+};
+
+// Bytes of transformed input per tile block in WinogradS2Conv's kBlock mode (with many blocks,
+// tiles per block rounded down to a multiple of the GEMM's rows). Zen 5, one thread, N=8,
+// U flushed: 768 KB unrounded -> 1 MB rounded, 56x56x128 5.3 -> 4.84 ms, 28x28x256 6.96 ->
+// 6.05, 14x14x512 9.5 -> 7.7.
+constexpr int64_t kS2VBudget = 1024 * 1024;
+
+// Rows per tile of plane p = 6 a + b of WinoS2Job (a or b == 5: the 4 odd-phase points).
+inline int64_t s2_mult(int p) {
+  return (p / 6 == 5 ? 4 : 1) * (p % 6 == 5 ? 4 : 1);
+}
 
 // KILN_CPU_WINO_PREFETCH=0: no software prefetch of the next tile's input and output lines in
 // the transforms (A/B runs).
@@ -155,9 +190,13 @@ inline V vleaky(V x, float a) {
                             _mm512_set1_ps(a));
 }
 #include "backends/cpu/cpu_winograd_kernel.inc"
+#include "backends/cpu/cpu_winograd_s2_kernel.inc"
 }  // namespace
 bool task(const WinoJob& j, int64_t i) {
   return run_task(j, i);
+}
+bool s2_task(const WinoS2Job& j, int64_t i) {
+  return run_s2_task(j, i);
 }
 constexpr int64_t kLanes = kW, kPanel = kNR, kRows = kMR;
 }  // namespace wino_avx512
@@ -216,9 +255,13 @@ inline V vleaky(V x, float a) {
                           _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
 }
 #include "backends/cpu/cpu_winograd_kernel.inc"
+#include "backends/cpu/cpu_winograd_s2_kernel.inc"
 }  // namespace
 bool task(const WinoJob& j, int64_t i) {
   return run_task(j, i);
+}
+bool s2_task(const WinoS2Job& j, int64_t i) {
+  return run_s2_task(j, i);
 }
 constexpr int64_t kLanes = kW, kPanel = kNR, kRows = kMR;
 }  // namespace wino_avx2
@@ -434,6 +477,219 @@ bool WinogradConv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_t 
   j.pf_next_panel = wino_static_enabled();
   if (j.pf_next_panel) return parallel_tasks_static(j.npan * j.ntb, threads, body, &ctx);
   return parallel_tasks(j.npan * j.ntb, threads, body, &ctx);
+#else
+  (void)x, (void)N, (void)H, (void)W, (void)pt, (void)pl, (void)pb, (void)pr, (void)z, (void)y;
+  (void)threads, (void)mode;
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// WinogradS2Conv (see cpu_winograd.h and cpu_winograd_s2_kernel.inc).
+
+WinogradS2Conv::~WinogradS2Conv() {
+  free_weight_floats(u_, static_cast<size_t>(36 * Kp_ * C_));
+  free_weight_floats(wp_, static_cast<size_t>(9 * Kp_ * C_));
+  free_floats(bias_);
+}
+
+std::shared_ptr<const WinogradS2Conv> WinogradS2Conv::create(const float* w, int64_t K, int64_t C,
+                                                             const float* bias,
+                                                             const fused::Epilogue& ep,
+                                                             WinoIsa isa) {
+  std::shared_ptr<const WinogradS2Conv> none;
+  if (isa == WinoIsa::kAuto) isa = has_avx512() ? WinoIsa::kAvx512 : WinoIsa::kAvx2;
+  if (!w || K < 1 || C < 1 || K > (int64_t(1) << 24) || C > (int64_t(1) << 24) ||
+      !winograd_isa_available(isa))
+    return none;
+#if KILN_WINO_X86
+  std::shared_ptr<WinogradS2Conv> k(new (std::nothrow) WinogradS2Conv());
+  if (!k) return none;
+  k->isa_ = isa;
+  k->K_ = K, k->C_ = C, k->ep_ = ep;
+  const int64_t nr = isa == WinoIsa::kAvx512 ? wino_avx512::kPanel : wino_avx2::kPanel;
+  k->nr_ = nr;
+  k->Kp_ = (K + nr - 1) / nr * nr;
+  const int64_t npan = k->Kp_ / nr;
+  const size_t wn = static_cast<size_t>(9 * k->Kp_ * C);
+  k->wp_ = alloc_weight_floats(wn);
+  k->bias_ = alloc_floats(static_cast<size_t>(k->Kp_));
+  if (!k->wp_ || !k->bias_) return none;
+  for (int64_t i = 0; i < k->Kp_; ++i) k->bias_[i] = bias && i < K ? bias[i] : 0.f;
+  std::memset(k->wp_, 0, wn * sizeof(float));
+  (void)npan;
+  for (int64_t m = 0; m < K; ++m)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < 9; ++t)
+        k->wp_[(((m / nr) * C + c) * 9 + t) * nr + m % nr] = w[(m * C + c) * 9 + t];
+  return k;
+#else
+  (void)bias;
+  (void)ep;
+  return none;
+#endif
+}
+
+const float* WinogradS2Conv::pretransformed() const {
+  std::call_once(u_once_, [this] {
+    const int64_t nr = nr_, npan = Kp_ / nr, C = C_;
+    float* u = alloc_weight_floats(static_cast<size_t>(36 * Kp_ * C));
+    if (!u) return;
+    // Per direction, 6 transformed weights from the 3 taps: F(4, 2)'s G on the even taps
+    // (0, 2), then the odd tap (1) as it is.
+    static const double T[6][3] = {{0.5, 0, 0},           {-0.5, 0, -0.5}, {-1.0 / 6, 0, 1.0 / 6},
+                                   {1.0 / 6, 0, 1.0 / 3}, {0, 0, 1},       {0, 1, 0}};
+    for (int64_t pan = 0; pan < npan; ++pan)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t m = 0; m < nr; ++m) {
+          const float* g = wp_ + ((pan * C + c) * 9) * nr + m;
+          double t[6][3];  // T g
+          for (int a = 0; a < 6; ++a)
+            for (int q = 0; q < 3; ++q)
+              t[a][q] = T[a][0] * g[q * nr] + T[a][1] * g[(3 + q) * nr] + T[a][2] * g[(6 + q) * nr];
+          for (int a = 0; a < 6; ++a)
+            for (int b = 0; b < 6; ++b) {
+              const double v = t[a][0] * T[b][0] + t[a][1] * T[b][1] + t[a][2] * T[b][2];
+              u[(((a * 6 + b) * npan + pan) * C + c) * nr + m] = static_cast<float>(v);
+            }
+        }
+    u_ = u;
+  });
+  return u_;
+}
+
+WinogradS2Conv::Mode WinogradS2Conv::auto_mode(int64_t tiles) const {
+  const double u_per_tile = 36.0 * 4.0 * static_cast<double>(Kp_) * static_cast<double>(C_) /
+                            static_cast<double>(std::max<int64_t>(1, tiles));
+  return u_per_tile > kStreamedUPerTile ? Mode::kStreamed
+         : u_per_tile > kBlockUPerTile  ? Mode::kPanel
+                                        : Mode::kBlock;
+}
+
+int64_t WinogradS2Conv::tiles_of(int64_t N, int64_t H, int64_t W, const int64_t pads[4]) {
+  return N * ((out_size(H, pads[0], pads[2]) + 3) / 4) * ((out_size(W, pads[1], pads[3]) + 3) / 4);
+}
+
+bool WinogradS2Conv::prepare(int64_t N, int64_t H, int64_t W, const int64_t pads[4]) const {
+  if (N < 1 || !supports(H, W, pads[0], pads[1], pads[2], pads[3])) return true;
+  return auto_mode(tiles_of(N, H, W, pads)) == Mode::kStreamed || pretransformed() != nullptr;
+}
+
+const float* WinogradS2Conv::weights_read(int64_t N, int64_t H, int64_t W, const int64_t pads[4],
+                                          size_t* bytes) const {
+  if (auto_mode(tiles_of(N, H, W, pads)) != Mode::kStreamed) {
+    if (const float* u = pretransformed()) {
+      *bytes = static_cast<size_t>(36 * Kp_ * C_) * sizeof(float);
+      return u;
+    }
+  }
+  *bytes = static_cast<size_t>(9 * Kp_ * C_) * sizeof(float);
+  return wp_;
+}
+
+bool WinogradS2Conv::supports(int64_t H, int64_t W, int64_t pt, int64_t pl, int64_t pb,
+                              int64_t pr) {
+  for (int64_t p : {pt, pl, pb, pr})
+    if (p < 0 || p > 2) return false;
+  return H >= 1 && W >= 1 && H + pt + pb >= 3 && W + pl + pr >= 3 && H <= (int64_t(1) << 24) &&
+         W <= (int64_t(1) << 24);
+}
+
+bool WinogradS2Conv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_t pt, int64_t pl,
+                         int64_t pb, int64_t pr, const float* z, float* y, int threads,
+                         Mode mode) const {
+#if KILN_WINO_X86
+  if (!x || !y || N < 1 || !supports(H, W, pt, pl, pb, pr)) return false;
+  WinoS2Job j;
+  j.x = x, j.z = z, j.y = y, j.wp = wp_, j.bias = bias_, j.ep = ep_;
+  j.prefetch = wino_prefetch_enabled();
+  j.N = N, j.H = H, j.W = W, j.C = C_, j.K = K_, j.pt = pt, j.pl = pl;
+  j.OH = out_size(H, pt, pb), j.OW = out_size(W, pl, pr);
+  j.th = (j.OH + 3) / 4, j.tw = (j.OW + 3) / 4, j.tiles = N * j.th * j.tw;
+  const bool avx512 = isa_ == WinoIsa::kAvx512;
+  const int64_t lanes = avx512 ? wino_avx512::kLanes : wino_avx2::kLanes;
+  auto task = avx512 ? &wino_avx512::s2_task : &wino_avx2::s2_task;
+  j.Cp = (C_ + lanes - 1) / lanes * lanes;
+  j.npan = Kp_ / nr_;
+  const int64_t P = std::max(1, threads);
+  float* zeros = thread_scratch(3, static_cast<size_t>(j.Cp));
+  if (!zeros) return false;
+  std::memset(zeros, 0, sizeof(float) * static_cast<size_t>(j.Cp));
+  j.zeros = zeros;
+  // 81 rows of V per tile (Cp floats each) and of GEMM results (nr floats each).
+  const int64_t vtile = 81 * 4 * j.Cp, mtile = 81 * 4 * nr_;
+  // kBlock: V of a block in half of L2 (2 MB per core on Zen 5), rounds of P tasks while there
+  // are few blocks; kPanel: a block's results in
+  // L2 (~640 KB), as WinogradConv's modes.
+  // Many blocks: tiles per block a multiple of the GEMM's rows (planes of one row per tile then
+  // fill whole micro-tiles).
+  const int64_t rows = avx512 ? wino_avx512::kRows : wino_avx2::kRows;
+  auto blocks = [&](int64_t tmax, bool rounds) {
+    tmax = std::max<int64_t>(1, tmax);
+    int64_t ntb = (j.tiles + tmax - 1) / tmax;
+    if (rounds && ntb >= 4 * P && tmax >= rows)
+      return std::make_pair(tmax / rows * rows, int64_t(0));
+    if (rounds && ntb < 4 * P) ntb = (ntb + P - 1) / P * P;
+    const int64_t T = (j.tiles + ntb - 1) / ntb;
+    return std::make_pair(T, int64_t(0));
+  };
+  auto blk = blocks(kS2VBudget / vtile, true), pan = blocks(640 * 1024 / mtile, false);
+  blk.second = (j.tiles + blk.first - 1) / blk.first;
+  pan.second = (j.tiles + pan.first - 1) / pan.first;
+  if (mode == Mode::kAuto) {
+    static const int forced = [] {
+      const char* e = std::getenv("KILN_CPU_WINO_S2_MODE");
+      return !e                                ? 0
+             : std::strcmp(e, "block") == 0    ? 1
+             : std::strcmp(e, "panel") == 0    ? 2
+             : std::strcmp(e, "streamed") == 0 ? 3
+                                               : 0;
+    }();
+    mode = forced == 1   ? Mode::kBlock
+           : forced == 2 ? Mode::kPanel
+           : forced == 3 ? Mode::kStreamed
+                         : auto_mode(j.tiles);
+  }
+  if (mode != Mode::kStreamed) {
+    j.u = pretransformed();
+    if (!j.u) return false;
+  }
+  const auto& tb = mode == Mode::kBlock ? blk : pan;
+  j.T = tb.first, j.ntb = tb.second;
+  int64_t vo = 0, mo = 0;
+  for (int p = 0; p < 36; ++p) {
+    j.voff[p] = vo, j.moff[p] = mo;
+    vo += j.T * s2_mult(p) * j.Cp + 16;  // planes a cache line apart (see cpu_winograd_kernel)
+    mo += j.T * s2_mult(p) * nr_ + 16;
+  }
+  j.vsize = vo, j.msize = mo;
+  struct Ctx {
+    const WinoS2Job* j;
+    bool (*fn)(const WinoS2Job&, int64_t);
+  } ctx{&j, task};
+  auto body = [](void* c, int64_t i) {
+    auto* cx = static_cast<Ctx*>(c);
+    return cx->fn(*cx->j, i);
+  };
+  if (mode == Mode::kBlock) {
+    j.phase = 0;
+    return parallel_tasks(j.ntb, threads, body, &ctx);
+  }
+  j.vglob = thread_scratch(2, static_cast<size_t>(j.ntb * j.vsize));
+  if (!j.vglob) return false;
+  j.phase = 1;  // tasks of (tile block, channel chunk): at least 2 per thread
+  j.ncc = std::min(j.Cp / lanes, (2 * P + j.ntb - 1) / j.ntb);
+  j.cpc = (j.Cp / lanes + j.ncc - 1) / j.ncc * lanes;
+  j.ncc = (j.Cp + j.cpc - 1) / j.cpc;
+  if (!parallel_tasks(j.ntb * j.ncc, threads, body, &ctx)) return false;
+  j.phase = mode == Mode::kStreamed ? 3 : 2;
+  if (j.phase == 3) {
+    constexpr int64_t kUBudget = 512 * 1024;  // a block of U in L2, as WinogradConv's
+    const int64_t ccmax = std::max<int64_t>(8, kUBudget / (36 * 4 * nr_));
+    const int64_t nc = (C_ + ccmax - 1) / ccmax;
+    j.cc = (C_ + nc - 1) / nc;
+  }
+  return parallel_tasks_static(j.npan * j.ntb, threads, body, &ctx);
 #else
   (void)x, (void)N, (void)H, (void)W, (void)pt, (void)pl, (void)pb, (void)pr, (void)z, (void)y;
   (void)threads, (void)mode;

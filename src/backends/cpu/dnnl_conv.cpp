@@ -29,6 +29,17 @@
 // whole model). Zen 5, 2 threads, ResNet-50 b1 in the model (oneDNN's choice -> Kiln's):
 // 56x56x64 0.30 -> 0.17 ms, 28x28x128 0.32 -> 0.15, 14x14x256 0.37 -> 0.26; 7x7x512 ~0.55 either
 // way (weight-bandwidth bound; timing decides).
+// Kiln's own stride-2 Winograd (WinogradS2Conv, cpu_winograd.h: polyphase, F(4, 2) on the even
+// taps): for NHWC 3x3 convs with stride 2, no dilation, one group and pads <= 2 (ResNet v1.5's
+// downsampling 3x3s) one more candidate, "kiln.wino4x3s2" (tactic
+// "cpu.conv.onednn.kiln.wino4x3s2"), timed with the same harness (its U is 4x the weights: where
+// that is 1 MB up it is timed cold, as the others). Where it cannot run (KILN_CPU_KILN_WINO_S2=0,
+// another shape, no AVX2) the tactic loads as oneDNN's default; =force: tuning takes it wherever
+// it applies, untimed. Zen 5, 2 threads, tuned (brgconv -> Kiln's): ResNet-50 b1 layer2.0.conv2
+// 0.46 -> 0.33 ms (layer3.0 / 4.0 stay on brgconv: 0.46 vs 0.55, 0.58 vs 0.67, weights from
+// memory); b8 layer2.0 4.1 -> 3.0, layer3.0 3.7 -> 3.5, layer4.0 4.4 -> 4.0. One plan each,
+// KILN_CPU_KILN_WINO_S2=0 A/B alternating on a shared machine: b8 117.2-119.3 vs 120.2-122.1 ms
+// (3 pairs), b1 14.7-15.1 vs 15.0-15.3 ms (4 pairs).
 // Kiln's own 1x1 conv (cpu_conv1x1.h, AVX-512 / AVX2): for NHWC 1x1 convs with no pads and one
 // group, Y[N*OH*OW, M] = act(X[N*OH*OW, C] * W^T + bias + Z) with the epilogue in registers,
 // weights packed once (at its first plan); strided ones (ResNet's downsampling) gather their
@@ -111,6 +122,8 @@ struct ConvPlan {
   // Kiln's Winograd instead of oneDNN (impl kKilnWino): input dims (NHWC) and pads t, l, b, r.
   std::shared_ptr<const WinogradConv> kwino;
   int64_t kw_n = 0, kw_h = 0, kw_w = 0, kw_pads[4] = {0, 0, 0, 0};
+  // Kiln's stride-2 winograd (impl kKilnWinoS2): the same input dims and pads as kwino.
+  std::shared_ptr<const WinogradS2Conv> kws2;
   // Kiln's 1x1 conv instead of oneDNN (impl kKilnConv1x1): rows N*OH*OW, input geometry.
   std::shared_ptr<const Conv1x1> kc1;
   int64_t kc1_rows = 0;
@@ -131,6 +144,21 @@ bool kiln_wino_enabled() {
 }
 bool kiln_wino_forced() {
   return kiln_wino_env() == "force";
+}
+
+// KILN_CPU_KILN_WINO_S2=0 / =force, as KILN_CPU_KILN_WINO for Kiln's stride-2 winograd.
+const std::string& kiln_wino_s2_env() {
+  static const std::string v = [] {
+    const char* e = std::getenv("KILN_CPU_KILN_WINO_S2");
+    return std::string(e ? e : "");
+  }();
+  return v;
+}
+bool kiln_wino_s2_enabled() {
+  return kiln_wino_s2_env() != "0" && winograd_isa_available(WinoIsa::kAuto);
+}
+bool kiln_wino_s2_forced() {
+  return kiln_wino_s2_env() == "force";
 }
 
 // KILN_CPU_KILN_CONV1X1=0 / =force, as KILN_CPU_KILN_WINO for Kiln's 1x1 conv.
@@ -215,6 +243,8 @@ bool is_wino(const std::string& impl) { return impl.rfind(kWinoPrefix, 0) == 0; 
 constexpr const char kKilnWino[] = "kiln.wino4x3";
 // Kiln's 1x1 conv as an implementation name (cpu_conv1x1.h).
 constexpr const char kKilnConv1x1[] = "kiln.conv1x1";
+// Kiln's stride-2 winograd as an implementation name (cpu_winograd.h).
+constexpr const char kKilnWinoS2[] = "kiln.wino4x3s2";
 
 class DnnlConv final : public Kernel {
  public:
@@ -267,6 +297,10 @@ class DnnlConv final : public Kernel {
         kiln_wino_geometry(n, xs, nullptr)) {
       if (kiln_wino_forced()) names.clear();
       names.push_back(kKilnWino);
+    }
+    if (kiln_wino_s2_enabled() && kiln_wino_s2_geometry(n, xs, nullptr)) {
+      if (kiln_wino_s2_forced()) names.clear();
+      names.push_back(kKilnWinoS2);
     }
     if (kiln_conv1x1_enabled() && kiln_conv1x1_geometry(n, xs, nullptr)) {
       if (kiln_conv1x1_forced()) names.clear();
@@ -360,6 +394,10 @@ class DnnlConv final : public Kernel {
       std::lock_guard<std::mutex> lock(kwino_mu_);
       kc1_.reset();  // a timed candidate only: its packed weights go
     }
+    if (best != kKilnWinoS2) {
+      std::lock_guard<std::mutex> lock(kwino_mu_);
+      kws2_.reset();  // a timed candidate only: its U goes
+    }
     std::lock_guard<std::mutex> lock(mu_);
     if (best_plan) plans_[xs] = best_plan;
   }
@@ -424,6 +462,9 @@ class DnnlConv final : public Kernel {
     } else if (p.kwino) {
       r.p = reinterpret_cast<const char*>(p.kwino->weights_read(p.kw_n, p.kw_h, p.kw_w,
                                                                  p.kw_pads, &r.n));
+    } else if (p.kws2) {
+      r.p = reinterpret_cast<const char*>(
+          p.kws2->weights_read(p.kw_n, p.kw_h, p.kw_w, p.kw_pads, &r.n));
     } else if (p.weights_buf) {
       r.p = reinterpret_cast<const char*>(p.weights_buf.get());
       r.n = p.weights.get_desc().get_size();
@@ -439,6 +480,11 @@ class DnnlConv final : public Kernel {
     if (p->kc1)
       return p->kc1->run(x, p->kc1_rows, z_in_y ? y : z, y, omp_threads(), C1Order::kAuto,
                          &p->kc1_in);
+    if (p->kws2) {
+      const int64_t* pd = p->kw_pads;
+      return p->kws2->run(x, p->kw_n, p->kw_h, p->kw_w, pd[0], pd[1], pd[2], pd[3], z_in_y ? y : z,
+                          y, omp_threads());
+    }
     if (p->kwino) {
       const int64_t* pd = p->kw_pads;
       return p->kwino->run(x, p->kw_n, p->kw_h, p->kw_w, pd[0], pd[1], pd[2], pd[3], z_in_y ? y : z,
@@ -626,6 +672,30 @@ class DnnlConv final : public Kernel {
     return true;
   }
 
+  // Whether Kiln's stride-2 winograd can do this conv for NHWC input shape xs; its pads (t, l, b,
+  // r) into pads when set.
+  // Not for fewer than 16 input or output channels: the transforms then outweigh the GEMMs it
+  // saves (MobileNetV2's stem, 224x224x3 -> 32: 0.45 ms vs brgconv's 0.053, Zen 5, 2 threads).
+  bool kiln_wino_s2_geometry(const Node& n, const Shape& xs, int64_t* pads) const {
+    if (!nhwc_ || xs.size() != 4 || n.attr_int("group", 1) != 1 || w_.rank() != 4 ||
+        w_.dim(2) != 3 || w_.dim(3) != 3 || xs[3] != w_.dim(1) || xs[0] < 1 || w_.dim(0) < 16 ||
+        w_.dim(1) < 16)
+      return false;
+    auto win = nn::make_window(n, Shape{xs[1], xs[2]}, Shape{3, 3}, false);
+    if (!win.is_ok()) return false;
+    const nn::Window& w = win.value();
+    if (w.nsp != 2 || w.strides[0] != 2 || w.strides[1] != 2 || w.dilations[0] != 1 ||
+        w.dilations[1] != 1)
+      return false;
+    const int64_t pt = w.pad_begin[0], pl = w.pad_begin[1], pb = w.pad_end[0], pr = w.pad_end[1];
+    if (!WinogradS2Conv::supports(xs[1], xs[2], pt, pl, pb, pr)) return false;
+    if (w.out[0] != WinogradS2Conv::out_size(xs[1], pt, pb) ||
+        w.out[1] != WinogradS2Conv::out_size(xs[2], pl, pr))
+      return false;
+    if (pads) pads[0] = pt, pads[1] = pl, pads[2] = pb, pads[3] = pr;
+    return true;
+  }
+
   // Whether Kiln's 1x1 conv can do this conv for NHWC input shape xs; its strides (sh, sw) and
   // output size (OH, OW) into so when set.
   bool kiln_conv1x1_geometry(const Node& n, const Shape& xs, int64_t* so) const {
@@ -734,6 +804,27 @@ class DnnlConv final : public Kernel {
         p->kc1_rows = xs[0] * so[2] * so[3];
         p->kc1_in.H = xs[1], p->kc1_in.W = xs[2], p->kc1_in.sh = so[0], p->kc1_in.sw = so[1];
         p->dst_dims = {xs[0], w_.dim(0), so[2], so[3]};
+        return std::shared_ptr<const ConvPlan>(p);
+      }
+    }
+    if (impl == kKilnWinoS2 && kiln_wino_s2_enabled() && kiln_wino_s2_geometry(n, xs, p->kw_pads)) {
+      std::shared_ptr<const WinogradS2Conv> k;
+      {
+        std::lock_guard<std::mutex> lock(kwino_mu_);
+        if (!kws2_) {
+          kws2_ = WinogradS2Conv::create(w_.data<float>(), w_.dim(0), w_.dim(1),
+                                         has_bias_ ? b_.data<float>() : nullptr, ep_);
+          if (kws2_) packed_weight_done(w_.raw_data(), w_.nbytes());
+        }
+        k = kws2_;
+      }
+      if (k && k->prepare(xs[0], xs[1], xs[2], p->kw_pads)) {
+        p->kws2 = k;
+        p->impl = kKilnWinoS2;
+        p->kw_n = xs[0], p->kw_h = xs[1], p->kw_w = xs[2];
+        p->dst_dims = {xs[0], w_.dim(0),
+                       WinogradS2Conv::out_size(xs[1], p->kw_pads[0], p->kw_pads[2]),
+                       WinogradS2Conv::out_size(xs[2], p->kw_pads[1], p->kw_pads[3])};
         return std::shared_ptr<const ConvPlan>(p);
       }
     }
@@ -859,6 +950,7 @@ class DnnlConv final : public Kernel {
   mutable std::mutex kwino_mu_;
   mutable std::shared_ptr<const WinogradConv> kwino_;  // Kiln's winograd, made at first use
   mutable std::shared_ptr<const Conv1x1> kc1_;         // Kiln's 1x1 conv, made at first use
+  mutable std::shared_ptr<const WinogradS2Conv> kws2_;  // Kiln's stride-2 winograd, likewise
 };
 
 // Transpose of a float32 tensor (rank 2..6, any perm) as a oneDNN reorder: the source is
