@@ -299,6 +299,25 @@ WinogradConv::~WinogradConv() {
 
 namespace {
 
+#if KILN_WINO_X86
+// The filter w [K, C, 3, 3] as [Kp / nr panels][C][9][nr] (the taps of a panel's output channels
+// side by side, zeros past K) into *wp, and the bias padded with zeros to Kp into *bp; false when
+// memory runs out (the caller's destructor frees what was allocated).
+bool pack_filter(const float* w, const float* bias, int64_t K, int64_t C, int64_t nr, int64_t Kp,
+                 float** wp, float** bp) {
+  const size_t wn = static_cast<size_t>(9 * Kp * C);
+  *wp = alloc_weight_floats(wn);  // huge pages from 2 MB up (cpu_gemm.h)
+  *bp = alloc_floats(static_cast<size_t>(Kp));
+  if (!*wp || !*bp) return false;
+  for (int64_t i = 0; i < Kp; ++i) (*bp)[i] = bias && i < K ? bias[i] : 0.f;
+  std::memset(*wp, 0, wn * sizeof(float));
+  for (int64_t m = 0; m < K; ++m)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < 9; ++t)
+        (*wp)[(((m / nr) * C + c) * 9 + t) * nr + m % nr] = w[(m * C + c) * 9 + t];
+  return true;
+}
+#endif
 
 }  // namespace
 
@@ -317,18 +336,7 @@ std::shared_ptr<const WinogradConv> WinogradConv::create(const float* w, int64_t
   k->K_ = K, k->C_ = C, k->ep_ = ep;
   k->nr_ = isa == WinoIsa::kAvx512 ? wino_avx512::kPanel : wino_avx2::kPanel;
   k->Kp_ = (K + k->nr_ - 1) / k->nr_ * k->nr_;
-  const size_t wn = static_cast<size_t>(9 * k->Kp_ * C);
-  k->wp_ = alloc_weight_floats(wn);  // huge pages from 2 MB up (cpu_gemm.h)
-  k->bias_ = alloc_floats(static_cast<size_t>(k->Kp_));
-  if (!k->wp_ || !k->bias_) return none;
-  for (int64_t i = 0; i < k->Kp_; ++i) k->bias_[i] = bias && i < K ? bias[i] : 0.f;
-  // [K panels][C][9][nr]: the taps of a panel's output channels side by side.
-  std::memset(k->wp_, 0, wn * sizeof(float));
-  const int64_t nr = k->nr_;
-  for (int64_t m = 0; m < K; ++m)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < 9; ++t)
-        k->wp_[(((m / nr) * C + c) * 9 + t) * nr + m % nr] = w[(m * C + c) * 9 + t];
+  if (!pack_filter(w, bias, K, C, k->nr_, k->Kp_, &k->wp_, &k->bias_)) return none;
   return k;
 #else
   (void)bias;
@@ -510,18 +518,7 @@ std::shared_ptr<const WinogradS2Conv> WinogradS2Conv::create(const float* w, int
   const int64_t nr = isa == WinoIsa::kAvx512 ? wino_avx512::kPanel : wino_avx2::kPanel;
   k->nr_ = nr;
   k->Kp_ = (K + nr - 1) / nr * nr;
-  const int64_t npan = k->Kp_ / nr;
-  const size_t wn = static_cast<size_t>(9 * k->Kp_ * C);
-  k->wp_ = alloc_weight_floats(wn);
-  k->bias_ = alloc_floats(static_cast<size_t>(k->Kp_));
-  if (!k->wp_ || !k->bias_) return none;
-  for (int64_t i = 0; i < k->Kp_; ++i) k->bias_[i] = bias && i < K ? bias[i] : 0.f;
-  std::memset(k->wp_, 0, wn * sizeof(float));
-  (void)npan;
-  for (int64_t m = 0; m < K; ++m)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < 9; ++t)
-        k->wp_[(((m / nr) * C + c) * 9 + t) * nr + m % nr] = w[(m * C + c) * 9 + t];
+  if (!pack_filter(w, bias, K, C, nr, k->Kp_, &k->wp_, &k->bias_)) return none;
   return k;
 #else
   (void)bias;
