@@ -188,17 +188,6 @@ bool cold_weight_tuning() {
   return on;
 }
 
-// Evicts [p, p + n) from every cache level (x86 clflush; elsewhere nothing).
-void flush_bytes(const char* p, size_t n) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
-  const uintptr_t e = reinterpret_cast<uintptr_t>(p) + n;
-  for (uintptr_t a = b; a < e; a += 64) _mm_clflush(reinterpret_cast<const void*>(a));
-  _mm_mfence();
-#else
-  (void)p, (void)n;
-#endif
-}
 
 // KILN_CPU_WINOGRAD=0 turns winograd off (see the top).
 bool winograd_enabled() {
@@ -630,7 +619,7 @@ class DnnlConv final : public Kernel {
       // Big weights start in memory, as in a model whose weights outgrow the caches.
       if (cold_weight_tuning()) {
         const WeightBytes w = weights_of(p);
-        if (w.p && w.n >= kColdTuneBytes) flush_bytes(w.p, w.n);
+        if (w.p && w.n >= kColdTuneBytes) evict_from_cache(w.p, w.n);
       }
       using clock = std::chrono::steady_clock;
       auto t0 = clock::now();
