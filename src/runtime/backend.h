@@ -19,6 +19,13 @@ class Kernel {
   // The builder stores it in the node attribute `kiln_tactic`; prepare() given that attribute
   // must use it without timing again (that is what makes plan loads and cached rebuilds fast).
   virtual std::string tactic() const { return ""; }
+  // True when this kernel made its own device copy of constant input `i` at prepare (e.g. a
+  // convolution's filter in the layout its engines read): the executor then hands it the host
+  // constant as it is and uploads no second copy (device backends).
+  virtual bool owns_constant(size_t i) const {
+    (void)i;
+    return false;
+  }
 };
 
 // Looks up a constant (initializer) visible to a node, or nullptr.

@@ -71,7 +71,12 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
     }
     for (size_t i = 0; i < n.inputs.size(); ++i) {
       cn.in.push_back(n.inputs[i].empty() ? -1 : slot(n.inputs[i]));
-      cn.residency.push_back(backend.input_residency(kernel, n, i));
+      Residency r = backend.input_residency(kernel, n, i);
+      // A constant the prepared kernel keeps its own device copy of is not uploaded again.
+      if (r == Residency::kDevice && cn.kernel && !n.inputs[i].empty() && lookup(n.inputs[i]) &&
+          cn.kernel->owns_constant(i))
+        r = Residency::kAny;
+      cn.residency.push_back(r);
     }
     for (auto& o : n.outputs) cn.out.push_back(o.empty() ? -1 : slot(o));
     cg.nodes.push_back(std::move(cn));

@@ -56,6 +56,30 @@ Status fake_host_neg(OpContext& ctx, std::span<const Value> in, std::span<Value>
   return Status::ok();
 }
 
+// A prepared kernel that keeps its own "device" copy of its constant input 1 (as the CUDA
+// conv keeps its filter in KRSC): it must be handed the host constant, never an uploaded copy.
+int g_owned_runs = 0;
+class OwningMul final : public Kernel {
+ public:
+  explicit OwningMul(const Tensor& c) : own_(tagged(c, Device::kCuda)) {}
+  bool owns_constant(size_t i) const override { return i == 1; }
+  Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
+    if (!in[0].tensor.on_device()) return ctx.fail("Mul input 0 not on the device");
+    if (in[1].tensor.on_device()) return ctx.fail("Mul got an uploaded copy of the constant it owns");
+    ++g_owned_runs;
+    const Tensor& a = in[0].tensor;
+    Tensor y = Tensor::create(DataType::kFloat, a.shape()).value();
+    const float* c = static_cast<const float*>(own_.raw_data());
+    for (int64_t i = 0; i < a.numel(); ++i)
+      y.data<float>()[i] = static_cast<const float*>(a.raw_data())[i] * c[i % own_.numel()];
+    out[0] = Value(tagged(y, Device::kCuda));
+    return Status::ok();
+  }
+
+ private:
+  Tensor own_;
+};
+
 class FakeDevice final : public Backend {
  public:
   const char* name() const override { return "fake"; }
@@ -66,6 +90,13 @@ class FakeDevice final : public Backend {
     if (k == "fake.Reshape") return &fake_reshape;
     if (k == "fake.Neg") return &fake_host_neg;
     return nullptr;
+  }
+  Result<std::shared_ptr<const Kernel>> prepare(const std::string& k, const Node& n,
+                                                const ConstantLookup& constants) const override {
+    if (k != "fake.Mul") return std::shared_ptr<const Kernel>();
+    const Tensor* c = n.inputs.size() > 1 ? constants(n.inputs[1]) : nullptr;
+    if (!c) return invalid_argument("fake.Mul needs a constant input 1");
+    return std::shared_ptr<const Kernel>(std::make_shared<OwningMul>(*c));
   }
   Residency input_residency(const std::string& k, const Node& n, size_t i) const override {
     if (k == "fake.Neg") return Residency::kHost;
@@ -159,4 +190,35 @@ TEST(Residency, ForeignCudaPlanIsRefused) {
   std::transform(m.begin(), m.end(), m.begin(), [](unsigned char c) { return std::tolower(c); });
   EXPECT_NE(m.find("cuda"), std::string::npos) << e.status().message();
   EXPECT_NE(m.find("plan"), std::string::npos) << e.status().message();
+}
+
+// A constant a prepared kernel owns a device copy of is not uploaded by the executor (the CUDA
+// conv's filter: one copy of the weights on the GPU, not two); the same constant read by a
+// kernel that does not own it still is, once.
+TEST(Residency, ConstantsAKernelOwnsAreNotUploadedAgain) {
+  Graph g;
+  g.name = "own";
+  g.inputs.push_back({"X", TypeInfo::tensor(DataType::kFloat, {2, 3})});
+  g.initializers["W"] = Tensor::from_vector<float>({3}, {2, 3, 4});
+  g.initializers["V"] = Tensor::from_vector<float>({3}, {1, 1, 1});
+  g.nodes.push_back(mk("m", "Mul", {"X", "W"}, {"a"}));  // owns W: no upload
+  g.nodes.push_back(mk("s", "Add", {"a", "V"}, {"y"}));  // V: uploaded
+  g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  FakeDevice dev;
+  g_uploads = 0;
+  g_owned_runs = 0;
+  auto cg = compile_graph(g, dev, false);
+  ASSERT_TRUE(cg.is_ok()) << cg.status().message();
+  EXPECT_EQ(g_uploads, 1);  // V only
+  Frame f;
+  f.cg = cg->get();
+  f.slots.resize(static_cast<size_t>((*cg)->num_slots));
+  f.slots[static_cast<size_t>((*cg)->input_slots[0])] = Value(Tensor::from_vector<float>({2, 3}, {1, 2, 3, 4, 5, 6}));
+  Status st = run_graph(**cg, f, 0);
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  EXPECT_EQ(g_owned_runs, 1);
+  const Tensor& y = f.slots[static_cast<size_t>((*cg)->output_slots[0])].tensor;
+  ASSERT_TRUE(y.on_device());
+  const float want[] = {3, 7, 13, 9, 16, 25};  // x * w + 1
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(static_cast<const float*>(y.raw_data())[i], want[i]) << i;
 }
