@@ -132,7 +132,7 @@ struct TimingCache {
 // 7: Kiln's Winograd for stride-2 3x3 convs on the CPU), so that a
 // timing cache written before does not keep layers on a choice made without them. Older entries
 // stay in the file, unused.
-constexpr const char kTacticGeneration[] = "tactics-7";
+constexpr const char kTacticGeneration[] = "tactics-8";
 
 // What a tactic depends on: the candidates' generation, the device, the op and its attributes,
 // the input types and shapes.

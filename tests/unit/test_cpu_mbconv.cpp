@@ -3,7 +3,7 @@
 // kernel directly on every ISA this CPU has (AVX-512, AVX2), stride 1 and 2, symmetric and
 // one-sided pads, with and without a residual, odd sizes (rows not a multiple of the band or
 // chunk, channel counts not multiples of 16 / 8), 1 and 2 threads, forced bands and chunks, and
-// channel slices (small images) with a short last slice;
+// channel slices (small images) with a short last slice; every kernel variant (AllVariants);
 // then through the CPU backend (the block kernel on a hand-made block node with each tactic,
 // and a small ONNX graph built for the CPU: one block node, plan round trip, reference results).
 #include <gtest/gtest.h>
@@ -101,6 +101,10 @@ std::vector<float> reference(const Block& b, const std::vector<float>& x, int64_
   std::vector<double> e(n * H * W * s.ce), d(n * OH * OW * s.ce);
   for (int64_t p = 0; p < n * H * W; ++p)
     for (int64_t c = 0; c < s.ce; ++c) {
+      if (b.w1.empty()) {  // no expand: the depthwise conv reads x
+        e[p * s.ce + c] = x[p * s.cin + c];
+        continue;
+      }
       double acc = b.b1.empty() ? 0 : b.b1[c];
       for (int64_t k = 0; k < s.cin; ++k) acc += double(x[p * s.cin + k]) * b.w1[c * s.cin + k];
       e[p * s.ce + c] = act(s.e1, acc);
@@ -150,10 +154,11 @@ struct Case {
   bool residual;
 };
 
-void check_kernel(const Case& c, cpu::C1Isa isa, std::mt19937& rng) {
+void check_kernel(const Case& c, cpu::C1Isa isa, std::mt19937& rng, bool no_expand = false) {
   Block b = make_block(rng, c.cin, c.ce, c.cout, c.stride, c.pads);
-  auto m = cpu::MbConv::create(b.w1.data(), opt(b.b1), b.w2.data(), opt(b.b2), b.w3.data(),
-                               opt(b.b3), b.s, isa);
+  if (no_expand) b.w1.clear(), b.b1.clear();
+  auto m = cpu::MbConv::create(opt(b.w1), opt(b.b1), b.w2.data(), opt(b.b2), b.w3.data(), opt(b.b3),
+                               b.s, isa);
   ASSERT_TRUE(m);
   const int64_t OH = m->out_h(c.H), OW = m->out_w(c.W);
   std::vector<float> x = rnd(rng, c.n * c.H * c.W * c.cin);
@@ -191,6 +196,62 @@ TEST(KilnMbConvKernel, StridesPadsResidualOddSizes) {
   };
   for (cpu::C1Isa isa : isas())
     for (const Case& c : cases) check_kernel(c, isa, rng);
+}
+
+// Every kernel variant (cpu_mbconv.h: set_mbconv_variants) against the same double-precision
+// reference: the depthwise conv by channel vector and the older order, the block's own 1x1
+// micro-kernels (row tiles of 12 / 8 / 6 and the 7 / 5 alternatives, chosen by row count) and
+// Conv1x1's, 24-channel projections on paired pixels (M not a multiple of 16, residual) and on
+// panels, channel slices with per-slice partial sums (batch 2, 1 and 2 threads, a short last
+// slice, output channels not a multiple of 16) and with the projection after them.
+TEST(KilnMbConvKernel, AllVariants) {
+  if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
+  std::mt19937 rng(21);
+  const std::vector<Case> cases = {
+      {1, 5, 7, 8, 40, 24, 1, {1, 1, 1, 1}, true},     // 24 outputs, M = 35: paired pixels
+      {1, 12, 9, 16, 96, 24, 2, {1, 1, 1, 1}, false},  // 24 outputs, stride 2
+      {1, 7, 7, 16, 256, 20, 1, {1, 1, 1, 1}, true},   // 7x7 (M = 49: 7-row tiles), slices
+      {2, 3, 3, 9, 200, 33, 1, {1, 1, 1, 1}, true},    // slices, batch 2, short last slice
+      {1, 5, 5, 8, 48, 64, 1, {1, 1, 1, 1}, true},     // 64 outputs at M = 25 (5-row tiles)
+      {1, 14, 14, 12, 72, 48, 1, {1, 1, 1, 1}, true},  // 14x14 bands, 8x3 / 7x3 tiles
+      {1, 6, 5, 3, 19, 5, 2, {0, 0, 1, 1}, false},     // odd everything, one-sided pads
+  };
+  const bool on[5][4] = {{true, true, true, true},
+                         {false, true, true, true},
+                         {true, false, true, true},
+                         {true, true, false, true},
+                         {true, true, true, false}};
+  for (const auto& v : on) {
+    cpu::set_mbconv_variants(v[0], v[1], v[2], v[3]);
+    for (cpu::C1Isa isa : isas())
+      for (const Case& c : cases) {
+        SCOPED_TRACE(testing::Message() << "variants " << v[0] << v[1] << v[2] << v[3]);
+        check_kernel(c, isa, rng);
+      }
+  }
+  cpu::set_mbconv_variants(true, true, true, true);
+}
+
+// Without an expand (w1 null, ce = cin: MobileNetV2's features.1 form), the depthwise conv
+// reading x: bands, chunks, channel slices (with and without partial sums), both ISAs.
+TEST(KilnMbConvKernel, NoExpand) {
+  if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
+  std::mt19937 rng(22);
+  const std::vector<Case> cases = {
+      {1, 9, 11, 32, 32, 16, 1, {1, 1, 1, 1}, false},  // features.1's widths
+      {1, 12, 10, 19, 19, 16, 2, {1, 1, 1, 1}, true},  // odd channels, stride 2
+      {2, 3, 3, 260, 260, 9, 1, {1, 1, 1, 1}, true},   // channel slices, batch 2
+      {1, 5, 6, 40, 40, 24, 1, {0, 0, 1, 1}, false},   // one-sided pads, 24 outputs
+  };
+  for (int v = 0; v < 3; ++v) {
+    cpu::set_mbconv_variants(true, v != 1, true, v != 2);
+    for (cpu::C1Isa isa : isas())
+      for (const Case& c : cases) check_kernel(c, isa, rng, /*no_expand=*/true);
+  }
+  cpu::set_mbconv_variants(true, true, true, true);
+  Block b = make_block(rng, 8, 16, 8, 1, {1, 1, 1, 1});
+  EXPECT_FALSE(cpu::MbConv::create(nullptr, nullptr, b.w2.data(), nullptr, b.w3.data(), nullptr,
+                                   b.s));  // ce != cin needs an expand
 }
 
 TEST(KilnMbConvKernel, NoBiasAndOtherActivations) {

@@ -3,6 +3,7 @@
 #include "backends/cpu/cpu_mbconv.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,23 @@ namespace {
 using DwFn = void (*)(const float* const* r, int64_t G, int64_t W, int64_t OW, int s, int64_t pl,
                       const float* wd, const float* bd, int64_t ce, int64_t is, int64_t os,
                       int64_t cep, int act, float lo, float hi, float alpha, float* d, int64_t ds);
+
+using MbGemmFn = void (*)(const MbPack& pk, const float* x, int64_t M, int64_t k0, int64_t kn,
+                          const float* bias, int64_t p0, int64_t p1, int64_t N, const float* z,
+                          int64_t ldz, float* y, int64_t ldy, int act, float lo, float hi,
+                          float alpha, float* buf);
+using MbReduceFn = void (*)(const float* const* part, int np, int64_t M, int64_t N,
+                            const float* bias, const float* z, float* y, int act, float lo,
+                            float hi, float alpha);
+
+// KILN_CPU_MBCONV_DW2=0: the depthwise conv one output row at a time (A/B runs).
+bool dw_two_rows() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CPU_MBCONV_DW2");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  return on;
+}
 
 // Channels of the depthwise weights are padded to this (the widest vector).
 constexpr int64_t kPad = 16;
@@ -78,6 +96,9 @@ inline __mmask16 lanes(int64_t n) {
 inline void vstore_n(float* p, V v, int64_t n) {
   _mm512_mask_storeu_ps(p, lanes(n), v);
 }
+inline V vload_n(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(lanes(n), p);
+}
 inline V vmax(V a, V b) {
   return _mm512_max_ps(a, b);
 }
@@ -88,10 +109,22 @@ inline V vleaky(V x, float a) {
   return _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x,
                             _mm512_set1_ps(a));
 }
+#define KILN_MB_PAIR24 1
 #include "backends/cpu/cpu_mbconv_kernel.inc"
+#undef KILN_MB_PAIR24
 }  // namespace
-DwFn dw() {
-  return &dw_rows;
+DwFn dw(bool cv) {
+  return cv ? &dw_rows_cv : &dw_rows;
+}
+MbGemmFn gemm(int mr, int nv) {
+  return gemm_fn(mr, nv);
+}
+MbReduceFn reduce() {
+  return &mb_reduce;
+}
+void pair24(const float* wp, const float* bias48, int64_t K, const float* x, int64_t M,
+            const float* z, float* y, int act, float lo, float hi, float alpha, float* buf) {
+  mb_pair24(wp, bias48, K, x, M, z, y, act, lo, hi, alpha, buf);
 }
 }  // namespace mb_avx512
 #if defined(__clang__)
@@ -126,6 +159,9 @@ inline __m256i lanes(int64_t n) {
 inline void vstore_n(float* p, V v, int64_t n) {
   _mm256_maskstore_ps(p, lanes(n), v);
 }
+inline V vload_n(const float* p, int64_t n) {
+  return _mm256_maskload_ps(p, lanes(n));
+}
 inline V vmax(V a, V b) {
   return _mm256_max_ps(a, b);
 }
@@ -136,10 +172,18 @@ inline V vleaky(V x, float a) {
   return _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(a)),
                           _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
 }
+#define KILN_MB_PAIR24 0
 #include "backends/cpu/cpu_mbconv_kernel.inc"
+#undef KILN_MB_PAIR24
 }  // namespace
-DwFn dw() {
-  return &dw_rows;
+DwFn dw(bool cv) {
+  return cv ? &dw_rows_cv : &dw_rows;
+}
+MbGemmFn gemm(int mr, int nv) {
+  return gemm_fn(mr, nv);
+}
+MbReduceFn reduce() {
+  return &mb_reduce;
 }
 }  // namespace mb_avx2
 #if defined(__clang__)
@@ -162,6 +206,89 @@ int64_t chunk_budget() {
     return v > 0 && v < (1 << 20) ? int64_t(v) << 10 : int64_t(768) << 10;
   }();
   return b;
+}
+
+// Kernel variants, for A/B runs (each =0 in the environment at first use turns its change
+// off; tests switch them with set_mbconv_variants):
+// KILN_CPU_MBCONV_DW=0: the depthwise conv in dw_rows' order (cpu_mbconv_kernel.inc);
+// KILN_CPU_MBCONV_GEMM=0: the 1x1 parts on cpu_conv1x1.h's kernels, not the block's own;
+// KILN_CPU_MBCONV_PAIR=0: 24-channel projections on 12x2 panels, not paired pixels (mb_pair24);
+// KILN_CPU_MBCONV_SLICESUM=0: channel slices with the projection after them, split over the
+// threads (a second parallel region), not per-slice partial sums.
+std::atomic<unsigned>& variants() {
+  static std::atomic<unsigned> v([] {
+    unsigned bits = 0;
+    const char* names[4] = {"KILN_CPU_MBCONV_DW", "KILN_CPU_MBCONV_GEMM", "KILN_CPU_MBCONV_PAIR",
+                            "KILN_CPU_MBCONV_SLICESUM"};
+    for (int i = 0; i < 4; ++i) {
+      const char* e = std::getenv(names[i]);
+      if (!(e && e[0] == '0' && e[1] == 0)) bits |= 1u << i;
+    }
+    return bits;
+  }());
+  return v;
+}
+bool dw_cv() {
+  return variants().load(std::memory_order_relaxed) & 1;
+}
+bool own_gemm() {
+  return variants().load(std::memory_order_relaxed) & 2;
+}
+bool pair24_on() {
+  return variants().load(std::memory_order_relaxed) & 4;
+}
+bool slice_sum() {
+  return variants().load(std::memory_order_relaxed) & 8;
+}
+
+// Vectors per panel for N output channels: 3 where they divide evenly (8x3 tiles ran fastest
+// at MobileNetV2's widths), else the widest whose last panel is fullest; AVX2 at most 2.
+int nv_for(int64_t N, bool avx512) {
+  const int lanes = avx512 ? 16 : 8, maxnv = avx512 ? 4 : 2;
+  const int64_t nvec = (N + lanes - 1) / lanes;
+  if (avx512 && nvec % 3 == 0) return 3;
+  int nv = 1;
+  double best = -1;
+  for (int v = static_cast<int>(std::min<int64_t>(maxnv, nvec)); v >= 1; --v) {
+    const int64_t tail = nvec % v == 0 ? v : nvec % v;
+    const double fill = double(tail) / v;
+    if (fill > best + 1e-9) best = fill, nv = v;
+  }
+  return nv;
+}
+
+int mr_for(int nv, bool avx512) {
+  if (!avx512) return nv == 1 ? 12 : 6;
+  return nv <= 2 ? 12 : nv == 3 ? 8 : 6;
+}
+
+// The micro-tile rows for M rows with panels of nv vectors: mr_for's, or the alternative
+// (7, or 5 for the widest) where it leaves fewer rows computed for nothing; M = 49 (7x7) with
+// 8x3 / 12x2 tiles computed 56 / 60 rows.
+int mr_for_rows(int nv, bool avx512, int64_t M) {
+  const int a = mr_for(nv, avx512), b = a == 6 ? 5 : 7;
+  const int64_t wa = (M + a - 1) / a * a, wb = (M + b - 1) / b * b;
+  return wb < wa ? b : a;
+}
+
+// Packs w [N, K] (+ bias) into pk; false when out of memory.
+bool make_pack(MbPack& pk, const float* w, const float* bias, int64_t N, int64_t K, bool avx512) {
+  pk.K = K, pk.N = N;
+  pk.nv = nv_for(N, avx512);
+  pk.mr = mr_for(pk.nv, avx512);
+  pk.W = int64_t(pk.nv) * (avx512 ? 16 : 8);
+  pk.npan = (N + pk.W - 1) / pk.W;
+  const size_t bn = static_cast<size_t>(pk.npan * K * pk.W);
+  pk.bp = alloc_floats(bn);
+  pk.bias = alloc_floats(static_cast<size_t>(pk.npan * pk.W));
+  if (!pk.bp || !pk.bias) return false;
+  std::memset(pk.bp, 0, bn * sizeof(float));
+  for (int64_t n = 0; n < N; ++n) {
+    float* d = pk.bp + (n / pk.W) * K * pk.W + n % pk.W;
+    for (int64_t k = 0; k < K; ++k) d[k * pk.W] = w[n * K + k];
+  }
+  for (int64_t i = 0; i < pk.npan * pk.W; ++i) pk.bias[i] = bias && i < N ? bias[i] : 0.f;
+  return true;
 }
 
 // Bands per thread (KILN_CPU_MBCONV_BANDS overrides: tuning). One: more re-expand halo rows and
@@ -206,6 +333,80 @@ struct MbJob {
   int64_t n, H, W, OH, OW, band, nb, G;
   DwFn dw;
   float* D;  // channel slices: the depthwise output [n, OH, OW, ce]
+  MbGemmFn (*gemm)(int mr, int nv) = nullptr;  // the block's own 1x1 kernels (null: Conv1x1's)
+  bool avx512 = true;
+  bool pair = false;             // the projection on mb_pair24 (24 channels, AVX-512)
+  int64_t prow = 0, ptasks = 0;  // channel slices' projection: rows per task, tasks
+};
+
+// The expand (k 0) or project (k 2) activation as the gemm takes it.
+struct GemmAct {
+  int act;
+  float lo, hi, alpha;
+  explicit GemmAct(const fused::Epilogue& e) {
+    const DwAct a(e);
+    act = a.act, lo = a.lo, hi = a.hi, alpha = a.alpha;
+  }
+};
+
+struct MbParts {
+  // The projection of d's channels [c0, c0 + nc) (d: [M, nc]) into part [M, cout]: written when
+  // first, else added (no bias, no activation: mb_reduce adds those).
+  static bool partial(const MbJob& j, const float* d, int64_t M, int64_t c0, int64_t nc, bool first,
+                      float* part) {
+    const MbConv& m = *j.m;
+    const MbPack& pk = m.pp_;
+    const int mr = mr_for_rows(pk.nv, j.avx512, M);
+    const MbGemmFn fn = j.gemm(mr, pk.nv);
+    float* buf = thread_scratch(ScratchOwner::kMbConv, 2, static_cast<size_t>(mr * nc));
+    if (!buf || !fn) return false;
+    const float inf = std::numeric_limits<float>::infinity();
+    const int64_t co = m.s_.cout;
+    fn(pk, d, M, c0, nc, nullptr, 0, pk.npan, co, first ? nullptr : part, co, part, co, 0, -inf,
+       inf, 0.f, buf);
+    return true;
+  }
+
+  // Rows [0, M) of x through the expand's panels [p0, p1) into e (row stride lde).
+  static bool expand(const MbJob& j, const float* x, int64_t M, int64_t p0, int64_t p1, float* e,
+                     int64_t lde) {
+    const MbConv& m = *j.m;
+    const MbPack& pk = m.pe_;
+    const int mr = mr_for_rows(pk.nv, j.avx512, M);
+    const MbGemmFn fn = j.gemm(mr, pk.nv);
+    float* buf = thread_scratch(ScratchOwner::kMbConv, 2, static_cast<size_t>(mr * pk.K));
+    if (!buf || !fn) return false;
+    const GemmAct a(m.s_.e1);
+    fn(pk, x, M, 0, pk.K, pk.bias, p0, p1, std::min(m.s_.ce, p1 * pk.W) - p0 * pk.W, nullptr, 0, e,
+       lde, a.act, a.lo, a.hi, a.alpha, buf);
+    return true;
+  }
+
+  // Rows [0, M) of d (the depthwise output, row stride ce) through the projection's panels
+  // [p0, p1) into y (row stride cout), + z.
+  static bool project(const MbJob& j, const float* d, int64_t M, int64_t p0, int64_t p1,
+                      const float* z, float* y) {
+    const MbConv& m = *j.m;
+    const MbPack& pk = m.pp_;
+#if KILN_MB_X86
+    if (j.pair && p0 == 0) {
+      float* pb = thread_scratch(ScratchOwner::kMbConv, 2, static_cast<size_t>(16 * pk.K));
+      if (!pb) return false;
+      const GemmAct a(m.s_.e3);
+      mb_avx512::pair24(m.wp24_, m.bp24_, pk.K, d, M, z, y, a.act, a.lo, a.hi, a.alpha, pb);
+      return true;
+    }
+#endif
+    const int mr = mr_for_rows(pk.nv, j.avx512, M);
+    const MbGemmFn fn = j.gemm(mr, pk.nv);
+    float* buf = thread_scratch(ScratchOwner::kMbConv, 2, static_cast<size_t>(mr * pk.K));
+    if (!buf || !fn) return false;
+    const GemmAct a(m.s_.e3);
+    const int64_t c0 = p0 * pk.W, co = m.s_.cout;
+    fn(pk, d, M, 0, pk.K, pk.bias, p0, p1, std::min(co, p1 * pk.W) - c0, z ? z + c0 : nullptr, co,
+       y + c0, co, a.act, a.lo, a.hi, a.alpha, buf);
+    return true;
+  }
 };
 
 struct MbSliceTask {
@@ -218,11 +419,22 @@ struct MbSliceTask {
     const int64_t img = i / S;
     const MbConv::Slice& sl = m.slices_[static_cast<size_t>(i % S)];
     const int64_t nc = sl.c1 - sl.c0, W = j.W;
-    float* E = mb_scratch(static_cast<size_t>((j.H + 1) * W * nc + 2 * kPad));
-    if (!E) return false;
-    float* zero = E + j.H * W * nc + kPad;
-    std::memset(zero, 0, sizeof(float) * static_cast<size_t>(W * nc + kPad));
-    if (!sl.expand->run(j.x + img * j.H * W * s.cin, j.H * W, nullptr, E, 1)) return false;
+    const bool noexp = m.noexp_;  // the slice's channels of x itself (pixel stride cin)
+    const int64_t is = noexp ? s.cin : nc;
+    float* buf = mb_scratch(static_cast<size_t>((noexp ? 0 : j.H * W * nc) + W * is + 2 * kPad));
+    if (!buf) return false;
+    float* zero = noexp ? buf : buf + j.H * W * nc + kPad;
+    std::memset(zero, 0, sizeof(float) * static_cast<size_t>(W * is + kPad));
+    const float* E = buf;
+    bool ok = true;
+    if (noexp)
+      E = j.x + img * j.H * W * s.cin + sl.c0;
+    else if (j.gemm)
+      ok = MbParts::expand(j, j.x + img * j.H * W * s.cin, j.H * W, sl.c0 / m.pe_.W,
+                           std::min(m.pe_.npan, sl.c0 / m.pe_.W + m.slice_pan_), buf, nc);
+    else
+      ok = sl.expand->run(j.x + img * j.H * W * s.cin, j.H * W, nullptr, buf, 1);
+    if (!ok) return false;
     const DwAct a(s.e2);
     float* D = j.D + img * j.OH * j.OW * s.ce + sl.c0;
     for (int64_t o0 = 0; o0 < j.OH; o0 += kMaxChunk) {
@@ -231,12 +443,74 @@ struct MbSliceTask {
       for (int64_t oh = o0; oh < o1; ++oh)
         for (int kh = 0; kh < 3; ++kh) {
           const int64_t ih = oh * s.stride - s.pt + kh;
-          r[3 * (oh - o0) + kh] = ih >= 0 && ih < j.H ? E + ih * W * nc : zero;
+          r[3 * (oh - o0) + kh] = ih >= 0 && ih < j.H ? E + ih * W * is : zero;
         }
-      j.dw(r, o1 - o0, W, j.OW, s.stride, s.pl, m.wd_ + sl.c0, m.bd_ + sl.c0, nc, nc, s.ce, m.cep_,
+      j.dw(r, o1 - o0, W, j.OW, s.stride, s.pl, m.wd_ + sl.c0, m.bd_ + sl.c0, nc, is, s.ce, m.cep_,
            a.act, a.lo, a.hi, a.alpha, D + o0 * j.OW * s.ce, j.OW * s.ce);
     }
     return true;
+  }
+};
+
+struct MbSliceSumTask {
+  // Task i: image i / T, slices [t S / T, (t + 1) S / T) of it (t = i % T), each expanded,
+  // filtered and projected onto its channels into the task's partial sum (j.D + i * per).
+  static bool run(void* ctx, int64_t i) {
+    const MbJob& j = *static_cast<const MbJob*>(ctx);
+    const MbConv& m = *j.m;
+    const MbConvShape& s = m.s_;
+    const int64_t S = static_cast<int64_t>(m.slices_.size()), T = j.ptasks;
+    const int64_t img = i / T, t = i % T, W = j.W, M = j.OH * j.OW;
+    const int64_t s0 = t * S / T, s1 = (t + 1) * S / T;
+    float* part = j.D + i * M * s.cout;
+    const DwAct a(s.e2);
+    for (int64_t si = s0; si < s1; ++si) {
+      const MbConv::Slice& sl = m.slices_[static_cast<size_t>(si)];
+      const int64_t nc = sl.c1 - sl.c0;
+      const bool noexp = m.noexp_;  // the slice's channels of x itself (pixel stride cin)
+      const int64_t is = noexp ? s.cin : nc;
+      float* buf =
+          mb_scratch(static_cast<size_t>((noexp ? 0 : j.H * W * nc) + W * is + M * nc + 3 * kPad));
+      if (!buf) return false;
+      float* zero = noexp ? buf : buf + j.H * W * nc + kPad;
+      float* D = zero + W * is + kPad;
+      std::memset(zero, 0, sizeof(float) * static_cast<size_t>(W * is + kPad));
+      const float* E = buf;
+      if (noexp)
+        E = j.x + img * j.H * W * s.cin + sl.c0;
+      else if (!MbParts::expand(j, j.x + img * j.H * W * s.cin, j.H * W, sl.c0 / m.pe_.W,
+                                std::min(m.pe_.npan, sl.c0 / m.pe_.W + m.slice_pan_), buf, nc))
+        return false;
+      for (int64_t o0 = 0; o0 < j.OH; o0 += kMaxChunk) {
+        const int64_t o1 = std::min(j.OH, o0 + kMaxChunk);
+        const float* r[3 * kMaxChunk];
+        for (int64_t oh = o0; oh < o1; ++oh)
+          for (int kh = 0; kh < 3; ++kh) {
+            const int64_t ih = oh * s.stride - s.pt + kh;
+            r[3 * (oh - o0) + kh] = ih >= 0 && ih < j.H ? E + ih * W * is : zero;
+          }
+        j.dw(r, o1 - o0, W, j.OW, s.stride, s.pl, m.wd_ + sl.c0, m.bd_ + sl.c0, nc, is, nc, m.cep_,
+             a.act, a.lo, a.hi, a.alpha, D + o0 * j.OW * nc, j.OW * nc);
+      }
+      if (!MbParts::partial(j, D, M, sl.c0, nc, si == s0, part)) return false;
+    }
+    return true;
+  }
+};
+
+struct MbProjTask {
+  // Channel slices' projection, task i: row tile i / npan (prow rows), panel i % npan; each
+  // thread a contiguous run of them (parallel_tasks_static), so the two threads split the
+  // tile-panels evenly (7x7 x 160 outputs: 7 tiles x 5 panels, 18 / 17).
+  static bool run(void* ctx, int64_t i) {
+    const MbJob& j = *static_cast<const MbJob*>(ctx);
+    const MbConv& m = *j.m;
+    const int64_t np = m.pp_.npan, M = j.n * j.OH * j.OW;
+    const int64_t r0 = (i / np) * j.prow, r1 = std::min(M, r0 + j.prow), p = i % np;
+    if (r0 >= r1) return true;
+    const int64_t co = m.s_.cout;
+    return MbParts::project(j, j.D + r0 * m.s_.ce, r1 - r0, p, p + 1, j.z ? j.z + r0 * co : nullptr,
+                            j.y + r0 * co);
   }
 };
 
@@ -250,7 +524,7 @@ struct MbTask {
     if (o0 >= o1) return true;
     const int64_t ce = s.ce, st = s.stride, W = j.W, OW = j.OW;
     const int64_t rowE = W * ce, rowD = OW * ce;
-    const int64_t G = j.G, erows = (G - 1) * st + 3;
+    const int64_t G = j.G, erows = m.noexp_ ? 0 : (G - 1) * st + 3;
     float* buf = mb_scratch(static_cast<size_t>(erows * rowE + G * rowD + rowE + 3 * kPad));
     if (!buf) return false;
     float* E = buf;
@@ -266,7 +540,10 @@ struct MbTask {
       const int64_t oe = std::min(o1, oc + G);
       const int64_t lo_r = std::max<int64_t>(0, oc * st - s.pt);
       const int64_t hi_r = std::min<int64_t>(j.H, (oe - 1) * st - s.pt + 3);
-      if (blo <= lo_r && lo_r < bhi) {  // keep the rows this chunk shares with the last
+      if (m.noexp_) {
+        // No expand (ce = cin): the depthwise conv reads x's rows.
+        blo = 0, bhi = j.H;
+      } else if (blo <= lo_r && lo_r < bhi) {  // keep the rows this chunk shares with the last
         if (lo_r > blo)
           std::memmove(E, E + (lo_r - blo) * rowE,
                        sizeof(float) * static_cast<size_t>((bhi - lo_r) * rowE));
@@ -275,30 +552,41 @@ struct MbTask {
         blo = bhi = lo_r;
       }
       if (bhi < hi_r) {
-        if (!m.expand_->run(x + bhi * W * s.cin, (hi_r - bhi) * W, nullptr, E + (bhi - blo) * rowE,
-                            1))
-          return false;
+        bool ok;
+        if (j.gemm)
+          ok = MbParts::expand(j, x + bhi * W * s.cin, (hi_r - bhi) * W, 0, m.pe_.npan,
+                               E + (bhi - blo) * rowE, ce);
+        else
+          ok = m.expand_->run(x + bhi * W * s.cin, (hi_r - bhi) * W, nullptr,
+                              E + (bhi - blo) * rowE, 1);
+        if (!ok) return false;
         bhi = hi_r;
       }
       const float* r[3 * kMaxChunk];
       for (int64_t oh = oc; oh < oe; ++oh)
         for (int kh = 0; kh < 3; ++kh) {
           const int64_t ih = oh * st - s.pt + kh;
-          r[3 * (oh - oc) + kh] = ih >= 0 && ih < j.H ? E + (ih - blo) * rowE : zero;
+          r[3 * (oh - oc) + kh] = ih < 0 || ih >= j.H ? zero
+                                  : !m.noexp_         ? E + (ih - blo) * rowE
+                                                      : x + ih * rowE;
         }
       j.dw(r, oe - oc, W, OW, static_cast<int>(st), s.pl, m.wd_, m.bd_, ce, ce, ce, m.cep_, a.act,
            a.lo, a.hi, a.alpha, D, rowD);
-      if (!m.project_->run(D, (oe - oc) * OW, z ? z + oc * OW * s.cout : nullptr,
-                           y + oc * OW * s.cout, 1))
-        return false;
+      bool ok;
+      if (j.gemm)
+        ok = MbParts::project(j, D, (oe - oc) * OW, 0, m.pp_.npan,
+                              z ? z + oc * OW * s.cout : nullptr, y + oc * OW * s.cout);
+      else
+        ok = m.project_->run(D, (oe - oc) * OW, z ? z + oc * OW * s.cout : nullptr,
+                             y + oc * OW * s.cout, 1);
+      if (!ok) return false;
     }
     return true;
   }
 };
 
 MbConv::~MbConv() {
-  for (float* p : {wd_, bd_})
-    free_floats(p);
+  for (float* p : {wd_, bd_, pe_.bp, pe_.bias, pp_.bp, pp_.bias, wp24_, bp24_}) free_floats(p);
 }
 
 std::shared_ptr<const MbConv> MbConv::create(const float* w1, const float* b1, const float* w2,
@@ -308,7 +596,7 @@ std::shared_ptr<const MbConv> MbConv::create(const float* w1, const float* b1, c
 #if KILN_MB_X86
   if (isa == C1Isa::kAuto)
     isa = conv1x1_isa_available(C1Isa::kAvx512) ? C1Isa::kAvx512 : C1Isa::kAvx2;
-  if (!w1 || !w2 || !w3 || !conv1x1_isa_available(isa)) return none;
+  if ((!w1 && s.ce != s.cin) || !w2 || !w3 || !conv1x1_isa_available(isa)) return none;
   if (s.cin < 1 || s.ce < 1 || s.cout < 1 || s.cin > (1 << 16) || s.ce > (1 << 16) ||
       s.cout > (1 << 16) || (s.stride != 1 && s.stride != 2))
     return none;
@@ -319,20 +607,43 @@ std::shared_ptr<const MbConv> MbConv::create(const float* w1, const float* b1, c
   if (!m) return none;
   m->s_ = s;
   m->isa_ = isa;
-  m->expand_ = Conv1x1::create(w1, s.ce, s.cin, b1, s.e1, isa);
-  m->project_ = Conv1x1::create(w3, s.cout, s.ce, b3, s.e3, isa);
-  if (!m->expand_ || !m->project_) return none;
-  // Channel slices of 16-multiples: 4 where each keeps 64 channels or more, else 2 (else none).
-  const int64_t vecs = (s.ce + kPad - 1) / kPad;
-  const int64_t S = vecs >= 16 ? 4 : vecs >= 2 ? 2 : 1;
+  m->noexp_ = !w1;
+  // cpu_conv1x1.h's kernels only where they are to run (KILN_CPU_MBCONV_GEMM=0 at create): a
+  // second packed copy of the weights otherwise (MobileNetV2: 6 MB more peak RSS).
+  const bool c1 = !own_gemm();
+  if (c1) {
+    if (w1) m->expand_ = Conv1x1::create(w1, s.ce, s.cin, b1, s.e1, isa);
+    m->project_ = Conv1x1::create(w3, s.cout, s.ce, b3, s.e3, isa);
+    if ((w1 && !m->expand_) || !m->project_) return none;
+  }
+  const bool avx512 = isa == C1Isa::kAvx512;
+  if ((w1 && !make_pack(m->pe_, w1, b1, s.ce, s.cin, avx512)) ||
+      !make_pack(m->pp_, w3, b3, s.cout, s.ce, avx512))
+    return none;
+  if (avx512 && s.cout == 24) {
+    // mb_pair24's weights: per k, [W 0..15], [W 16..23, W 0..7], [W 8..23] (and the bias so).
+    m->wp24_ = alloc_floats(static_cast<size_t>(48 * s.ce));
+    m->bp24_ = alloc_floats(48);
+    if (!m->wp24_ || !m->bp24_) return none;
+    for (int64_t k = 0; k < s.ce; ++k)
+      for (int i = 0; i < 48; ++i) m->wp24_[k * 48 + i] = w3[(i % 24) * s.ce + k];
+    for (int i = 0; i < 48; ++i) m->bp24_[i] = b3 ? b3[i % 24] : 0.f;
+  }
+  // Channel slices of whole expand panels (without an expand: of 16 channels): 4 where each
+  // keeps 64 channels or more, else 2 (else none).
+  const int64_t np = w1 ? m->pe_.npan : (s.ce + kPad - 1) / kPad;
+  const int64_t S = np >= 4 && s.ce >= 256 ? 4 : np >= 2 ? 2 : 1;
   if (S > 1) {
-    const int64_t per = (vecs + S - 1) / S * kPad;
+    m->slice_pan_ = (np + S - 1) / S;
+    const int64_t per = m->slice_pan_ * (w1 ? m->pe_.W : kPad);
     for (int64_t c0 = 0; c0 < s.ce; c0 += per) {
       Slice sl;
       sl.c0 = c0, sl.c1 = std::min(s.ce, c0 + per);
-      sl.expand =
-          Conv1x1::create(w1 + c0 * s.cin, sl.c1 - sl.c0, s.cin, b1 ? b1 + c0 : nullptr, s.e1, isa);
-      if (!sl.expand) return none;
+      if (w1 && c1) {
+        sl.expand = Conv1x1::create(w1 + c0 * s.cin, sl.c1 - sl.c0, s.cin, b1 ? b1 + c0 : nullptr,
+                                    s.e1, isa);
+        if (!sl.expand) return none;
+      }
       m->slices_.push_back(std::move(sl));
     }
   }
@@ -359,17 +670,62 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
   MbJob j;
   j.m = this, j.x = x, j.z = z, j.y = y;
   j.n = n, j.H = H, j.W = W, j.OH = OH, j.OW = OW;
-  j.dw = isa_ == C1Isa::kAvx512 ? mb_avx512::dw() : mb_avx2::dw();
+  j.dw = isa_ == C1Isa::kAvx512 ? mb_avx512::dw(dw_cv()) : mb_avx2::dw(dw_cv());
+  if (own_gemm() || !project_) {  // (no Conv1x1 objects: made while the variant was on)
+    auto g = isa_ == C1Isa::kAvx512 ? &mb_avx512::gemm : &mb_avx2::gemm;
+    j.gemm = g, j.avx512 = isa_ == C1Isa::kAvx512;
+    j.pair = wp24_ && j.avx512 && pair24_on();
+  }
   const int64_t P = std::max(1, threads);
   // Channel slices where bands would be short: 4 output rows per thread or fewer (MobileNetV2
   // at 7x7 output, 2 threads: 960 expanded channels 98 -> 79 us; at 14x14 bands were as fast
   // or faster: 384 channels 51 vs 56 us).
-  if (!slices_.empty() && (bands < 0 || (bands == 0 && n * OH <= 4 * P))) {
+  // KILN_CPU_MBCONV_SLICE_ROWS=<r>: channel slices up to r output rows per thread (tuning).
+  // 7 (the 14x14 blocks too, with partial sums) ran slower: MobileNetV2 b1 features.8 65-71 vs
+  // 51-54 us, features.12 121-133 vs 105-112 us (2 threads, 5 runs each, alternating).
+  static const int64_t slice_rows = [] {
+    const char* e = std::getenv("KILN_CPU_MBCONV_SLICE_ROWS");
+    return e ? std::atoll(e) : int64_t(4);
+  }();
+  if (!slices_.empty() && (bands < 0 || (bands == 0 && n * OH <= slice_rows * P))) {
+    if (j.gemm && slice_sum()) {
+      // Channel slices, projected per slice into a partial sum per task (one task per thread
+      // and image), added up after: one parallel region, no projection split to balance.
+      // MobileNetV2 b1, 2 threads, KILN_CPU_MBCONV_SLICESUM=1 vs 0, 5 runs each alternating:
+      // features.14 83-85 vs 89-91 us, .15 / .16 80-82 vs 90-93, .17 112-117 vs 122-126.
+      const int64_t T = std::min<int64_t>(P, static_cast<int64_t>(slices_.size()));
+      const int64_t M = OH * OW;
+      j.ptasks = T;
+      j.D = mb_scratch(static_cast<size_t>(n * T * M * s_.cout), 1);
+      if (!j.D) return false;
+      if (!parallel_tasks_static(n * T, threads, &MbSliceSumTask::run, &j)) return false;
+      const GemmAct a(s_.e3);
+      auto red = isa_ == C1Isa::kAvx512 ? mb_avx512::reduce() : mb_avx2::reduce();
+      for (int64_t img = 0; img < n; ++img) {
+        const float* parts[64];
+        for (int64_t t = 0; t < T && t < 64; ++t) parts[t] = j.D + (img * T + t) * M * s_.cout;
+        red(parts, static_cast<int>(std::min<int64_t>(T, 64)), M, s_.cout, pp_.bias,
+            z ? z + img * M * s_.cout : nullptr, y + img * M * s_.cout, a.act, a.lo, a.hi, a.alpha);
+      }
+      return true;
+    }
     j.D = mb_scratch(static_cast<size_t>(n * OH * OW * s_.ce), 1);
     if (!j.D) return false;
     if (!parallel_tasks(n * static_cast<int64_t>(slices_.size()), threads, &MbSliceTask::run, &j))
       return false;
-    return project_->run(j.D, n * OH * OW, z, y, threads);
+    bool ok;
+    if (j.gemm) {
+      // Tasks of (row tile, panel), in even contiguous runs per thread. (Row blocks x panels as
+      // Conv1x1 splits them, a task per panel of 2 row blocks: 5 panels of 160 outputs split
+      // 3 / 2 per thread at 7x7.)
+      const int64_t M = n * OH * OW;
+      j.prow = mr_for_rows(pp_.nv, j.avx512, M);
+      j.ptasks = (M + j.prow - 1) / j.prow * pp_.npan;
+      ok = parallel_tasks_static(j.ptasks, threads, &MbProjTask::run, &j);
+    } else {
+      ok = project_->run(j.D, n * OH * OW, z, y, threads);
+    }
+    return ok;
   }
   j.nb = bands > 0 ? bands : (P * bands_per_thread() + n - 1) / n;
   j.nb = std::clamp<int64_t>(j.nb, 1, OH);
@@ -390,6 +746,11 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
   (void)x, (void)n, (void)H, (void)W, (void)z, (void)y, (void)threads, (void)bands, (void)chunk;
   return false;
 #endif
+}
+
+void set_mbconv_variants(bool dw_by_vector, bool own_gemm, bool pair24, bool slice_sum) {
+  variants().store((dw_by_vector ? 1u : 0u) | (own_gemm ? 2u : 0u) | (pair24 ? 4u : 0u) |
+                   (slice_sum ? 8u : 0u));
 }
 
 #if KILN_WITH_DNNL

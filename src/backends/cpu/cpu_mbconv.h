@@ -6,14 +6,22 @@
 // rows a chunk needs (with the 3x3 halo; rows the previous chunk expanded are kept, not
 // recomputed) are expanded into a per-thread buffer sized for L2, the depthwise conv writes a
 // second small buffer, and the projection writes the chunk's output rows once. The 1x1 convs are
-// cpu_conv1x1.h's kernels (its micro-tiles and epilogue, one thread per call); the depthwise
-// conv is cpu_mbconv_kernel.inc. AVX-512 and AVX2/FMA builds, chosen at run time. Bands on
-// OpenMP's threads (cpu_parallel.h); only the halo rows at band edges are expanded twice.
-// Small images (4 output rows per thread or fewer) split the expanded channels instead (run()).
+// the block's own micro-kernels (cpu_mbconv_kernel.inc: row tiles x panels of 1-4 vectors, one
+// thread per call; 24-channel projections on paired pixels), or cpu_conv1x1.h's with
+// KILN_CPU_MBCONV_GEMM=0; the depthwise conv is cpu_mbconv_kernel.inc (by channel vector). AVX-512
+// and AVX2/FMA builds, chosen at run time. Bands on OpenMP's threads (cpu_parallel.h); only the
+// halo rows at band edges are expanded twice. Small images (4 output rows per thread or fewer)
+// split the expanded channels instead (run()).
 // Measured (Zen 5 VM, 2 threads, MobileNetV2, KILN_CPU_MBCONV=0 vs timed, alternating): b8
 // 16.1-16.3 -> 14.4-14.6 ms; b1 1.65-1.99 -> 1.69-1.95 ms while the machine ran fast (no gain:
 // at b1 the unfused intermediates stay in L2 / L3 and the 1x1 convs are compute bound) and
 // 2.23-2.44 -> 2.02-2.12 ms while it ran slow (memory contended). Bench rows in the report.
+// Session 9 (own 1x1 kernels, depthwise by channel vector and two rows at once, paired
+// 24-channel projections, slice partial sums): every variant on vs off (KILN_CPU_MBCONV_{DW,
+// DW2,GEMM,PAIR,SLICESUM}=0), same plan, b1, 2 threads, 5 pairs alternating: median 1.84-1.90
+// vs 2.18-2.23 ms (machine contended), min 1.68-1.77 vs 1.97-2.06; earlier, quieter, before
+// DW2 / SLICESUM: 1.59-1.64 vs 1.77-1.86. Blocks alone (kiln_unit_tests
+// --gtest_also_run_disabled_tests --gtest_filter='*MbBench*'), one thread: 2.90 -> 2.37 ms.
 // Lifetime / threads: one object per block; run() is const and may run concurrently.
 #pragma once
 #include <cstdint>
@@ -33,10 +41,27 @@ struct MbConvShape {
   fused::Epilogue e1, e2, e3;              // expand, depthwise, project activations
 };
 
+// One 1x1 part's weights packed for the block's own micro-kernels (cpu_mbconv_kernel.inc):
+// [npan][K][W] with W = nv vectors, zero past N; bias [npan * W] (zeros without one).
+struct MbPack {
+  float* bp = nullptr;
+  float* bias = nullptr;
+  int64_t K = 0, N = 0, W = 0, npan = 0;
+  int nv = 1, mr = 1;
+};
+
+// Which of the kernel's variants run (all on by default; each KILN_CPU_MBCONV_{DW,GEMM,PAIR,
+// SLICESUM}=0 turns one off at first use): the depthwise conv by channel vector, the block's
+// own 1x1 micro-kernels (else cpu_conv1x1.h's), paired pixels for 24-channel projections,
+// per-slice partial projections in channel-slice mode. For tests and A/B runs.
+void set_mbconv_variants(bool dw_by_vector, bool own_gemm, bool pair24, bool slice_sum);
+
 class MbConv {
  public:
   // w1 [ce, cin], w2 [ce, 3, 3] (OIHW of [ce, 1, 3, 3]), w3 [cout, ce]; biases null or of ce,
-  // ce, cout floats. Null when the CPU lacks `isa` (kAuto: the best it has), the shape is out
+  // ce, cout floats. w1 null (then ce = cin; b1, e1 unused): no expand, the depthwise conv
+  // reads x (MobileNetV2's features.1: depthwise 3x3 -> project; the graph pass does not make
+  // such blocks yet). Null when the CPU lacks `isa` (kAuto: the best it has), the shape is out
   // of range, or out of memory.
   static std::shared_ptr<const MbConv> create(const float* w1, const float* b1, const float* w2,
                                               const float* b2, const float* w3, const float* b3,
@@ -66,6 +91,9 @@ class MbConv {
   MbConv() = default;
   friend struct MbTask;
   friend struct MbSliceTask;
+  friend struct MbProjTask;
+  friend struct MbParts;
+  friend struct MbSliceSumTask;
   struct Slice {
     int64_t c0 = 0, c1 = 0;  // expanded channels [c0, c1), c0 a multiple of 16
     std::shared_ptr<const Conv1x1> expand;
@@ -73,10 +101,16 @@ class MbConv {
   std::vector<Slice> slices_;
   MbConvShape s_;
   C1Isa isa_ = C1Isa::kAuto;
+  // cpu_conv1x1.h's kernels, made only with KILN_CPU_MBCONV_GEMM=0 (null otherwise).
   std::shared_ptr<const Conv1x1> expand_, project_;
-  int64_t cep_ = 0;      // ce rounded up to the vector width
-  float* wd_ = nullptr;  // [9][cep] depthwise weights, zero past ce, 64-byte aligned
-  float* bd_ = nullptr;  // [cep] depthwise bias (zeros without one)
+  bool noexp_ = false;     // no expand (w1 null): the depthwise conv reads x
+  int64_t cep_ = 0;        // ce rounded up to the vector width
+  float* wd_ = nullptr;    // [9][cep] depthwise weights, zero past ce, 64-byte aligned
+  float* bd_ = nullptr;    // [cep] depthwise bias (zeros without one)
+  MbPack pe_, pp_;         // expand and project, packed (the block's own 1x1 kernels)
+  int64_t slice_pan_ = 0;  // channel slices: expand panels per slice
+  float* wp24_ = nullptr;  // 24-channel projections (AVX-512): [ce][48] paired pixels' weights
+  float* bp24_ = nullptr;  // and bias [48]
 };
 
 }  // namespace cpu
