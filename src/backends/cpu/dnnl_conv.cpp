@@ -188,7 +188,6 @@ bool cold_weight_tuning() {
   return on;
 }
 
-
 // KILN_CPU_WINOGRAD=0 turns winograd off (see the top).
 bool winograd_enabled() {
   static const bool on = [] {
