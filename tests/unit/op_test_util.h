@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "base/file.h"
 #include "ir/graph.h"
 #include "kiln/logger.h"
 #include "ops/op.h"
@@ -131,5 +132,44 @@ class LogCapture final : public Logger {
   mutable std::mutex mu_;
   std::string text_;
 };
+
+// n floats uniform in [lo, hi) from a seeded generator.
+inline std::vector<float> uniform(size_t n, float lo, float hi, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (float& f : v) f = d(rng);
+  return v;
+}
+
+// Rewrites every oneDNN-conv line of the text timing cache at `path` to `tactic`, so that the
+// next build with that cache uses it (tests of a forced tactic).
+inline Status force_conv_tactic(const std::string& path, const std::string& tactic) {
+  auto f = read_file(path);
+  if (!f.is_ok()) return f.status();
+  const std::string text(f->begin(), f->end());
+  std::string out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    const size_t tab = line.rfind('\t');
+    if (!line.empty() && line[0] != '#' && tab != std::string::npos &&
+        line.find("cpu.conv.onednn.", tab) != std::string::npos)
+      line = line.substr(0, tab + 1) + tactic;
+    out += line + "\n";
+  }
+  return write_file(path, out.data(), out.size());
+}
+
+// How many layers of `layers` (Engine::describe_layers) carry tactic `tactic`.
+inline size_t count_tactic(const std::string& layers, const std::string& tactic) {
+  size_t count = 0;
+  const std::string tok = "[" + tactic + "]";
+  for (size_t at = layers.find(tok); at != std::string::npos; at = layers.find(tok, at + 1)) ++count;
+  return count;
+}
 
 }  // namespace kiln::test

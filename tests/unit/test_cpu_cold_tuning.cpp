@@ -33,13 +33,7 @@ using namespace kiln;
 
 namespace {
 
-std::vector<float> uniform(size_t n, float lo, float hi, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& f : v) f = d(rng);
-  return v;
-}
+using test::uniform;
 
 // y[n, oh, ow, m] = relu(sum x[n, ih, iw, c] w[m, c, r, s] + b[m] (+ z)), NHWC, stride 1, pads
 // (R - 1) / 2, in double; *range: max |pre-activation|.

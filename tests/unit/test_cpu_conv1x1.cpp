@@ -59,13 +59,7 @@ bool kernel_on() {
   return cpu::conv1x1_isa_available(cpu::C1Isa::kAuto) && !(e && std::string(e) == "0");
 }
 
-std::vector<float> uniform(size_t n, float lo, float hi, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& f : v) f = d(rng);
-  return v;
-}
+using test::uniform;
 
 struct Spec {
   int64_t N = 1, H = 5, W = 7, C = 16, M = 32;

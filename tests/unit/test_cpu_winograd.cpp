@@ -312,13 +312,7 @@ struct WSpec {
   fused::Epilogue ep;
 };
 
-std::vector<float> uniform(size_t n, float lo, float hi, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(n);
-  for (float& f : v) f = d(rng);
-  return v;
-}
+using test::uniform;
 
 // y = act(conv(x) + b + z), all NHWC, in double.
 std::vector<double> direct_nhwc(const WSpec& s, const std::vector<float>& x,
@@ -562,10 +556,6 @@ std::vector<double> conv_relu_nchw(const std::vector<double>& x, int64_t C,
   return y;
 }
 
-std::string slurp(const std::string& path) {
-  auto f = read_file(path);
-  return f.is_ok() ? std::string(f->begin(), f->end()) : std::string();
-}
 
 TEST(KilnWino, BuilderForcedTacticRunsAndMatches) {
   if (!has_dnnl_conv()) GTEST_SKIP() << "no oneDNN convolution in this build";
@@ -587,31 +577,13 @@ TEST(KilnWino, BuilderForcedTacticRunsAndMatches) {
   ASSERT_FALSE(build_once().empty());
   // Every conv line of the cache: Kiln's winograd.
   const std::string tactic = "cpu.conv.onednn.kiln.wino4x3";
-  {
-    std::string text = slurp(cache), out;
-    size_t pos = 0;
-    while (pos < text.size()) {
-      size_t nl = text.find('\n', pos);
-      if (nl == std::string::npos) nl = text.size();
-      std::string line = text.substr(pos, nl - pos);
-      pos = nl + 1;
-      const size_t tab = line.rfind('\t');
-      if (!line.empty() && line[0] != '#' && tab != std::string::npos &&
-          line.find("cpu.conv.onednn.", tab) != std::string::npos)
-        line = line.substr(0, tab + 1) + tactic;
-      out += line + "\n";
-    }
-    ASSERT_TRUE(write_file(cache, out.data(), out.size()).is_ok());
-  }
+  ASSERT_TRUE(test::force_conv_tactic(cache, tactic).is_ok());
   const std::vector<uint8_t> plan = build_once();
   ASSERT_FALSE(plan.empty());
   auto e = Engine::deserialize(plan.data(), plan.size());
   ASSERT_TRUE(e.is_ok()) << e.status().message();
   const std::string layers = e.value()->describe_layers();
-  size_t count = 0;
-  for (size_t at = layers.find("[" + tactic + "]"); at != std::string::npos;
-       at = layers.find("[" + tactic + "]", at + 1))
-    ++count;
+  const size_t count = test::count_tactic(layers, tactic);
   auto ctx = e.value()->create_execution_context();
   ASSERT_TRUE(ctx.is_ok()) << ctx.status().message();
   const std::vector<float> x = uniform(kBN * kBC * kBH * kBW, -1.f, 1.f, 25);

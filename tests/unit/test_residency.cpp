@@ -123,6 +123,15 @@ Node mk(const std::string& name, const std::string& op, std::vector<std::string>
   return n;
 }
 
+// One run of cg with its first input X = [[1, 2, 3], [4, 5, 6]] (host), into frame f.
+Status run_with_x(const CompiledGraph& cg, Frame& f) {
+  f.cg = &cg;
+  f.slots.resize(static_cast<size_t>(cg.num_slots));
+  f.slots[static_cast<size_t>(cg.input_slots[0])] =
+      Value(Tensor::from_vector<float>({2, 3}, {1, 2, 3, 4, 5, 6}));
+  return run_graph(cg, f, 0);
+}
+
 }  // namespace
 
 TEST(Residency, TransfersOncePerRunAndUploadsConstantsOncePerEngine) {
@@ -143,10 +152,7 @@ TEST(Residency, TransfersOncePerRunAndUploadsConstantsOncePerEngine) {
   for (int run = 0; run < 2; ++run) {
     g_h2d = g_d2h = 0;
     Frame f;
-    f.cg = cg->get();
-    f.slots.resize(static_cast<size_t>((*cg)->num_slots));
-    f.slots[static_cast<size_t>((*cg)->input_slots[0])] = Value(Tensor::from_vector<float>({2, 3}, {1, 2, 3, 4, 5, 6}));
-    Status st = run_graph(**cg, f, 0);
+    Status st = run_with_x(**cg, f);
     ASSERT_TRUE(st.is_ok()) << st.message();
     EXPECT_EQ(g_h2d, 1) << "run " << run;
     EXPECT_EQ(g_d2h, 1) << "run " << run;
@@ -211,10 +217,7 @@ TEST(Residency, ConstantsAKernelOwnsAreNotUploadedAgain) {
   ASSERT_TRUE(cg.is_ok()) << cg.status().message();
   EXPECT_EQ(g_uploads, 1);  // V only
   Frame f;
-  f.cg = cg->get();
-  f.slots.resize(static_cast<size_t>((*cg)->num_slots));
-  f.slots[static_cast<size_t>((*cg)->input_slots[0])] = Value(Tensor::from_vector<float>({2, 3}, {1, 2, 3, 4, 5, 6}));
-  Status st = run_graph(**cg, f, 0);
+  Status st = run_with_x(**cg, f);
   ASSERT_TRUE(st.is_ok()) << st.message();
   EXPECT_EQ(g_owned_runs, 1);
   const Tensor& y = f.slots[static_cast<size_t>((*cg)->output_slots[0])].tensor;
