@@ -23,6 +23,10 @@ struct CompiledNode {
   // OpContext::donatable only if the tensor's storage then has no other holder.
   uint64_t donatable = 0;
   std::vector<Residency> residency;  // per input: where the kernel wants it
+  // Device backends: `side` runs on the context's side stream, forked right after its inputs'
+  // producers, concurrently with the nodes up to its first consumer, which has `join_before`
+  // (the main stream waits for the side stream there). See side_branches() in executor.cpp.
+  bool side = false, join_before = false;
 };
 
 struct CompiledGraph {
@@ -37,6 +41,9 @@ struct CompiledGraph {
   std::vector<int> input_slots, output_slots;
   std::vector<std::pair<std::string, int>> captures;  // outer-scope names read here
   std::vector<CompiledNode> nodes;
+  // Execution order (indices into `nodes`): the graph's order with each side node moved up to
+  // just after its last producer.
+  std::vector<int> order;
   std::unordered_map<const Graph*, std::unique_ptr<CompiledGraph>> subgraphs;
 };
 
@@ -53,6 +60,17 @@ class NodeObserver {
   virtual void after(size_t node) = 0;
 };
 
+// A device context's second stream (CUDA: cuda_context.cpp). fork(): from now until join(),
+// device memory released by anything is held back (parked), the side stream waits for the
+// work enqueued so far, and the returned environment (OpContext::device_env) enqueues on the
+// side stream. join(): the main stream waits for the side stream; parked memory is released.
+class SideStream {
+ public:
+  virtual ~SideStream() = default;
+  virtual Result<void*> fork() = 0;
+  virtual Status join() = 0;
+};
+
 struct Frame {
   const CompiledGraph* cg = nullptr;
   const Frame* parent = nullptr;
@@ -62,6 +80,7 @@ struct Frame {
   std::vector<Value> alt;
   void* device_env = nullptr;  // passed to kernels as OpContext::device_env
   NodeObserver* observer = nullptr;  // not inherited by subgraph frames
+  SideStream* side = nullptr;        // none: side nodes run in order on the main stream
 };
 
 // Runs a compiled graph whose input slots are already bound in `frame`.

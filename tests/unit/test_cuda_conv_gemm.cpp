@@ -369,5 +369,80 @@ TEST(CudaConvGemm, EngineWithIm2colStemMatchesTheReference) {
   EXPECT_LE(test::scaled_err(got, want), 1e-2);
 }
 
+// A ResNet downsampling block: x -> 1x1 -> ReLU -> 3x3/2 -> ReLU -> 1x1, plus the downsample
+// 1x1/2 of x, added, ReLU. The downsample convolution is a side node (executor.cpp): it runs on
+// the context's side stream beside the block's first two convolutions. Every run must match the
+// double reference: kernel by kernel (first run recorded, later runs from the arena) and as a
+// CUDA graph (warm-up, capture, replays), in float32 and float16.
+TEST(CudaSideStream, DownsampleBranchMatchesTheReferenceInEveryRunMode) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  std::mt19937 rng(13);
+  Model m;
+  m.ir_version = 8;
+  m.opsets[""] = 17;
+  m.graph.name = "block";
+  const Shape xs = {1, 16, 14, 14};
+  m.graph.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, xs)});
+  m.graph.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+  Graph& g = m.graph;
+  auto add_conv = [&](const std::string& name, const std::string& in, const std::string& out, int64_t k,
+                      int64_t c, int64_t r, int64_t stride) {
+    g.initializers[name + ".w"] = test::rand_tensor(rng, {k, c, r, r}, -0.3f, 0.3f);
+    g.initializers[name + ".b"] = test::rand_tensor(rng, {k}, -0.2f, 0.2f);
+    g.nodes.push_back(test::node(name, "Conv", {in, name + ".w", name + ".b"}, {out}));
+    g.nodes.back().attrs.push_back(test::ints_attr("strides", {stride, stride}));
+    const int64_t p = r / 2;
+    g.nodes.back().attrs.push_back(test::ints_attr("pads", {p, p, p, p}));
+  };
+  add_conv("c1", "x", "h1", 8, 16, 1, 1);
+  g.nodes.push_back(test::node("r1", "Relu", {"h1"}, {"h2"}));
+  add_conv("c2", "h2", "h3", 8, 8, 3, 2);
+  g.nodes.push_back(test::node("r2", "Relu", {"h3"}, {"h4"}));
+  add_conv("c3", "h4", "h5", 32, 8, 1, 1);
+  add_conv("ds", "x", "d", 32, 16, 1, 2);
+  g.nodes.push_back(test::node("add", "Add", {"h5", "d"}, {"h6"}));
+  g.nodes.push_back(test::node("r3", "Relu", {"h6"}, {"y"}));
+  Tensor x = test::rand_tensor(rng, xs);
+  // Reference in double.
+  auto relu = [](std::vector<double> v) {
+    for (double& a : v) a = std::max(a, 0.0);
+    return v;
+  };
+  auto conv = [&](const std::vector<double>& in, const Shape& is, const std::string& name, int64_t stride,
+                  Shape* os) {
+    const Tensor& w = g.initializers[name + ".w"];
+    const int64_t p = w.shape()[2] / 2, st[2] = {stride, stride}, pads[4] = {p, p, p, p};
+    return conv_ref(in, is, w, g.initializers[name + ".b"].data<float>(), st, pads, os);
+  };
+  std::vector<double> xd(x.span<float>().begin(), x.span<float>().end());
+  Shape s1, s2, s3, sd;
+  std::vector<double> h = relu(conv(xd, xs, "c1", 1, &s1));
+  h = relu(conv(h, s1, "c2", 2, &s2));
+  h = conv(h, s2, "c3", 1, &s3);
+  std::vector<double> d = conv(xd, xs, "ds", 2, &sd);
+  ASSERT_EQ(s3, sd);
+  for (size_t i = 0; i < h.size(); ++i) h[i] = std::max(h[i] + d[i], 0.0);
+  for (bool fp16 : {false, true}) {
+    auto e = test::build_engine(m, "cuda", fp16);
+    ASSERT_TRUE(e);
+    for (bool graph : {false, true}) {
+      auto ctx = e->create_execution_context();
+      ASSERT_TRUE(ctx.is_ok()) << ctx.status().message();
+      ASSERT_TRUE(ctx.value()->set_cuda_graph(graph).is_ok());
+      for (int run = 0; run < 4; ++run) {
+        Status st = ctx.value()->set_input("x", x);
+        if (st.is_ok()) st = ctx.value()->enqueue();
+        if (st.is_ok()) st = ctx.value()->synchronize();
+        ASSERT_TRUE(st.is_ok()) << st.message();
+        auto y = ctx.value()->get_output("y");
+        ASSERT_TRUE(y.is_ok()) << y.status().message();
+        const std::vector<float> got = test::host_floats(y.value());
+        EXPECT_LE(test::scaled_err(got, h), fp16 ? 1e-2 : 1e-4)
+            << (fp16 ? "fp16" : "fp32") << (graph ? " graph" : "") << " run " << run;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kiln

@@ -62,9 +62,10 @@ struct RunGuard {
   }
 };
 
-class CudaContext final : public DeviceContext, public NodeObserver {
+class CudaContext final : public DeviceContext, public NodeObserver, public SideStream {
  public:
   ~CudaContext() override {
+    if (side_stream_) cudaStreamSynchronize(side_stream_);
     for (auto& e : layer_ev_)
       if (e) cudaEventDestroy(e);
     if (last_stream_) cudaStreamSynchronize(last_stream_);
@@ -72,7 +73,11 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     for (auto& e : ev_)
       if (e) cudaEventDestroy(e);
     if (dnn_) cudnnDestroy(dnn_);
+    if (side_dnn_) cudnnDestroy(side_dnn_);
     if (lt_) cublasLtDestroy(lt_);
+    for (auto& e : side_ev_)
+      if (e) cudaEventDestroy(e);
+    if (side_stream_) cudaStreamDestroy(side_stream_);
     if (own_stream_) cudaStreamDestroy(own_stream_);
   }
 
@@ -80,6 +85,9 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     KILN_CUDA_CHECK(cudaSetDevice(0), "selecting GPU 0");
     KILN_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking), "creating a CUDA stream");
     for (auto& e : ev_) KILN_CUDA_CHECK(cudaEventCreate(&e), "creating a CUDA event");
+    KILN_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "creating a CUDA stream");
+    for (auto& e : side_ev_)
+      KILN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "creating a CUDA event");
     pool_ = DevicePool::create(0);
     env_.device = 0;
     env_.pool = pool_.get();
@@ -105,6 +113,11 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     if (!handles_ready_) KILN_RETURN_IF_ERROR(create_handles(cg));
     if (dnn_) KILN_RETURN_IF_ERROR(dnn_check(cudnnSetStream(dnn_, s), "binding the cuDNN handle to the stream"));
     frame.device_env = &env_;
+    frame.side = nullptr;
+    if (!profiling_ && has_side_nodes(cg)) {
+      KILN_RETURN_IF_ERROR(prepare_side());
+      frame.side = this;
+    }
     if (profiling_) {
       KILN_RETURN_IF_ERROR(collect_profile());
       if (layer_ev_.size() < 2 * cg.nodes.size()) {
@@ -243,6 +256,30 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     return r;
   }
 
+  // SideStream (executor.h): side nodes run on side_stream_ with their own cuDNN handle and
+  // library workspace; the pool parks released memory until the join.
+  Result<void*> fork() override {
+    pool_->set_parking(true);
+    side_env_ = env_;
+    side_env_.stream = side_stream_;
+    side_env_.cudnn = side_dnn_;
+    side_env_.workspace = side_ws_->data();
+    side_env_.workspace_bytes = env_.workspace_bytes;
+    Status st = check(cudaEventRecord(side_ev_[0], env_.stream), "forking the side stream");
+    if (st.is_ok()) st = check(cudaStreamWaitEvent(side_stream_, side_ev_[0], 0), "forking the side stream");
+    if (!st.is_ok()) {
+      pool_->set_parking(false);
+      return st;
+    }
+    return static_cast<void*>(&side_env_);
+  }
+  Status join() override {
+    Status st = check(cudaEventRecord(side_ev_[1], side_stream_), "joining the side stream");
+    if (st.is_ok()) st = check(cudaStreamWaitEvent(env_.stream, side_ev_[1], 0), "joining the side stream");
+    pool_->set_parking(false);
+    return st;
+  }
+
   Status set_cuda_graph(bool on) override {
     graph_on_ = on;
     reset_graph();
@@ -304,6 +341,23 @@ class CudaContext final : public DeviceContext, public NodeObserver {
     return Status::ok();
   }
 
+  static bool has_side_nodes(const CompiledGraph& cg) {
+    for (auto& cn : cg.nodes)
+      if (cn.side) return true;
+    return false;
+  }
+  // The side stream's cuDNN handle and workspace, made once, outside any run.
+  Status prepare_side() {
+    if (dnn_ && !side_dnn_) {
+      KILN_RETURN_IF_ERROR(dnn_check(cudnnCreate(&side_dnn_), "creating a cuDNN handle"));
+      KILN_RETURN_IF_ERROR(dnn_check(cudnnSetStream(side_dnn_, side_stream_), "binding the cuDNN handle to the side stream"));
+    }
+    if (!side_ws_) {
+      KILN_ASSIGN_OR_RETURN(side_ws_, pool_->allocate(env_.workspace_bytes));
+    }
+    return Status::ok();
+  }
+
   void reset_graph() {
     if (exec_) cudaGraphExecDestroy(exec_);
     exec_ = nullptr;
@@ -349,8 +403,11 @@ class CudaContext final : public DeviceContext, public NodeObserver {
   }
 
   std::shared_ptr<DevicePool> pool_;
-  std::shared_ptr<Storage> workspace_;
-  Env env_;
+  std::shared_ptr<Storage> workspace_, side_ws_;
+  Env env_, side_env_;
+  cudaStream_t side_stream_ = nullptr;
+  cudnnHandle_t side_dnn_ = nullptr;
+  cudaEvent_t side_ev_[2] = {};  // fork, join
   cudaStream_t own_stream_ = nullptr, last_stream_ = nullptr;
   cudnnHandle_t dnn_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;

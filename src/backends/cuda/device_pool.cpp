@@ -61,8 +61,10 @@ Result<std::shared_ptr<Storage>> DevicePool::allocate(size_t bytes) {
       // The deleter only marks the block free: the next run reuses it in stream order, as the
       // pool would; the server refuses it while this storage lives.
       return Storage::adopt(arena + *off, bytes, Device::kCuda, [self, server, slot, size](void*) {
-        server->release(slot);
-        self->release_arena(size);
+        self->retire([self, server, slot, size] {
+          server->release(slot);
+          self->release_arena(size);
+        });
       });
     }
   }
@@ -110,9 +112,32 @@ Result<std::shared_ptr<Storage>> DevicePool::allocate(size_t bytes) {
   const uint64_t ticket = recorder ? recorder->on_alloc(bytes) : ArenaRecorder::kNoTicket;
   if (ticket == ArenaRecorder::kNoTicket) recorder.reset();
   return Storage::adopt(p, bytes, Device::kCuda, [self, got, recorder, ticket](void* q) {
-    self->release(q, got);
-    if (recorder) recorder->on_release(ticket);
+    self->retire([self, q, got, recorder, ticket] {
+      self->release(q, got);
+      if (recorder) recorder->on_release(ticket);
+    });
   });
+}
+
+void DevicePool::retire(std::function<void()> done) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (parking_) {
+      parked_.push_back(std::move(done));
+      return;
+    }
+  }
+  done();
+}
+
+void DevicePool::set_parking(bool on) {
+  std::vector<std::function<void()>> parked;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    parking_ = on;
+    if (!on) parked.swap(parked_);
+  }
+  for (auto& f : parked) f();
 }
 
 void DevicePool::release(void* p, size_t size) {

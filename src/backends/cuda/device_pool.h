@@ -13,9 +13,11 @@
 // output the caller holds) comes from the pool as before. KILN_CUDA_ARENA=0 turns the arena off.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "kiln/status.h"
 #include "kiln/tensor.h"
@@ -57,16 +59,24 @@ class DevicePool : public std::enable_shared_from_this<DevicePool> {
   Status end_run(void* stream, bool may_free_cached = true);
   void cancel_run();
   ArenaStats arena_stats() const;
+  // Parking (a side stream's window, cuda_context.cpp): while on, storages that die are not
+  // returned (to the pool, the arena server or the trace) until parking ends, so no block a
+  // kernel on either stream may still use is handed to the other. Any thread may drop storages.
+  void set_parking(bool on);
 
  private:
   explicit DevicePool(int device) : device_(device) {}
   void release(void* p, size_t size);
+  // Runs `done` now, or at the end of parking.
+  void retire(std::function<void()> done);
   void release_arena(size_t size);
   Status make_arena(const std::vector<ArenaEvent>& trace, void* stream, bool may_free_cached);
   int device_ = 0;
   mutable std::mutex mu_;
   std::multimap<size_t, void*> free_;  // size -> block
   size_t reserved_ = 0, in_use_ = 0, peak_ = 0;
+  bool parking_ = false;
+  std::vector<std::function<void()>> parked_;
 
   // Arena state (guarded by mu_; the recorder and server lock themselves as well).
   bool arena_enabled_ = false, in_run_ = false, arena_given_up_ = false;
