@@ -108,6 +108,16 @@ def main():
         print("FAIL bench exportProfile content")
     check("bench exportProfile unwritable", ["bench", "--loadEngine", "r.plan", "--iterations", "1", "--exportProfile",
                                              "no_such_dir/prof.json"], 1, "cannot write 'no_such_dir/prof.json'")
+    # In-process A/B: alternating bursts of two plans (here the same plan twice).
+    out = check("bench compare", ["bench", "--loadEngine", "r.plan", "--compare", "r.plan", "--iterations", "3",
+                                  "--rounds", "4", "--warmUp", "1"], 0,
+                "=== A/B (4 rounds of 3 iterations each", "A r.plan: min", "B r.plan: min", "B/A: ", "of 4 rounds")
+    ab = [l for l in out.splitlines() if l.startswith("B/A: ")]
+    if not ab or not 0.2 < float(ab[0].split()[1]) < 5:
+        FAILS.append("bench compare ratio")
+        print("FAIL bench compare ratio")
+    check("bench compare missing plan", ["bench", "--loadEngine", "r.plan", "--compare", "no_such.plan"], 1,
+          "no_such.plan")
 
     # --- engine cache ------------------------------------------------------------------------
     shutil.copytree(r, os.path.join(WORK, "cached_model"))

@@ -57,6 +57,8 @@ struct Options {
   double atol = 0.005, rtol = 0.05;
   int64_t iterations = 100, warmup = 10;
   double duration = 0;
+  std::string compare;     // bench: a second plan timed in alternating bursts
+  int64_t rounds = 10;
   int verbose = 0;
 };
 
@@ -142,7 +144,13 @@ void print_help(const std::string& cmd) {
         "  --dumpProfile        after timing, run again with per-layer timing (CUDA events on the\n"
         "                       GPU, no CUDA graph) and print the layers and op types that cost most\n"
         "  --json FILE          write every figure as JSON\n"
-        "  --exportProfile FILE with --dumpProfile: every layer's mean time as JSON, in run order\n",
+        "  --exportProfile FILE with --dumpProfile: every layer's mean time as JSON, in run order\n"
+        "A/B in one process:\n"
+        "  --compare B.plan     time this engine (A) and the plan B in alternating bursts of\n"
+        "                       --iterations each (A B, then B A, ...), same inputs and options;\n"
+        "                       prints each one's median (GPU compute on CUDA, latency on the CPU),\n"
+        "                       B/A, and in how many rounds B was faster\n"
+        "  --rounds N           bursts per engine with --compare (default 10)\n",
         kEngineOpts, kBuildOpts);
   } else if (cmd == "inspect") {
     std::printf(
@@ -245,6 +253,8 @@ int parse(int argc, char** argv, Options& o) {
     else if (a == "--iterations") rc = want_int(o.iterations, 1);
     else if (a == "--warmUp" || a == "--warmup") rc = want_int(o.warmup, 0);
     else if (a == "--duration") rc = want_double(o.duration);
+    else if (a == "--compare") rc = want_str(o.compare);
+    else if (a == "--rounds") rc = want_int(o.rounds, 1);
     else if (a == "--atol") rc = want_double(o.atol);
     else if (a == "--rtol") rc = want_double(o.rtol);
     else if (a == "--fp16") o.fp16 = true;
@@ -752,42 +762,96 @@ int cmd_bench(const Options& o) {
     if (!t.is_ok()) return fail(t.status());
     (*inputs)[d.name] = t.value();
   }
-  std::vector<std::unique_ptr<ExecutionContext>> ctxs;
-  for (int64_t k = 0; k < o.streams; ++k) {
-    auto ctx = e.create_execution_context();
-    if (!ctx.is_ok()) return fail(ctx.status());
-    ExecutionContext& c = *ctx.value();
-    for (auto& [name, t] : inputs.value()) {
-      Tensor bound = t;
-      if (o.no_transfers) {
-        auto up = c.upload(t);
-        if (!up.is_ok()) return fail(up.status());
-        bound = up.value();
+  using Contexts = std::vector<std::unique_ptr<ExecutionContext>>;
+  auto make_contexts = [&](const Engine& eng, Contexts& out) -> Status {
+    for (int64_t k = 0; k < o.streams; ++k) {
+      KILN_ASSIGN_OR_RETURN(auto ctx, eng.create_execution_context());
+      ExecutionContext& c = *ctx;
+      for (auto& [name, t] : inputs.value()) {
+        Tensor bound = t;
+        if (o.no_transfers) {
+          KILN_ASSIGN_OR_RETURN(bound, c.upload(t));
+        }
+        KILN_RETURN_IF_ERROR(c.set_input(name, bound));
+        if (t.rank() > 0 && batch == 0) batch = t.dim(0);
       }
-      Status st = c.set_input(name, bound);
-      if (!st.is_ok()) return fail(st);
-      if (t.rank() > 0 && batch == 0) batch = t.dim(0);
+      if (o.no_transfers) KILN_RETURN_IF_ERROR(c.set_outputs_on_device(true));
+      if (o.cuda_graph) KILN_RETURN_IF_ERROR(c.set_cuda_graph(true));
+      out.push_back(std::move(ctx));
     }
-    if (o.no_transfers) {
-      Status st = c.set_outputs_on_device(true);
-      if (!st.is_ok()) return fail(st);
-    }
-    if (o.cuda_graph) {
-      Status st = c.set_cuda_graph(true);
-      if (!st.is_ok()) return fail(st);
-    }
-    ctxs.push_back(std::move(ctx.value()));
-  }
+    return Status::ok();
+  };
+  Contexts ctxs;
+  if (Status st = make_contexts(e, ctxs); !st.is_ok()) return fail(st);
   if (batch == 0) batch = 1;
   using clk = std::chrono::steady_clock;
   std::vector<double> enq_ms;
-  auto one_iteration = [&]() -> Status {
+  auto run_once = [&](Contexts& cs) -> Status {
     auto t0 = clk::now();
-    for (auto& c : ctxs) KILN_RETURN_IF_ERROR(c->enqueue());
+    for (auto& c : cs) KILN_RETURN_IF_ERROR(c->enqueue());
     enq_ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
-    for (auto& c : ctxs) KILN_RETURN_IF_ERROR(c->synchronize());
+    for (auto& c : cs) KILN_RETURN_IF_ERROR(c->synchronize());
     return Status::ok();
   };
+  auto one_iteration = [&]() -> Status { return run_once(ctxs); };
+  if (!o.compare.empty()) {
+    // A/B in one process: alternating bursts (A B, B A, ...) so drift in the machine's state
+    // (other load, clocks, caches) falls on both engines alike.
+    Options ob = o;
+    ob.onnx.clear();
+    ob.load_engine = o.compare;
+    auto eb = get_engine(ob);
+    if (!eb.is_ok()) return fail(eb.status());
+    if ((eb.value()->info().backend == "cuda") != cuda)
+      return usage_error("bench", "--compare needs two engines for the same device");
+    Contexts ctxs_b;
+    if (Status st = make_contexts(*eb.value(), ctxs_b); !st.is_ok()) return fail(st.with_context("engine B '" + o.compare + "'"));
+    // One burst: `n` runs of cs; the time of each (GPU compute on CUDA, host latency otherwise).
+    auto burst = [&](Contexts& cs, int64_t n, std::vector<double>* ms) -> Status {
+      for (int64_t i = 0; i < n; ++i) {
+        auto t0 = clk::now();
+        KILN_RETURN_IF_ERROR(run_once(cs));
+        double v = std::chrono::duration<double, std::milli>(clk::now() - t0).count();
+        if (cuda) {
+          KILN_ASSIGN_OR_RETURN(auto tm, cs[0]->last_timings());
+          v = tm.compute_ms;
+        }
+        if (ms) ms->push_back(v);
+      }
+      return Status::ok();
+    };
+    Status st = burst(ctxs, o.warmup, nullptr);
+    if (st.is_ok()) st = burst(ctxs_b, o.warmup, nullptr);
+    std::vector<double> all_a, all_b, ratios;
+    int64_t b_faster = 0;
+    for (int64_t r = 0; st.is_ok() && r < o.rounds; ++r) {
+      std::vector<double> ra, rb;
+      if (r % 2 == 0) {
+        st = burst(ctxs, o.iterations, &ra);
+        if (st.is_ok()) st = burst(ctxs_b, o.iterations, &rb);
+      } else {
+        st = burst(ctxs_b, o.iterations, &rb);
+        if (st.is_ok()) st = burst(ctxs, o.iterations, &ra);
+      }
+      if (!st.is_ok()) break;
+      const double ma = Stats(ra).median(), mb = Stats(rb).median();
+      ratios.push_back(mb / ma);
+      b_faster += mb < ma;
+      all_a.insert(all_a.end(), ra.begin(), ra.end());
+      all_b.insert(all_b.end(), rb.begin(), rb.end());
+    }
+    if (!st.is_ok()) return fail(st);
+    Stats A(all_a), B(all_b), R(ratios);
+    std::printf("=== A/B (%lld rounds of %lld iterations each, alternating; batch %lld, %s) ===\n",
+                static_cast<long long>(o.rounds), static_cast<long long>(o.iterations), static_cast<long long>(batch),
+                cuda ? "GPU compute" : "latency");
+    std::printf("A %s: %s\n", o.load_engine.empty() ? o.onnx.c_str() : o.load_engine.c_str(), A.line().c_str());
+    std::printf("B %s: %s\n", o.compare.c_str(), B.line().c_str());
+    std::printf("B/A: %.4f (medians); per round %.4f .. %.4f, median %.4f; B faster in %lld of %lld rounds\n",
+                B.median() / A.median(), R.s.front(), R.s.back(), R.median(), static_cast<long long>(b_faster),
+                static_cast<long long>(o.rounds));
+    return 0;
+  }
   for (int64_t i = 0; i < o.warmup; ++i) {
     Status st = one_iteration();
     if (!st.is_ok()) return fail(st);
