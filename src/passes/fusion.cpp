@@ -743,24 +743,36 @@ bool is_pointwise(const Node& n, const Tensor& W, int64_t K) {
 // Inverted-residual blocks: NHWC FusedConv 1x1 (expand) -> depthwise 3x3 (stride 1 or 2, pads
 // <= 1) -> 1x1 (project, optional residual), the two intermediates read only by the next conv,
 // become one FusedConv in block form (fused::is_mbconv_block), which only the CPU backend runs
-// (its cpu.mbconv tactics time the fused kernel against the three convs).
+// (its cpu.mbconv tactics time the fused kernel against the three convs). A depthwise conv whose
+// input is not such an expand's (MobileNetV2's features.1) makes a block without one: depthwise
+// -> project (W1, B1 empty); KILN_CPU_MBCONV_NOEXP=0 (read at build time) makes none (A/B).
 Status fuse_mbconv_blocks(Graph& g, PassStats* stats) {
   KILN_RETURN_IF_ERROR(eliminate_dead_code(g));  // the layout pass's unused Transposes back
+  const char* noexp_env = std::getenv("KILN_CPU_MBCONV_NOEXP");
+  const bool noexp = !(noexp_env && noexp_env[0] == '0' && noexp_env[1] == 0);
   Uses uses(g);
   std::vector<bool> dead(g.nodes.size(), false);
   bool changed = false;
-  for (size_t ai = 0; ai < g.nodes.size(); ++ai) {
-    if (dead[ai]) continue;
-    const Node& a = g.nodes[ai];
-    const Tensor* W1 = nhwc_conv_weight(g, a);
-    if (!W1 || a.has_input(3) || !is_pointwise(a, *W1, -1) || !uses.single_use(a.outputs[0]))
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    if (dead[i]) continue;
+    const Node& first = g.nodes[i];
+    const Tensor* W0 = nhwc_conv_weight(g, first);
+    if (!W0 || first.has_input(3)) continue;
+    // The expand (ai, or SIZE_MAX: none) and the depthwise conv (bi).
+    size_t ai = SIZE_MAX, bi = i;
+    const int64_t ce = W0->dim(0);
+    if (is_pointwise(first, *W0, -1)) {
+      if (!uses.single_use(first.outputs[0])) continue;
+      ai = i;
+      bi = consumer_of(g, first.outputs[0], dead);
+      if (bi == SIZE_MAX || bi <= ai) continue;
+    } else if (!noexp) {
       continue;
-    const int64_t ce = W1->dim(0);
-    const size_t bi = consumer_of(g, a.outputs[0], dead);
-    if (bi == SIZE_MAX || bi <= ai) continue;
+    }
+    const Node* a = ai == SIZE_MAX ? nullptr : &g.nodes[ai];
     const Node& b = g.nodes[bi];
     const Tensor* W2 = nhwc_conv_weight(g, b);
-    if (!W2 || b.has_input(3) || b.inputs[0] != a.outputs[0] || W2->dim(0) != ce ||
+    if (!W2 || b.has_input(3) || (a && b.inputs[0] != a->outputs[0]) || W2->dim(0) != ce ||
         W2->dim(1) != 1 || W2->dim(2) != 3 || W2->dim(3) != 3 || b.attr_int("group", 1) != ce ||
         !ints_all(b, "dilations", 1) || b.attr_string("auto_pad", "NOTSET") != "NOTSET" ||
         !uses.single_use(b.outputs[0]))
@@ -780,7 +792,8 @@ Status fuse_mbconv_blocks(Graph& g, PassStats* stats) {
     blk.op_type = "FusedConv";
     blk.domain = "kiln";
     blk.opset = 1;
-    blk.inputs = {a.inputs[0], a.inputs[1], a.has_input(2) ? a.inputs[2] : "", b.inputs[1],
+    const std::string& x = a ? a->inputs[0] : b.inputs[0];
+    blk.inputs = {x, a ? a->inputs[1] : "", a && a->has_input(2) ? a->inputs[2] : "", b.inputs[1],
                   b.has_input(2) ? b.inputs[2] : "", c.inputs[1], c.has_input(2) ? c.inputs[2] : ""};
     blk.outputs = c.outputs;
     Attribute s;
@@ -790,7 +803,7 @@ Status fuse_mbconv_blocks(Graph& g, PassStats* stats) {
     s.name = "kiln_block", s.s = "mbconv";
     blk.set_attr(s);
     if (c.has_input(3)) {
-      if (c.inputs[3] == a.inputs[0]) {
+      if (c.inputs[3] == x) {
         Attribute r;
         r.name = "kiln_mbconv_residual_x";
         r.kind = Attribute::Kind::kInt;
@@ -800,15 +813,16 @@ Status fuse_mbconv_blocks(Graph& g, PassStats* stats) {
         blk.inputs.push_back(c.inputs[3]);
       }
     }
-    const Node* parts[3] = {&a, &b, &c};
-    for (int k = 0; k < 3; ++k)
+    const Node* parts[3] = {a, &b, &c};
+    for (int k = a ? 0 : 1; k < 3; ++k)
       for (const Attribute& at : parts[k]->attrs) {
         Attribute p = at;
         p.name = "mb" + std::to_string(k) + "." + at.name;
         blk.set_attr(p);
       }
     g.nodes[ci] = std::move(blk);
-    dead[ai] = dead[bi] = true;
+    if (a) dead[ai] = true;
+    dead[bi] = true;
     changed = true;
   }
   if (changed) erase_dead(g, dead, stats);

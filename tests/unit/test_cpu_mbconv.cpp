@@ -597,6 +597,273 @@ TEST(KilnMbConv, MalformedBlockIsRefusedWithItsName) {
   EXPECT_NE(st.message().find("mbconv block"), std::string::npos) << st.message();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Blocks without an expand (MobileNetV2's features.1: depthwise 3x3 -> project 1x1), as
+// fuse_mbconv_blocks makes them: W1 and B1 empty, no "mb0." attributes.
+
+Node noexp_block_node(const Block& b, bool residual) {
+  Node n = block_node(b, residual);
+  n.inputs[1].clear();
+  n.inputs[2].clear();
+  for (const char* a : {"mb0.layout", "mb0.activation", "mb0.activation_params"}) n.remove_attr(a);
+  return n;
+}
+
+TEST(KilnMbConv, BackendKernelNoExpandEachTactic) {
+  if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
+  std::mt19937 rng(51);
+  for (int stride : {1, 2}) {
+    const bool residual = stride == 1;
+    const int64_t ce = 32, cout = residual ? 32 : 16, H = 9, W = 11;
+    Block b = make_block(rng, ce, ce, cout, stride, {1, 1, 1, 1});
+    b.w1.clear(), b.b1.clear();
+    std::map<std::string, Tensor> consts = {{"w2", to_tensor(b.w2, {ce, 1, 3, 3})},
+                                            {"b2", to_tensor(b.b2, {ce})},
+                                            {"w3", to_tensor(b.w3, {cout, ce, 1, 1})},
+                                            {"b3", to_tensor(b.b3, {cout})}};
+    ConstantLookup lookup = [&](const std::string& name) -> const Tensor* {
+      auto it = consts.find(name);
+      return it == consts.end() ? nullptr : &it->second;
+    };
+    std::vector<float> x = rnd(rng, 2 * H * W * ce);
+    const std::vector<float> want = reference(b, x, 2, H, W, residual ? x.data() : nullptr);
+    const Shape xs{2, H, W, ce};
+    struct T {
+      const char* tactic;
+      const char* env;
+      bool tune;
+      const char* want_prefix;
+    };
+    const std::vector<T> ts = {
+        {"cpu.mbconv.kiln", nullptr, false, "cpu.mbconv.kiln"},
+        {"cpu.mbconv.split|||", nullptr, false, "cpu.mbconv.split||"},
+        {"cpu.mbconv.split|bogus||", nullptr, false, "cpu.mbconv.split||"},  // no expand to set
+        {"cpu.mbconv.kiln", "0", false, "cpu.mbconv.split||"},
+        {nullptr, "force", true, "cpu.mbconv.kiln"},
+        {nullptr, "0", true, "cpu.mbconv.split||"},
+        {nullptr, nullptr, true, "cpu.mbconv."},  // timed: either
+    };
+    for (const T& t : ts) {
+      EnvGuard env(t.env);
+      Node n = noexp_block_node(b, residual);
+      if (t.tactic) n.set_attr(str_attr("kiln_tactic", t.tactic));
+      if (t.tune) n.set_attr(ints_attr("kiln_tune_shape", {1, H, W, ce}));
+      ASSERT_EQ(cpu_backend().choose_kernel(n), "cpu.f32.mbconv");
+      auto k = cpu_backend().prepare("cpu.f32.mbconv", n, lookup);
+      ASSERT_TRUE(k.is_ok()) << k.status().message();
+      ASSERT_TRUE(k.value());
+      const std::string tac = k.value()->tactic();
+      EXPECT_EQ(tac.rfind(t.want_prefix, 0), 0u) << tac;
+      if (tac.rfind("cpu.mbconv.split", 0) == 0)  // three slots, the expand's empty
+        EXPECT_EQ(std::count(tac.begin(), tac.end(), '|'), 3) << tac;
+      std::vector<Value> in = {Value(to_tensor(x, xs)), Value(), Value()};
+      for (const char* c : {"w2", "b2", "w3", "b3"}) in.emplace_back(consts[c]);
+      std::vector<Value> out(1);
+      OpContext ctx{n};
+      Status st = k.value()->run(ctx, in, out);
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      ASSERT_TRUE(out[0].is_tensor());
+      const Tensor& y = out[0].tensor;
+      EXPECT_EQ(y.shape(), (Shape{2, (H + 2 - 3) / stride + 1, (W + 2 - 3) / stride + 1, cout}));
+      std::vector<float> got(y.data<float>(), y.data<float>() + y.numel());
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_LE(max_rel(got, want), 1e-5) << "stride " << stride << " tactic " << tac;
+      EXPECT_EQ(
+          std::vector<float>(in[0].tensor.data<float>(), in[0].tensor.data<float>() + x.size()), x);
+    }
+  }
+}
+
+// The reference evaluation (builds without oneDNN) and shape inference of a block without an
+// expand; an expand bias without its weights is refused with the node's name.
+TEST(KilnMbConv, ReferenceOfTheNoExpandBlockForm) {
+  std::mt19937 rng(52);
+  const int64_t ce = 6, cout = 5, H = 7, W = 5;
+  Block b = make_block(rng, ce, ce, cout, 2, {0, 0, 1, 1});
+  b.w1.clear(), b.b1.clear();
+  Node n = noexp_block_node(b, false);
+  std::vector<float> x = rnd(rng, H * W * ce);
+  std::vector<Value> in = {Value(to_tensor(x, {1, H, W, ce})),
+                           Value(),
+                           Value(),
+                           Value(to_tensor(b.w2, {ce, 1, 3, 3})),
+                           Value(to_tensor(b.b2, {ce})),
+                           Value(to_tensor(b.w3, {cout, ce, 1, 1})),
+                           Value(to_tensor(b.b3, {cout}))};
+  std::vector<Value> out(1);
+  OpContext ctx{n};
+  Status st = cpu_backend().resolve("cpu.f32.mbconv")(ctx, in, out);
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  const Tensor& y = out[0].tensor;
+  ASSERT_EQ(y.shape(), (Shape{1, 3, 2, cout}));
+  std::vector<float> got(y.data<float>(), y.data<float>() + y.numel());
+  EXPECT_LE(max_rel(got, reference(b, x, 1, H, W, nullptr)), 1e-5);
+
+  auto parts = fused::mbconv_parts(n);
+  ASSERT_TRUE(parts.is_ok()) << parts.status().message();
+  ASSERT_EQ(parts->size(), 2u);
+  EXPECT_EQ((*parts)[0].inputs[0], "x");  // the depthwise conv reads X
+  EXPECT_EQ((*parts)[0].attr_int("group", 0), ce);
+  EXPECT_FALSE(fused::mbconv_has_expand(n));
+
+  InferContext ic{n,
+                  {TypeInfo::tensor(DataType::kFloat, {1, H, W, ce}), TypeInfo(), TypeInfo(),
+                   TypeInfo::tensor(DataType::kFloat, {ce, 1, 3, 3}),
+                   TypeInfo::tensor(DataType::kFloat, {ce}),
+                   TypeInfo::tensor(DataType::kFloat, {cout, ce, 1, 1}),
+                   TypeInfo::tensor(DataType::kFloat, {cout})},
+                  {},
+                  std::vector<TypeInfo>(1)};
+  ASSERT_TRUE(kOp_kiln_FusedConv.infer(ic).is_ok());
+  ASSERT_TRUE(ic.output_types[0].has_shape);
+  ASSERT_EQ(ic.output_types[0].dims.size(), 4u);
+  EXPECT_EQ(ic.output_types[0].dims[1].value, 3);
+  EXPECT_EQ(ic.output_types[0].dims[2].value, 2);
+  EXPECT_EQ(ic.output_types[0].dims[3].value, cout);
+
+  n.inputs[2] = "b1";  // B1 without W1
+  in[2] = Value(to_tensor(std::vector<float>(ce), {ce}));
+  OpContext ctx2{n};
+  st = cpu_backend().resolve("cpu.f32.mbconv")(ctx2, in, out);
+  ASSERT_FALSE(st.is_ok());
+  EXPECT_NE(st.message().find(n.name), std::string::npos) << st.message();
+}
+
+// Double-precision NCHW convolution (groups, square kernel, stride, symmetric pads) + bias, then
+// Clip(lo, hi) when clip.
+std::vector<double> conv_nchw(const std::vector<double>& x, int64_t C, int64_t H, int64_t W,
+                              const Tensor& w, const Tensor& b, int64_t stride, int64_t pad,
+                              int64_t group, bool clip, int64_t* OHp, int64_t* OWp) {
+  const int64_t K = w.dim(0), cpg = w.dim(1), k = w.dim(2), kpg = K / group;
+  const int64_t OH = (H + 2 * pad - k) / stride + 1, OW = (W + 2 * pad - k) / stride + 1;
+  const float* wd = w.data<float>();
+  const float* bd = b.data<float>();
+  std::vector<double> y(K * OH * OW);
+  for (int64_t o = 0; o < K; ++o)
+    for (int64_t oh = 0; oh < OH; ++oh)
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        double acc = bd[o];
+        const int64_t g = o / kpg;
+        for (int64_t ci = 0; ci < cpg; ++ci)
+          for (int64_t kh = 0; kh < k; ++kh)
+            for (int64_t kw = 0; kw < k; ++kw) {
+              const int64_t ih = oh * stride - pad + kh, iw = ow * stride - pad + kw;
+              if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+              acc += x[((g * cpg + ci) * H + ih) * W + iw] * wd[((o * cpg + ci) * k + kh) * k + kw];
+            }
+        if (clip) acc = std::min(6.0, std::max(0.0, acc));
+        y[(o * OH + oh) * OW + ow] = acc;
+      }
+  *OHp = OH, *OWp = OW;
+  return y;
+}
+
+// An ONNX graph: stem 3x3 conv (3 -> 16, stride 2) + Clip, depthwise 3x3 (16, stride `dws`) +
+// Clip -> project 1x1 (16 -> cout1, + the depthwise input when `residual`: no expand, as
+// MobileNetV2's features.1), then a full block (expand 1x1 to 48 + Clip, depthwise + Clip,
+// project to 24); built for the CPU it has two blocks, the first without an expand, and matches a
+// double-precision loop over the ONNX graph.
+TEST(KilnMbConvPass, DepthwiseProjectBecomesABlockWithoutExpand) {
+  if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
+  std::mt19937 rng(53);
+  for (int variant = 0; variant < 2; ++variant) {
+    const bool residual = variant == 0;
+    const int64_t dws = residual ? 1 : 2, cout1 = residual ? 16 : 24, H0 = 29;
+    Graph g;
+    g.name = "features1";
+    g.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, {1, 3, H0, H0})});
+    g.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+    struct C {
+      std::string in, out;
+      int64_t ci, co, k, stride, group;
+      bool clip;
+    };
+    const std::vector<C> convs = {{"x", "s", 3, 16, 3, 2, 1, true},
+                                  {"s", "d", 16, 16, 3, dws, 16, true},
+                                  {"d", "p", 16, cout1, 1, 1, 1, false},
+                                  {residual ? "r" : "p", "e", cout1, 48, 1, 1, 1, true},
+                                  {"e", "d2", 48, 48, 3, 1, 48, true},
+                                  {"d2", "y", 48, 24, 1, 1, 1, false}};
+    std::vector<Tensor> ws, bs;
+    for (size_t i = 0; i < convs.size(); ++i) {
+      const C& c = convs[i];
+      const std::string w = "w" + std::to_string(i), b = "b" + std::to_string(i);
+      ws.push_back(rand_tensor(rng, {c.co, c.ci / c.group, c.k, c.k}, -0.4f, 0.4f));
+      bs.push_back(rand_tensor(rng, {c.co}, -0.1f, 0.3f));
+      g.initializers[w] = ws.back();
+      g.initializers[b] = bs.back();
+      const std::string raw = c.clip ? c.out + "_raw" : c.out;
+      Node n = node("conv" + std::to_string(i), "Conv", {c.in, w, b}, {raw});
+      n.set_attr(ints_attr("kernel_shape", {c.k, c.k}));
+      n.set_attr(ints_attr("strides", {c.stride, c.stride}));
+      n.set_attr(ints_attr("pads", {c.k / 2, c.k / 2, c.k / 2, c.k / 2}));
+      n.set_attr(int_attr("group", c.group));
+      g.nodes.push_back(n);
+      if (c.clip) {
+        const std::string lo = "lo" + std::to_string(i), hi = "hi" + std::to_string(i);
+        g.initializers[lo] = Tensor::from_vector<float>({}, {0.f});
+        g.initializers[hi] = Tensor::from_vector<float>({}, {6.f});
+        g.nodes.push_back(node("clip" + std::to_string(i), "Clip", {raw, lo, hi}, {c.out}));
+      }
+      if (i == 2 && residual) g.nodes.push_back(node("add", "Add", {"p", "s"}, {"r"}));
+    }
+    Tensor x = rand_tensor(rng, {1, 3, H0, H0});
+    // The reference: the six convs (and the Add) in double precision.
+    std::map<std::string, std::vector<double>> v;
+    std::map<std::string, std::array<int64_t, 3>> dims;  // C, H, W
+    v["x"] = std::vector<double>(x.data<float>(), x.data<float>() + x.numel());
+    dims["x"] = {3, H0, H0};
+    for (size_t i = 0; i < convs.size(); ++i) {
+      const C& c = convs[i];
+      const auto d = dims[c.in];
+      int64_t OH, OW;
+      v[c.out] = conv_nchw(v[c.in], d[0], d[1], d[2], ws[i], bs[i], c.stride, c.k / 2, c.group,
+                           c.clip, &OH, &OW);
+      dims[c.out] = {c.co, OH, OW};
+      if (i == 2 && residual) {
+        v["r"] = v["p"];
+        for (size_t j = 0; j < v["r"].size(); ++j) v["r"][j] += v["s"][j];
+        dims["r"] = dims["p"];
+      }
+    }
+    const auto yd = dims["y"];
+    std::vector<float> want(v["y"].begin(), v["y"].end());
+    for (const char* env : {"force", "0", static_cast<const char*>(nullptr)}) {
+      EnvGuard guard(env);
+      Graph built;
+      auto got = build_and_run(g, {x}, &built, "y");
+      ASSERT_EQ(got.size(), 1u);
+      ASSERT_EQ(got[0].shape(), (Shape{1, yd[0], yd[1], yd[2]}));
+      std::vector<float> gv(got[0].data<float>(), got[0].data<float>() + got[0].numel());
+      EXPECT_LE(max_rel(gv, want), 1e-4)
+          << "residual " << residual << " KILN_CPU_MBCONV=" << (env ? env : "(unset)");
+      int noexp = 0, full = 0;
+      for (const Node& n : built.nodes) {
+        if (!fused::is_mbconv_block(n)) continue;
+        EXPECT_EQ(n.kernel, "cpu.f32.mbconv");
+        const std::string t = n.attr_string("kiln_tactic");
+        if (env && std::string(env) == "force")
+          EXPECT_EQ(t, "cpu.mbconv.kiln");
+        else
+          EXPECT_EQ(t.rfind("cpu.mbconv.", 0), 0u) << t;
+        if (fused::mbconv_has_expand(n)) {
+          ++full;
+        } else {
+          ++noexp;
+          EXPECT_EQ(n.attr_int("kiln_mbconv_residual_x", 0), residual ? 1 : 0);
+          EXPECT_EQ(n.attr_int("mb1.group", 0), 16);
+          EXPECT_FALSE(n.has_attr("mb0.layout"));
+          if (t.rfind("cpu.mbconv.split", 0) == 0)
+            EXPECT_EQ(t.rfind("cpu.mbconv.split||", 0), 0u) << t;
+        }
+      }
+      const bool off = env && std::string(env) == "0";
+      EXPECT_EQ(noexp, off ? 0 : 1) << "residual " << residual;
+      EXPECT_EQ(full, off ? 0 : 1) << "residual " << residual;
+    }
+  }
+}
+
 }  // namespace
 
 #endif  // KILN_TEST_HAS_DNNL

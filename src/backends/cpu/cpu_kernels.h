@@ -49,7 +49,8 @@ Result<std::shared_ptr<const Kernel>> prepare_dnnl_layernorm(const Node& n, Eval
 Result<std::shared_ptr<const Kernel>> prepare_dnnl_softmax(const Node& n, EvalFn ref);
 // A kiln.FusedConv in mbconv block form (fused::is_mbconv_block) as Kiln's fused block
 // (cpu_mbconv.h, tactic "cpu.mbconv.kiln") or as its three convolutions in turn, each a
-// prepare_dnnl_conv kernel ("cpu.mbconv.split|<expand>|<dw>|<project>"): timed against each
+// prepare_dnnl_conv kernel ("cpu.mbconv.split|<expand>|<dw>|<project>"; <expand> empty in a
+// block without one, which is two convolutions): timed against each
 // other under kiln_tune_shape. Null when the node's form is not covered (the reference runs).
 // KILN_CPU_MBCONV=0: never fused (and a fused tactic loads split); =force: fused wherever it
 // applies, untimed.

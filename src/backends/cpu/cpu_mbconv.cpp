@@ -772,6 +772,7 @@ class MbConvKernel final : public Kernel {
  public:
   MbConvKernel(const Node& n, std::vector<Node> parts, EvalFn ref)
       : parts_(std::move(parts)),
+        first_(3 - static_cast<int>(parts_.size())),
         ref_(ref),
         residual_x_(n.attr_int("kiln_mbconv_residual_x", 0) != 0),
         has_z_(residual_x_ || n.has_input(7)) {}
@@ -818,10 +819,10 @@ class MbConvKernel final : public Kernel {
   Status run_split(OpContext& ctx, std::span<const Value> in, std::span<Value> out,
                    bool own_x) const {
     auto arg = [&](size_t i) { return i < in.size() ? in[i] : Value(); };
-    std::vector<Value> a = {arg(0), arg(1), arg(2)}, o(1);
-    for (size_t k = 0; k < 3; ++k) {
-      OpContext c{parts_[k], ctx.run_subgraph, ctx.seed, ctx.device_env};
-      if (k > 0) a = {std::move(o[0]), arg(1 + 2 * k), arg(2 + 2 * k)};
+    std::vector<Value> a, o(1);
+    for (int k = first_; k < 3; ++k) {
+      OpContext c{part(k), ctx.run_subgraph, ctx.seed, ctx.device_env};
+      a = {k == first_ ? arg(0) : std::move(o[0]), arg(1 + 2 * k), arg(2 + 2 * k)};
       if (k == 2 && has_z_) a.push_back(residual_x_ ? arg(0) : arg(7));
       o.assign(1, Value());
       if (!sub_[k]) {
@@ -839,8 +840,8 @@ class MbConvKernel final : public Kernel {
   // Split mode: each part as prepare_dnnl_conv makes it (tuned where the part has
   // kiln_tune_shape, else with its kiln_tactic, else oneDNN's default).
   Status prepare_split(const ConstantLookup& constants, EvalFn ref) {
-    for (int k = 0; k < 3; ++k) {
-      KILN_ASSIGN_OR_RETURN(sub_[k], prepare_dnnl_conv(parts_[k], constants, ref));
+    for (int k = first_; k < 3; ++k) {
+      KILN_ASSIGN_OR_RETURN(sub_[k], prepare_dnnl_conv(part(k), constants, ref));
     }
     return Status::ok();
   }
@@ -851,7 +852,12 @@ class MbConvKernel final : public Kernel {
     return t;
   }
 
-  std::vector<Node> parts_;
+  // Part k of expand (0), depthwise (1), project (2); k >= first_.
+  Node& part(int k) { return parts_[k - first_]; }
+  const Node& part(int k) const { return parts_[k - first_]; }
+
+  std::vector<Node> parts_;  // [expand,] depthwise, project
+  int first_ = 0;            // 1 without an expand (sub_[0] then stays null)
   EvalFn ref_;
   bool residual_x_ = false, has_z_ = false;
   std::shared_ptr<const Kernel> sub_[3];
@@ -962,9 +968,10 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
   if (!fused::is_mbconv_block(n)) return none;
   auto parts = fused::mbconv_parts(n);
   if (!parts.is_ok()) return none;
-  const Tensor* W[3];
+  const int first = fused::mbconv_has_expand(n) ? 0 : 1;
+  const Tensor* W[3] = {nullptr, nullptr, nullptr};
   const Tensor* B[3] = {nullptr, nullptr, nullptr};
-  for (int k = 0; k < 3; ++k) {
+  for (int k = first; k < 3; ++k) {
     W[k] = constants(n.inputs[1 + 2 * k]);
     if (!W[k] || W[k]->dtype() != DataType::kFloat || W[k]->rank() != 4) return none;
     if (n.has_input(2 + 2 * k)) {
@@ -973,12 +980,12 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
     }
   }
   MbConvShape s;
-  s.cin = W[0]->dim(1), s.ce = W[0]->dim(0), s.cout = W[2]->dim(0);
-  if (W[0]->dim(2) != 1 || W[0]->dim(3) != 1 || W[1]->dim(0) != s.ce || W[1]->dim(1) != 1 ||
-      W[1]->dim(2) != 3 || W[1]->dim(3) != 3 || W[2]->dim(1) != s.ce || W[2]->dim(2) != 1 ||
-      W[2]->dim(3) != 1)
+  s.ce = W[1]->dim(0), s.cin = W[0] ? W[0]->dim(1) : s.ce, s.cout = W[2]->dim(0);
+  if ((W[0] && (W[0]->dim(0) != s.ce || W[0]->dim(2) != 1 || W[0]->dim(3) != 1)) ||
+      W[1]->dim(1) != 1 || W[1]->dim(2) != 3 || W[1]->dim(3) != 3 || W[2]->dim(1) != s.ce ||
+      W[2]->dim(2) != 1 || W[2]->dim(3) != 1)
     return none;
-  const Node& dw = parts.value()[1];
+  const Node& dw = parts.value()[1 - first];
   const std::vector<int64_t> st = dw.attr_ints("strides", {1, 1}),
                              pads = dw.attr_ints("pads", {0, 0, 0, 0});
   if (st.size() != 2 || st[0] != st[1] || pads.size() != 4 || dw.attr_int("group", 1) != s.ce)
@@ -986,8 +993,8 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
   s.stride = static_cast<int>(st[0]);
   s.pt = pads[0], s.pl = pads[1], s.pb = pads[2], s.pr = pads[3];
   fused::Epilogue* eps[3] = {&s.e1, &s.e2, &s.e3};
-  for (int k = 0; k < 3; ++k) {
-    auto e = fused::read_epilogue(parts.value()[k]);
+  for (int k = first; k < 3; ++k) {
+    auto e = fused::read_epilogue(parts.value()[k - first]);
     if (!e.is_ok()) return none;
     *eps[k] = e.value();
   }
@@ -996,9 +1003,10 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
   const bool fused_ok = env != "0";
   std::shared_ptr<const MbConv> fm;
   if (fused_ok)
-    fm = MbConv::create(W[0]->data<float>(), B[0] ? B[0]->data<float>() : nullptr,
-                        W[1]->data<float>(), B[1] ? B[1]->data<float>() : nullptr,
-                        W[2]->data<float>(), B[2] ? B[2]->data<float>() : nullptr, s);
+    fm = MbConv::create(W[0] ? W[0]->data<float>() : nullptr,
+                        B[0] ? B[0]->data<float>() : nullptr, W[1]->data<float>(),
+                        B[1] ? B[1]->data<float>() : nullptr, W[2]->data<float>(),
+                        B[2] ? B[2]->data<float>() : nullptr, s);
   const std::string tactic = n.attr_string("kiln_tactic");
   std::vector<int64_t> ts = n.attr_ints("kiln_tune_shape");
   bool tune = !n.has_attr("kiln_tactic") && ts.size() == 4;
@@ -1012,7 +1020,8 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
       k->fused_ = fm;
       k->tactic_ = kFusedTactic;
       // The fused block keeps its own packed copies (an mmap'd plan's pages can go).
-      for (const Tensor* w : W) packed_weight_done(w->raw_data(), w->nbytes());
+      for (const Tensor* w : W)
+        if (w) packed_weight_done(w->raw_data(), w->nbytes());
       return std::shared_ptr<const Kernel>(k);
     }
     if (tactic.rfind(std::string(kSplitTactic) + "|", 0) == 0) {
@@ -1025,8 +1034,8 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
         pos = bar + 1;
       }
       if (ts3.size() == 3)
-        for (int i = 0; i < 3; ++i)
-          if (!ts3[i].empty()) set_string(k->parts_[i], "kiln_tactic", ts3[i]);
+        for (int i = first; i < 3; ++i)
+          if (!ts3[i].empty()) set_string(k->part(i), "kiln_tactic", ts3[i]);
     }
     KILN_RETURN_IF_ERROR(k->prepare_split(constants, ref));
     k->tactic_ = k->split_tactic();
@@ -1036,9 +1045,9 @@ Result<std::shared_ptr<const Kernel>> prepare_cpu_mbconv(const Node& n,
   // fused block against the three in turn.
   const int64_t OH = (ts[1] + s.pt + s.pb - 3) / s.stride + 1,
                 OW = (ts[2] + s.pl + s.pr - 3) / s.stride + 1;
-  set_ints(k->parts_[0], "kiln_tune_shape", ts);
-  set_ints(k->parts_[1], "kiln_tune_shape", {ts[0], ts[1], ts[2], s.ce});
-  set_ints(k->parts_[2], "kiln_tune_shape", {ts[0], OH, OW, s.ce});
+  if (first == 0) set_ints(k->part(0), "kiln_tune_shape", ts);
+  set_ints(k->part(1), "kiln_tune_shape", {ts[0], ts[1], ts[2], s.ce});
+  set_ints(k->part(2), "kiln_tune_shape", {ts[0], OH, OW, s.ce});
   if (fm && env == "force") {
     k->fused_ = fm;
     k->tactic_ = kFusedTactic;

@@ -60,9 +60,9 @@ class MbConv {
  public:
   // w1 [ce, cin], w2 [ce, 3, 3] (OIHW of [ce, 1, 3, 3]), w3 [cout, ce]; biases null or of ce,
   // ce, cout floats. w1 null (then ce = cin; b1, e1 unused): no expand, the depthwise conv
-  // reads x (MobileNetV2's features.1: depthwise 3x3 -> project; the graph pass does not make
-  // such blocks yet). Null when the CPU lacks `isa` (kAuto: the best it has), the shape is out
-  // of range, or out of memory.
+  // reads x (MobileNetV2's features.1: depthwise 3x3 -> project; fuse_mbconv_blocks makes such
+  // blocks with W1, B1 empty). Null when the CPU lacks `isa` (kAuto: the best it has), the shape
+  // is out of range, or out of memory.
   static std::shared_ptr<const MbConv> create(const float* w1, const float* b1, const float* w2,
                                               const float* b2, const float* w3, const float* b3,
                                               const MbConvShape& s, C1Isa isa = C1Isa::kAuto);

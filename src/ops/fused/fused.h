@@ -25,12 +25,15 @@ Status apply_epilogue(const OpContext& ctx, const float* z, float* y, int64_t n)
 // "mbconv"; inputs X, W1, B1, W2, B2, W3, B3 (biases may be omitted) and optionally Z (input 7);
 // with kiln_mbconv_residual_x = 1 the residual is X itself (one input, so the executor can hand
 // X over); each part's own attributes under the prefixes "mb0." (expand), "mb1." (depthwise),
-// "mb2." (project).
+// "mb2." (project). Without an expand (W1 and B1 empty: MobileNetV2's features.1, depthwise 3x3
+// -> project 1x1) the depthwise conv reads X.
 bool is_mbconv_block(const Node& n);
-// The block's three FusedConv nodes as the unfused graph had them (names <block>/expand,
-// <block>/dw, <block>/project; intermediate values <block>/e and <block>/d); an error naming the
-// node when the block is malformed.
+// The block's FusedConv nodes as the unfused graph had them (names <block>/expand, <block>/dw,
+// <block>/project; intermediate values <block>/e and <block>/d): three, or two (dw, project)
+// without an expand; an error naming the node when the block is malformed.
 Result<std::vector<Node>> mbconv_parts(const Node& block);
+// Whether the block has an expand 1x1 (W1, input 1, is set).
+bool mbconv_has_expand(const Node& block);
 
 // 4-D float32 relayout between NHWC and NCHW (to_nchw: NHWC -> NCHW, else NCHW -> NHWC).
 Result<Tensor> relayout(const Tensor& t, bool to_nchw);

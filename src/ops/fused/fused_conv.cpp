@@ -58,10 +58,11 @@ Status eval_mbconv_block(OpContext& ctx, std::span<const Value> in, std::span<Va
   const std::vector<Node>& p = parts.value();
   auto arg = [&](size_t i) { return i < in.size() ? in[i] : Value(); };
   const Value z = ctx.node.attr_int("kiln_mbconv_residual_x", 0) ? arg(0) : arg(7);
-  std::vector<Value> a = {arg(0), arg(1), arg(2)}, o(1);
-  for (size_t k = 0; k < 3; ++k) {
-    OpContext c{p[k], ctx.run_subgraph, ctx.seed, ctx.device_env};
-    if (k > 0) a = {o[0], arg(1 + 2 * k), arg(2 + 2 * k)};
+  const size_t first = 3 - p.size();  // 1 without an expand
+  std::vector<Value> a, o(1);
+  for (size_t k = first; k < 3; ++k) {
+    OpContext c{p[k - first], ctx.run_subgraph, ctx.seed, ctx.device_env};
+    a = {k == first ? arg(0) : o[0], arg(1 + 2 * k), arg(2 + 2 * k)};
     if (k == 2) a.push_back(z);
     o.assign(1, Value());
     KILN_RETURN_IF_ERROR(eval_fused_conv(c, a, o));
@@ -81,9 +82,10 @@ Status infer_mbconv_block(InferContext& ctx) {
     return i < ctx.input_constants.size() ? ctx.input_constants[i] : nullptr;
   };
   TypeInfo t = type(0);
-  for (size_t k = 0; k < 3; ++k) {
-    InferContext c{p[k], {t, type(1 + 2 * k), type(2 + 2 * k)}, {nullptr, cst(1 + 2 * k), cst(2 + 2 * k)},
-                   std::vector<TypeInfo>(1)};
+  const size_t first = 3 - p.size();  // 1 without an expand
+  for (size_t k = first; k < 3; ++k) {
+    InferContext c{p[k - first], {t, type(1 + 2 * k), type(2 + 2 * k)},
+                   {nullptr, cst(1 + 2 * k), cst(2 + 2 * k)}, std::vector<TypeInfo>(1)};
     KILN_RETURN_IF_ERROR(infer_fused_conv(c));
     t = c.output_types[0];
   }
@@ -139,16 +141,19 @@ bool is_mbconv_block(const Node& n) {
   return n.domain == "kiln" && n.op_type == "FusedConv" && n.attr_string("kiln_block") == "mbconv";
 }
 
+bool mbconv_has_expand(const Node& b) { return b.inputs.size() > 1 && !b.inputs[1].empty(); }
+
 Result<std::vector<Node>> mbconv_parts(const Node& b) {
   if (b.inputs.size() < 7 || b.inputs.size() > 8 || b.outputs.size() != 1 || b.inputs[0].empty() ||
-      b.inputs[1].empty() || b.inputs[3].empty() || b.inputs[5].empty())
+      b.inputs[3].empty() || b.inputs[5].empty() || (b.inputs[1].empty() && !b.inputs[2].empty()))
     return invalid_argument(b.where() + ": an mbconv block needs inputs X, W1, B1, W2, B2, W3, B3 "
-                            "[, Z] and one output");
+                            "[, Z] (W1 and B1 both empty without an expand) and one output");
   static const char* const kSuffix[3] = {"/expand", "/dw", "/project"};
-  std::vector<Node> p(3);
-  const std::string e = b.name + "/e", d = b.name + "/d";
-  for (int k = 0; k < 3; ++k) {
-    Node& n = p[k];
+  const int first = mbconv_has_expand(b) ? 0 : 1;
+  std::vector<Node> p(3 - first);
+  const std::string e = first ? b.inputs[0] : b.name + "/e", d = b.name + "/d";
+  for (int k = first; k < 3; ++k) {
+    Node& n = p[k - first];
     n.name = b.name + kSuffix[k];
     n.op_type = "FusedConv";
     n.domain = "kiln";
@@ -163,9 +168,10 @@ Result<std::vector<Node>> mbconv_parts(const Node& b) {
       n.set_attr(c);
     }
   }
-  if (b.attr_int("kiln_mbconv_residual_x", 0)) p[2].inputs.push_back(b.inputs[0]);
-  else if (b.has_input(7)) p[2].inputs.push_back(b.inputs[7]);
-  while (!p[2].inputs.empty() && p[2].inputs.back().empty()) p[2].inputs.pop_back();
+  Node& proj = p.back();
+  if (b.attr_int("kiln_mbconv_residual_x", 0)) proj.inputs.push_back(b.inputs[0]);
+  else if (b.has_input(7)) proj.inputs.push_back(b.inputs[7]);
+  while (!proj.inputs.empty() && proj.inputs.back().empty()) proj.inputs.pop_back();
   return p;
 }
 
