@@ -3,7 +3,7 @@
 # C++ toolchain and libraries from apt, the Python test oracles (onnx, onnxruntime, numpy) from pip.
 set -euo pipefail
 
-APT_PKGS=(build-essential cmake ninja-build libgtest-dev libdnnl-dev clang libclang-rt-14-dev python3 python3-pip)
+APT_PKGS=(build-essential cmake ninja-build libgtest-dev libdnnl-dev libopenblas-openmp-dev clang libclang-rt-14-dev python3 python3-pip)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

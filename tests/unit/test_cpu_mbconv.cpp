@@ -654,8 +654,9 @@ TEST(KilnMbConv, BackendKernelNoExpandEachTactic) {
       ASSERT_TRUE(k.value());
       const std::string tac = k.value()->tactic();
       EXPECT_EQ(tac.rfind(t.want_prefix, 0), 0u) << tac;
-      if (tac.rfind("cpu.mbconv.split", 0) == 0)  // three slots, the expand's empty
+      if (tac.rfind("cpu.mbconv.split", 0) == 0) {  // three slots, the expand's empty
         EXPECT_EQ(std::count(tac.begin(), tac.end(), '|'), 3) << tac;
+      }
       std::vector<Value> in = {Value(to_tensor(x, xs)), Value(), Value()};
       for (const char* c : {"w2", "b2", "w3", "b3"}) in.emplace_back(consts[c]);
       std::vector<Value> out(1);
@@ -853,8 +854,9 @@ TEST(KilnMbConvPass, DepthwiseProjectBecomesABlockWithoutExpand) {
           EXPECT_EQ(n.attr_int("kiln_mbconv_residual_x", 0), residual ? 1 : 0);
           EXPECT_EQ(n.attr_int("mb1.group", 0), 16);
           EXPECT_FALSE(n.has_attr("mb0.layout"));
-          if (t.rfind("cpu.mbconv.split", 0) == 0)
+          if (t.rfind("cpu.mbconv.split", 0) == 0) {
             EXPECT_EQ(t.rfind("cpu.mbconv.split||", 0), 0u) << t;
+          }
         }
       }
       const bool off = env && std::string(env) == "0";
