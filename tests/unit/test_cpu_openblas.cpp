@@ -6,7 +6,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -21,13 +20,7 @@ namespace {
 
 constexpr char kBlas[] = "cpu.f32.matmul.openblas";
 
-std::vector<float> uniform(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1.f, 1.f);
-  std::vector<float> v(n);
-  for (float& f : v) f = d(rng);
-  return v;
-}
+std::vector<float> uniform(size_t n, uint32_t seed) { return test::uniform(n, -1.f, 1.f, seed); }
 
 struct Case {
   int64_t batch = 2, M = 5, K = 48, N = 40;
