@@ -60,12 +60,6 @@ const std::map<std::string, std::pair<double, double>> kTolerance = {
     {"test_ln_attn_causal_d128", {1e-3, 5e-4}},
     {"test_ln_attn_softcap_bf16", {1.6e-2, 1e-3}},
     {"test_ln_attn_padmask_bf16", {1.6e-2, 1e-3}},
-    // The light SqueezeNet's 1000 logits are all ~6.77e9, where float32 values are 512 apart: the
-    // reference's uniform 0.001 softmax holds only while every logit rounds to the same float. An
-    // accumulation order that leaves a few logits one step lower (tactic timing picks the conv
-    // kernels) sends their probability to 0 and the rest to 1/996 = 0.001004 (seen under load,
-    // session 11). Any probability in [0, 0.002] passes; NaN, shape or gross errors still fail.
-    {"real_test_squeezenet", {1e-3, 1e-3}},
 };
 
 std::vector<std::string> list_dir(const std::string& d) {
