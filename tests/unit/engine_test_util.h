@@ -51,18 +51,26 @@ inline std::vector<float> host_floats(const Tensor& t) {
   return v;
 }
 
-// Runs engine e (one input "x", one output "y") on x; y as floats, or {} after a test failure.
+// One run of context c (one input "x", one output "y") on x; y as floats, or {} after a test
+// failure.
+inline std::vector<float> run_ctx_xy(ExecutionContext& c, const Tensor& x) {
+  Status st = c.set_input("x", x);
+  if (st.is_ok()) st = c.enqueue();
+  if (st.is_ok()) st = c.synchronize();
+  EXPECT_TRUE(st.is_ok()) << st.message();
+  if (!st.is_ok()) return {};
+  auto y = c.get_output("y");
+  EXPECT_TRUE(y.is_ok()) << y.status().message();
+  return y.is_ok() ? host_floats(y.value()) : std::vector<float>{};
+}
+
+// Runs engine e (one input "x", one output "y") on x in a fresh context; y as floats, or {} after
+// a test failure.
 inline std::vector<float> run_xy(Engine& e, const Tensor& x) {
   auto ctx = e.create_execution_context();
   EXPECT_TRUE(ctx.is_ok()) << ctx.status().message();
   if (!ctx.is_ok()) return {};
-  Status st = ctx.value()->set_input("x", x);
-  if (st.is_ok()) st = ctx.value()->enqueue();
-  if (st.is_ok()) st = ctx.value()->synchronize();
-  EXPECT_TRUE(st.is_ok()) << st.message();
-  auto y = ctx.value()->get_output("y");
-  EXPECT_TRUE(y.is_ok()) << y.status().message();
-  return y.is_ok() ? host_floats(y.value()) : std::vector<float>{};
+  return run_ctx_xy(*ctx.value(), x);
 }
 
 // Worst |got - want| over max(1, max |want|); 1e30 when the sizes differ.

@@ -430,13 +430,7 @@ TEST(CudaSideStream, DownsampleBranchMatchesTheReferenceInEveryRunMode) {
       ASSERT_TRUE(ctx.is_ok()) << ctx.status().message();
       ASSERT_TRUE(ctx.value()->set_cuda_graph(graph).is_ok());
       for (int run = 0; run < 4; ++run) {
-        Status st = ctx.value()->set_input("x", x);
-        if (st.is_ok()) st = ctx.value()->enqueue();
-        if (st.is_ok()) st = ctx.value()->synchronize();
-        ASSERT_TRUE(st.is_ok()) << st.message();
-        auto y = ctx.value()->get_output("y");
-        ASSERT_TRUE(y.is_ok()) << y.status().message();
-        const std::vector<float> got = test::host_floats(y.value());
+        const std::vector<float> got = test::run_ctx_xy(*ctx.value(), x);
         EXPECT_LE(test::scaled_err(got, h), fp16 ? 1e-2 : 1e-4)
             << (fp16 ? "fp16" : "fp32") << (graph ? " graph" : "") << " run " << run;
       }
