@@ -1,7 +1,7 @@
-// Kiln's own fp32 GEMM for a constant B (AVX-512 only): C[M, N] = epilogue(A[M, K] * B[K, N]),
-// B packed once into 48-column panels. The epilogue adds a bias over N, applies GELU (erf
-// form), then adds a residual Z[M, N]. Offered as the CPU tactic cpu.f32.matmul.kiln, timed
-// against oneDNN at build (dnnl_matmul.cpp).
+// Kiln's own fp32 GEMM for a constant B (AVX-512, or AVX2 + FMA): C[M, N] =
+// epilogue(A[M, K] * B[K, N]), B packed once into 48-column panels. The epilogue adds a bias
+// over N, applies GELU (erf form), then adds a residual Z[M, N]. Offered as the CPU tactic
+// cpu.f32.matmul.kiln, timed against oneDNN and OpenBLAS at build (dnnl_matmul.cpp).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -9,7 +9,8 @@
 namespace kiln {
 namespace cpu {
 
-// True where this CPU (and build) runs the kernel: x86-64 with AVX-512F/DQ/VL.
+// True where this CPU (and build) runs the kernel: x86-64 with AVX-512F/DQ/VL (8 x 48 tiles)
+// or AVX2 + FMA (6 x 16 tiles; KILN_CPU_GEMM_AVX2=1 takes that path on AVX-512 CPUs too).
 bool gemm_available();
 
 // Floats of packed B for a [K, N] matrix (zero-padded to whole 48-column panels).
@@ -46,7 +47,7 @@ bool huge_pages_enabled();
 float* alloc_weight_floats(size_t n);
 void free_weight_floats(float* p, size_t n);
 
-// GELU (erf form) of n floats in place, with the kernel's vectorized erf (tests; AVX-512 only).
+// GELU (erf form) of n floats in place, with the kernel's vectorized erf (tests).
 void gemm_gelu(float* x, int64_t n);
 
 }  // namespace cpu
