@@ -99,6 +99,7 @@ namespace c1_avx512 {
 namespace {
 typedef __m512 V;
 constexpr int kW = 16, kMaxNV = 4;
+constexpr bool kOneStepLoop = false;  // 32 registers: the unrolled steps interleave well
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float x) { return _mm512_set1_ps(x); }
 inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
@@ -137,6 +138,7 @@ namespace c1_avx2 {
 namespace {
 typedef __m256 V;
 constexpr int kW = 8, kMaxNV = 2;
+constexpr bool kOneStepLoop = true;
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float x) { return _mm256_set1_ps(x); }
 inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
