@@ -611,21 +611,7 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
       rt.push_back({m, static_cast<int>(rem)});
     }
   }
-  // A packed once per call for this task's rows: tile by tile, [k][6] (unused rows zero), so that
-  // the micro-kernel's broadcasts come from one pointer.
   const int64_t all_tiles = static_cast<int64_t>(rt.size());
-  thread_local std::vector<float> apack;
-  if (apack.size() < static_cast<size_t>(all_tiles * kMR2 * g.K))
-    apack.resize(static_cast<size_t>(all_tiles * kMR2 * g.K));
-  for (int64_t ti = 0; ti < all_tiles; ++ti) {
-    float* d = apack.data() + ti * kMR2 * g.K;
-    const int rows = rt[static_cast<size_t>(ti)].rows;
-    const float* src = g.A + rt[static_cast<size_t>(ti)].m * g.lda;
-    for (int64_t k = 0; k < g.K; ++k, d += kMR2) {
-      for (int r = 0; r < rows; ++r) d[r] = src[r * g.lda + k];
-      for (int r = rows; r < kMR2; ++r) d[r] = 0.f;
-    }
-  }
   Tile2Args t{};
   t.ldc = g.N;
   t.gelu = g.ep.gelu;
@@ -635,6 +621,20 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
   const int64_t mc_tiles = std::max<int64_t>(1, kABudget / (g.kc * 4) / kMR2);
   for (int64_t tb = 0; tb < all_tiles; tb += mc_tiles) {
   const int64_t te = std::min(all_tiles, tb + mc_tiles), ntiles = te - tb;
+  // This M block's A, packed once for all its panels: tile by tile, [k][6] (unused rows zero),
+  // so that the micro-kernel's broadcasts come from one pointer.
+  thread_local std::vector<float> apack;
+  if (apack.size() < static_cast<size_t>(ntiles * kMR2 * g.K))
+    apack.resize(static_cast<size_t>(ntiles * kMR2 * g.K));
+  for (int64_t ti = tb; ti < te; ++ti) {
+    float* d = apack.data() + (ti - tb) * kMR2 * g.K;
+    const int rows = rt[static_cast<size_t>(ti)].rows;
+    const float* src = g.A + rt[static_cast<size_t>(ti)].m * g.lda;
+    for (int64_t k = 0; k < g.K; ++k, d += kMR2) {
+      for (int r = 0; r < rows; ++r) d[r] = src[r * g.lda + k];
+      for (int r = rows; r < kMR2; ++r) d[r] = 0.f;
+    }
+  }
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t kb = 0; kb < g.nkb; ++kb) {
       const int64_t k0 = kb * g.kc, kc = std::min(g.kc, g.K - k0);
@@ -667,7 +667,7 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
         for (int64_t ti = tb; ti < te; ++ti, ++call) {
           const int64_t m = rt[static_cast<size_t>(ti)].m;
           const int rows = rt[static_cast<size_t>(ti)].rows;
-          t.a = apack.data() + (ti * g.K + k0) * kMR2;
+          t.a = apack.data() + ((ti - tb) * g.K + k0) * kMR2;
           t.c = g.C + m * g.N + n0;
           t.res = g.ep.residual ? g.ep.residual + m * g.N + n0 : nullptr;
           if (next) {
