@@ -285,6 +285,24 @@ TEST(KilnConv1x1Kernel, ChannelCountsTailsAndRows) {
   std::printf("[ conv1x1  ] kernel, channels / rows: worst rel err %.2e\n", worst);
 }
 
+// Row counts past one tile with a partial last tile of every size (6-row tiles: the last
+// 1-5 rows run as their own tiles, or with the full tile before them as 4 + 3 / 4 + 4), and
+// row counts whose tiles do not split evenly over the tasks.
+TEST(KilnConv1x1Kernel, PartialLastTilesAndUnevenTasks) {
+  if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
+  double worst = 0;
+  for (int64_t rows : {7, 8, 9, 10, 11, 12, 13, 14, 49, 55, 196, 785})
+    for (int64_t M : {16, 40, 64})
+      for (bool res : {false, true}) {
+        Spec s;
+        s.H = 1, s.W = rows, s.C = rows % 2 ? 33 : 8, s.M = M;
+        s.residual = res, s.bias = !res;
+        s.ep.kind = fused::Epilogue::kRelu;
+        worst = std::max(worst, check_kernel(s, 7));
+      }
+  std::printf("[ conv1x1  ] kernel, partial last tiles: worst rel err %.2e\n", worst);
+}
+
 TEST(KilnConv1x1Kernel, LongKManyRowsAndEpilogues) {
   if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
   double worst = 0;

@@ -48,7 +48,9 @@ struct C1Job {
   float alpha = 0;
   bool rows_outer = true;
   bool nt = false;  // full vectors of y stored non-temporally
-  int64_t rows_per_task = 0, npg = 1, ppg = 1;
+  // Row blocks: nrb of the T micro-tiles, block b tiles [b T / nrb, (b + 1) T / nrb) (sizes
+  // differ by one tile at most: with a static split each thread gets its share of rows).
+  int64_t tiles = 0, nrb = 1, npg = 1, ppg = 1;
   TileFnT tile_full = nullptr, tile_tail = nullptr;
   float* scratch() const { return c1_scratch(0, static_cast<size_t>(mr * K)); }
 };
@@ -390,7 +392,7 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
       static_order = true;
     }
   }
-  j.rows_per_task = (T + nrb - 1) / nrb * mr_;
+  j.tiles = T, j.nrb = nrb;
   struct Ctx {
     const C1Job* j;
     bool (*fn)(const C1Job&, int64_t);
