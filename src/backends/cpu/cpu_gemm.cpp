@@ -44,6 +44,12 @@ constexpr int64_t kMaxKc = 1024;          // K block
 constexpr int64_t kPfRows = 32;           // L1 prefetch distance in panel rows (k steps)
 constexpr int64_t kABudget = 512 * 1024;  // bytes of A per M block (L2 next to a panel)
 
+// A row tile of the AVX2 path: rows [m, m + rows).
+struct RowTile {
+  int64_t m;
+  int rows;
+};
+
 struct GemmJob {
   int64_t M, N, K, lda;
   const float* A;
@@ -52,6 +58,12 @@ struct GemmJob {
   GemmEpilogue ep;
   int64_t panels, kc, nkb, mc;
   int64_t n_chunks, m_chunks;
+  // AVX2 path, rows not split over tasks: the row tiles of all of M and A packed for them
+  // ([tile][k][6]) once, before the tasks (each thread packed all of A for itself: BERT's
+  // FFN-down, 128 x 3072, spent 4% of its time there on each of 2 threads).
+  const RowTile* tiles = nullptr;
+  int64_t ntiles = 0;
+  const float* apack = nullptr;
 };
 
 }  // namespace
@@ -580,6 +592,87 @@ using Tile2Fn = void (*)(const Tile2Args&);
 constexpr Tile2Fn kTiles2[kMR2 + 1] = {nullptr, &tile2<1>, &tile2<2>, &tile2<3>,
                                        &tile2<4>, &tile2<5>, &tile2<6>};
 
+// Row tiles of 6 over rows [m0, m1), except that a tail of 1-3 rows shares the last 6 (3+4,
+// 4+4, 4+5 rows): the micro-kernel's FMA rate drops below 4 rows.
+void row_tiles(int64_t m0, int64_t m1, std::vector<RowTile>& rt) {
+  rt.clear();
+  const int64_t n = m1 - m0, full = n / kMR2, rem = n % kMR2;
+  const bool split = rem > 0 && rem < 4 && full > 0;
+  for (int64_t ti = 0; ti < full - (split ? 1 : 0); ++ti) rt.push_back({m0 + ti * kMR2, kMR2});
+  const int64_t m = m0 + (full - (split ? 1 : 0)) * kMR2;
+  if (split) {
+    const int a = static_cast<int>((kMR2 + rem) / 2), b = static_cast<int>(kMR2 + rem - a);
+    rt.push_back({m, a});
+    rt.push_back({m + a, b});
+  } else if (rem > 0) {
+    rt.push_back({m, static_cast<int>(rem)});
+  }
+}
+
+// A's rows of n tiles, packed tile by tile as [k][6] (unused rows zero) into d (n * 6 * K
+// floats): the micro-kernel's broadcasts then come from one pointer.
+void pack_a_tiles(const float* A, int64_t lda, int64_t K, const RowTile* tiles, int64_t n,
+                  float* d) {
+  for (int64_t ti = 0; ti < n; ++ti, d += kMR2 * K) {
+    const int rows = tiles[ti].rows;
+    const float* src = A + tiles[ti].m * lda;
+    int64_t k = 0;
+    if (rows == kMR2) {
+      // 8 x 8 transposes in registers (rows 6 and 7 zero); each k's 8 floats stored whole, the
+      // next k's store overwriting the 2 past its 6, except the tile's last k.
+      const __m256 zero = _mm256_setzero_ps();
+      for (; k + 8 <= K; k += 8) {
+        const __m256 r0 = _mm256_loadu_ps(src + k), r1 = _mm256_loadu_ps(src + lda + k),
+                     r2 = _mm256_loadu_ps(src + 2 * lda + k),
+                     r3 = _mm256_loadu_ps(src + 3 * lda + k),
+                     r4 = _mm256_loadu_ps(src + 4 * lda + k),
+                     r5 = _mm256_loadu_ps(src + 5 * lda + k);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                     t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                     t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                     t6 = _mm256_unpacklo_ps(zero, zero), t7 = t6;
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                     u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                     u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                     u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* o = d + k * kMR2;
+        _mm256_storeu_ps(o + 0 * kMR2, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(o + 1 * kMR2, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(o + 2 * kMR2, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(o + 3 * kMR2, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(o + 4 * kMR2, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(o + 5 * kMR2, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(o + 6 * kMR2, _mm256_permute2f128_ps(u2, u6, 0x31));
+        const __m256 last = _mm256_permute2f128_ps(u3, u7, 0x31);
+        if (k + 8 < K) {
+          _mm256_storeu_ps(o + 7 * kMR2, last);
+        } else {  // not past the tile: another thread may be packing the next one
+          _mm256_maskstore_ps(o + 7 * kMR2, lanes_below(kMR2), last);
+        }
+      }
+    }
+    for (; k < K; ++k) {
+      float* o = d + k * kMR2;
+      for (int r = 0; r < rows; ++r) o[r] = src[r * lda + k];
+      for (int r = rows; r < kMR2; ++r) o[r] = 0.f;
+    }
+  }
+}
+
+struct PackJob {
+  const GemmJob* g;
+  float* dst;
+  int64_t per_task;
+};
+
+bool pack_task_avx2(void* ctx, int64_t i) {
+  const PackJob& p = *static_cast<const PackJob*>(ctx);
+  const int64_t t0 = i * p.per_task, t1 = std::min(p.g->ntiles, t0 + p.per_task);
+  if (t0 < t1)
+    pack_a_tiles(p.g->A, p.g->lda, p.g->K, p.g->tiles + t0, t1 - t0, p.dst + t0 * kMR2 * p.g->K);
+  return true;
+}
+
 // One thread's panels [p0, p1) for rows [m0, m1): per panel and K block, the three slices one
 // after the other, all row tiles over each.
 bool gemm_task_avx2(void* ctx, int64_t i) {
@@ -590,28 +683,10 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
   const int64_t m0 = tiles * mci / g.m_chunks * kMR2,
                 m1 = std::min(g.M, tiles * (mci + 1) / g.m_chunks * kMR2);
   if (p0 >= p1 || m0 >= m1) return true;
-  // Row tiles of 6, except that a tail of 1-3 rows shares the last 6 (3+4, 4+4, 4+5 rows): the
-  // micro-kernel's FMA rate drops below 4 rows.
-  struct RowTile {
-    int64_t m;
-    int rows;
-  };
   thread_local std::vector<RowTile> rt;
-  rt.clear();
-  {
-    const int64_t n = m1 - m0, full = n / kMR2, rem = n % kMR2;
-    const bool split = rem > 0 && rem < 4 && full > 0;
-    for (int64_t ti = 0; ti < full - (split ? 1 : 0); ++ti) rt.push_back({m0 + ti * kMR2, kMR2});
-    int64_t m = m0 + (full - (split ? 1 : 0)) * kMR2;
-    if (split) {
-      const int a = static_cast<int>((kMR2 + rem) / 2), b = static_cast<int>(kMR2 + rem - a);
-      rt.push_back({m, a});
-      rt.push_back({m + a, b});
-    } else if (rem > 0) {
-      rt.push_back({m, static_cast<int>(rem)});
-    }
-  }
-  const int64_t all_tiles = static_cast<int64_t>(rt.size());
+  if (!g.apack) row_tiles(m0, m1, rt);
+  const int64_t all_tiles = g.apack ? g.ntiles : static_cast<int64_t>(rt.size());
+  const RowTile* rtiles = g.apack ? g.tiles : rt.data();
   Tile2Args t{};
   t.ldc = g.N;
   t.gelu = g.ep.gelu;
@@ -621,19 +696,16 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
   const int64_t mc_tiles = std::max<int64_t>(1, kABudget / (g.kc * 4) / kMR2);
   for (int64_t tb = 0; tb < all_tiles; tb += mc_tiles) {
   const int64_t te = std::min(all_tiles, tb + mc_tiles), ntiles = te - tb;
-  // This M block's A, packed once for all its panels: tile by tile, [k][6] (unused rows zero),
-  // so that the micro-kernel's broadcasts come from one pointer.
-  thread_local std::vector<float> apack;
-  if (apack.size() < static_cast<size_t>(ntiles * kMR2 * g.K))
-    apack.resize(static_cast<size_t>(ntiles * kMR2 * g.K));
-  for (int64_t ti = tb; ti < te; ++ti) {
-    float* d = apack.data() + (ti - tb) * kMR2 * g.K;
-    const int rows = rt[static_cast<size_t>(ti)].rows;
-    const float* src = g.A + rt[static_cast<size_t>(ti)].m * g.lda;
-    for (int64_t k = 0; k < g.K; ++k, d += kMR2) {
-      for (int r = 0; r < rows; ++r) d[r] = src[r * g.lda + k];
-      for (int r = rows; r < kMR2; ++r) d[r] = 0.f;
-    }
+  // This M block's A, packed once for all its panels (unless packed before the tasks).
+  thread_local std::vector<float> apack_own;
+  const float* apack = nullptr;
+  if (g.apack) {
+    apack = g.apack + tb * kMR2 * g.K;
+  } else {
+    if (apack_own.size() < static_cast<size_t>(ntiles * kMR2 * g.K))
+      apack_own.resize(static_cast<size_t>(ntiles * kMR2 * g.K));
+    pack_a_tiles(g.A, g.lda, g.K, rtiles + tb, ntiles, apack_own.data());
+    apack = apack_own.data();
   }
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t kb = 0; kb < g.nkb; ++kb) {
@@ -665,9 +737,9 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
         t.cols = static_cast<int>(std::min(kSW, g.N - n0));
         t.bias = g.ep.bias ? g.ep.bias + n0 : nullptr;
         for (int64_t ti = tb; ti < te; ++ti, ++call) {
-          const int64_t m = rt[static_cast<size_t>(ti)].m;
-          const int rows = rt[static_cast<size_t>(ti)].rows;
-          t.a = apack.data() + ((ti - tb) * g.K + k0) * kMR2;
+          const int64_t m = rtiles[ti].m;
+          const int rows = rtiles[ti].rows;
+          t.a = apack + ((ti - tb) * g.K + k0) * kMR2;
           t.c = g.C + m * g.N + n0;
           t.res = g.ep.residual ? g.ep.residual + m * g.N + n0 : nullptr;
           if (next) {
@@ -767,6 +839,19 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   } else {
     g.n_chunks = g.panels;
     g.m_chunks = std::min(tiles, (T + g.panels - 1) / g.panels);
+  }
+  if (!wide && g.m_chunks == 1 && T > 1) {
+    // A packed once, in parallel, for all tasks (see GemmJob::apack).
+    thread_local std::vector<RowTile> rt;
+    thread_local std::vector<float> ap;
+    row_tiles(0, M, rt);
+    g.tiles = rt.data(), g.ntiles = static_cast<int64_t>(rt.size());
+    const size_t need = static_cast<size_t>(g.ntiles * kMR2 * K);
+    if (ap.size() < need) ap.resize(need);
+    PackJob pj{&g, ap.data(), (g.ntiles + 2 * T - 1) / (2 * T)};
+    parallel_tasks((g.ntiles + pj.per_task - 1) / pj.per_task, static_cast<int>(T),
+                   &pack_task_avx2, &pj);
+    g.apack = ap.data();
   }
   parallel_tasks(g.n_chunks * g.m_chunks, static_cast<int>(T), wide ? &gemm_task : &gemm_task_avx2, &g);
 #else
