@@ -24,6 +24,7 @@
 #include "cpu_test_dnnl.h"
 
 #include "backends/cpu/cpu_conv1x1.h"
+#include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_parallel.h"
 #include "kiln/logger.h"
 #include "kiln/runtime.h"
@@ -301,6 +302,21 @@ TEST(KilnConv1x1Kernel, PartialLastTilesAndUnevenTasks) {
         worst = std::max(worst, check_kernel(s, 7));
       }
   std::printf("[ conv1x1  ] kernel, partial last tiles: worst rel err %.2e\n", worst);
+}
+
+// x past 2 MB: panels outer runs x's rows in blocks, each over all panels (with small weights:
+// a panel per task; with weights past 1 MB: a panel group per thread, over all blocks).
+TEST(KilnConv1x1Kernel, PanelsOuterRowBlocks) {
+  if (isas().empty()) GTEST_SKIP() << "no AVX2/AVX-512";
+  double worst = 0;
+  Spec small_w;  // x 4001 x 160 floats (2.6 MB), weights 40 KB
+  small_w.H = 1, small_w.W = 4001, small_w.C = 160, small_w.M = 64, small_w.residual = true;
+  worst = std::max(worst, check_kernel(small_w, 11));
+  Spec big_w;  // x 601 x 1100 floats (2.6 MB), weights 1.1 MB (grouped panels)
+  big_w.H = 1, big_w.W = 601, big_w.C = 1100, big_w.M = 256;
+  big_w.ep.kind = fused::Epilogue::kRelu;
+  worst = std::max(worst, check_kernel(big_w, 12));
+  std::printf("[ conv1x1  ] kernel, row blocks: worst rel err %.2e\n", worst);
 }
 
 TEST(KilnConv1x1Kernel, LongKManyRowsAndEpilogues) {
@@ -600,6 +616,7 @@ TEST(KilnConv1x1, DISABLED_Bench) {
     for (int it = -3; it < iters; ++it)
       for (size_t i = 0; i < kernels.size(); ++i) {
         for (size_t j = 0; j < trash.size(); j += 64) trash[j]++;
+        if (std::getenv("CONV1X1_COLD_X")) cpu::evict_from_cache(X.data<float>(), X.nbytes());
         OpContext ctx{nodes[i]};
         std::vector<Value> in = {Value(X), Value(W), Value(B)}, out(1);
         if (residual) {  // a fresh Z each run, donated: the conv sums into it in place
