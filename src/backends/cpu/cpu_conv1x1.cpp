@@ -238,6 +238,7 @@ struct Gather {
   const float* x;
   float* g;
   int64_t K, H, W, OH, OW, sh, sw, M, rows_per_task;
+  int64_t kh = 1, kw = 1, pt = 0, pl = 0, dh = 1, dw = 1, C = 0;  // window (im2col)
 };
 
 bool gather_task(void* ctx, int64_t i) {
@@ -246,8 +247,23 @@ bool gather_task(void* ctx, int64_t i) {
   const int64_t per_img = t.OH * t.OW;
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t n = m / per_img, r = m % per_img, oh = r / t.OW, ow = r % t.OW;
-    std::memcpy(t.g + m * t.K, t.x + ((n * t.H + oh * t.sh) * t.W + ow * t.sw) * t.K,
-                sizeof(float) * static_cast<size_t>(t.K));
+    if (t.C == 0) {
+      std::memcpy(t.g + m * t.K, t.x + ((n * t.H + oh * t.sh) * t.W + ow * t.sw) * t.K,
+                  sizeof(float) * static_cast<size_t>(t.K));
+      continue;
+    }
+    float* d = t.g + m * t.K;
+    for (int64_t a = 0; a < t.kh; ++a) {
+      const int64_t ih = oh * t.sh - t.pt + a * t.dh;
+      for (int64_t b = 0; b < t.kw; ++b, d += t.C) {
+        const int64_t iw = ow * t.sw - t.pl + b * t.dw;
+        if (ih < 0 || ih >= t.H || iw < 0 || iw >= t.W)
+          std::memset(d, 0, sizeof(float) * static_cast<size_t>(t.C));
+        else
+          std::memcpy(d, t.x + ((n * t.H + ih) * t.W + iw) * t.C,
+                      sizeof(float) * static_cast<size_t>(t.C));
+      }
+    }
   }
   return true;
 }
@@ -338,13 +354,20 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
 #if KILN_C1_X86
   if (!x || !y || M < 1) return false;
   C1Job j;
-  if (st && (st->sh != 1 || st->sw != 1)) {
-    // Strided: the input rows the GEMM reads, gathered first (in parallel; one copy of
-    // M x K floats, ~5% of ResNet-50's downsampling convs), then the plain path on them.
+  if (st && (st->sh != 1 || st->sw != 1 || st->windowed())) {
+    // Strided or windowed: the input rows the GEMM reads, gathered first (in parallel; one copy
+    // of M x K floats, ~5% of ResNet-50's downsampling convs), then the plain path on them.
     if (st->H < 1 || st->W < 1 || st->sh < 1 || st->sw < 1) return false;
     Gather g;
     g.x = x, g.K = K_, g.H = st->H, g.W = st->W, g.sh = st->sh, g.sw = st->sw, g.M = M;
     g.OH = (st->H - 1) / st->sh + 1, g.OW = (st->W - 1) / st->sw + 1;
+    if (st->windowed()) {
+      if (st->kh < 1 || st->kw < 1 || st->dh < 1 || st->dw < 1 || st->pt < 0 || st->pl < 0 ||
+          st->OH < 1 || st->OW < 1 || K_ % (st->kh * st->kw) != 0)
+        return false;
+      g.kh = st->kh, g.kw = st->kw, g.pt = st->pt, g.pl = st->pl, g.dh = st->dh, g.dw = st->dw;
+      g.OH = st->OH, g.OW = st->OW, g.C = K_ / (st->kh * st->kw);
+    }
     if (M % (g.OH * g.OW) != 0) return false;
     g.g = c1_scratch(1, static_cast<size_t>(M * K_));
     if (!g.g) return false;

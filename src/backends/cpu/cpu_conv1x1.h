@@ -2,7 +2,8 @@
 // no pads, one group, so Y[M, N] = act(X[M, K] * W^T + bias + Z) with M = batch * OH * OW
 // output pixels, K input and N output channels; epilogue (bias, residual Z, Relu / Clip /
 // LeakyRelu) in registers before the one store of each output; Z may be Y itself (in place).
-// Strided (ResNet's downsampling 1x1 convs): the input rows are gathered first, in parallel.
+// Strided (ResNet's downsampling 1x1 convs) or windowed (im2col of a k x k conv): the input rows
+// are gathered first, in parallel.
 // W^T is packed once into panels of up to 4 vectors of output channels (the panel width fits N:
 // a 16-channel conv does not pay for 48 columns). A micro-tile keeps MR rows x one panel of Y in
 // registers, broadcasting X, loading W rows.
@@ -42,8 +43,14 @@ class Conv1x1 {
 
   // A strided input: an [images, H, W, K] x read at (oh sh, ow sw) for output pixel (oh, ow),
   // OH = (H - 1) / sh + 1, OW = (W - 1) / sw + 1.
+  // With a kh x kw window (im2col; ResNet's strided 3x3 at 7x7): x is [images, H, W, C], C =
+  // K / (kh kw), and output pixel (oh, ow) reads x at (oh sh - pt + i dh, ow sw - pl + j dw) for
+  // tap (i, j), zeros outside; the gathered row is [kh][kw][C], so w is [N][kh][kw][C]. OH, OW:
+  // the output size (given with a window or pads).
   struct Strided {
     int64_t H = 0, W = 0, sh = 1, sw = 1;
+    int64_t kh = 1, kw = 1, pt = 0, pl = 0, dh = 1, dw = 1, OH = 0, OW = 0;
+    bool windowed() const { return kh != 1 || kw != 1 || pt != 0 || pl != 0; }
   };
 
   // y [M, N] = act(x [M, K] * w^T + bias + z); z [M, N] or null, may be y. With st, x is

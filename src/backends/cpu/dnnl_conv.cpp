@@ -176,6 +176,24 @@ bool kiln_conv1x1_forced() {
   return kiln_conv1x1_env() == "force";
 }
 
+// KILN_CPU_KILN_IM2COL=0 / =force, as KILN_CPU_KILN_WINO for the im2col form of Kiln's 1x1 conv.
+const std::string& kiln_im2col_env() {
+  static const std::string v = [] {
+    const char* e = std::getenv("KILN_CPU_KILN_IM2COL");
+    return std::string(e ? e : "");
+  }();
+  return v;
+}
+bool kiln_im2col_enabled() {
+  return kiln_im2col_env() != "0" && conv1x1_isa_available(C1Isa::kAuto);
+}
+bool kiln_im2col_forced() {
+  return kiln_im2col_env() == "force";
+}
+
+// The im2col form gathers M x (kh kw C) floats per call: up to this many bytes of them.
+constexpr int64_t kIm2colMaxBytes = int64_t(16) << 20;
+
 // Candidates of a conv with big weights (kColdTuneBytes up, in the layout each reads) are timed
 // with their weights flushed from the caches first (see the top). KILN_CPU_TUNE_COLD=0: all
 // timed with warm weights, as before (A/B).
@@ -233,6 +251,8 @@ constexpr const char kKilnWino[] = "kiln.wino4x3";
 constexpr const char kKilnConv1x1[] = "kiln.conv1x1";
 // Kiln's stride-2 winograd as an implementation name (cpu_winograd.h).
 constexpr const char kKilnWinoS2[] = "kiln.wino4x3s2";
+// Kiln's 1x1 conv kernel on gathered windows (im2col) as an implementation name.
+constexpr const char kKilnIm2col[] = "kiln.im2col";
 
 class DnnlConv final : public Kernel {
  public:
@@ -293,6 +313,10 @@ class DnnlConv final : public Kernel {
     if (kiln_conv1x1_enabled() && kiln_conv1x1_geometry(n, xs, nullptr)) {
       if (kiln_conv1x1_forced()) names.clear();
       names.push_back(kKilnConv1x1);
+    }
+    if (kiln_im2col_enabled() && kiln_im2col_geometry(n, xs, nullptr)) {
+      if (kiln_im2col_forced()) names.clear();
+      names.push_back(kKilnIm2col);
     }
     std::string best = names[0];
     std::shared_ptr<const ConvPlan> best_plan;
@@ -381,6 +405,10 @@ class DnnlConv final : public Kernel {
     if (best != kKilnConv1x1) {
       std::lock_guard<std::mutex> lock(kwino_mu_);
       kc1_.reset();  // a timed candidate only: its packed weights go
+    }
+    if (best != kKilnIm2col) {
+      std::lock_guard<std::mutex> lock(kwino_mu_);
+      kim_.reset();  // a timed candidate only: its packed weights go
     }
     if (best != kKilnWinoS2) {
       std::lock_guard<std::mutex> lock(kwino_mu_);
@@ -686,6 +714,30 @@ class DnnlConv final : public Kernel {
 
   // Whether Kiln's 1x1 conv can do this conv for NHWC input shape xs; its strides (sh, sw) and
   // output size (OH, OW) into so when set.
+  // Whether the im2col form of Kiln's 1x1 conv takes this conv at input shape xs (NHWC, one
+  // group, a kernel other than 1x1, the gathered rows within kIm2colMaxBytes); its window in
+  // *win when so.
+  bool kiln_im2col_geometry(const Node& n, const Shape& xs, Conv1x1::Strided* win) const {
+    if (!nhwc_ || xs.size() != 4 || n.attr_int("group", 1) != 1 || w_.rank() != 4 ||
+        (w_.dim(2) == 1 && w_.dim(3) == 1) || xs[3] != w_.dim(1) || xs[0] < 1 || xs[1] < 1 ||
+        xs[2] < 1)
+      return false;
+    if (ep_.kind == fused::Epilogue::kClip && !(ep_.a <= ep_.b)) return false;
+    auto wr = nn::make_window(n, Shape{xs[1], xs[2]}, Shape{w_.dim(2), w_.dim(3)}, false);
+    if (!wr.is_ok()) return false;
+    const nn::Window& w = wr.value();
+    if (w.nsp != 2 || w.out[0] < 1 || w.out[1] < 1) return false;
+    const double bytes = 4.0 * double(xs[0]) * double(w.out[0]) * double(w.out[1]) *
+                         double(w_.dim(1) * w_.dim(2) * w_.dim(3));
+    if (bytes > double(kIm2colMaxBytes)) return false;
+    if (win) {
+      win->H = xs[1], win->W = xs[2], win->sh = w.strides[0], win->sw = w.strides[1];
+      win->kh = w_.dim(2), win->kw = w_.dim(3), win->pt = w.pad_begin[0], win->pl = w.pad_begin[1];
+      win->dh = w.dilations[0], win->dw = w.dilations[1], win->OH = w.out[0], win->OW = w.out[1];
+    }
+    return true;
+  }
+
   bool kiln_conv1x1_geometry(const Node& n, const Shape& xs, int64_t* so) const {
     if (!nhwc_ || xs.size() != 4 || n.attr_int("group", 1) != 1 || w_.rank() != 4 ||
         w_.dim(2) != 1 || w_.dim(3) != 1 || xs[3] != w_.dim(1) || xs[0] < 1 || xs[1] < 1 ||
@@ -792,6 +844,42 @@ class DnnlConv final : public Kernel {
         p->kc1_rows = xs[0] * so[2] * so[3];
         p->kc1_in.H = xs[1], p->kc1_in.W = xs[2], p->kc1_in.sh = so[0], p->kc1_in.sw = so[1];
         p->dst_dims = {xs[0], w_.dim(0), so[2], so[3]};
+        return std::shared_ptr<const ConvPlan>(p);
+      }
+    }
+    Conv1x1::Strided win;
+    if (impl == kKilnIm2col && kiln_im2col_enabled() && kiln_im2col_geometry(n, xs, &win)) {
+      std::shared_ptr<const Conv1x1> k;
+      {
+        std::lock_guard<std::mutex> lock(kwino_mu_);
+        if (!kim_) {
+          // OIHW -> [O][kh][kw][I]: the gathered rows' order.
+          const int64_t O = w_.dim(0), I = w_.dim(1), KH = w_.dim(2), KW = w_.dim(3);
+          std::vector<float> wr;
+          try {
+            wr.resize(static_cast<size_t>(O * KH * KW * I));
+          } catch (const std::bad_alloc&) {
+            return Status(StatusCode::kOutOfMemory, "out of memory for im2col weights");
+          }
+          const float* src = w_.data<float>();
+          for (int64_t o = 0; o < O; ++o)
+            for (int64_t i = 0; i < I; ++i)
+              for (int64_t a = 0; a < KH; ++a)
+                for (int64_t b = 0; b < KW; ++b)
+                  wr[static_cast<size_t>(((o * KH + a) * KW + b) * I + i)] =
+                      src[((o * I + i) * KH + a) * KW + b];
+          kim_ = Conv1x1::create(wr.data(), O, KH * KW * I, has_bias_ ? b_.data<float>() : nullptr,
+                                 ep_);
+          if (kim_) packed_weight_done(w_.raw_data(), w_.nbytes());
+        }
+        k = kim_;
+      }
+      if (k) {
+        p->kc1 = k;
+        p->impl = kKilnIm2col;
+        p->kc1_rows = xs[0] * win.OH * win.OW;
+        p->kc1_in = win;
+        p->dst_dims = {xs[0], w_.dim(0), win.OH, win.OW};
         return std::shared_ptr<const ConvPlan>(p);
       }
     }
@@ -938,6 +1026,7 @@ class DnnlConv final : public Kernel {
   mutable std::mutex kwino_mu_;
   mutable std::shared_ptr<const WinogradConv> kwino_;  // Kiln's winograd, made at first use
   mutable std::shared_ptr<const Conv1x1> kc1_;         // Kiln's 1x1 conv, made at first use
+  mutable std::shared_ptr<const Conv1x1> kim_;         // its im2col form, likewise
   mutable std::shared_ptr<const WinogradS2Conv> kws2_;  // Kiln's stride-2 winograd, likewise
 };
 
