@@ -253,16 +253,29 @@ bool gather_task(void* ctx, int64_t i) {
       continue;
     }
     float* d = t.g + m * t.K;
-    for (int64_t a = 0; a < t.kh; ++a) {
+    const int64_t iw0 = ow * t.sw - t.pl;
+    // Taps b in [b0, b1) read inside the row; with dilation 1 their pixels are contiguous (one
+    // copy of (b1 - b0) C floats: a 7x7 stem's 3-channel taps are 12 bytes each).
+    int64_t b0 = 0, b1 = t.kw;
+    while (b0 < t.kw && iw0 + b0 * t.dw < 0) ++b0;
+    while (b1 > b0 && iw0 + (b1 - 1) * t.dw >= t.W) --b1;
+    for (int64_t a = 0; a < t.kh; ++a, d += t.kw * t.C) {
       const int64_t ih = oh * t.sh - t.pt + a * t.dh;
-      for (int64_t b = 0; b < t.kw; ++b, d += t.C) {
-        const int64_t iw = ow * t.sw - t.pl + b * t.dw;
-        if (ih < 0 || ih >= t.H || iw < 0 || iw >= t.W)
-          std::memset(d, 0, sizeof(float) * static_cast<size_t>(t.C));
-        else
-          std::memcpy(d, t.x + ((n * t.H + ih) * t.W + iw) * t.C,
+      if (ih < 0 || ih >= t.H || b0 >= b1) {
+        std::memset(d, 0, sizeof(float) * static_cast<size_t>(t.kw * t.C));
+        continue;
+      }
+      if (b0 > 0) std::memset(d, 0, sizeof(float) * static_cast<size_t>(b0 * t.C));
+      const float* src = t.x + ((n * t.H + ih) * t.W + iw0 + b0 * t.dw) * t.C;
+      if (t.dw == 1) {
+        std::memcpy(d + b0 * t.C, src, sizeof(float) * static_cast<size_t>((b1 - b0) * t.C));
+      } else {
+        for (int64_t b = b0; b < b1; ++b)
+          std::memcpy(d + b * t.C, src + (b - b0) * t.dw * t.C,
                       sizeof(float) * static_cast<size_t>(t.C));
       }
+      if (b1 < t.kw)
+        std::memset(d + b1 * t.C, 0, sizeof(float) * static_cast<size_t>((t.kw - b1) * t.C));
     }
   }
   return true;
