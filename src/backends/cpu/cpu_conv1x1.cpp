@@ -53,6 +53,10 @@ struct C1Job {
   int64_t tiles = 0, nrb = 1, npg = 1, ppg = 1;
   bool pg_major = false;  // task i: (row block, panel group) = (i % nrb, i / nrb), not the reverse
   TileFnT tile_full = nullptr, tile_tail = nullptr;
+  // Rows outer with a strided or windowed input: each strip's rows gathered into the thread's
+  // buffer just before its tiles run (x is not read directly).
+  const void* gather = nullptr;
+  void (*gather_rows)(const void* g, int64_t m0, int64_t m1, float* dst) = nullptr;
   float* scratch() const { return c1_scratch(0, static_cast<size_t>(mr * K)); }
 };
 
@@ -241,18 +245,17 @@ struct Gather {
   int64_t kh = 1, kw = 1, pt = 0, pl = 0, dh = 1, dw = 1, C = 0;  // window (im2col)
 };
 
-bool gather_task(void* ctx, int64_t i) {
-  const Gather& t = *static_cast<const Gather*>(ctx);
-  const int64_t m0 = i * t.rows_per_task, m1 = std::min(t.M, m0 + t.rows_per_task);
+// Rows [m0, m1) of the gathered matrix, row m at d0 + (m - m0) K.
+void gather_range(const Gather& t, int64_t m0, int64_t m1, float* d0) {
   const int64_t per_img = t.OH * t.OW;
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t n = m / per_img, r = m % per_img, oh = r / t.OW, ow = r % t.OW;
+    float* d = d0 + (m - m0) * t.K;
     if (t.C == 0) {
-      std::memcpy(t.g + m * t.K, t.x + ((n * t.H + oh * t.sh) * t.W + ow * t.sw) * t.K,
+      std::memcpy(d, t.x + ((n * t.H + oh * t.sh) * t.W + ow * t.sw) * t.K,
                   sizeof(float) * static_cast<size_t>(t.K));
       continue;
     }
-    float* d = t.g + m * t.K;
     const int64_t iw0 = ow * t.sw - t.pl;
     // Taps b in [b0, b1) read inside the row; with dilation 1 their pixels are contiguous (one
     // copy of (b1 - b0) C floats: a 7x7 stem's 3-channel taps are 12 bytes each).
@@ -278,7 +281,17 @@ bool gather_task(void* ctx, int64_t i) {
         std::memset(d + b1 * t.C, 0, sizeof(float) * static_cast<size_t>((t.kw - b1) * t.C));
     }
   }
+}
+
+bool gather_task(void* ctx, int64_t i) {
+  const Gather& t = *static_cast<const Gather*>(ctx);
+  const int64_t m0 = i * t.rows_per_task, m1 = std::min(t.M, m0 + t.rows_per_task);
+  if (m0 < m1) gather_range(t, m0, m1, t.g + m0 * t.K);
   return true;
+}
+
+void gather_rows(const void* ctx, int64_t m0, int64_t m1, float* dst) {
+  gather_range(*static_cast<const Gather*>(ctx), m0, m1, dst);
 }
 
 bool has_avx512() { return KILN_C1_X86 && cpu_has_avx512(); }
@@ -367,11 +380,12 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
 #if KILN_C1_X86
   if (!x || !y || M < 1) return false;
   C1Job j;
+  // Strided or windowed: the input rows the GEMM reads are gathered (below: per strip, or all
+  // first).
+  Gather g;
+  Gather* gather = nullptr;
   if (st && (st->sh != 1 || st->sw != 1 || st->windowed())) {
-    // Strided or windowed: the input rows the GEMM reads, gathered first (in parallel; one copy
-    // of M x K floats, ~5% of ResNet-50's downsampling convs), then the plain path on them.
     if (st->H < 1 || st->W < 1 || st->sh < 1 || st->sw < 1) return false;
-    Gather g;
     g.x = x, g.K = K_, g.H = st->H, g.W = st->W, g.sh = st->sh, g.sw = st->sw, g.M = M;
     g.OH = (st->H - 1) / st->sh + 1, g.OW = (st->W - 1) / st->sw + 1;
     if (st->windowed()) {
@@ -382,12 +396,7 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
       g.OH = st->OH, g.OW = st->OW, g.C = K_ / (st->kh * st->kw);
     }
     if (M % (g.OH * g.OW) != 0) return false;
-    g.g = c1_scratch(1, static_cast<size_t>(M * K_));
-    if (!g.g) return false;
-    const int64_t chunks = std::min<int64_t>(M, 4 * std::max(1, threads));
-    g.rows_per_task = (M + chunks - 1) / chunks;
-    parallel_tasks((M + g.rows_per_task - 1) / g.rows_per_task, threads, &gather_task, &g);
-    x = g.g;
+    gather = &g;
   }
   j.x = x, j.z = z, j.y = y, j.bp = bp_, j.bias = bias_;
   j.M = M, j.K = K_, j.N = N_, j.W = W_, j.npan = npan_, j.mr = mr_;
@@ -418,6 +427,21 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
     order = T >= 8 * P && packed_bytes() <= kRowsOuterBytes ? C1Order::kRowsOuter
                                                             : C1Order::kPanelsOuter;
   j.rows_outer = order == C1Order::kRowsOuter;
+  if (gather && j.rows_outer) {
+    // Each strip's rows gathered by the thread that runs it, into its L1 (a 7x7 stem's im2col
+    // is never materialized).
+    j.gather = gather, j.gather_rows = &gather_rows;
+  } else if (gather) {
+    // Panels outer reads the rows once per panel: all gathered first, in parallel (one copy of
+    // M x K floats, ~5% of ResNet-50's downsampling convs).
+    gather->g = c1_scratch(1, static_cast<size_t>(M * K_));
+    if (!gather->g) return false;
+    const int64_t chunks = std::min<int64_t>(M, 4 * std::max(1, threads));
+    gather->rows_per_task = (M + chunks - 1) / chunks;
+    parallel_tasks((M + gather->rows_per_task - 1) / gather->rows_per_task, threads,
+                   &gather_task, gather);
+    j.x = gather->g;
+  }
   // A fresh y past stream_bytes(): stored around the caches (no read for ownership of lines that
   // are all written; the next layer would find little of it in L3 anyway). Whole 64-byte lines
   // only: y and its rows and panels aligned.
