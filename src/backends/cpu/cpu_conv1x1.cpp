@@ -438,8 +438,8 @@ bool Conv1x1::run(const float* x, int64_t M, const float* z, float* y, int threa
     if (!gather->g) return false;
     const int64_t chunks = std::min<int64_t>(M, 4 * std::max(1, threads));
     gather->rows_per_task = (M + chunks - 1) / chunks;
-    parallel_tasks((M + gather->rows_per_task - 1) / gather->rows_per_task, threads,
-                   &gather_task, gather);
+    parallel_tasks((M + gather->rows_per_task - 1) / gather->rows_per_task, threads, &gather_task,
+                   gather);
     j.x = gather->g;
   }
   // A fresh y past stream_bytes(): stored around the caches (no read for ownership of lines that

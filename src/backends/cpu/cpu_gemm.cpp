@@ -849,8 +849,8 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     const size_t need = static_cast<size_t>(g.ntiles * kMR2 * K);
     if (ap.size() < need) ap.resize(need);
     PackJob pj{&g, ap.data(), (g.ntiles + 2 * T - 1) / (2 * T)};
-    parallel_tasks((g.ntiles + pj.per_task - 1) / pj.per_task, static_cast<int>(T),
-                   &pack_task_avx2, &pj);
+    parallel_tasks((g.ntiles + pj.per_task - 1) / pj.per_task, static_cast<int>(T), &pack_task_avx2,
+                   &pj);
     g.apack = ap.data();
   }
   parallel_tasks(g.n_chunks * g.m_chunks, static_cast<int>(T), wide ? &gemm_task : &gemm_task_avx2, &g);
