@@ -726,7 +726,9 @@ class DnnlConv final : public Kernel {
     auto wr = nn::make_window(n, Shape{xs[1], xs[2]}, Shape{w_.dim(2), w_.dim(3)}, false);
     if (!wr.is_ok()) return false;
     const nn::Window& w = wr.value();
-    if (w.nsp != 2 || w.out[0] < 1 || w.out[1] < 1) return false;
+    if (w.nsp != 2 || w.out[0] < 1 || w.out[1] < 1 || w.pad_begin[0] < 0 || w.pad_begin[1] < 0 ||
+        w.strides[0] < 1 || w.strides[1] < 1 || w.dilations[0] < 1 || w.dilations[1] < 1)
+      return false;
     const double bytes = 4.0 * double(xs[0]) * double(w.out[0]) * double(w.out[1]) *
                          double(w_.dim(1) * w_.dim(2) * w_.dim(3));
     if (bytes > double(kIm2colMaxBytes)) return false;
