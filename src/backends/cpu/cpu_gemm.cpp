@@ -659,6 +659,10 @@ void pack_a_tiles(const float* A, int64_t lda, int64_t K, const RowTile* tiles, 
   }
 }
 
+// Row tiles per M block of the AVX2 path: the block's A (rows x kc floats) stays in L2 next to
+// the panel block.
+int64_t m_block_tiles(int64_t kc) { return std::max<int64_t>(1, kABudget / (kc * 4) / kMR2); }
+
 struct PackJob {
   const GemmJob* g;
   float* dst;
@@ -693,7 +697,7 @@ bool gemm_task_avx2(void* ctx, int64_t i) {
   t.fold_res = g.ep.residual && !g.ep.gelu;
   // M blocks (runs of row tiles) whose A block (rows x kc floats) stays in L2 next to the panel
   // block.
-  const int64_t mc_tiles = std::max<int64_t>(1, kABudget / (g.kc * 4) / kMR2);
+  const int64_t mc_tiles = m_block_tiles(g.kc);
   for (int64_t tb = 0; tb < all_tiles; tb += mc_tiles) {
   const int64_t te = std::min(all_tiles, tb + mc_tiles), ntiles = te - tb;
   // This M block's A, packed once for all its panels (unless packed before the tasks).
@@ -840,8 +844,9 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     g.n_chunks = g.panels;
     g.m_chunks = std::min(tiles, (T + g.panels - 1) / g.panels);
   }
-  if (!wide && g.m_chunks == 1 && T > 1) {
-    // A packed once, in parallel, for all tasks (see GemmJob::apack).
+  // A packed once, in parallel, for all tasks (see GemmJob::apack), where it is one M block: a
+  // larger A is packed per M block by each task, so that the buffer stays bounded.
+  if (!wide && g.m_chunks == 1 && T > 1 && (M + kMR2 - 1) / kMR2 < m_block_tiles(g.kc)) {
     thread_local std::vector<RowTile> rt;
     thread_local std::vector<float> ap;
     row_tiles(0, M, rt);
