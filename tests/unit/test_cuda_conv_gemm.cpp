@@ -312,6 +312,61 @@ TEST(CudaConvGemm, EngineWithTapGemmConvsMatchesTheReference) {
   }
 }
 
+// Gemm(x, W, b) with transB = 1 and alpha = 0.5 on a few rows (a classifier head) runs on Kiln's
+// GEMV (KILN_CUDA_GEMV=force at build; the plan persists "cuda.gemm.kiln.gemv"): one row, three
+// (a partial last block of columns), eight; float16 and bfloat16 against the double reference.
+TEST(CudaGemv, FewRowGemmMatchesTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  struct Case {
+    int64_t M, K, N;
+    bool bf16;
+  };
+  for (const Case& cs : {Case{1, 2048, 1000, false}, Case{3, 1280, 37, false},
+                         Case{8, 2048, 64, false}, Case{2, 512, 100, true}}) {
+    SCOPED_TRACE("M=" + std::to_string(cs.M) + " K=" + std::to_string(cs.K) +
+                 " N=" + std::to_string(cs.N) + (cs.bf16 ? " bfloat16" : " float16"));
+    std::mt19937 rng(static_cast<unsigned>(cs.M * 131 + cs.N));
+    Model m;
+    m.ir_version = 8;
+    m.opsets[""] = 17;
+    m.graph.name = "head";
+    m.graph.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, {cs.M, cs.K})});
+    m.graph.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+    Graph& g = m.graph;
+    g.initializers["w"] = test::rand_tensor(rng, {cs.N, cs.K}, -0.05f, 0.05f);
+    g.initializers["b"] = test::rand_tensor(rng, {cs.N}, -0.5f, 0.5f);
+    g.nodes.push_back(test::node("fc", "Gemm", {"x", "w", "b"}, {"y"}));
+    g.nodes.back().attrs.push_back(test::int_attr("transB", 1));
+    g.nodes.back().attrs.push_back(test::float_attr("alpha", 0.5f));
+    Tensor x = test::rand_tensor(rng, {cs.M, cs.K});
+    const float* xp = x.data<float>();
+    const float* wp = g.initializers["w"].data<float>();
+    const float* bp = g.initializers["b"].data<float>();
+    std::vector<double> want(static_cast<size_t>(cs.M * cs.N));
+    for (int64_t i = 0; i < cs.M; ++i)
+      for (int64_t n = 0; n < cs.N; ++n) {
+        double a = 0;
+        for (int64_t k = 0; k < cs.K; ++k) a += double(xp[i * cs.K + k]) * wp[n * cs.K + k];
+        want[static_cast<size_t>(i * cs.N + n)] = 0.5 * a + bp[n];
+      }
+    BuilderConfig c;
+    c.device = "cuda";
+    c.fp16 = !cs.bf16;
+    c.bf16 = cs.bf16;
+    setenv("KILN_CUDA_GEMV", "force", 1);
+    auto plan = build_plan(m, c, 7);
+    unsetenv("KILN_CUDA_GEMV");
+    ASSERT_TRUE(plan.is_ok()) << plan.status().message();
+    auto e = Engine::deserialize(plan->data(), plan->size());
+    ASSERT_TRUE(e.is_ok()) << e.status().message();
+    const std::string layers = e.value()->describe_layers();
+    EXPECT_NE(layers.find("cuda.gemm.kiln.gemv"), std::string::npos) << layers;
+    const std::vector<float> got = test::run_xy(*e.value(), x);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LE(test::scaled_err(got, want), cs.bf16 ? 3e-2 : 5e-3);
+  }
+}
+
 // A ResNet-like stem, x [2, 3, 21, 18] -> Conv 7x7 / 2, pads 3 (3 -> 16, bias) -> Relu -> MaxPool
 // 3x3 / 2, pads 1: the convolution on the im2col path (KILN_CUDA_CONV_IM2COL=force at build; 147
 // columns padded to 152), the pool on the NHWC pool kernel. float16 on CUDA against the double

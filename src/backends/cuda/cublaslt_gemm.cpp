@@ -75,7 +75,19 @@ struct GemmConfig {
   bool forced = false;  // `kiln_tactic` carries a serialized algorithm
   bool forced_gelu = false;  // ... chosen with the GELU epilogue (".gelu" in its readable part)
   cublasLtMatmulAlgo_t forced_algo{};
+  bool gemv = false;  // `kiln_tactic` is kGemvTactic: Kiln's few-row kernel (launch_gemv_rows)
 };
+
+// The tactic of Kiln's GEMV for Gemm with transB = 1 and at most kGemvMaxRows rows (dnn.h).
+constexpr const char kGemvTactic[] = "cuda.gemm.kiln.gemv";
+
+// KILN_CUDA_GEMV=0: never time or use it; "force": take it wherever it applies (tests, A/B).
+int gemv_env() {
+  const char* e = std::getenv("KILN_CUDA_GEMV");
+  if (!e) return 1;
+  if (std::string(e) == "0") return 0;
+  return std::string(e) == "force" ? 2 : 1;
+}
 
 Result<GemmConfig> read_config(const Node& n) {
   GemmConfig c;
@@ -97,6 +109,7 @@ Result<GemmConfig> read_config(const Node& n) {
   if (ws >= 0) c.ws_limit = static_cast<size_t>(ws);
   const std::string t = n.attr_string("kiln_tactic", "");
   c.forced = lt_parse_algo(t, "cuda.gemm.cublaslt.", &c.forced_algo);
+  c.gemv = t == kGemvTactic;
   c.forced_gelu = c.forced && t.substr(0, t.find('@')).find(".gelu") != std::string::npos;
   return c;
 }
@@ -277,7 +290,16 @@ class GemmKernel final : public DnnKernel {
   // Tuning is an optimization: a failure (say, out of memory for the scratch buffers) leaves
   // the heuristics in charge and is reported through tactic() instead of failing the load.
   std::string tune_error_;
+  bool use_gemv_ = false;  // timed fastest at prepare (or persisted: cfg_.gemv)
 };
+
+// Whether Kiln's GEMV computes this problem: Gemm, Y = alpha * A * B^T (transB = 1, transA = 0)
+// with at most a bias row, one call, few rows (dnn.h: gemv_rows_ok).
+bool gemv_applies(const GemmConfig& cfg, const Problem& p, DataType dt) {
+  return cfg.kind == GemmKind::kGemm && p.tb && !p.ta && p.batch == 1 && p.calls.size() == 1 &&
+         gemv_rows_ok(dt, p.M, p.N, p.K);
+}
+bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
 Result<Problem> GemmKernel::problem(const Shape& as, const Shape& bs) const {
   if (cfg_.kind != GemmKind::kGemm) return matmul_problem(where_, as, bs);
@@ -542,6 +564,19 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   if (Y.numel() == 0) return Status::ok();
   void* y = Y.raw_data();
   const size_t es = dtype_size(dt);
+  if ((use_gemv_ || cfg_.gemv) && gemv_env() != 0 && gemv_applies(cfg_, p, dt) && !C && !Z &&
+      (!bias || bias->numel() == N) && aligned16(A->raw_data()) && aligned16(B->raw_data()) &&
+      aligned16(y)) {
+    GemvArgs g;
+    g.dtype = dt;
+    g.a = A->raw_data();
+    g.b = B->raw_data();
+    g.bias = bias ? bias->raw_data() : nullptr;
+    g.y = y;
+    g.M = p.M, g.N = p.N, g.K = p.K;
+    g.alpha = static_cast<float>(alpha);
+    return launch_gemv_rows(g, env_of(ctx).stream).with_context(where_);
+  }
   // The C operand of cuBLASLt (D layout): Gemm's full C, FusedMatMul's Z (no Gelu), or Y itself
   // prefilled with a broadcast C.
   const void* c_op = nullptr;
@@ -811,6 +846,37 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   if (alt) {
     KILN_ASSIGN_OR_RETURN(alt_won, time_all(*alt, alt_cands, true));
   }
+  // Kiln's GEMV, timed the same way, for a Gemm of a few rows with at most a bias row.
+  if (gemv_env() != 0 && gemv_applies(cfg_, p, dt) && !has_c) {
+    GemvArgs g;
+    g.dtype = dt;
+    g.a = ab.p;
+    g.b = bb.p;
+    g.bias = has_bias ? biasb.p : nullptr;
+    g.y = yb.p;
+    g.M = p.M, g.N = p.N, g.K = p.K;
+    g.alpha = cfg_.alpha;
+    constexpr int kReps = 5;
+    float ms = 0;
+    bool ok = launch_gemv_rows(g, stream).is_ok();  // warm-up
+    for (int r = 0; r < kReps && ok; ++r) {
+      if (flush.p) KILN_CUDA_CHECK(cudaMemsetAsync(flush.p, r, flush_bytes, stream), what);
+      KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
+      ok = launch_gemv_rows(g, stream).is_ok();
+      KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
+      KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
+      float one = 0;
+      KILN_CUDA_CHECK(cudaEventElapsedTime(&one, e0, e1), what);
+      ms += one;
+    }
+    KILN_LOG(kVerbose, where_ << ": GEMV " << ms / kReps << " ms, cuBLASLt " << best / kReps << " ms");
+    if (ok && (ms < best || gemv_env() == 2)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      use_gemv_ = true;
+      tactic_ = kGemvTactic;
+      return Status::ok();
+    }
+  }
   if (alt_won) {
     plan = alt;
     has_bias = has_gelu = false;
@@ -829,6 +895,11 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
 Status GemmKernel::prepare(const Node& n, const ConstantLookup& constants) {
   const std::vector<int64_t> tune_shape = n.attr_ints("kiln_tune_shape");
   // A persisted tactic is used as is: no timing at load.
+  if (cfg_.gemv) {
+    use_gemv_ = true;
+    tactic_ = kGemvTactic;
+    return Status::ok();
+  }
   if (cfg_.forced || tune_shape.empty() || !constants || n.inputs.size() < 2) return Status::ok();
   const Tensor* B = constants(n.inputs[1]);
   if (!B || B->device() != Device::kHost) return Status::ok();

@@ -92,7 +92,8 @@ Status launch_tap_sum(const TapSumArgs& a, cudaStream_t stream);
 
 // im2col of an NHWC image x (2-byte elements) for a convolution with no dilation: col is
 // [N*P*Q, kc] with row (n, p, q) = x[n, p*sh - pt + r, q*sw - pl + s, c] at column (r*S + s)*C + c
-// (zero outside the image), columns R*S*C .. kc-1 zero (kc >= R*S*C).
+// (zero outside the image), columns R*S*C .. kc-1 zero (kc >= R*S*C, kc % 8 == 0, kc <= 1024;
+// col 16-byte aligned).
 struct Im2colArgs {
   const void* x = nullptr;
   void* col = nullptr;
@@ -100,6 +101,25 @@ struct Im2colArgs {
   int R = 0, S = 0, sh = 1, sw = 1, pt = 0, pl = 0;
 };
 Status launch_im2col(const Im2colArgs& a, cudaStream_t stream);
+
+// Y[M, N] = alpha * A[M, K] * B[N, K]^T (+ bias[N]) for a few rows (Gemm with transB = 1 at
+// batch 1..8: classifier heads), 16-bit A / B / bias / Y with float accumulation: one warp per
+// output column, B's rows read once in 16-byte vectors (the first of them issued before the
+// programmatic-dependent-launch wait, so they overlap the kernel before), A staged in shared
+// memory. gemv_rows_ok says which problems it takes; a, b, y 16-byte aligned.
+struct GemvArgs {
+  DataType dtype = DataType::kFloat16;  // float16 or bfloat16
+  const void* a = nullptr;
+  const void* b = nullptr;
+  const void* bias = nullptr;  // N elements or null
+  void* y = nullptr;
+  int64_t M = 0, N = 0, K = 0;
+  float alpha = 1.f;
+};
+inline constexpr int64_t kGemvMaxRows = 8;
+inline constexpr int64_t kGemvMaxAElems = 16384;  // M * K: A in 32 KB of shared memory
+bool gemv_rows_ok(DataType dt, int64_t M, int64_t N, int64_t K);
+Status launch_gemv_rows(const GemvArgs& a, cudaStream_t stream);
 
 // Fills a device tuning buffer with random values in [-1, 1) of `dt` (engine build only:
 // synchronous copies). Other dtypes get float32 patterns.
