@@ -131,10 +131,10 @@ struct TimingCache {
 // and the margin Kiln's 1x1 conv must win by with a residual; CUDA tap GEMMs with a 16-bit D;
 // 7: Kiln's Winograd for stride-2 3x3 convs on the CPU; 8: the MobileNetV2 block kernels' variants;
 // 9: OpenBLAS for CPU MatMuls; 10: the AVX2 path of Kiln's GEMM; 11: the im2col form of Kiln's
-// 1x1 conv for k x k convs, and that kernel's residual / row-block / tail changes), so that a
-// timing cache written before does not keep layers on a choice made without them. Older entries
-// stay in the file, unused.
-constexpr const char kTacticGeneration[] = "tactics-11";
+// 1x1 conv for k x k convs, and that kernel's residual / row-block / tail changes; 12: Kiln's
+// GEMV for few-row Gemms on CUDA), so that a timing cache written before does not keep layers on
+// a choice made without them. Older entries stay in the file, unused.
+constexpr const char kTacticGeneration[] = "tactics-12";
 
 // What a tactic depends on: the candidates' generation, the device, the op and its attributes,
 // the input types and shapes.

@@ -299,7 +299,9 @@ bool gemv_applies(const GemmConfig& cfg, const Problem& p, DataType dt) {
   return cfg.kind == GemmKind::kGemm && p.tb && !p.ta && p.batch == 1 && p.calls.size() == 1 &&
          gemv_rows_ok(dt, p.M, p.N, p.K);
 }
-bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+bool aligned16(const void* q) {
+  return reinterpret_cast<uintptr_t>(q) % 16 == 0;
+}
 
 Result<Problem> GemmKernel::problem(const Shape& as, const Shape& bs) const {
   if (cfg_.kind != GemmKind::kGemm) return matmul_problem(where_, as, bs);
@@ -869,7 +871,8 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
       KILN_CUDA_CHECK(cudaEventElapsedTime(&one, e0, e1), what);
       ms += one;
     }
-    KILN_LOG(kVerbose, where_ << ": GEMV " << ms / kReps << " ms, cuBLASLt " << best / kReps << " ms");
+    KILN_LOG(kVerbose,
+             where_ << ": GEMV " << ms / kReps << " ms, cuBLASLt " << best / kReps << " ms");
     if (ok && (ms < best || gemv_env() == 2)) {
       std::lock_guard<std::mutex> lock(mu_);
       use_gemv_ = true;

@@ -273,8 +273,8 @@ constexpr int kGemvWarps = 8;
 constexpr int kGemvPre = 8;
 template <typename T, int MM>
 __global__ void gemv_rows_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                 const T* __restrict__ bias, T* __restrict__ y, int M, int N,
-                                 int K, float alpha) {
+                                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K,
+                                 float alpha) {
   extern __shared__ uint4 sa[];  // A: M rows of K / 8 vectors
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
   const int n = static_cast<int>(blockIdx.x) * kGemvWarps + warp;
@@ -288,7 +288,8 @@ __global__ void gemv_rows_kernel(const T* __restrict__ a, const T* __restrict__ 
   }
   pdl_wait();
   const uint4* av = reinterpret_cast<const uint4*>(a);
-  for (int i = static_cast<int>(threadIdx.x); i < M * KV; i += static_cast<int>(blockDim.x)) sa[i] = av[i];
+  for (int i = static_cast<int>(threadIdx.x); i < M * KV; i += static_cast<int>(blockDim.x))
+    sa[i] = av[i];
   __syncthreads();
   if (n >= N) return;
   float acc[MM];
@@ -341,10 +342,14 @@ void launch_gemv_typed(const GemvArgs& g, cudaStream_t stream) {
 
 template <typename T>
 void launch_gemv_rows_t(const GemvArgs& g, cudaStream_t stream) {
-  if (g.M <= 1) launch_gemv_typed<T, 1>(g, stream);
-  else if (g.M <= 2) launch_gemv_typed<T, 2>(g, stream);
-  else if (g.M <= 4) launch_gemv_typed<T, 4>(g, stream);
-  else launch_gemv_typed<T, 8>(g, stream);
+  if (g.M <= 1)
+    launch_gemv_typed<T, 1>(g, stream);
+  else if (g.M <= 2)
+    launch_gemv_typed<T, 2>(g, stream);
+  else if (g.M <= 4)
+    launch_gemv_typed<T, 4>(g, stream);
+  else
+    launch_gemv_typed<T, 8>(g, stream);
 }
 
 }  // namespace
@@ -353,7 +358,8 @@ Status launch_im2col(const Im2colArgs& a, cudaStream_t stream) {
   if (a.C <= 0 || a.R <= 0 || a.S <= 0 || a.kc < a.R * a.S * a.C || a.kc > kIm2colMaxCols ||
       a.kc % 8 != 0 || a.C >= 1024 || a.S >= 1024)
     return internal_error("im2col: bad geometry");
-  if (reinterpret_cast<uintptr_t>(a.col) % 16 != 0) return internal_error("im2col: unaligned output");
+  if (reinterpret_cast<uintptr_t>(a.col) % 16 != 0)
+    return internal_error("im2col: unaligned output");
   const int64_t lim = int64_t{1} << 31;
   const int64_t rows = a.N * a.P * a.Q;
   if (rows * a.kc >= lim || a.N * a.H * a.W * a.C >= lim) return internal_error("im2col: over 2^31 elements");
@@ -361,10 +367,10 @@ Status launch_im2col(const Im2colArgs& a, cudaStream_t stream) {
   const int64_t total = rows * (a.kc / 8);
   constexpr unsigned kThreads = 256;
   launch_pdl(&im2col_kernel, dim3(static_cast<unsigned>((total + kThreads - 1) / kThreads)),
-      dim3(kThreads), 0, stream, static_cast<const uint16_t*>(a.x), static_cast<uint4*>(a.col),
-      static_cast<int>(a.H), static_cast<int>(a.W), static_cast<int>(a.C), static_cast<int>(a.P),
-      static_cast<int>(a.Q), a.R, a.S, a.sh, a.sw, a.pt, a.pl, static_cast<int>(a.kc),
-      static_cast<int>(total));
+             dim3(kThreads), 0, stream, static_cast<const uint16_t*>(a.x),
+             static_cast<uint4*>(a.col), static_cast<int>(a.H), static_cast<int>(a.W),
+             static_cast<int>(a.C), static_cast<int>(a.P), static_cast<int>(a.Q), a.R, a.S, a.sh,
+             a.sw, a.pt, a.pl, static_cast<int>(a.kc), static_cast<int>(total));
   KILN_CUDA_LAUNCHED("im2col kernel");
   return Status::ok();
 }
@@ -563,9 +569,12 @@ bool gemv_rows_ok(DataType dt, int64_t M, int64_t N, int64_t K) {
 Status launch_gemv_rows(const GemvArgs& g, cudaStream_t stream) {
   if (!gemv_rows_ok(g.dtype, g.M, g.N, g.K)) return internal_error("gemv: problem out of range");
   auto misaligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 != 0; };
-  if (misaligned(g.a) || misaligned(g.b) || misaligned(g.y)) return internal_error("gemv: unaligned operand");
-  if (g.dtype == DataType::kFloat16) launch_gemv_rows_t<__half>(g, stream);
-  else launch_gemv_rows_t<__nv_bfloat16>(g, stream);
+  if (misaligned(g.a) || misaligned(g.b) || misaligned(g.y))
+    return internal_error("gemv: unaligned operand");
+  if (g.dtype == DataType::kFloat16)
+    launch_gemv_rows_t<__half>(g, stream);
+  else
+    launch_gemv_rows_t<__nv_bfloat16>(g, stream);
   KILN_CUDA_LAUNCHED("gemv kernel");
   return Status::ok();
 }
