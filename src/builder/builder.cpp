@@ -366,6 +366,7 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
     Status st = convert_precision(g, po, &ps);
     if (st.is_ok()) {
       fp16 = true;
+      KILN_RETURN_IF_ERROR(fold_gemm_output_casts(g, &ps));
     } else if (st.code() == StatusCode::kUnsupported) {
       KILN_LOG(kWarning, st.message() << "; building a float32 engine");
       KILN_RETURN_IF_ERROR(infer_types(g, &ps));

@@ -55,4 +55,11 @@ struct PrecisionOptions {
 const std::vector<std::string>& default_fp32_ops();
 Status convert_precision(Graph& g, const PrecisionOptions& opts, PassStats* stats = nullptr);
 
+// After convert_precision on a device: a float32 Cast of a reduced Gemm's output that nothing
+// else reads becomes the Gemm's own output (attribute kiln_float_out = 1: the CUDA Gemm writes
+// float32, accumulating in float32 as before), so a classifier head ends in one kernel, not two.
+// Only for Gemms with a constant B of known, non-empty shape. Counts removed Casts as
+// `eliminated`.
+Status fold_gemm_output_casts(Graph& g, PassStats* stats = nullptr);
+
 }  // namespace kiln

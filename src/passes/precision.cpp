@@ -200,4 +200,51 @@ Status convert_precision(Graph& g, const PrecisionOptions& opts, PassStats* stat
   return infer_types(g, stats);
 }
 
+Status fold_gemm_output_casts(Graph& g, PassStats* stats) {
+  std::unordered_map<std::string, int> readers;
+  for (const Node& n : g.nodes)
+    for (const auto& v : n.inputs)
+      if (!v.empty()) ++readers[v];
+  for (const auto& o : g.outputs) ++readers[o.name];
+  std::unordered_map<std::string, size_t> producer;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    for (const auto& o : g.nodes[i].outputs)
+      if (!o.empty()) producer[o] = i;
+  std::vector<bool> drop(g.nodes.size(), false);
+  size_t folded = 0;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& c = g.nodes[i];
+    if (!c.domain.empty() || c.op_type != "Cast" || c.inputs.size() != 1 || c.outputs.size() != 1 ||
+        c.attr_int("to", 0) != static_cast<int64_t>(DataType::kFloat))
+      continue;
+    const std::string& v = c.inputs[0];
+    auto it = producer.find(v);
+    if (it == producer.end() || readers[v] != 1 || drop[it->second]) continue;
+    Node& gm = g.nodes[it->second];
+    if (!gm.domain.empty() || gm.op_type != "Gemm" || gm.outputs.size() != 1 ||
+        gm.inputs.size() < 2)
+      continue;
+    const ValueInfo* vi = g.find_value_info(v);
+    const DataType dt = vi ? vi->type.dtype : DataType::kUndefined;
+    if (dt != DataType::kFloat16 && dt != DataType::kBFloat16) continue;
+    auto b = g.initializers.find(gm.inputs[1]);
+    if (b == g.initializers.end() || b->second.numel() == 0) continue;
+    gm.outputs[0] = c.outputs[0];
+    Attribute a;
+    a.name = "kiln_float_out";
+    a.kind = Attribute::Kind::kInt;
+    a.i = 1;
+    gm.set_attr(a);
+    drop[i] = true;
+    ++folded;
+  }
+  if (!folded) return Status::ok();
+  std::vector<Node> kept;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (!drop[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
+  if (stats) stats->eliminated += folded;
+  return Status::ok();
+}
+
 }  // namespace kiln

@@ -313,8 +313,9 @@ TEST(CudaConvGemm, EngineWithTapGemmConvsMatchesTheReference) {
 }
 
 // Gemm(x, W, b) with transB = 1 and alpha = 0.5 on a few rows (a classifier head) runs on Kiln's
-// GEMV (KILN_CUDA_GEMV=force at build; the plan persists "cuda.gemm.kiln.gemv"): one row, three
-// (a partial last block of columns), eight; float16 and bfloat16 against the double reference.
+// GEMV (KILN_CUDA_GEMV=force at build; the plan persists "cuda.gemm.kiln.gemv") or on cuBLASLt
+// (=0): one row, three (a partial last block of columns), eight; float16 and bfloat16 against the
+// double reference. Either way the float32 output Cast is folded into the Gemm.
 TEST(CudaGemv, FewRowGemmMatchesTheReference) {
   if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
   struct Case {
@@ -349,21 +350,31 @@ TEST(CudaGemv, FewRowGemmMatchesTheReference) {
         for (int64_t k = 0; k < cs.K; ++k) a += double(xp[i * cs.K + k]) * wp[n * cs.K + k];
         want[static_cast<size_t>(i * cs.N + n)] = 0.5 * a + bp[n];
       }
-    BuilderConfig c;
-    c.device = "cuda";
-    c.fp16 = !cs.bf16;
-    c.bf16 = cs.bf16;
-    setenv("KILN_CUDA_GEMV", "force", 1);
-    auto plan = build_plan(m, c, 7);
-    unsetenv("KILN_CUDA_GEMV");
-    ASSERT_TRUE(plan.is_ok()) << plan.status().message();
-    auto e = Engine::deserialize(plan->data(), plan->size());
-    ASSERT_TRUE(e.is_ok()) << e.status().message();
-    const std::string layers = e.value()->describe_layers();
-    EXPECT_NE(layers.find("cuda.gemm.kiln.gemv"), std::string::npos) << layers;
-    const std::vector<float> got = test::run_xy(*e.value(), x);
-    ASSERT_EQ(got.size(), want.size());
-    EXPECT_LE(test::scaled_err(got, want), cs.bf16 ? 3e-2 : 5e-3);
+    for (const char* mode : {"force", "0"}) {  // the GEMV, then cuBLASLt + conversion
+      SCOPED_TRACE(std::string("KILN_CUDA_GEMV=") + mode);
+      BuilderConfig c;
+      c.device = "cuda";
+      c.fp16 = !cs.bf16;
+      c.bf16 = cs.bf16;
+      Model mm = m;  // build_plan rewrites the model it is given
+      setenv("KILN_CUDA_GEMV", mode, 1);
+      auto plan = build_plan(mm, c, 7);
+      ASSERT_TRUE(plan.is_ok()) << plan.status().message();
+      auto e = Engine::deserialize(plan->data(), plan->size());
+      ASSERT_TRUE(e.is_ok()) << e.status().message();
+      const std::string layers = e.value()->describe_layers();
+      EXPECT_EQ(layers.find("cuda.gemm.kiln.gemv") != std::string::npos, mode[0] == 'f') << layers;
+      // The output Cast is folded into the Gemm (kiln_float_out): only the input's Cast is left.
+      size_t casts = 0;
+      for (size_t at = layers.find("  Cast  "); at != std::string::npos;
+           at = layers.find("  Cast  ", at + 1))
+        ++casts;
+      EXPECT_EQ(casts, 1u) << layers;
+      const std::vector<float> got = test::run_xy(*e.value(), x);
+      unsetenv("KILN_CUDA_GEMV");
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_LE(test::scaled_err(got, want), cs.bf16 ? 3e-2 : 5e-3);
+    }
   }
 }
 

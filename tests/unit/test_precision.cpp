@@ -173,3 +173,55 @@ TEST(ShapeValues, ReshapeTargetFromShapeKeepsTheBatchSymbol) {
   EXPECT_FALSE(g.find_value_info("Y")->type.dims[1].known());
   EXPECT_EQ(g.find_value_info("Y")->type.dims[0].param, "");  // Shape no longer tracked at all
 }
+
+// fold_gemm_output_casts: X -> Gemm(W, B, transB) -> Y in fp16 ends in a Cast to float32 that
+// the Gemm absorbs (kiln_float_out = 1, its output is Y, typed float32 by inference); a Gemm whose
+// output has another reader, or whose B is not a constant, keeps its Cast.
+TEST(Precision, GemmAbsorbsItsOutputCast) {
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE(variant);
+    Graph g;
+    g.name = "head";
+    g.inputs.push_back({"X", TypeInfo::tensor(DataType::kFloat, {2, 16})});
+    if (variant == 2)
+      g.inputs.push_back({"W", TypeInfo::tensor(DataType::kFloat, {8, 16})});
+    else
+      g.initializers["W"] = rand_f32({8, 16});
+    g.initializers["B"] = rand_f32({8});
+    Node gm = mk("fc", "Gemm", {"X", "W", "B"}, {"Y"});
+    gm.set_attr(test::int_attr("transB", 1));
+    g.nodes.push_back(gm);
+    g.outputs.push_back({"Y", TypeInfo::tensor(DataType::kFloat)});
+    if (variant == 1) {  // a second reader of the Gemm's output
+      g.nodes.push_back(mk("relu", "Relu", {"Y"}, {"R"}));
+      g.outputs.push_back({"R", TypeInfo::tensor(DataType::kFloat)});
+    }
+    ASSERT_TRUE(infer_types(g).is_ok());
+    ASSERT_TRUE(convert_precision(g, PrecisionOptions{}).is_ok());
+    PassStats ps;
+    ASSERT_TRUE(fold_gemm_output_casts(g, &ps).is_ok());
+    ASSERT_TRUE(verify_graph(g).is_ok());
+    const Node* fc = find_node(g, "fc");
+    ASSERT_NE(fc, nullptr);
+    size_t out_casts = 0;
+    for (const Node& n : g.nodes)
+      if (n.op_type == "Cast" && n.attr_int("to", 0) == static_cast<int64_t>(DataType::kFloat))
+        ++out_casts;
+    if (variant == 0) {
+      EXPECT_EQ(ps.eliminated, 1u);
+      EXPECT_EQ(fc->attr_int("kiln_float_out", 0), 1);
+      EXPECT_EQ(fc->outputs[0], "Y");
+      EXPECT_EQ(out_casts, 0u);
+      Graph h = g;  // inference agrees: the Gemm's output is float32
+      h.value_info.clear();
+      ASSERT_TRUE(infer_types(h).is_ok());
+      const ValueInfo* y = h.find_value_info("Y");
+      ASSERT_NE(y, nullptr);
+      EXPECT_EQ(y->type.dtype, DataType::kFloat);
+    } else {
+      EXPECT_EQ(ps.eliminated, 0u);
+      EXPECT_EQ(fc->attr_int("kiln_float_out", 0), 0);
+      EXPECT_GE(out_casts, 1u);
+    }
+  }
+}

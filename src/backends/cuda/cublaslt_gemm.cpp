@@ -76,6 +76,7 @@ struct GemmConfig {
   bool forced_gelu = false;  // ... chosen with the GELU epilogue (".gelu" in its readable part)
   cublasLtMatmulAlgo_t forced_algo{};
   bool gemv = false;  // `kiln_tactic` is kGemvTactic: Kiln's few-row kernel (launch_gemv_rows)
+  bool float_out = false;  // Gemm with kiln_float_out (fold_gemm_output_casts): Y in float32
 };
 
 // The tactic of Kiln's GEMV for Gemm with transB = 1 and at most kGemvMaxRows rows (dnn.h).
@@ -97,6 +98,7 @@ Result<GemmConfig> read_config(const Node& n) {
     c.tb = n.attr_int("transB", 0) != 0;
     c.alpha = n.attr_float("alpha", 1.f);
     c.beta = n.attr_float("beta", 1.f);
+    c.float_out = n.attr_int("kiln_float_out", 0) != 0;
   } else if (n.op_type == "FusedMatMul") {
     c.kind = GemmKind::kFusedMatMul;
     const std::string act = n.attr_string("activation", "");
@@ -561,24 +563,33 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   }
 
   auto& env = env_of(ctx);
-  KILN_ASSIGN_OR_RETURN(Tensor Y, env.alloc(dt, p.y_shape));
+  // A folded output Cast: Y in float32, computed here in dt then converted (the GEMV writes it
+  // directly).
+  const bool f32_out = cfg_.float_out && (dt == DataType::kFloat16 || dt == DataType::kBFloat16);
+  KILN_ASSIGN_OR_RETURN(Tensor Y, env.alloc(f32_out ? DataType::kFloat : dt, p.y_shape));
   out[0] = Value(Y);
   if (Y.numel() == 0) return Status::ok();
-  void* y = Y.raw_data();
-  const size_t es = dtype_size(dt);
   if ((use_gemv_ || cfg_.gemv) && gemv_env() != 0 && gemv_applies(cfg_, p, dt) && !C && !Z &&
       (!bias || bias->numel() == N) && aligned16(A->raw_data()) && aligned16(B->raw_data()) &&
-      aligned16(y)) {
+      aligned16(Y.raw_data())) {
     GemvArgs g;
     g.dtype = dt;
     g.a = A->raw_data();
     g.b = B->raw_data();
     g.bias = bias ? bias->raw_data() : nullptr;
-    g.y = y;
+    g.y = Y.raw_data();
+    g.y_float = f32_out;
     g.M = p.M, g.N = p.N, g.K = p.K;
     g.alpha = static_cast<float>(alpha);
-    return launch_gemv_rows(g, env_of(ctx).stream).with_context(where_);
+    return launch_gemv_rows(g, env.stream).with_context(where_);
   }
+  std::shared_ptr<Storage> y16;  // f32_out: the 16-bit result before its conversion
+  if (f32_out) {
+    if (p.K == 0) return ctx.fail("K = 0 with a float32 output is not supported");
+    KILN_ASSIGN_OR_RETURN(y16, env.scratch(static_cast<size_t>(Y.numel()) * dtype_size(dt)));
+  }
+  void* y = f32_out ? static_cast<void*>(y16->data()) : Y.raw_data();
+  const size_t es = dtype_size(dt);
   // The C operand of cuBLASLt (D layout): Gemm's full C, FusedMatMul's Z (no Gelu), or Y itself
   // prefilled with a broadcast C.
   const void* c_op = nullptr;
@@ -659,6 +670,8 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
                             p, A->raw_data(), B->raw_data(), c_op, y,
                             bias_in_gemm ? bias->raw_data() : nullptr, alpha, beta,
                             bias_in_gemm ? bias_bstride : 0));
+  if (f32_out)
+    return launch_to_float(dt, y, Y.data<float>(), Y.numel(), env.stream).with_context(where_);
   if (cfg_.kind == GemmKind::kFusedMatMul &&
       ((cfg_.gelu && !gelu_in_gemm) || (bias && !bias_in_gemm))) {
     EpilogueArgs e;
@@ -735,7 +748,7 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
   KILN_RETURN_IF_ERROR(fill_tuning_data(ab.p, static_cast<size_t>(an) * es, dt));
   KILN_CUDA_CHECK(cudaMalloc(&bb.p, b_host.nbytes()), what);
   KILN_CUDA_CHECK(cudaMemcpy(bb.p, b_host.raw_data(), b_host.nbytes(), cudaMemcpyHostToDevice), what);
-  KILN_CUDA_CHECK(cudaMalloc(&yb.p, static_cast<size_t>(yn) * es), what);
+  KILN_CUDA_CHECK(cudaMalloc(&yb.p, static_cast<size_t>(yn) * std::max<size_t>(es, 4)), what);
   if (has_c) {
     KILN_CUDA_CHECK(cudaMalloc(&cb.p, static_cast<size_t>(yn) * es), what);
     KILN_CUDA_CHECK(cudaMemset(cb.p, 0, static_cast<size_t>(yn) * es), what);
@@ -856,6 +869,7 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
     g.b = bb.p;
     g.bias = has_bias ? biasb.p : nullptr;
     g.y = yb.p;
+    g.y_float = cfg_.float_out && dt != DataType::kFloat;
     g.M = p.M, g.N = p.N, g.K = p.K;
     g.alpha = cfg_.alpha;
     constexpr int kReps = 5;

@@ -113,6 +113,7 @@ struct GemvArgs {
   const void* b = nullptr;
   const void* bias = nullptr;  // N elements or null
   void* y = nullptr;
+  bool y_float = false;  // y in float32 (a folded output Cast), else in dtype
   int64_t M = 0, N = 0, K = 0;
   float alpha = 1.f;
 };
@@ -120,6 +121,9 @@ inline constexpr int64_t kGemvMaxRows = 8;
 inline constexpr int64_t kGemvMaxAElems = 16384;  // M * K: A in 32 KB of shared memory
 bool gemv_rows_ok(DataType dt, int64_t M, int64_t N, int64_t K);
 Status launch_gemv_rows(const GemvArgs& a, cudaStream_t stream);
+
+// y[i] = float(x[i]) for n float16 / bfloat16 elements (a Gemm with kiln_float_out on cuBLASLt).
+Status launch_to_float(DataType dt, const void* x, float* y, int64_t n, cudaStream_t stream);
 
 // Fills a device tuning buffer with random values in [-1, 1) of `dt` (engine build only:
 // synchronous copies). Other dtypes get float32 patterns.

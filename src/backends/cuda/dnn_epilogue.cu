@@ -271,9 +271,9 @@ __global__ void im2col_kernel(const uint16_t* __restrict__ x, uint4* __restrict_
 // before pdl_wait (B is a constant: only A comes from the kernel before). MM >= M rows.
 constexpr int kGemvWarps = 8;
 constexpr int kGemvPre = 8;
-template <typename T, int MM>
+template <typename T, typename O, int MM>
 __global__ void gemv_rows_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K,
+                                 const T* __restrict__ bias, O* __restrict__ y, int M, int N, int K,
                                  float alpha) {
   extern __shared__ uint4 sa[];  // A: M rows of K / 8 vectors
   const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
@@ -326,30 +326,38 @@ __global__ void gemv_rows_kernel(const T* __restrict__ a, const T* __restrict__ 
     const float bn = bias ? convert<float>(bias[n]) : 0.f;
 #pragma unroll
     for (int m = 0; m < MM; ++m)
-      if (m < M) y[static_cast<int64_t>(m) * N + n] = convert<T>(alpha * acc[m] + bn);
+      if (m < M) y[static_cast<int64_t>(m) * N + n] = convert<O>(alpha * acc[m] + bn);
   }
 }
 
-template <typename T, int MM>
+template <typename T, typename O, int MM>
 void launch_gemv_typed(const GemvArgs& g, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>((g.N + kGemvWarps - 1) / kGemvWarps);
   const size_t smem = static_cast<size_t>(g.M * g.K) * sizeof(T);
-  launch_pdl(&gemv_rows_kernel<T, MM>, dim3(blocks), dim3(32 * kGemvWarps), smem, stream,
+  launch_pdl(&gemv_rows_kernel<T, O, MM>, dim3(blocks), dim3(32 * kGemvWarps), smem, stream,
              static_cast<const T*>(g.a), static_cast<const T*>(g.b), static_cast<const T*>(g.bias),
-             static_cast<T*>(g.y), static_cast<int>(g.M), static_cast<int>(g.N),
+             static_cast<O*>(g.y), static_cast<int>(g.M), static_cast<int>(g.N),
              static_cast<int>(g.K), g.alpha);
 }
 
-template <typename T>
+template <typename T, typename O>
 void launch_gemv_rows_t(const GemvArgs& g, cudaStream_t stream) {
   if (g.M <= 1)
-    launch_gemv_typed<T, 1>(g, stream);
+    launch_gemv_typed<T, O, 1>(g, stream);
   else if (g.M <= 2)
-    launch_gemv_typed<T, 2>(g, stream);
+    launch_gemv_typed<T, O, 2>(g, stream);
   else if (g.M <= 4)
-    launch_gemv_typed<T, 4>(g, stream);
+    launch_gemv_typed<T, O, 4>(g, stream);
   else
-    launch_gemv_typed<T, 8>(g, stream);
+    launch_gemv_typed<T, O, 8>(g, stream);
+}
+
+template <typename T>
+__global__ void to_float_kernel(const T* __restrict__ x, float* __restrict__ y, int64_t n) {
+  pdl_wait();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] = convert<float>(x[i]);
 }
 
 }  // namespace
@@ -571,11 +579,33 @@ Status launch_gemv_rows(const GemvArgs& g, cudaStream_t stream) {
   auto misaligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 != 0; };
   if (misaligned(g.a) || misaligned(g.b) || misaligned(g.y))
     return internal_error("gemv: unaligned operand");
-  if (g.dtype == DataType::kFloat16)
-    launch_gemv_rows_t<__half>(g, stream);
-  else
-    launch_gemv_rows_t<__nv_bfloat16>(g, stream);
+  if (g.dtype == DataType::kFloat16) {
+    if (g.y_float)
+      launch_gemv_rows_t<__half, float>(g, stream);
+    else
+      launch_gemv_rows_t<__half, __half>(g, stream);
+  } else {
+    if (g.y_float)
+      launch_gemv_rows_t<__nv_bfloat16, float>(g, stream);
+    else
+      launch_gemv_rows_t<__nv_bfloat16, __nv_bfloat16>(g, stream);
+  }
   KILN_CUDA_LAUNCHED("gemv kernel");
+  return Status::ok();
+}
+
+Status launch_to_float(DataType dt, const void* x, float* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return Status::ok();
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
+  if (dt == DataType::kFloat16)
+    launch_pdl(&to_float_kernel<__half>, dim3(blocks), dim3(256), 0, stream,
+               static_cast<const __half*>(x), y, n);
+  else if (dt == DataType::kBFloat16)
+    launch_pdl(&to_float_kernel<__nv_bfloat16>, dim3(blocks), dim3(256), 0, stream,
+               static_cast<const __nv_bfloat16*>(x), y, n);
+  else
+    return internal_error(std::string("to_float: dtype ") + dtype_name(dt));
+  KILN_CUDA_LAUNCHED("to-float kernel");
   return Status::ok();
 }
 

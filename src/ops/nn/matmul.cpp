@@ -228,7 +228,10 @@ Status infer_gemm(InferContext& ctx) {
   const TypeInfo& a = ctx.input_types[0];
   const TypeInfo& b = ctx.input_types[1];
   if (a.kind != TypeInfo::Kind::kTensor) return Status::ok();
-  TypeInfo o = TypeInfo::tensor(a.dtype);
+  // kiln_float_out (fold_gemm_output_casts, device builds): a 16-bit Gemm writing float32.
+  const bool f32_out = ctx.node.attr_int("kiln_float_out", 0) != 0 &&
+                       (a.dtype == DataType::kFloat16 || a.dtype == DataType::kBFloat16);
+  TypeInfo o = TypeInfo::tensor(f32_out ? DataType::kFloat : a.dtype);
   if (a.has_shape && b.has_shape && a.dims.size() == 2 && b.dims.size() == 2) {
     const bool ta = ctx.node.attr_int("transA", 0) != 0, tb = ctx.node.attr_int("transB", 0) != 0;
     o.has_shape = true;
