@@ -75,7 +75,7 @@ struct GemmConfig {
   bool forced = false;  // `kiln_tactic` carries a serialized algorithm
   bool forced_gelu = false;  // ... chosen with the GELU epilogue (".gelu" in its readable part)
   cublasLtMatmulAlgo_t forced_algo{};
-  bool gemv = false;  // `kiln_tactic` is kGemvTactic: Kiln's few-row kernel (launch_gemv_rows)
+  bool gemv = false;       // `kiln_tactic` is kGemvTactic: Kiln's few-row kernel (launch_gemv_rows)
   bool float_out = false;  // Gemm with kiln_float_out (fold_gemm_output_casts): Y in float32
 };
 
