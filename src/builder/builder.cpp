@@ -197,13 +197,14 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
   KILN_RETURN_IF_ERROR(cache.load(config.timing_cache));
   auto types = type_table(g);
   std::vector<std::string> sigs(g.nodes.size());
-  size_t total = 0;
+  size_t total = 0, untimed = 0;  // untimed: no shape to time for (a dynamic batch on a device)
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     Node& n = g.nodes[i];
     if (!tunable(n) || n.kernel.rfind(prefix, 0) != 0) continue;
     ++total;
     // The shape to time for: the first input's shape with the batch at its maximum.
     auto it = types.find(n.inputs.empty() ? std::string() : n.inputs[0]);
+    bool shaped = false;
     if (it != types.end() && it->second.has_shape) {
       Attribute a;
       a.name = "kiln_tune_shape";
@@ -217,6 +218,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
         else ok = false;
       }
       if (ok) n.set_attr(a);
+      shaped = ok;
     }
     if (on_device) {
       set_int_attr(n, "kiln_workspace", static_cast<int64_t>(config.workspace_bytes));
@@ -224,6 +226,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     }
     sigs[i] = layer_signature(n, types, device);
     auto hit = cache.entries.find(sigs[i]);
+    if (!shaped && hit == cache.entries.end()) ++untimed;
     if (hit != cache.entries.end()) {
       Attribute a;
       a.name = "kiln_tactic";
@@ -271,6 +274,10 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     ++rep.tuned;
   }
   if (config.progress && total) std::fprintf(stderr, "\n");
+  if (untimed)
+    KILN_LOG(kWarning, untimed << " layer(s) not timed: their input's shape is not fully known "
+                               "(a dynamic batch: build with --batch N, the largest batch), so "
+                               "they run on the libraries' heuristic choices");
   Status st = cache.save(config.timing_cache);
   if (!st.is_ok()) KILN_LOG(kWarning, "cannot save the timing cache: " << st.message());
   return Status::ok();

@@ -15,6 +15,7 @@
 #include "ir/graph.h"
 #include "kiln/builder.h"
 #include "kiln/runtime.h"
+#include "op_test_util.h"
 
 using namespace kiln;
 
@@ -266,3 +267,24 @@ TEST(CpuTactics, WinogradTacticFromTheCacheIsCorrect) {
 }
 
 }  // namespace
+
+// A tunable layer whose input shape is not known beyond the batch has nothing to be timed for:
+// the build says how many such layers run on the default choice (and how to time them), and a
+// build where every shape is known says nothing of the kind.
+TEST(CpuTactics, UntimedLayersAreReported) {
+  for (const bool known : {true, false}) {
+    SCOPED_TRACE(known ? "known shape" : "unknown height");
+    Model m = conv_model();
+    if (!known) m.graph.inputs[0].type.dims[2] = Dim::sym("h");
+    BuilderConfig c;
+    std::string log;
+    {
+      test::LogCapture cap;
+      auto r = build_plan(m, c, 42);
+      ASSERT_TRUE(r.is_ok()) << r.status().message();
+      log = cap.text();
+    }
+    const bool warned = log.find("1 layer(s) not timed") != std::string::npos;
+    EXPECT_EQ(warned, !known) << log;
+  }
+}
