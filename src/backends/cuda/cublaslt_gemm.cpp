@@ -82,7 +82,8 @@ struct GemmConfig {
 // The tactic of Kiln's GEMV for Gemm with transB = 1 and at most kGemvMaxRows rows (dnn.h).
 constexpr const char kGemvTactic[] = "cuda.gemm.kiln.gemv";
 
-// KILN_CUDA_GEMV=0: never time or use it; "force": take it wherever it applies (tests, A/B).
+// KILN_CUDA_GEMV (read when tuning): =0 never times it, "force" takes it wherever it applies
+// (tests, A/B); a plan that chose it keeps it.
 int gemv_env() {
   const char* e = std::getenv("KILN_CUDA_GEMV");
   if (!e) return 1;
@@ -569,7 +570,7 @@ Status GemmKernel::run(OpContext& ctx, std::span<const Value> in, std::span<Valu
   KILN_ASSIGN_OR_RETURN(Tensor Y, env.alloc(f32_out ? DataType::kFloat : dt, p.y_shape));
   out[0] = Value(Y);
   if (Y.numel() == 0) return Status::ok();
-  if ((use_gemv_ || cfg_.gemv) && gemv_env() != 0 && gemv_applies(cfg_, p, dt) && !C && !Z &&
+  if ((use_gemv_ || cfg_.gemv) && gemv_applies(cfg_, p, dt) && !C && !Z &&
       (!bias || bias->numel() == N) && aligned16(A->raw_data()) && aligned16(B->raw_data()) &&
       aligned16(Y.raw_data())) {
     GemvArgs g;
@@ -800,6 +801,36 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
       }
     }
   }
+  // The time of kReps runs of `once` after a warm-up (-1 when a run fails): each run alone after
+  // the L2 cache is overwritten, so the weights come from device memory as they do inside a
+  // whole network, or back to back without the flush buffer.
+  constexpr int kReps = 5;
+  auto time_runs = [&](auto&& once) -> Result<float> {
+    if (!once().is_ok()) return -1.f;
+    float ms = 0;
+    if (flush.p) {
+      for (int r = 0; r < kReps; ++r) {
+        KILN_CUDA_CHECK(cudaMemsetAsync(flush.p, r, flush_bytes, stream), what);
+        KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
+        const bool ok = once().is_ok();
+        KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
+        KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
+        if (!ok) return -1.f;
+        float one = 0;
+        KILN_CUDA_CHECK(cudaEventElapsedTime(&one, e0, e1), what);
+        ms += one;
+      }
+    } else {
+      KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
+      bool ok = true;
+      for (int r = 0; r < kReps && ok; ++r) ok = once().is_ok();
+      KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
+      KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
+      if (!ok) return -1.f;
+      KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
+    }
+    return ms;
+  };
   // Times each candidate of `pl`; true when one beat `best` (then pl holds it).
   float best = std::numeric_limits<float>::infinity();
   auto time_all = [&](Plan& pl, const std::vector<cublasLtMatmulHeuristicResult_t>& cs,
@@ -822,31 +853,8 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
         e.act = EpAct::kGeluErf;
         return launch_epilogue(e, stream);
       };
-      if (!once().is_ok()) continue;  // warm-up; a failing candidate is skipped
-      constexpr int kReps = 5;
-      bool ok = true;
-      float ms = 0;
-      if (flush.p) {
-        // Each run timed alone after the L2 cache is overwritten: the weights come from device
-        // memory, as they do inside a whole network, instead of staying cached between runs.
-        for (int r = 0; r < kReps && ok; ++r) {
-          KILN_CUDA_CHECK(cudaMemsetAsync(flush.p, r, flush_bytes, stream), what);
-          KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
-          ok = once().is_ok();
-          KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
-          KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
-          float one = 0;
-          KILN_CUDA_CHECK(cudaEventElapsedTime(&one, e0, e1), what);
-          ms += one;
-        }
-      } else {
-        KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
-        for (int r = 0; r < kReps && ok; ++r) ok = once().is_ok();
-        KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
-        KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
-        KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), what);
-      }
-      if (ok && ms < best) {
+      KILN_ASSIGN_OR_RETURN(const float ms, time_runs(once));
+      if (ms >= 0 && ms < best) {
         best = ms;
         best_i = i;
       }
@@ -872,22 +880,10 @@ Status GemmKernel::tune(const Node& n, DataType dt, const Shape& as, const Tenso
     g.y_float = cfg_.float_out && dt != DataType::kFloat;
     g.M = p.M, g.N = p.N, g.K = p.K;
     g.alpha = cfg_.alpha;
-    constexpr int kReps = 5;
-    float ms = 0;
-    bool ok = launch_gemv_rows(g, stream).is_ok();  // warm-up
-    for (int r = 0; r < kReps && ok; ++r) {
-      if (flush.p) KILN_CUDA_CHECK(cudaMemsetAsync(flush.p, r, flush_bytes, stream), what);
-      KILN_CUDA_CHECK(cudaEventRecord(e0, stream), what);
-      ok = launch_gemv_rows(g, stream).is_ok();
-      KILN_CUDA_CHECK(cudaEventRecord(e1, stream), what);
-      KILN_CUDA_CHECK(cudaEventSynchronize(e1), what);
-      float one = 0;
-      KILN_CUDA_CHECK(cudaEventElapsedTime(&one, e0, e1), what);
-      ms += one;
-    }
+    KILN_ASSIGN_OR_RETURN(const float ms, time_runs([&] { return launch_gemv_rows(g, stream); }));
     KILN_LOG(kVerbose,
              where_ << ": GEMV " << ms / kReps << " ms, cuBLASLt " << best / kReps << " ms");
-    if (ok && (ms < best || gemv_env() == 2)) {
+    if (ms >= 0 && (ms < best || gemv_env() == 2)) {
       std::lock_guard<std::mutex> lock(mu_);
       use_gemv_ = true;
       tactic_ = kGemvTactic;
