@@ -1,10 +1,11 @@
 // The CUDA execution context: stream, library handles, device pool, pinned staging buffers,
 // CUDA events for timings, and CUDA-graph capture/replay of the compute part.
 #include <cublasLt.h>
-#include <cudnn.h>
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
+#include <cudnn.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -12,6 +13,7 @@
 #include "backends/cuda/conv_gemm.h"
 #include "backends/cuda/cuda_env.h"
 #include "backends/cuda/device_pool.h"
+#include "backends/cuda/graph_edges.h"
 #include "base/logging.h"
 #include "runtime/device_context.h"
 
@@ -383,6 +385,15 @@ class CudaContext final : public DeviceContext, public NodeObserver, public Side
     cudaGraph_t graph = nullptr;
     cudaError_t e = cudaStreamEndCapture(s, &graph);
     if (st.is_ok() && e == cudaSuccess) {
+      if (const char* dump = std::getenv("KILN_CUDA_GRAPH_DUMP"); dump && *dump) {
+        if (FILE* f = std::fopen(dump, "w")) {
+          std::string d = describe_graph(graph);
+          std::fwrite(d.data(), 1, d.size(), f);
+          std::fclose(f);
+        } else {
+          KILN_LOG(kWarning, "KILN_CUDA_GRAPH_DUMP: cannot write " << dump);
+        }
+      }
       e = cudaGraphInstantiate(&exec_, graph, 0);
     }
     if (graph) cudaGraphDestroy(graph);

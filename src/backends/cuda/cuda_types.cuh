@@ -60,14 +60,19 @@ __device__ __forceinline__ To convert(From v) {
 
 // Programmatic dependent launch (sm_90+). A kernel launched with launch_pdl may start while the
 // kernel before it on the stream is still finishing (its blocks are scheduled early and wait);
-// it must call pdl_wait() before it reads anything an earlier kernel wrote. Kiln's kernels never
-// signal early completion, so pdl_wait() returns once the previous grid has completed and its
-// writes are visible: only the launch latency overlaps. Inside Kiln's CUDA graph this removes
-// part of the gap between a library kernel and the small kernel after it (ResNet-50's tap sums,
-// pools, casts). KILN_CUDA_PDL=0 launches them the ordinary way (A/B runs).
+// it must call pdl_wait() before it reads anything an earlier kernel wrote. pdl_wait() returns
+// once the previous grid has completed and its writes are visible, and then releases this
+// kernel's own dependents (griddepcontrol.launch_dependents): a kernel launched after it with
+// the attribute (Kiln's, or one of cuDNN's runtime-compiled engines, which cuDNN launches so)
+// can be scheduled while this one still runs, and waits in its turn. Releasing early never
+// lets a dependent read too soon, since every PDL-launched kernel waits for its predecessor's
+// completion before reading; what overlaps is the dependent's launch and prologue. Inside
+// Kiln's CUDA graph this removes part of the gap between kernels (ResNet-50's tap sums before
+// cuDNN's fused conv3, pools, casts). KILN_CUDA_PDL=0 launches them the ordinary way (A/B runs).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 }
 
