@@ -20,13 +20,20 @@ bool has_subgraph(const Node& n) {
 // leave most of a GPU idle (batch 1), so running it beside the main chain gains. Large work fills
 // the GPU on its own and only contends (ResNet-50 batch 256: 6.93 vs 6.90 ms with its downsample
 // convolutions on the side stream).
-bool small_outputs(const Graph& g, const Node& n) {
+// A leading dim that is not known (an engine built with --batch relaxes the batch) counts as
+// `max_batch` when the engine has one; any other unknown dim makes the outputs not small.
+bool small_outputs(const Graph& g, const Node& n, int64_t max_batch) {
   for (auto& o : n.outputs) {
     if (o.empty()) continue;
     const ValueInfo* vi = g.find_value_info(o);
-    if (!vi || !vi->type.fully_known()) return false;
+    if (!vi || !vi->type.has_shape) return false;
     int64_t numel = 1;
-    for (int64_t d : vi->type.concrete_shape()) numel *= d;
+    for (size_t i = 0; i < vi->type.dims.size(); ++i) {
+      const Dim& d = vi->type.dims[i];
+      if (d.known()) numel *= d.value;
+      else if (i == 0 && max_batch > 0) numel *= max_batch;
+      else return false;
+    }
     if (numel > (int64_t{1} << 20)) return false;
   }
   return true;
@@ -39,9 +46,10 @@ bool small_outputs(const Graph& g, const Node& n) {
 //     runs beside it;
 //   - its outputs are no graph outputs and are read later; the first reader j joins;
 //   - its window (p, j) starts after the previous side node's join (one side stream);
-//   - its outputs are small (small_outputs).
+//   - its outputs are small (small_outputs, at the engine's maximum batch).
 // It then runs right after p. KILN_SIDE_STREAM=0: none (every node in graph order).
-void plan_side_branches(CompiledGraph& cg, const std::vector<std::vector<int>>& read_slots) {
+void plan_side_branches(CompiledGraph& cg, const std::vector<std::vector<int>>& read_slots,
+                        int64_t max_batch) {
   const int n = static_cast<int>(cg.nodes.size());
   cg.order.resize(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) cg.order[static_cast<size_t>(i)] = i;
@@ -73,7 +81,7 @@ void plan_side_branches(CompiledGraph& cg, const std::vector<std::vector<int>>& 
       ok = ok && !is_output[static_cast<size_t>(o)];
       j = std::min(j, first_reader[static_cast<size_t>(o)]);
     }
-    if (!ok || j == n || !small_outputs(*cg.graph, *cn.node)) continue;
+    if (!ok || j == n || !small_outputs(*cg.graph, *cn.node, max_batch)) continue;
     cn.side = true;
     cg.nodes[static_cast<size_t>(j)].join_before = true;
     follows[static_cast<size_t>(p + 1)].push_back(i);
@@ -89,7 +97,8 @@ void plan_side_branches(CompiledGraph& cg, const std::vector<std::vector<int>>& 
   }
 }
 
-Status compile_into(const Graph& g, const Backend& backend, bool fallback, CompiledGraph& cg) {
+Status compile_into(const Graph& g, const Backend& backend, bool fallback, int64_t max_batch,
+                    CompiledGraph& cg) {
   cg.graph = &g;
   cg.backend = &backend;
   auto slot = [&](const std::string& name) {
@@ -168,7 +177,7 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
       for (auto& sg : a.graphs) subs.push_back(sg.get());
       for (auto* s : subs) {
         auto sub = std::make_unique<CompiledGraph>();
-        Status st = compile_into(*s, backend, fallback, *sub);
+        Status st = compile_into(*s, backend, fallback, max_batch, *sub);
         if (!st.is_ok()) return st.with_context(n.where() + " subgraph '" + a.name + "'");
         cg.subgraphs.emplace(s, std::move(sub));
       }
@@ -182,7 +191,7 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, Compi
   std::vector<std::vector<int>> read_slots(g.nodes.size());
   for (size_t i = 0; i < g.nodes.size(); ++i)
     for (auto& r : reads[i]) read_slots[i].push_back(cg.slot_of[r]);
-  plan_side_branches(cg, read_slots);
+  plan_side_branches(cg, read_slots, max_batch);
   // Last use of each slot in execution order, to free intermediates early. Graph outputs are kept.
   std::vector<int> pos(g.nodes.size());
   for (size_t k = 0; k < cg.order.size(); ++k) pos[static_cast<size_t>(cg.order[k])] = static_cast<int>(k);
@@ -255,9 +264,10 @@ const Value* lookup_outer(const Frame* f, const std::string& name) {
 }  // namespace
 
 Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backend& backend,
-                                                     bool fallback_to_reference) {
+                                                     bool fallback_to_reference,
+                                                     int64_t max_batch) {
   auto cg = std::make_unique<CompiledGraph>();
-  KILN_RETURN_IF_ERROR(compile_into(g, backend, fallback_to_reference, *cg));
+  KILN_RETURN_IF_ERROR(compile_into(g, backend, fallback_to_reference, max_batch, *cg));
   return cg;
 }
 

@@ -49,8 +49,11 @@ struct CompiledGraph {
 
 // Compiles `g` (and its subgraphs) against `backend`; every node must have a kernel the backend
 // resolves (`fallback_to_reference` picks the reference kernel for nodes with an empty kernel).
+// `max_batch` (> 0: an engine built with --batch, whose batch dim is left unknown in `g`) sizes
+// the values whose batch is unknown when the side-stream planning asks how large they are.
 Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backend& backend,
-                                                     bool fallback_to_reference);
+                                                     bool fallback_to_reference,
+                                                     int64_t max_batch = 0);
 
 // Sees each top-level node run (per-layer profiling): before(i) / after(i) around node i.
 class NodeObserver {

@@ -217,3 +217,23 @@ TEST(SideStream, AFailingSideNodeStillJoins) {
   EXPECT_NE(st.message().find("downsample"), std::string::npos) << st.message();
   EXPECT_EQ(g_log, (std::vector<std::string>{"stem@main", "fork", "downsample@side", "join"}));
 }
+
+// An engine built with --batch leaves the batch dim unknown in its graph: the size limit then
+// counts it at the engine's maximum batch (compile_graph's max_batch), and without one the
+// branch is not known to be small and stays on the main stream.
+TEST(SideStream, UnknownBatchCountsAtTheEnginesMaximumBatch) {
+  Graph g = block();
+  for (auto& vi : g.value_info) vi.type.dims = {Dim::sym("N"), Dim::of(int64_t{1} << 18)};
+  FakeDevice dev;
+  struct Case {
+    int64_t max_batch;
+    bool side;
+  };
+  for (Case c : {Case{0, false}, Case{1, true}, Case{4, true}, Case{5, false}}) {
+    auto cg = compile_graph(g, dev, false, c.max_batch);
+    ASSERT_TRUE(cg.is_ok()) << cg.status().message();
+    EXPECT_EQ((*cg)->nodes[3].side, c.side) << "max batch " << c.max_batch;
+    const std::vector<int> want = c.side ? std::vector<int>{0, 3, 1, 2, 4} : std::vector<int>{0, 1, 2, 3, 4};
+    EXPECT_EQ((*cg)->order, want) << "max batch " << c.max_batch;
+  }
+}
