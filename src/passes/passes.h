@@ -62,4 +62,10 @@ Status convert_precision(Graph& g, const PrecisionOptions& opts, PassStats* stat
 // `eliminated`.
 Status fold_gemm_output_casts(Graph& g, PassStats* stats = nullptr);
 
+// After convert_precision on a device: a Cast from float32 to float16 / bfloat16 read only by a
+// Transpose becomes part of it (attribute kiln_to = the Cast's `to`: the CUDA Transpose converts
+// while it gathers), so an image input's Cast + NCHW->NHWC Transpose run as one kernel. Counts
+// removed Casts as `eliminated`.
+Status fold_cast_into_transpose(Graph& g, PassStats* stats = nullptr);
+
 }  // namespace kiln

@@ -247,4 +247,53 @@ Status fold_gemm_output_casts(Graph& g, PassStats* stats) {
   return Status::ok();
 }
 
+Status fold_cast_into_transpose(Graph& g, PassStats* stats) {
+  std::unordered_map<std::string, int> readers;
+  for (const Node& n : g.nodes)
+    for (const auto& v : n.inputs)
+      if (!v.empty()) ++readers[v];
+  for (const auto& o : g.outputs) ++readers[o.name];
+  std::unordered_map<std::string, size_t> producer;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    for (const auto& o : g.nodes[i].outputs)
+      if (!o.empty()) producer[o] = i;
+  std::vector<bool> drop(g.nodes.size(), false);
+  size_t folded = 0;
+  for (Node& t : g.nodes) {
+    if (!t.domain.empty() || t.op_type != "Transpose" || t.inputs.size() != 1 ||
+        t.has_attr("kiln_to"))
+      continue;
+    const std::string& v = t.inputs[0];
+    auto it = producer.find(v);
+    if (it == producer.end() || readers[v] != 1 || drop[it->second]) continue;
+    const Node& c = g.nodes[it->second];
+    if (!c.domain.empty() || c.op_type != "Cast" || c.inputs.size() != 1 || c.inputs[0].empty())
+      continue;
+    const int64_t to = c.attr_int("to", 0);
+    if (to != static_cast<int64_t>(DataType::kFloat16) &&
+        to != static_cast<int64_t>(DataType::kBFloat16))
+      continue;
+    const TypeInfo* src = nullptr;
+    if (const ValueInfo* vi = g.find_value_info(c.inputs[0])) src = &vi->type;
+    for (const auto& in : g.inputs)
+      if (in.name == c.inputs[0]) src = &in.type;
+    if (!src || src->dtype != DataType::kFloat) continue;
+    drop[it->second] = true;
+    t.inputs[0] = c.inputs[0];
+    Attribute a;
+    a.name = "kiln_to";
+    a.kind = Attribute::Kind::kInt;
+    a.i = to;
+    t.set_attr(a);
+    ++folded;
+  }
+  if (!folded) return Status::ok();
+  std::vector<Node> kept;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (!drop[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
+  if (stats) stats->eliminated += folded;
+  return Status::ok();
+}
+
 }  // namespace kiln

@@ -120,7 +120,8 @@ Result<std::shared_ptr<Engine>> engine_from_file(std::shared_ptr<MappedFile> fil
   impl->file = file;
   impl->backend = &backend;
   impl->device_runtime = on_cuda ? cuda_runtime() : nullptr;
-  KILN_ASSIGN_OR_RETURN(impl->cg, compile_graph(impl->plan.graph, backend, false, impl->plan.header.max_batch));
+  KILN_ASSIGN_OR_RETURN(
+      impl->cg, compile_graph(impl->plan.graph, backend, false, impl->plan.header.max_batch));
   for (auto& vi : impl->plan.graph.inputs) impl->inputs.push_back(make_desc(vi));
   for (auto& vi : impl->plan.graph.outputs) impl->outputs.push_back(make_desc(vi));
   PlanInfo& pi = impl->info;

@@ -30,9 +30,12 @@ bool small_outputs(const Graph& g, const Node& n, int64_t max_batch) {
     int64_t numel = 1;
     for (size_t i = 0; i < vi->type.dims.size(); ++i) {
       const Dim& d = vi->type.dims[i];
-      if (d.known()) numel *= d.value;
-      else if (i == 0 && max_batch > 0) numel *= max_batch;
-      else return false;
+      if (d.known())
+        numel *= d.value;
+      else if (i == 0 && max_batch > 0)
+        numel *= max_batch;
+      else
+        return false;
     }
     if (numel > (int64_t{1} << 20)) return false;
   }

@@ -378,6 +378,71 @@ TEST(CudaGemv, FewRowGemmMatchesTheReference) {
   }
 }
 
+// An image input's Cast and NCHW -> NHWC Transpose in an fp16 / bf16 build run as one converting
+// Transpose (fold_cast_into_transpose: kiln_to), as does a 3-D one; the only Cast left is the
+// output's. Against the input rounded to the 16-bit type and transposed here.
+TEST(CudaTranspose, ConvertingTransposeMatchesTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  struct Case {
+    Shape xs;
+    std::vector<int64_t> perm;
+  };
+  for (const Case& cs : {Case{{2, 3, 5, 7}, {0, 2, 3, 1}}, Case{{4, 33, 40}, {0, 2, 1}}}) {
+    for (const bool bf16 : {false, true}) {
+      SCOPED_TRACE(shape_str(cs.xs) + (bf16 ? " bfloat16" : " float16"));
+      std::mt19937 rng(21);
+      Model m;
+      m.ir_version = 8;
+      m.opsets[""] = 17;
+      m.graph.name = "edge";
+      m.graph.inputs.push_back({"x", TypeInfo::tensor(DataType::kFloat, cs.xs)});
+      m.graph.outputs.push_back({"y", TypeInfo::tensor(DataType::kFloat)});
+      m.graph.nodes.push_back(test::node("t", "Transpose", {"x"}, {"y"}));
+      m.graph.nodes.back().attrs.push_back(test::ints_attr("perm", cs.perm));
+      Tensor x = test::rand_tensor(rng, cs.xs);
+      const size_t r = cs.xs.size();
+      Shape ys;
+      for (int64_t p : cs.perm) ys.push_back(cs.xs[static_cast<size_t>(p)]);
+      std::vector<int64_t> xst(r, 1), yst(r, 1);
+      for (size_t d = r - 1; d-- > 0;) {
+        xst[d] = xst[d + 1] * cs.xs[d + 1];
+        yst[d] = yst[d + 1] * ys[d + 1];
+      }
+      const float* xp = x.data<float>();
+      std::vector<double> want(static_cast<size_t>(x.numel()));
+      for (int64_t e = 0; e < x.numel(); ++e) {
+        int64_t rem = e, src = 0;
+        for (size_t d = 0; d < r; ++d) {
+          const int64_t i = rem / yst[d];
+          rem -= i * yst[d];
+          src += i * xst[static_cast<size_t>(cs.perm[d])];
+        }
+        want[static_cast<size_t>(e)] =
+            bf16 ? static_cast<double>(static_cast<float>(BFloat16(xp[src])))
+                 : static_cast<double>(static_cast<float>(Half(xp[src])));
+      }
+      BuilderConfig c;
+      c.device = "cuda";
+      c.fp16 = !bf16;
+      c.bf16 = bf16;
+      Model mm = m;
+      auto plan = build_plan(mm, c, 7);
+      ASSERT_TRUE(plan.is_ok()) << plan.status().message();
+      auto e = Engine::deserialize(plan->data(), plan->size());
+      ASSERT_TRUE(e.is_ok()) << e.status().message();
+      const std::string layers = e.value()->describe_layers();
+      size_t casts = 0;
+      for (size_t at = layers.find("  Cast  "); at != std::string::npos;
+           at = layers.find("  Cast  ", at + 1))
+        ++casts;
+      EXPECT_EQ(casts, 1u) << layers;
+      const std::vector<float> got = test::run_xy(*e.value(), x);
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_LE(test::scaled_err(got, want), 1e-6);  // the same rounding (a subnormal may differ)
+    }
+  }
+}
+
 // A ResNet-like stem, x [2, 3, 21, 18] -> Conv 7x7 / 2, pads 3 (3 -> 16, bias) -> Relu -> MaxPool
 // 3x3 / 2, pads 1: the convolution on the im2col path (KILN_CUDA_CONV_IM2COL=force at build; 147
 // columns padded to 152), the pool on the NHWC pool kernel. float16 on CUDA against the double

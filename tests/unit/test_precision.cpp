@@ -225,3 +225,52 @@ TEST(Precision, GemmAbsorbsItsOutputCast) {
     }
   }
 }
+
+// fold_cast_into_transpose: X (float32) -> Transpose -> Y in fp16 starts with a Cast to float16
+// that the Transpose absorbs (kiln_to, its input is X, its output typed float16 by inference);
+// a Cast with another reader stays.
+TEST(Precision, TransposeAbsorbsItsInputCast) {
+  for (int variant = 0; variant < 2; ++variant) {
+    SCOPED_TRACE(variant);
+    Graph g;
+    g.name = "edge";
+    g.inputs.push_back({"X", TypeInfo::tensor(DataType::kFloat, {1, 3, 4, 5})});
+    Node t = mk("to_nhwc", "Transpose", {"X"}, {"T"});
+    t.set_attr(test::ints_attr("perm", {0, 2, 3, 1}));
+    g.nodes.push_back(t);
+    g.nodes.push_back(mk("relu", "Relu", {"T"}, {"Y"}));
+    g.outputs.push_back({"Y", TypeInfo::tensor(DataType::kFloat)});
+    if (variant == 1) {  // the reduced X has a second reader
+      g.nodes.push_back(mk("neg", "Neg", {"X"}, {"Z"}));
+      g.outputs.push_back({"Z", TypeInfo::tensor(DataType::kFloat)});
+    }
+    ASSERT_TRUE(infer_types(g).is_ok());
+    ASSERT_TRUE(convert_precision(g, PrecisionOptions{}).is_ok());
+    PassStats ps;
+    ASSERT_TRUE(fold_cast_into_transpose(g, &ps).is_ok());
+    ASSERT_TRUE(verify_graph(g).is_ok());
+    const Node* tr = find_node(g, "to_nhwc");
+    ASSERT_NE(tr, nullptr);
+    size_t in_casts = 0;
+    for (const Node& n : g.nodes)
+      if (n.op_type == "Cast" && n.attr_int("to", 0) == static_cast<int64_t>(DataType::kFloat16))
+        ++in_casts;
+    if (variant == 0) {
+      EXPECT_EQ(ps.eliminated, 1u);
+      EXPECT_EQ(tr->inputs[0], "X");
+      EXPECT_EQ(tr->attr_int("kiln_to", 0), static_cast<int64_t>(DataType::kFloat16));
+      EXPECT_EQ(in_casts, 0u);
+      Graph h = g;  // inference agrees: the Transpose's output is float16
+      h.value_info.clear();
+      ASSERT_TRUE(infer_types(h).is_ok());
+      const ValueInfo* tv = h.find_value_info(tr->outputs[0]);
+      ASSERT_NE(tv, nullptr);
+      EXPECT_EQ(tv->type.dtype, DataType::kFloat16);
+      EXPECT_EQ(tv->type.concrete_shape(), (Shape{1, 4, 5, 3}));
+    } else {
+      EXPECT_EQ(ps.eliminated, 0u);
+      EXPECT_FALSE(tr->has_attr("kiln_to"));
+      EXPECT_EQ(in_casts, 1u);
+    }
+  }
+}

@@ -233,7 +233,8 @@ TEST(SideStream, UnknownBatchCountsAtTheEnginesMaximumBatch) {
     auto cg = compile_graph(g, dev, false, c.max_batch);
     ASSERT_TRUE(cg.is_ok()) << cg.status().message();
     EXPECT_EQ((*cg)->nodes[3].side, c.side) << "max batch " << c.max_batch;
-    const std::vector<int> want = c.side ? std::vector<int>{0, 3, 1, 2, 4} : std::vector<int>{0, 1, 2, 3, 4};
+    const std::vector<int> want =
+        c.side ? std::vector<int>{0, 3, 1, 2, 4} : std::vector<int>{0, 1, 2, 3, 4};
     EXPECT_EQ((*cg)->order, want) << "max batch " << c.max_batch;
   }
 }

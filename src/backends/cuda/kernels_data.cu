@@ -159,8 +159,8 @@ Status launch_transpose_tiled(OpContext& ctx, const U* src, U* dst, int64_t B, i
 // empty: NCHW -> NHWC of a 3-channel image (src [B, S, L], dst [B, L, S]) and back (src [B, L, S],
 // dst [B, S, L]). One thread per (b, l) moves its S elements; reads and writes of neighbouring
 // threads stay adjacent on both sides. 32-bit index math where the sizes allow it.
-template <typename U, typename I, bool kNarrowInDst>
-__global__ void k_transpose_narrow(const U* __restrict__ src, U* __restrict__ dst, I B, I L,
+template <typename US, typename UD, typename I, bool kNarrowInDst>
+__global__ void k_transpose_narrow(const US* __restrict__ src, UD* __restrict__ dst, I B, I L,
                                    int S) {
   pdl_wait();
   const I n = B * L;
@@ -168,19 +168,20 @@ __global__ void k_transpose_narrow(const U* __restrict__ src, U* __restrict__ ds
        i += static_cast<I>(gridDim.x) * blockDim.x) {
     const I b = i / L, l = i - b * L;
     if (kNarrowInDst) {  // src [B, S, L] -> dst [B, L, S]
-      const U* s = src + b * S * L + l;
-      U* d = dst + i * S;
-      for (int k = 0; k < S; ++k) d[k] = s[static_cast<I>(k) * L];
+      const US* s = src + b * S * L + l;
+      UD* d = dst + i * S;
+      for (int k = 0; k < S; ++k) d[k] = convert<UD>(s[static_cast<I>(k) * L]);
     } else {  // src [B, L, S] -> dst [B, S, L]
-      const U* s = src + i * S;
-      U* d = dst + b * S * L + l;
-      for (int k = 0; k < S; ++k) d[static_cast<I>(k) * L] = s[k];
+      const US* s = src + i * S;
+      UD* d = dst + b * S * L + l;
+      for (int k = 0; k < S; ++k) d[static_cast<I>(k) * L] = convert<UD>(s[k]);
     }
   }
 }
 
-template <typename U>
-Status launch_transpose_narrow(OpContext& ctx, const U* src, U* dst, int64_t B, int64_t L,
+// Also converts when US != UD (a Transpose with kiln_to: float32 -> float16 / bfloat16).
+template <typename US, typename UD = US>
+Status launch_transpose_narrow(OpContext& ctx, const US* src, UD* dst, int64_t B, int64_t L,
                                int64_t S, bool narrow_in_dst) {
   Env& env = env_of(ctx);
   const int64_t n = B * L;
@@ -188,13 +189,17 @@ Status launch_transpose_narrow(OpContext& ctx, const U* src, U* dst, int64_t B, 
   if (n * S < (int64_t{1} << 31)) {
     const int32_t b32 = static_cast<int32_t>(B), l32 = static_cast<int32_t>(L);
     if (narrow_in_dst)
-      launch_pdl(&k_transpose_narrow<U, int32_t, true>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, b32, l32, s);
+      launch_pdl(&k_transpose_narrow<US, UD, int32_t, true>, dim3(grid_for(n)), dim3(256), 0,
+                 env.stream, src, dst, b32, l32, s);
     else
-      launch_pdl(&k_transpose_narrow<U, int32_t, false>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, b32, l32, s);
+      launch_pdl(&k_transpose_narrow<US, UD, int32_t, false>, dim3(grid_for(n)), dim3(256), 0,
+                 env.stream, src, dst, b32, l32, s);
   } else if (narrow_in_dst) {
-    k_transpose_narrow<U, int64_t, true><<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
+    k_transpose_narrow<US, UD, int64_t, true>
+        <<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
   } else {
-    k_transpose_narrow<U, int64_t, false><<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
+    k_transpose_narrow<US, UD, int64_t, false>
+        <<<grid_for(n), 256, 0, env.stream>>>(src, dst, B, L, s);
   }
   KILN_CUDA_LAUNCHED(ctx.node.where() + ": transpose");
   return Status::ok();
@@ -301,21 +306,27 @@ Status launch_transpose_tiled(OpContext& ctx, const U* src, U* dst, int64_t B, i
 
 // Runs a copy plan over element size `es`: simplify, widen, then the generic kernel (or the
 // tiled transpose when the plan is a batched 2-D transpose into a contiguous destination).
+// Whether a simplified copy plan is a batched 2-D transpose: destination contiguous [B, P, Q]
+// reading src [B, Q, P] (dst strides (.., Q, 1), src (.., 1, P)); B = 1 for rank 2.
+bool as_transpose_2d(const CopyPlan& p, int64_t* B, int64_t* P, int64_t* Q) {
+  const size_t r = p.shape.size();
+  if (p.dbase != 0 || p.sbase != 0 || (r != 2 && r != 3)) return false;
+  *P = p.shape[r - 2], *Q = p.shape[r - 1];
+  bool match = p.dst[r - 1] == 1 && p.dst[r - 2] == *Q && p.sst[r - 2] == 1 && p.sst[r - 1] == *P;
+  if (r == 3) match = match && p.sst[0] == *P * *Q && p.dst[0] == *P * *Q;
+  *B = r == 3 ? p.shape[0] : 1;
+  return match;
+}
+
 Status run_copy(OpContext& ctx, CopyPlan p, size_t es, const void* src, void* dst,
                 bool try_tiled = false) {
   if (numel_of(p.shape) == 0) return Status::ok();
   simplify(p);
   const size_t r = p.shape.size();
-  if (try_tiled && es <= 8 && p.dbase == 0 && p.sbase == 0 && (r == 2 || r == 3)) {
-    // Destination contiguous [.., P, Q] reading src [.., Q, P]: dst strides (.., Q, 1), src (.., 1,
-    // P).
-    int64_t P = p.shape[r - 2], Q = p.shape[r - 1];
-    bool match = p.dst[r - 1] == 1 && p.dst[r - 2] == Q && p.sst[r - 2] == 1 && p.sst[r - 1] == P;
-    if (r == 3) match = match && p.sst[0] == P * Q && p.dst[0] == P * Q;
+  int64_t B = 1, P = 0, Q = 0;
+  if (try_tiled && es <= 8 && as_transpose_2d(p, &B, &P, &Q)) {
     const bool narrow = (Q <= 16 && P > Q) || (P <= 16 && Q > P);
-    if (match && (narrow || (P >= 4 && Q >= 4 && (Q + 31) / 32 <= 65535)) &&
-        (P + 31) / 32 < (1LL << 31)) {
-      int64_t B = r == 3 ? p.shape[0] : 1;
+    if ((narrow || (P >= 4 && Q >= 4 && (Q + 31) / 32 <= 65535)) && (P + 31) / 32 < (1LL << 31)) {
       switch (es) {
         case 1: return transpose_2d<uint8_t>(ctx, src, dst, B, P, Q);
         case 2: return transpose_2d<uint16_t>(ctx, src, dst, B, P, Q);
@@ -472,6 +483,51 @@ Result<std::vector<int64_t>> get_perm(const OpContext& ctx, int64_t r) {
   }
   return perm;
 }
+// A Transpose with `kiln_to` (fold_cast_into_transpose, passes.h): float32 in, float16 /
+// bfloat16 out, the strided gather converting each element (one thread per output element).
+template <typename D, typename I>
+__global__ void k_strided_to(const float* __restrict__ src, D* __restrict__ dst, Dims shape,
+                             Dims sst, I n) {
+  pdl_wait();
+  for (I e = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<I>(gridDim.x) * blockDim.x) {
+    I rem = e, so = 0;
+    for (int d = shape.rank - 1; d >= 0; --d) {
+      const I sz = static_cast<I>(shape.d[d]);
+      const I q = rem / sz;
+      so += (rem - q * sz) * static_cast<I>(sst.d[d]);
+      rem = q;
+    }
+    dst[e] = convert<D>(src[so]);
+  }
+}
+
+template <typename D>
+Status launch_strided_to(OpContext& ctx, const CopyPlan& p, const float* src, D* dst) {
+  const int64_t n = numel_of(p.shape);
+  if (n == 0) return Status::ok();
+  if (p.shape.size() > static_cast<size_t>(kMaxDims))
+    return unsupported(ctx.node.where() + ": more than 8 non-mergeable dimensions");
+  Dims sh, ss;
+  sh.rank = ss.rank = static_cast<int>(p.shape.size());
+  int64_t smax = 0;
+  for (size_t d = 0; d < p.shape.size(); ++d) {
+    sh.d[d] = p.shape[d];
+    ss.d[d] = p.sst[d];
+    smax += (p.shape[d] - 1) * p.sst[d];
+  }
+  Env& env = env_of(ctx);
+  const int64_t lim = int64_t{1} << 30;
+  if (n < lim && smax < lim)
+    launch_pdl(&k_strided_to<D, int32_t>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, sh,
+               ss, static_cast<int32_t>(n));
+  else
+    launch_pdl(&k_strided_to<D, int64_t>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, sh,
+               ss, n);
+  KILN_CUDA_LAUNCHED(ctx.node.where() + ": converting transpose");
+  return Status::ok();
+}
+
 Status run_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_RETURN_IF_ERROR(check_movable(ctx, *x));
@@ -482,6 +538,36 @@ Status run_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value>
   for (auto p : perm) {
     os.push_back(x->shape()[static_cast<size_t>(p)]);
     ost.push_back(st[static_cast<size_t>(p)]);
+  }
+  if (ctx.node.has_attr("kiln_to")) {
+    const auto to = static_cast<DataType>(ctx.node.attr_int("kiln_to", 0));
+    if (x->dtype() != DataType::kFloat || (to != DataType::kFloat16 && to != DataType::kBFloat16))
+      return ctx.bad_input("kiln_to converts float32 to float16 or bfloat16, not " +
+                           std::string(dtype_name(x->dtype())) + " to " + dtype_name(to));
+    KILN_ASSIGN_OR_RETURN(Tensor t, alloc_out(ctx, to, os));
+    out[0] = t;
+    if (t.numel() == 0) return Status::ok();
+    CopyPlan p;
+    p.shape = os;
+    p.sst = ost;
+    p.dst = strides_of(os);
+    simplify(p);
+    const float* src = x->data<float>();
+    // An image's NCHW -> NHWC (or back) with a narrow side: the narrow transpose's one thread
+    // per pixel, converting as it moves (a strided gather per element ran ~2x slower).
+    int64_t B = 1, P = 0, Q = 0;
+    if (as_transpose_2d(p, &B, &P, &Q) && ((Q <= 16 && P > Q) || (P <= 16 && Q > P))) {
+      const bool narrow_in_dst = Q <= 16 && P > Q;
+      const int64_t L = narrow_in_dst ? P : Q, S = narrow_in_dst ? Q : P;
+      if (to == DataType::kFloat16)
+        return launch_transpose_narrow(ctx, src, static_cast<__half*>(t.raw_data()), B, L, S,
+                                       narrow_in_dst);
+      return launch_transpose_narrow(ctx, src, static_cast<__nv_bfloat16*>(t.raw_data()), B, L, S,
+                                     narrow_in_dst);
+    }
+    if (to == DataType::kFloat16)
+      return launch_strided_to(ctx, p, src, static_cast<__half*>(t.raw_data()));
+    return launch_strided_to(ctx, p, src, static_cast<__nv_bfloat16*>(t.raw_data()));
   }
   KILN_ASSIGN_OR_RETURN(Tensor t, gather_view(ctx, *x, os, 0, ost, /*try_tiled=*/true));
   out[0] = t;

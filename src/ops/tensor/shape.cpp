@@ -402,15 +402,19 @@ Status eval_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value
 Status infer_transpose(InferContext& ctx) {
   if (!in_tensor(ctx, 0)) return Status::ok();
   const TypeInfo& ti = ctx.input_types[0];
+  // kiln_to (fold_cast_into_transpose, device builds): the Transpose also converts float32.
+  const DataType dt = ctx.node.has_attr("kiln_to") && ti.dtype == DataType::kFloat
+                          ? static_cast<DataType>(ctx.node.attr_int("kiln_to", 0))
+                          : ti.dtype;
   if (!ti.has_shape) {
-    set_out_unranked(ctx, 0, ti.dtype);
+    set_out_unranked(ctx, 0, dt);
     return Status::ok();
   }
   auto perm = get_perm(ctx.node, static_cast<int64_t>(ti.dims.size()));
   if (!perm.is_ok()) return Status::ok();
   std::vector<Dim> d;
   for (auto p : *perm) d.push_back(ti.dims[static_cast<size_t>(p)]);
-  set_out_dims(ctx, 0, ti.dtype, d);
+  set_out_dims(ctx, 0, dt, d);
   return Status::ok();
 }
 
