@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "passes/passes.h"
+#include "passes/uses.h"
 
 namespace kiln {
 
@@ -200,16 +201,23 @@ Status convert_precision(Graph& g, const PrecisionOptions& opts, PassStats* stat
   return infer_types(g, stats);
 }
 
-Status fold_gemm_output_casts(Graph& g, PassStats* stats) {
-  std::unordered_map<std::string, int> readers;
-  for (const Node& n : g.nodes)
-    for (const auto& v : n.inputs)
-      if (!v.empty()) ++readers[v];
-  for (const auto& o : g.outputs) ++readers[o.name];
-  std::unordered_map<std::string, size_t> producer;
+namespace {
+
+// Removes the nodes marked in `drop` (a fold's absorbed Casts) and counts them as eliminated.
+Status drop_folded(Graph& g, const std::vector<bool>& drop, size_t folded, PassStats* stats) {
+  if (!folded) return Status::ok();
+  std::vector<Node> kept;
   for (size_t i = 0; i < g.nodes.size(); ++i)
-    for (const auto& o : g.nodes[i].outputs)
-      if (!o.empty()) producer[o] = i;
+    if (!drop[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
+  if (stats) stats->eliminated += folded;
+  return Status::ok();
+}
+
+}  // namespace
+
+Status fold_gemm_output_casts(Graph& g, PassStats* stats) {
+  const Uses uses(g);
   std::vector<bool> drop(g.nodes.size(), false);
   size_t folded = 0;
   for (size_t i = 0; i < g.nodes.size(); ++i) {
@@ -218,8 +226,8 @@ Status fold_gemm_output_casts(Graph& g, PassStats* stats) {
         c.attr_int("to", 0) != static_cast<int64_t>(DataType::kFloat))
       continue;
     const std::string& v = c.inputs[0];
-    auto it = producer.find(v);
-    if (it == producer.end() || readers[v] != 1 || drop[it->second]) continue;
+    auto it = uses.producer.find(v);
+    if (it == uses.producer.end() || !uses.single_use(v) || drop[it->second]) continue;
     Node& gm = g.nodes[it->second];
     if (!gm.domain.empty() || gm.op_type != "Gemm" || gm.outputs.size() != 1 ||
         gm.inputs.size() < 2)
@@ -238,25 +246,11 @@ Status fold_gemm_output_casts(Graph& g, PassStats* stats) {
     drop[i] = true;
     ++folded;
   }
-  if (!folded) return Status::ok();
-  std::vector<Node> kept;
-  for (size_t i = 0; i < g.nodes.size(); ++i)
-    if (!drop[i]) kept.push_back(std::move(g.nodes[i]));
-  g.nodes = std::move(kept);
-  if (stats) stats->eliminated += folded;
-  return Status::ok();
+  return drop_folded(g, drop, folded, stats);
 }
 
 Status fold_cast_into_transpose(Graph& g, PassStats* stats) {
-  std::unordered_map<std::string, int> readers;
-  for (const Node& n : g.nodes)
-    for (const auto& v : n.inputs)
-      if (!v.empty()) ++readers[v];
-  for (const auto& o : g.outputs) ++readers[o.name];
-  std::unordered_map<std::string, size_t> producer;
-  for (size_t i = 0; i < g.nodes.size(); ++i)
-    for (const auto& o : g.nodes[i].outputs)
-      if (!o.empty()) producer[o] = i;
+  const Uses uses(g);
   std::vector<bool> drop(g.nodes.size(), false);
   size_t folded = 0;
   for (Node& t : g.nodes) {
@@ -264,8 +258,8 @@ Status fold_cast_into_transpose(Graph& g, PassStats* stats) {
         t.has_attr("kiln_to"))
       continue;
     const std::string& v = t.inputs[0];
-    auto it = producer.find(v);
-    if (it == producer.end() || readers[v] != 1 || drop[it->second]) continue;
+    auto it = uses.producer.find(v);
+    if (it == uses.producer.end() || !uses.single_use(v) || drop[it->second]) continue;
     const Node& c = g.nodes[it->second];
     if (!c.domain.empty() || c.op_type != "Cast" || c.inputs.size() != 1 || c.inputs[0].empty())
       continue;
@@ -287,13 +281,7 @@ Status fold_cast_into_transpose(Graph& g, PassStats* stats) {
     t.set_attr(a);
     ++folded;
   }
-  if (!folded) return Status::ok();
-  std::vector<Node> kept;
-  for (size_t i = 0; i < g.nodes.size(); ++i)
-    if (!drop[i]) kept.push_back(std::move(g.nodes[i]));
-  g.nodes = std::move(kept);
-  if (stats) stats->eliminated += folded;
-  return Status::ok();
+  return drop_folded(g, drop, folded, stats);
 }
 
 }  // namespace kiln

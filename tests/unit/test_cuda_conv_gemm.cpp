@@ -32,6 +32,13 @@ bool have_gpu() {
   return rt && rt->fingerprint().is_ok();
 }
 
+// How many times `needle` occurs in `text` (layers in describe_layers()).
+size_t occurrences(const std::string& text, const std::string& needle) {
+  size_t n = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
+}
+
 #if defined(KILN_WITH_CUDA)
 
 struct DevMem {
@@ -208,10 +215,7 @@ TEST(CudaConvGemm, EngineWithResidualPointwiseConvsMatchesTheReference) {
   unsetenv("KILN_CUDA_CONV_GEMM");
   ASSERT_TRUE(e);
   const std::string layers = e->describe_layers();
-  size_t uses = 0;
-  for (size_t at = layers.find("cuda.conv.cublaslt."); at != std::string::npos;
-       at = layers.find("cuda.conv.cublaslt.", at + 1))
-    ++uses;
+  const size_t uses = occurrences(layers, "cuda.conv.cublaslt.");
   EXPECT_EQ(uses, 2u) << layers;
   const std::vector<float> got = test::run_xy(*e, x);
   ASSERT_EQ(got.size(), want.size());
@@ -301,10 +305,7 @@ TEST(CudaConvGemm, EngineWithTapGemmConvsMatchesTheReference) {
     auto e = Engine::deserialize(plan->data(), plan->size());
     ASSERT_TRUE(e.is_ok()) << e.status().message();
     const std::string layers = e.value()->describe_layers();
-    size_t uses = 0;
-    for (size_t at = layers.find("cuda.conv.tapgemm."); at != std::string::npos;
-         at = layers.find("cuda.conv.tapgemm.", at + 1))
-      ++uses;
+    const size_t uses = occurrences(layers, "cuda.conv.tapgemm.");
     EXPECT_EQ(uses, 3u) << layers;
     const std::vector<float> got = test::run_xy(*e.value(), x);
     ASSERT_EQ(got.size(), want.size());
@@ -365,10 +366,7 @@ TEST(CudaGemv, FewRowGemmMatchesTheReference) {
       const std::string layers = e.value()->describe_layers();
       EXPECT_EQ(layers.find("cuda.gemm.kiln.gemv") != std::string::npos, mode[0] == 'f') << layers;
       // The output Cast is folded into the Gemm (kiln_float_out): only the input's Cast is left.
-      size_t casts = 0;
-      for (size_t at = layers.find("  Cast  "); at != std::string::npos;
-           at = layers.find("  Cast  ", at + 1))
-        ++casts;
+      const size_t casts = occurrences(layers, "  Cast  ");
       EXPECT_EQ(casts, 1u) << layers;
       const std::vector<float> got = test::run_xy(*e.value(), x);
       unsetenv("KILN_CUDA_GEMV");
@@ -431,10 +429,7 @@ TEST(CudaTranspose, ConvertingTransposeMatchesTheReference) {
       auto e = Engine::deserialize(plan->data(), plan->size());
       ASSERT_TRUE(e.is_ok()) << e.status().message();
       const std::string layers = e.value()->describe_layers();
-      size_t casts = 0;
-      for (size_t at = layers.find("  Cast  "); at != std::string::npos;
-           at = layers.find("  Cast  ", at + 1))
-        ++casts;
+      const size_t casts = occurrences(layers, "  Cast  ");
       EXPECT_EQ(casts, 1u) << layers;
       const std::vector<float> got = test::run_xy(*e.value(), x);
       ASSERT_EQ(got.size(), want.size());

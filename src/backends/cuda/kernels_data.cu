@@ -108,11 +108,12 @@ uint64_t scalar_bits(const Tensor& t) {
 }
 
 // ---------------------------------------------------------------- generic strided copy
-// dst[dbase + sum(i_d * dst_st_d)] = src[sbase + sum(i_d * src_st_d)] over `shape`.
+// dst[dbase + sum(i_d * dst_st_d)] = src[sbase + sum(i_d * src_st_d)] over `shape`, converted
+// when US != UD (a Transpose with kiln_to).
 
-template <typename U, typename I>
-__global__ void k_strided_copy(const U* __restrict__ src, U* __restrict__ dst, Dims shape, Dims sst,
-                               Dims dstt, I n) {
+template <typename US, typename UD, typename I>
+__global__ void k_strided_copy(const US* __restrict__ src, UD* __restrict__ dst, Dims shape,
+                               Dims sst, Dims dstt, I n) {
   for (I e = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<I>(gridDim.x) * blockDim.x) {
     I rem = e, so = 0, doff = 0;
@@ -124,7 +125,7 @@ __global__ void k_strided_copy(const U* __restrict__ src, U* __restrict__ dst, D
       doff += i * static_cast<I>(dstt.d[d]);
       rem = q;
     }
-    dst[doff] = src[so];
+    dst[doff] = convert<UD>(src[so]);
   }
 }
 
@@ -262,7 +263,7 @@ size_t widen_unit(const CopyPlan& p, size_t es, const void* src, const void* dst
   return es;
 }
 
-template <typename U>
+template <typename US, typename UD = US>
 Status launch_strided(OpContext& ctx, const CopyPlan& p, const void* src, void* dst) {
   Env& env = env_of(ctx);
   int64_t n = numel_of(p.shape);
@@ -279,14 +280,14 @@ Status launch_strided(OpContext& ctx, const CopyPlan& p, const void* src, void* 
     smax += (p.shape[d] - 1) * (p.sst[d] < 0 ? -p.sst[d] : p.sst[d]);
     dmax += (p.shape[d] - 1) * p.dst[d];
   }
-  const U* s = static_cast<const U*>(src) + p.sbase;
-  U* d = static_cast<U*>(dst) + p.dbase;
+  const US* s = static_cast<const US*>(src) + p.sbase;
+  UD* d = static_cast<UD*>(dst) + p.dbase;
   const int64_t lim = int64_t{1} << 30;  // headroom for the grid-stride step
   if (n < lim && smax < lim && dmax < lim)
-    k_strided_copy<U, int32_t>
+    k_strided_copy<US, UD, int32_t>
         <<<grid_for(n), 256, 0, env.stream>>>(s, d, sh, ss, ds, static_cast<int32_t>(n));
   else
-    k_strided_copy<U, int64_t><<<grid_for(n), 256, 0, env.stream>>>(s, d, sh, ss, ds, n);
+    k_strided_copy<US, UD, int64_t><<<grid_for(n), 256, 0, env.stream>>>(s, d, sh, ss, ds, n);
   KILN_CUDA_LAUNCHED(ctx.node.where() + ": strided copy");
   return Status::ok();
 }
@@ -483,51 +484,6 @@ Result<std::vector<int64_t>> get_perm(const OpContext& ctx, int64_t r) {
   }
   return perm;
 }
-// A Transpose with `kiln_to` (fold_cast_into_transpose, passes.h): float32 in, float16 /
-// bfloat16 out, the strided gather converting each element (one thread per output element).
-template <typename D, typename I>
-__global__ void k_strided_to(const float* __restrict__ src, D* __restrict__ dst, Dims shape,
-                             Dims sst, I n) {
-  pdl_wait();
-  for (I e = blockIdx.x * static_cast<I>(blockDim.x) + threadIdx.x; e < n;
-       e += static_cast<I>(gridDim.x) * blockDim.x) {
-    I rem = e, so = 0;
-    for (int d = shape.rank - 1; d >= 0; --d) {
-      const I sz = static_cast<I>(shape.d[d]);
-      const I q = rem / sz;
-      so += (rem - q * sz) * static_cast<I>(sst.d[d]);
-      rem = q;
-    }
-    dst[e] = convert<D>(src[so]);
-  }
-}
-
-template <typename D>
-Status launch_strided_to(OpContext& ctx, const CopyPlan& p, const float* src, D* dst) {
-  const int64_t n = numel_of(p.shape);
-  if (n == 0) return Status::ok();
-  if (p.shape.size() > static_cast<size_t>(kMaxDims))
-    return unsupported(ctx.node.where() + ": more than 8 non-mergeable dimensions");
-  Dims sh, ss;
-  sh.rank = ss.rank = static_cast<int>(p.shape.size());
-  int64_t smax = 0;
-  for (size_t d = 0; d < p.shape.size(); ++d) {
-    sh.d[d] = p.shape[d];
-    ss.d[d] = p.sst[d];
-    smax += (p.shape[d] - 1) * p.sst[d];
-  }
-  Env& env = env_of(ctx);
-  const int64_t lim = int64_t{1} << 30;
-  if (n < lim && smax < lim)
-    launch_pdl(&k_strided_to<D, int32_t>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, sh,
-               ss, static_cast<int32_t>(n));
-  else
-    launch_pdl(&k_strided_to<D, int64_t>, dim3(grid_for(n)), dim3(256), 0, env.stream, src, dst, sh,
-               ss, n);
-  KILN_CUDA_LAUNCHED(ctx.node.where() + ": converting transpose");
-  return Status::ok();
-}
-
 Status run_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value> out) {
   KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
   KILN_RETURN_IF_ERROR(check_movable(ctx, *x));
@@ -554,8 +510,8 @@ Status run_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value>
     simplify(p);
     const float* src = x->data<float>();
     // An image's NCHW -> NHWC (or back) with a narrow side: the narrow transpose's one thread
-    // per pixel, converting as it moves (session 14 used the strided gather below for the image
-    // too: 4-7 us slower at batch 1 than the Cast + narrow transpose it replaced).
+    // per pixel, converting as it moves (session 14 used the converting strided copy below for
+    // the image too: 4-7 us slower at batch 1 than the Cast + narrow transpose it replaced).
     int64_t B = 1, P = 0, Q = 0;
     if (as_transpose_2d(p, &B, &P, &Q) && ((Q <= 16 && P > Q) || (P <= 16 && Q > P))) {
       const bool narrow_in_dst = Q <= 16 && P > Q;
@@ -566,9 +522,8 @@ Status run_transpose(OpContext& ctx, std::span<const Value> in, std::span<Value>
       return launch_transpose_narrow(ctx, src, static_cast<__nv_bfloat16*>(t.raw_data()), B, L, S,
                                      narrow_in_dst);
     }
-    if (to == DataType::kFloat16)
-      return launch_strided_to(ctx, p, src, static_cast<__half*>(t.raw_data()));
-    return launch_strided_to(ctx, p, src, static_cast<__nv_bfloat16*>(t.raw_data()));
+    if (to == DataType::kFloat16) return launch_strided<float, __half>(ctx, p, src, t.raw_data());
+    return launch_strided<float, __nv_bfloat16>(ctx, p, src, t.raw_data());
   }
   KILN_ASSIGN_OR_RETURN(Tensor t, gather_view(ctx, *x, os, 0, ost, /*try_tiled=*/true));
   out[0] = t;
