@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 #include <unordered_map>
+#include <unordered_set>
 #include <dlfcn.h>
 #include <sys/stat.h>
 
@@ -241,6 +242,25 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     auto it = g.initializers.find(name);
     return it == g.initializers.end() ? nullptr : &it->second;
   };
+  // The layers still to time, one per signature, handed to the backend's parallel part first.
+  std::vector<const Node*> to_time;
+  {
+    std::unordered_set<std::string> seen;
+    for (size_t i = 0; i < g.nodes.size(); ++i)
+      if (!sigs[i].empty() && !g.nodes[i].has_attr("kiln_tactic") && seen.insert(sigs[i]).second)
+        to_time.push_back(&g.nodes[i]);
+  }
+  std::shared_ptr<void> pretuned;
+  if (!to_time.empty()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (config.progress)
+      std::fprintf(stderr, "\r[kiln] building tactic candidates for %zu layer(s)...", to_time.size());
+    pretuned = backend.pretune(to_time, lookup);
+    if (pretuned)
+      KILN_LOG(kVerbose, "pre-built the candidates of " << to_time.size() << " layer(s) in "
+                             << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+                             << " s");
+  }
   size_t done = 0;
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     Node& n = g.nodes[i];

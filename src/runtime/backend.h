@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "ops/op.h"
 
@@ -71,6 +72,16 @@ class Backend {
                                                         const ConstantLookup& constants) const {
     (void)kernel; (void)n; (void)constants;
     return std::shared_ptr<const Kernel>();
+  }
+  // Called by the builder before it prepares (times) the tunable layers `nodes` one at a time:
+  // a backend may do the part of that work that does not time anything for all of them at once,
+  // in parallel (CUDA: building cuDNN's candidate plans, i.e. compiling its runtime-compiled
+  // kernels). What it made stays available to prepare() until the returned handle is released;
+  // nullptr when there is nothing to do.
+  virtual std::shared_ptr<void> pretune(const std::vector<const Node*>& nodes,
+                                        const ConstantLookup& constants) const {
+    (void)nodes; (void)constants;
+    return nullptr;
   }
 };
 

@@ -131,6 +131,10 @@ class CudaBackend final : public Backend {
     if (!e || !e->prepare) return std::shared_ptr<const Kernel>();
     return e->prepare(n, constants);
   }
+  std::shared_ptr<void> pretune(const std::vector<const Node*>& nodes,
+                                const ConstantLookup& constants) const override {
+    return pretune_convs(nodes, constants);
+  }
   Residency input_residency(const std::string& kernel, const Node& n, size_t i) const override {
     if (kernel.rfind(kRefPrefix, 0) == 0) {
       if (n.domain.empty() && (n.op_type == "Shape" || n.op_type == "Size")) return Residency::kAny;

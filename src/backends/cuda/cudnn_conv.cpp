@@ -47,6 +47,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 
 #include "backends/cuda/conv_gemm.h"
 #include "backends/cuda/cudnn_graph.h"
@@ -278,6 +279,8 @@ bool env_is_force(const char* name) {
 // The tap GEMM's D and cuBLASLt's workspace share the context's library workspace
 // (cuda_context.cpp: at most 32 MiB).
 constexpr size_t kTapWorkspaceCap = size_t{32} << 20;
+// How many cuDNN graph API candidates tune() times per convolution.
+constexpr int kGraphCandidates = 12;
 size_t round_up_256(size_t v) { return (v + 255) / 256 * 256; }
 bool aligned_to(const void* p, uintptr_t m) { return reinterpret_cast<uintptr_t>(p) % m == 0; }
 
@@ -293,6 +296,10 @@ class ConvKernel final : public DnnKernel {
   // With the KRSC filter on the device, run() reads only W's shape and dtype: the executor's
   // copy of W would double the engine's weight memory (ResNet-50 fp16: ~50 MB).
   bool owns_constant(size_t i) const override { return i == 1 && w_krsc_.defined(); }
+
+  // The cuDNN graph API spec (with its workspace limit) that prepare() would build and time
+  // candidates for, when it would: the builder's pretune step builds those in parallel first.
+  static std::optional<fe::ConvGraph::Prebuild> pretune_spec(const Node& n, const ConstantLookup& constants);
 
   std::string tactic() const override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -353,8 +360,12 @@ class ConvKernel final : public DnnKernel {
     if (tactic_.empty()) tactic_ = p.tactic() + (p.tuned ? "" : ".heuristic");
   }
 
+  // Whether the filter is (or, for pretune_spec, would be) on the device in KRSC.
+  bool krsc() const { return w_krsc_.defined() || krsc_planned_; }
+
   std::string where_;
   ConvConfig cfg_;
+  bool krsc_planned_ = false;  // pretune_spec: plan as if prepare() had uploaded the KRSC filter
   Tensor w_krsc_;     // device filter in KRSC (NHWC FusedConv with constant W), else undefined
   Tensor zero_bias_;  // device zeros [M] for the fused call without B, else undefined
   // Device filters of the GEMM forms while they are (or may be) used: [kFormTaps] as
@@ -452,7 +463,7 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
   if (N == 0 || yn == 0) return p;  // empty output: nothing to run
 
   // The graph API path: one engine for conv + bias + residual + ReLU (asymmetric pads too).
-  if (cfg_.nhwc && r == 4 && w_krsc_.defined() && !fe::graph_api_disabled() &&
+  if (cfg_.nhwc && r == 4 && krsc() && !fe::graph_api_disabled() &&
       (dt == DataType::kFloat16 || dt == DataType::kBFloat16) &&
       (cfg_.act == EpAct::kNone || cfg_.act == EpAct::kRelu)) {
     fe::ConvSpec& s = p->spec;
@@ -531,7 +542,7 @@ Result<std::shared_ptr<Plan>> ConvKernel::build_plan(const Node& n, DataType dt,
   }
 
   const cudnnTensorFormat_t fmt = cfg_.nhwc ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
-  const cudnnTensorFormat_t wfmt = w_krsc_.defined() ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
+  const cudnnTensorFormat_t wfmt = krsc() ? CUDNN_TENSOR_NHWC : CUDNN_TENSOR_NCHW;
   const int nb = cn + 2;
   DNN_CHECK(cudnnCreateTensorDescriptor(&p->x.d), "cudnnCreateTensorDescriptor");
   DNN_CHECK(cudnnSetTensorNdDescriptorEx(p->x.d, fmt, cdt, nb, xd.data()), "X descriptor");
@@ -861,7 +872,7 @@ Status ConvKernel::tune(const Node& n, DataType dt, const Shape& xs, const Tenso
   float fe_ms = -1.f;
   std::string fe_error;
   if (p->fe_eligible) {
-    auto cg = fe::ConvGraph::make_tuned(p->spec, cfg_.ws_limit, 12, &fe_ms);
+    auto cg = fe::ConvGraph::make_tuned(p->spec, cfg_.ws_limit, kGraphCandidates, &fe_ms);
     if (cg.is_ok()) {
       fg = std::move(cg.value());
     } else {
@@ -1135,6 +1146,28 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
   return Status::ok();
 }
 
+std::optional<fe::ConvGraph::Prebuild> ConvKernel::pretune_spec(const Node& n,
+                                                                const ConstantLookup& constants) {
+  // prepare()'s conditions for tune() and tune()'s for timing graph API candidates.
+  const Tensor* W = n.inputs.size() > 1 && constants ? constants(n.inputs[1]) : nullptr;
+  if (!W || W->device() != Device::kHost || W->rank() != 4) return std::nullopt;
+  cudnnDataType_t cdt;
+  if (!dnn_dtype(W->dtype(), &cdt)) return std::nullopt;
+  auto cfg = read_config(n);
+  if (!cfg.is_ok() || !cfg.value().nhwc || !cfg.value().fe_name.empty() || cfg.value().forced ||
+      cfg.value().persisted_form() >= 0)
+    return std::nullopt;
+  const std::vector<int64_t> tune_shape = n.attr_ints("kiln_tune_shape");
+  if (tune_shape.empty()) return std::nullopt;
+  for (int64_t d : tune_shape)
+    if (d < 0) return std::nullopt;
+  ConvKernel k(n, cfg.value());
+  k.krsc_planned_ = true;
+  auto p = k.build_plan(n, W->dtype(), tune_shape, W->shape());
+  if (!p.is_ok() || !p.value()->x.d || !p.value()->fe_eligible) return std::nullopt;
+  return fe::ConvGraph::Prebuild{p.value()->spec, cfg.value().ws_limit};
+}
+
 Result<std::shared_ptr<const Kernel>> prepare_conv(const Node& n, const ConstantLookup& constants) {
   KILN_ASSIGN_OR_RETURN(ConvConfig cfg, read_config(n));
   auto k = std::make_shared<ConvKernel>(n, cfg);
@@ -1172,6 +1205,21 @@ bool supports_conv(const Node& n, const TypeLookup& types) {
 }
 
 }  // namespace
+
+std::shared_ptr<void> pretune_convs(const std::vector<const Node*>& nodes, const ConstantLookup& constants) {
+  static const bool off = [] {
+    const char* e = std::getenv("KILN_CUDA_PRETUNE");
+    return e && e[0] == '0';
+  }();
+  if (off) return nullptr;
+  std::vector<fe::ConvGraph::Prebuild> specs;
+  for (const Node* n : nodes) {
+    if (!((n->domain.empty() && n->op_type == "Conv") || (n->domain == "kiln" && n->op_type == "FusedConv")))
+      continue;
+    if (auto s = ConvKernel::pretune_spec(*n, constants)) specs.push_back(*s);
+  }
+  return fe::ConvGraph::prebuild(specs, kGraphCandidates);
+}
 
 void register_conv_kernels(Registry& r) {
   r.add({"", "Conv", &run_conv, &prepare_conv, &supports_conv, {}, {}});

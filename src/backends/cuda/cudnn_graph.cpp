@@ -12,9 +12,11 @@
 #pragma GCC diagnostic pop
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -68,6 +70,50 @@ struct DevBuf {
 
 }  // namespace
 
+class GraphImpl {
+ public:
+  cfe::graph::Graph g;
+  int64_t candidates = 0;
+
+  // Builds candidate i (once: the outcome is kept, so a plan pre-built by ConvGraph::prebuild
+  // is not built again); true when it built, fits `ws_limit` and has a clean name (out: its
+  // workspace and name). `why` collects build failures (bounded).
+  bool build(cudnnHandle_t h, int64_t i, size_t ws_limit, size_t* ws, std::string* name,
+             std::string* why = nullptr) {
+    if (i < 0 || i >= candidates) return false;
+    if (attempts.size() < static_cast<size_t>(candidates)) attempts.resize(static_cast<size_t>(candidates));
+    Attempt& a = attempts[static_cast<size_t>(i)];
+    if (!a.done) {
+      a.done = true;
+      auto st = g.build_plan_at_index(h, i);
+      int64_t w = 0;
+      if (st.is_bad()) {
+        a.why = st.get_message();
+      } else if (g.get_workspace_size_plan_at_index(i, w).is_good() && w >= 0 &&
+                 g.get_plan_name_at_index(i, a.name).is_good() && clean_name(a.name)) {
+        a.ok = true;
+        a.ws = static_cast<size_t>(w);
+      }
+    }
+    if (!a.ok) {
+      if (why && !a.why.empty() && why->size() < 600) *why += " [" + std::to_string(i) + ": " + a.why + "]";
+      return false;
+    }
+    if (a.ws > ws_limit) return false;
+    *ws = a.ws;
+    *name = a.name;
+    return true;
+  }
+
+ private:
+  struct Attempt {
+    bool done = false, ok = false;
+    size_t ws = 0;
+    std::string name, why;
+  };
+  std::vector<Attempt> attempts;
+};
+
 namespace {
 
 std::mutex& build_mutex() {
@@ -99,11 +145,133 @@ Result<std::unique_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std:
   return g;
 }
 
+namespace {
+
+// Everything make_tuned's result depends on.
+std::string prebuild_key(const ConvSpec& s, size_t ws_limit, int max_candidates) {
+  std::string k = std::to_string(static_cast<int>(s.dt));
+  for (int64_t v : {s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.P, s.Q, s.group, s.pre[0], s.pre[1],
+                    s.post[0], s.post[1], s.stride[0], s.stride[1], s.dil[0], s.dil[1]})
+    k += "," + std::to_string(v);
+  k += s.bias ? ",b" : ",-";
+  k += s.z ? "z" : "-";
+  k += s.relu ? "r" : "-";
+  return k + "|" + std::to_string(ws_limit) + "|" + std::to_string(max_candidates);
+}
+
+struct Prebuilt {
+  std::mutex mu;
+  std::unordered_map<std::string, std::unique_ptr<ConvGraph>> graphs;
+  size_t taken = 0;
+};
+Prebuilt& prebuilt() {
+  static Prebuilt p;
+  return p;
+}
+
+// Releases the graphs one prebuild made that no make_tuned took.
+struct PrebuildScope {
+  std::vector<std::string> keys;
+  ~PrebuildScope() {
+    std::lock_guard<std::mutex> lock(prebuilt().mu);
+    for (auto& k : keys) prebuilt().graphs.erase(k);
+  }
+};
+
+// The prebuild workers' cuDNN handles, made once and kept for the process: the plans they
+// finalize may outlive the build (like the build handle's).
+Result<cudnnHandle_t> worker_handle(size_t k) {
+  static std::mutex mu;
+  static std::vector<cudnnHandle_t> handles;
+  std::lock_guard<std::mutex> lock(mu);
+  if (handles.size() <= k) handles.resize(k + 1, nullptr);
+  if (!handles[k]) {
+    const cudnnStatus_t s = cudnnCreate(&handles[k]);
+    if (s != CUDNN_STATUS_SUCCESS) {
+      handles[k] = nullptr;
+      return runtime_error(std::string("cuDNN graph API: cudnnCreate: ") + cudnnGetErrorString(s));
+    }
+  }
+  return handles[k];
+}
+
+}  // namespace
+
+std::shared_ptr<void> ConvGraph::prebuild(const std::vector<Prebuild>& specs, int max_candidates) {
+  std::vector<std::pair<std::string, const Prebuild*>> todo;
+  {
+    std::lock_guard<std::mutex> lock(prebuilt().mu);
+    std::unordered_map<std::string, bool> seen;
+    for (auto& p : specs) {
+      std::string k = prebuild_key(p.spec, p.ws_limit, max_candidates);
+      if (prebuilt().graphs.count(k) || !seen.emplace(k, true).second) continue;
+      todo.emplace_back(std::move(k), &p);
+    }
+  }
+  if (todo.empty()) return nullptr;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return nullptr;
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t workers = std::min<size_t>({todo.size(), hw, 16});
+  auto scope = std::make_shared<PrebuildScope>();
+  std::mutex scope_mu;
+  std::atomic<size_t> next{0};
+  auto work = [&](size_t w) {
+    if (cudaSetDevice(device) != cudaSuccess) return;
+    auto h = worker_handle(w);
+    if (!h.is_ok()) return;
+    for (size_t i = next++; i < todo.size(); i = next++) {
+      auto g = create(h.value(), todo[i].second->spec);  // failures: make_tuned reports them
+      if (!g.is_ok()) continue;
+      try {
+        size_t ws = 0;
+        std::string name;
+        int built = 0;
+        for (int64_t c = 0; c < g.value()->impl_->candidates && built < max_candidates; ++c)
+          built += g.value()->impl_->build(h.value(), c, todo[i].second->ws_limit, &ws, &name) ? 1 : 0;
+      } catch (const std::exception&) {
+        continue;  // make_tuned builds what is missing, and reports
+      }
+      std::lock_guard<std::mutex> lock(prebuilt().mu);
+      if (prebuilt().graphs.emplace(todo[i].first, std::move(g.value())).second) {
+        std::lock_guard<std::mutex> slock(scope_mu);
+        scope->keys.push_back(todo[i].first);
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t w = 1; w < workers; ++w) threads.emplace_back(work, w);
+  work(0);
+  for (auto& t : threads) t.join();
+  return scope;
+}
+
+size_t ConvGraph::prebuilt_count() {
+  std::lock_guard<std::mutex> lock(prebuilt().mu);
+  return prebuilt().graphs.size();
+}
+size_t ConvGraph::prebuilt_taken() {
+  std::lock_guard<std::mutex> lock(prebuilt().mu);
+  return prebuilt().taken;
+}
+
 Result<std::unique_ptr<ConvGraph>> ConvGraph::make_tuned(const ConvSpec& s, size_t ws_limit,
                                                          int max_candidates, float* ms) {
   std::lock_guard<std::mutex> lock(build_mutex());
   KILN_ASSIGN_OR_RETURN(void* h, build_handle());
-  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> g, create(h, s));
+  std::unique_ptr<ConvGraph> g;
+  {
+    std::lock_guard<std::mutex> plock(prebuilt().mu);
+    auto it = prebuilt().graphs.find(prebuild_key(s, ws_limit, max_candidates));
+    if (it != prebuilt().graphs.end()) {
+      g = std::move(it->second);
+      prebuilt().graphs.erase(it);
+      ++prebuilt().taken;
+    }
+  }
+  if (!g) {
+    KILN_ASSIGN_OR_RETURN(g, create(h, s));
+  }
   KILN_ASSIGN_OR_RETURN(float t, g->tune(h, ws_limit, max_candidates));
   if (ms) *ms = t;
   return g;
@@ -124,30 +292,6 @@ bool graph_api_disabled() {
   }();
   return off;
 }
-
-class GraphImpl {
- public:
-  cfe::graph::Graph g;
-  int64_t candidates = 0;
-
-  // Builds candidate i; true when it built, fits `ws_limit` and has a clean name (out: its
-  // workspace and name). `why` collects build failures (bounded).
-  bool build(cudnnHandle_t h, int64_t i, size_t ws_limit, size_t* ws, std::string* name,
-             std::string* why = nullptr) {
-    auto st = g.build_plan_at_index(h, i);
-    if (st.is_bad()) {
-      if (why && why->size() < 600) *why += " [" + std::to_string(i) + ": " + st.get_message() + "]";
-      return false;
-    }
-    int64_t w = 0;
-    if (g.get_workspace_size_plan_at_index(i, w).is_bad() || w < 0 ||
-        static_cast<uint64_t>(w) > ws_limit)
-      return false;
-    if (g.get_plan_name_at_index(i, *name).is_bad() || !clean_name(*name)) return false;
-    *ws = static_cast<size_t>(w);
-    return true;
-  }
-};
 
 PlannedGraph::PlannedGraph(std::string kind)
     : impl_(std::make_unique<GraphImpl>()), kind_(std::move(kind)) {}

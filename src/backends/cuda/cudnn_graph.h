@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backends/cuda/cuda_env.h"
 
@@ -108,6 +109,21 @@ class ConvGraph final : public PlannedGraph {
   static Result<std::unique_ptr<ConvGraph>> make_tuned(const ConvSpec& s, size_t ws_limit,
                                                        int max_candidates, float* ms);
   Status run(void* cudnn_handle, const ConvPtrs& p, void* workspace) const;
+
+  // Builds the operation graph of each spec and up to `max_candidates` of its candidate plans
+  // (those within its workspace limit), on up to 16 threads with a cuDNN handle each. Building a
+  // plan is where cuDNN compiles its runtime-compiled engines, which is most of a cold ResNet-50
+  // build when done one layer after the other. A later make_tuned with the same spec, limit and
+  // count takes the graph with its built plans and only times them. Unclaimed graphs go when
+  // the returned handle is released (nullptr: nothing to build).
+  struct Prebuild {
+    ConvSpec spec;
+    size_t ws_limit = 0;
+  };
+  static std::shared_ptr<void> prebuild(const std::vector<Prebuild>& specs, int max_candidates);
+  // How many pre-built graphs wait for their make_tuned, and how many make_tuned took (tests).
+  static size_t prebuilt_count();
+  static size_t prebuilt_taken();
 
  private:
   ConvGraph() : PlannedGraph("conv") {}
