@@ -27,6 +27,11 @@ import numpy as np
 import torch
 
 BATCHES = {"resnet50": [1, 256], "bert": [1, 32]}
+# Both runtimes are timed with the same counts. The warm-up is long enough for the GPU to reach
+# its steady clocks, as trtexec's (200 ms by default) is: with 20 warm-up and 200 timed
+# iterations, one ResNet-50 b1 plan read 0.264-0.265 ms against 0.256-0.257 ms with 500 and 2000
+# (H100, session 17, docs/benchmarks.md).
+WARMUP, ITERS = 500, 1000
 
 
 def log(msg):
@@ -51,7 +56,7 @@ def save_pb(arr, path, name):
         f.write(t.SerializeToString())
 
 
-def torch_time(fn, warmup=20, iters=200):
+def torch_time(fn, warmup=WARMUP, iters=ITERS):
     """Median ms of fn() replayed as a CUDA graph, timed with CUDA events."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -96,7 +101,7 @@ def kiln_bench(kiln_bin, onnx_path, batch, cache, work, tag, dynamic):
     js = os.path.join(work, f"bench_{tag}_{batch}.json")
     r = kiln(kiln_bin, ["bench", "--loadEngine", plan] + (["--batch", str(batch)] if dynamic else []) +
              ["--useCudaGraph", "--noDataTransfers",
-                        "--warmUp", "20", "--iterations", "200", "--json", js])
+                        "--warmUp", str(WARMUP), "--iterations", str(ITERS), "--json", js])
     if r.returncode != 0:
         return None
     with open(js) as f:

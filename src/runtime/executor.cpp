@@ -1,6 +1,7 @@
 #include "runtime/executor.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <unordered_set>
 
@@ -153,8 +154,12 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, int64
       auto it = g.initializers.find(name);
       return it == g.initializers.end() ? nullptr : &it->second;
     };
+    const auto t_prep = std::chrono::steady_clock::now();
     auto prepared = backend.prepare(kernel, n, lookup);
     if (!prepared.is_ok()) return prepared.status().with_context(n.where());
+    if (const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_prep).count();
+        ms >= 20)
+      KILN_LOG(kVerbose, n.where() << ": prepared (" << kernel << ") in " << ms << " ms");
     cn.kernel = prepared.value();
     cn.fn = backend.resolve(kernel);
     if (!cn.fn && !cn.kernel) {
@@ -270,6 +275,16 @@ Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backe
                                                      bool fallback_to_reference,
                                                      int64_t max_batch) {
   auto cg = std::make_unique<CompiledGraph>();
+  // The backend's parallel part of preparing the kernels (CUDA: building the persisted cuDNN
+  // graph plans on several threads), kept until every kernel is prepared.
+  std::vector<const Node*> nodes;
+  for (auto& n : g.nodes)
+    if (!n.kernel.empty()) nodes.push_back(&n);
+  ConstantLookup lookup = [&g](const std::string& name) -> const Tensor* {
+    auto it = g.initializers.find(name);
+    return it == g.initializers.end() ? nullptr : &it->second;
+  };
+  std::shared_ptr<void> pretuned = backend.pretune(nodes, lookup);
   KILN_RETURN_IF_ERROR(compile_into(g, backend, fallback_to_reference, max_batch, *cg));
   return cg;
 }

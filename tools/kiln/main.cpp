@@ -336,8 +336,11 @@ Result<std::shared_ptr<Engine>> get_engine(const Options& o) {
   if (!o.load_engine.empty()) {
     if (!o.onnx.empty() || !o.cache_dir.empty())
       return invalid_argument("--loadEngine cannot be combined with --onnx or --cache");
+    const auto t0 = std::chrono::steady_clock::now();
     auto e = Engine::load(o.load_engine);
     if (!e.is_ok()) return e.status().with_context("cannot load engine '" + o.load_engine + "'");
+    std::printf("engine: loaded %s in %.1f ms\n", o.load_engine.c_str(),
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     return e;
   }
   if (o.onnx.empty()) return invalid_argument("give a model with --onnx FILE or an engine with --loadEngine FILE");
