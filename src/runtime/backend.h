@@ -73,11 +73,11 @@ class Backend {
     (void)kernel; (void)n; (void)constants;
     return std::shared_ptr<const Kernel>();
   }
-  // Called before `nodes` are prepared one at a time, by the builder (which times the tunable
-  // ones) and by the engine load: a backend may do the part of that work that times nothing for
-  // all of them at once, in parallel (CUDA: building cuDNN graph plans, i.e. compiling cuDNN's
-  // runtime-compiled kernels). What it made stays available to prepare() until the returned
-  // handle is released; nullptr when there is nothing to do.
+  // Called by the builder before it prepares (times) the tunable layers `nodes` one at a time:
+  // a backend may do the part of that work that does not time anything for all of them at once,
+  // in parallel (CUDA: building cuDNN's candidate plans, i.e. compiling its runtime-compiled
+  // kernels). What it made stays available to prepare() until the returned handle is released;
+  // nullptr when there is nothing to do.
   virtual std::shared_ptr<void> pretune(const std::vector<const Node*>& nodes,
                                         const ConstantLookup& constants) const {
     (void)nodes; (void)constants;

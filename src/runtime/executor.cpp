@@ -275,16 +275,6 @@ Result<std::unique_ptr<CompiledGraph>> compile_graph(const Graph& g, const Backe
                                                      bool fallback_to_reference,
                                                      int64_t max_batch) {
   auto cg = std::make_unique<CompiledGraph>();
-  // The backend's parallel part of preparing the kernels (CUDA: building the persisted cuDNN
-  // graph plans on several threads), kept until every kernel is prepared.
-  std::vector<const Node*> nodes;
-  for (auto& n : g.nodes)
-    if (!n.kernel.empty()) nodes.push_back(&n);
-  ConstantLookup lookup = [&g](const std::string& name) -> const Tensor* {
-    auto it = g.initializers.find(name);
-    return it == g.initializers.end() ? nullptr : &it->second;
-  };
-  std::shared_ptr<void> pretuned = backend.pretune(nodes, lookup);
   KILN_RETURN_IF_ERROR(compile_into(g, backend, fallback_to_reference, max_batch, *cg));
   return cg;
 }

@@ -1,11 +1,10 @@
-// The CUDA pretune step (Backend::pretune, ConvGraph::prebuild): before the builder times the conv
-// layers one by one, the cuDNN graph API candidates of all of them are built on several threads,
-// and each layer's timing then takes its pre-built graph instead of building it again; an engine
-// load does the same with each layer's persisted plan. Checked on a GPU: a convolution tuned from
-// a pre-built graph (plans finalized on a worker's cuDNN handle, run on another) computes what a
-// double reference written here says; duplicates are built once; a persisted plan pre-built by
-// name is the one make() returns; graphs nobody took go when the handle is released; and an
-// engine build hands every distinct conv layer its pre-built graph.
+// The CUDA build's pretune step (Backend::pretune, ConvGraph::prebuild): before the builder times
+// the conv layers one by one, the cuDNN graph API candidates of all of them are built on several
+// threads, and each layer's timing then takes its pre-built graph instead of building it again.
+// Checked on a GPU: a convolution tuned from a pre-built graph (plans finalized on a worker's
+// cuDNN handle, run on another) computes what a double reference written here says; duplicates
+// are built once; graphs nobody took go when the handle is released; and an engine build hands
+// every distinct conv layer its pre-built graph.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -126,19 +125,6 @@ TEST(CudaPretune, ConvTunedFromAPrebuiltGraphMatchesTheReference) {
   }
   EXPECT_LE(worst / scale, 1e-2) << g.value()->tactic();
 
-  // An engine load: the tuned plan by its name, pre-built, then taken by make.
-  const std::string tactic = g.value()->tactic();
-  const std::string prefix = "cuda.conv.cudnn_fe.";
-  ASSERT_EQ(tactic.rfind(prefix, 0), 0u) << tactic;
-  scope = ConvGraph::prebuild({{s, ws_limit, tactic}}, 12);
-  ASSERT_TRUE(scope);
-  EXPECT_EQ(ConvGraph::prebuilt_count(), waiting + 1);
-  auto named = ConvGraph::make(s, tactic, ws_limit);
-  ASSERT_TRUE(named.is_ok()) << named.status().message();
-  EXPECT_EQ(ConvGraph::prebuilt_taken(), taken + 2);
-  EXPECT_EQ(named.value()->tactic(), tactic);
-  scope.reset();
-
   // A graph nobody takes goes with its handle.
   scope = ConvGraph::prebuild({{spec_3x3(8, 8), ws_limit}}, 12);
   ASSERT_TRUE(scope);
@@ -149,8 +135,7 @@ TEST(CudaPretune, ConvTunedFromAPrebuiltGraphMatchesTheReference) {
 
 // x [2, 16, 7, 9] -> Conv 1x1 (16 -> 32) + bias -> Relu -> Conv 3x3 pad 1 (32 -> 16) + bias -> + x
 // -> Relu, built for CUDA in fp16 with no timing cache: both convs are timed, each from the graph
-// the pretune step built for it; loading the plan takes a pre-built graph for each layer that
-// chose a cuDNN graph API plan; and the engine matches the double reference.
+// the pretune step built for it, and the engine matches the double reference.
 TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
   if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
   std::mt19937 rng(31);
@@ -211,24 +196,11 @@ TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
           want[at(n, o, yy, xx, C)] = std::max(a, 0.0);
         }
   const size_t taken = cuda::fe::ConvGraph::prebuilt_taken();
-  BuilderConfig cfg;
-  cfg.device = "cuda";
-  cfg.fp16 = true;
-  auto plan = build_plan(m, cfg, 7);
-  ASSERT_TRUE(plan.is_ok()) << plan.status().message();
-  EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_taken(), taken + 2);
+  auto e = test::build_engine(m, "cuda", true);
+  ASSERT_TRUE(e);
+  EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_taken(), taken + 2) << e->describe_layers();
   EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_count(), 0u);
-  // The load pre-builds the persisted plan of each layer that chose a cuDNN graph API engine.
-  auto e = Engine::deserialize(plan->data(), plan->size());
-  ASSERT_TRUE(e.is_ok()) << e.status().message();
-  const std::string layers = e.value()->describe_layers();
-  size_t fe_layers = 0;
-  for (size_t at = layers.find("cuda.conv.cudnn_fe."); at != std::string::npos;
-       at = layers.find("cuda.conv.cudnn_fe.", at + 1))
-    ++fe_layers;
-  EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_taken(), taken + 2 + fe_layers) << layers;
-  EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_count(), 0u);
-  const std::vector<float> got = test::run_xy(*e.value(), x);
+  const std::vector<float> got = test::run_xy(*e, x);
   ASSERT_EQ(got.size(), want.size());
   EXPECT_LE(test::scaled_err(got, want), 1e-2);
 }

@@ -297,9 +297,8 @@ class ConvKernel final : public DnnKernel {
   // copy of W would double the engine's weight memory (ResNet-50 fp16: ~50 MB).
   bool owns_constant(size_t i) const override { return i == 1 && w_krsc_.defined(); }
 
-  // The cuDNN graph API spec (with its workspace limit, and its persisted plan's name on a load)
-  // that prepare() would build a plan for, or time candidates for, when it would: the builder's
-  // and the engine load's pretune step builds those in parallel first.
+  // The cuDNN graph API spec (with its workspace limit) that prepare() would build and time
+  // candidates for, when it would: the builder's pretune step builds those in parallel first.
   static std::optional<fe::ConvGraph::Prebuild> pretune_spec(const Node& n, const ConstantLookup& constants);
 
   std::string tactic() const override {
@@ -1149,25 +1148,24 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
 
 std::optional<fe::ConvGraph::Prebuild> ConvKernel::pretune_spec(const Node& n,
                                                                 const ConstantLookup& constants) {
-  // prepare()'s conditions for building a persisted graph API plan (a load), or for tune()
-  // and then tune()'s for timing graph API candidates (a build).
+  // prepare()'s conditions for tune() and tune()'s for timing graph API candidates.
   const Tensor* W = n.inputs.size() > 1 && constants ? constants(n.inputs[1]) : nullptr;
   if (!W || W->device() != Device::kHost || W->rank() != 4) return std::nullopt;
   cudnnDataType_t cdt;
   if (!dnn_dtype(W->dtype(), &cdt)) return std::nullopt;
   auto cfg = read_config(n);
-  if (!cfg.is_ok() || !cfg.value().nhwc) return std::nullopt;
-  const ConvConfig& c = cfg.value();
-  if (c.fe_name.empty() && (c.forced || c.persisted_form() >= 0)) return std::nullopt;
+  if (!cfg.is_ok() || !cfg.value().nhwc || !cfg.value().fe_name.empty() || cfg.value().forced ||
+      cfg.value().persisted_form() >= 0)
+    return std::nullopt;
   const std::vector<int64_t> tune_shape = n.attr_ints("kiln_tune_shape");
   if (tune_shape.empty()) return std::nullopt;
   for (int64_t d : tune_shape)
     if (d < 0) return std::nullopt;
-  ConvKernel k(n, c);
+  ConvKernel k(n, cfg.value());
   k.krsc_planned_ = true;
   auto p = k.build_plan(n, W->dtype(), tune_shape, W->shape());
   if (!p.is_ok() || !p.value()->x.d || !p.value()->fe_eligible) return std::nullopt;
-  return fe::ConvGraph::Prebuild{p.value()->spec, c.ws_limit, c.fe_name};
+  return fe::ConvGraph::Prebuild{p.value()->spec, cfg.value().ws_limit};
 }
 
 Result<std::shared_ptr<const Kernel>> prepare_conv(const Node& n, const ConstantLookup& constants) {

@@ -136,20 +136,19 @@ Result<void*> build_handle() {
 
 }  // namespace
 
-Result<std::shared_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std::string& name,
+Result<std::unique_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std::string& name,
                                                    size_t ws_limit) {
-  if (std::shared_ptr<ConvGraph> g = take_prebuilt(s, ws_limit, name, 0)) return g;
   std::lock_guard<std::mutex> lock(build_mutex());
   KILN_ASSIGN_OR_RETURN(void* h, build_handle());
   KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> g, create(h, s));
   KILN_RETURN_IF_ERROR(g->select(h, name, ws_limit));
-  return std::shared_ptr<ConvGraph>(std::move(g));
+  return g;
 }
 
 namespace {
 
-// Everything make's (a plan name) or make_tuned's (a candidate count) result depends on.
-std::string prebuild_key(const ConvSpec& s, size_t ws_limit, const std::string& name, int max_candidates) {
+// Everything make_tuned's result depends on.
+std::string prebuild_key(const ConvSpec& s, size_t ws_limit, int max_candidates) {
   std::string k = std::to_string(static_cast<int>(s.dt));
   for (int64_t v : {s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.P, s.Q, s.group, s.pre[0], s.pre[1],
                     s.post[0], s.post[1], s.stride[0], s.stride[1], s.dil[0], s.dil[1]})
@@ -157,13 +156,12 @@ std::string prebuild_key(const ConvSpec& s, size_t ws_limit, const std::string& 
   k += s.bias ? ",b" : ",-";
   k += s.z ? "z" : "-";
   k += s.relu ? "r" : "-";
-  return k + "|" + std::to_string(ws_limit) + "|" +
-         (name.empty() ? "tune " + std::to_string(max_candidates) : "plan " + name);
+  return k + "|" + std::to_string(ws_limit) + "|" + std::to_string(max_candidates);
 }
 
 struct Prebuilt {
   std::mutex mu;
-  std::unordered_map<std::string, std::shared_ptr<ConvGraph>> graphs;
+  std::unordered_map<std::string, std::unique_ptr<ConvGraph>> graphs;
   size_t taken = 0;
 };
 Prebuilt& prebuilt() {
@@ -205,7 +203,7 @@ std::shared_ptr<void> ConvGraph::prebuild(const std::vector<Prebuild>& specs, in
     std::lock_guard<std::mutex> lock(prebuilt().mu);
     std::unordered_map<std::string, bool> seen;
     for (auto& p : specs) {
-      std::string k = prebuild_key(p.spec, p.ws_limit, p.name, max_candidates);
+      std::string k = prebuild_key(p.spec, p.ws_limit, max_candidates);
       if (prebuilt().graphs.count(k) || !seen.emplace(k, true).second) continue;
       todo.emplace_back(std::move(k), &p);
     }
@@ -223,21 +221,16 @@ std::shared_ptr<void> ConvGraph::prebuild(const std::vector<Prebuild>& specs, in
     auto h = worker_handle(w);
     if (!h.is_ok()) return;
     for (size_t i = next++; i < todo.size(); i = next++) {
-      const Prebuild& p = *todo[i].second;
-      auto g = create(h.value(), p.spec);  // failures: make / make_tuned report them
+      auto g = create(h.value(), todo[i].second->spec);  // failures: make_tuned reports them
       if (!g.is_ok()) continue;
-      if (!p.name.empty()) {
-        if (!g.value()->select(h.value(), p.name, p.ws_limit).is_ok()) continue;
-      } else {
-        try {
-          size_t ws = 0;
-          std::string name;
-          int built = 0;
-          for (int64_t c = 0; c < g.value()->impl_->candidates && built < max_candidates; ++c)
-            built += g.value()->impl_->build(h.value(), c, p.ws_limit, &ws, &name) ? 1 : 0;
-        } catch (const std::exception&) {
-          continue;  // make_tuned builds what is missing, and reports
-        }
+      try {
+        size_t ws = 0;
+        std::string name;
+        int built = 0;
+        for (int64_t c = 0; c < g.value()->impl_->candidates && built < max_candidates; ++c)
+          built += g.value()->impl_->build(h.value(), c, todo[i].second->ws_limit, &ws, &name) ? 1 : 0;
+      } catch (const std::exception&) {
+        continue;  // make_tuned builds what is missing, and reports
       }
       std::lock_guard<std::mutex> lock(prebuilt().mu);
       if (prebuilt().graphs.emplace(todo[i].first, std::move(g.value())).second) {
@@ -253,17 +246,6 @@ std::shared_ptr<void> ConvGraph::prebuild(const std::vector<Prebuild>& specs, in
   return scope;
 }
 
-std::shared_ptr<ConvGraph> ConvGraph::take_prebuilt(const ConvSpec& s, size_t ws_limit,
-                                                    const std::string& name, int max_candidates) {
-  std::lock_guard<std::mutex> lock(prebuilt().mu);
-  auto it = prebuilt().graphs.find(prebuild_key(s, ws_limit, name, max_candidates));
-  if (it == prebuilt().graphs.end()) return nullptr;
-  std::shared_ptr<ConvGraph> g = it->second;
-  if (name.empty()) prebuilt().graphs.erase(it);
-  ++prebuilt().taken;
-  return g;
-}
-
 size_t ConvGraph::prebuilt_count() {
   std::lock_guard<std::mutex> lock(prebuilt().mu);
   return prebuilt().graphs.size();
@@ -273,11 +255,20 @@ size_t ConvGraph::prebuilt_taken() {
   return prebuilt().taken;
 }
 
-Result<std::shared_ptr<ConvGraph>> ConvGraph::make_tuned(const ConvSpec& s, size_t ws_limit,
+Result<std::unique_ptr<ConvGraph>> ConvGraph::make_tuned(const ConvSpec& s, size_t ws_limit,
                                                          int max_candidates, float* ms) {
   std::lock_guard<std::mutex> lock(build_mutex());
   KILN_ASSIGN_OR_RETURN(void* h, build_handle());
-  std::shared_ptr<ConvGraph> g = take_prebuilt(s, ws_limit, "", max_candidates);
+  std::unique_ptr<ConvGraph> g;
+  {
+    std::lock_guard<std::mutex> plock(prebuilt().mu);
+    auto it = prebuilt().graphs.find(prebuild_key(s, ws_limit, max_candidates));
+    if (it != prebuilt().graphs.end()) {
+      g = std::move(it->second);
+      prebuilt().graphs.erase(it);
+      ++prebuilt().taken;
+    }
+  }
   if (!g) {
     KILN_ASSIGN_OR_RETURN(g, create(h, s));
   }

@@ -104,24 +104,21 @@ class PlannedGraph {
 // (make), or the fastest of up to `max_candidates` timed ones (make_tuned, engine build only).
 class ConvGraph final : public PlannedGraph {
  public:
-  static Result<std::shared_ptr<ConvGraph>> make(const ConvSpec& s, const std::string& name,
+  static Result<std::unique_ptr<ConvGraph>> make(const ConvSpec& s, const std::string& name,
                                                  size_t ws_limit);
-  static Result<std::shared_ptr<ConvGraph>> make_tuned(const ConvSpec& s, size_t ws_limit,
+  static Result<std::unique_ptr<ConvGraph>> make_tuned(const ConvSpec& s, size_t ws_limit,
                                                        int max_candidates, float* ms);
   Status run(void* cudnn_handle, const ConvPtrs& p, void* workspace) const;
 
-  // Builds the operation graph of each spec and either its plan `name` (a tactic, as make
-  // would: engine load) or up to `max_candidates` of its candidate plans within its workspace
-  // limit (name empty, as make_tuned would: engine build), on up to 16 threads with a cuDNN
-  // handle each. Building a plan is where cuDNN compiles its runtime-compiled engines: one layer
-  // after the other, that was most of a cold ResNet-50 build and of a plan's load. A later make
-  // with the same spec, limit and name, or make_tuned with the same spec, limit and count, takes
-  // the graph with its built plans. Unclaimed graphs go when the returned handle is released
-  // (nullptr: nothing to build).
+  // Builds the operation graph of each spec and up to `max_candidates` of its candidate plans
+  // (those within its workspace limit), on up to 16 threads with a cuDNN handle each. Building a
+  // plan is where cuDNN compiles its runtime-compiled engines, which is most of a cold ResNet-50
+  // build when done one layer after the other. A later make_tuned with the same spec, limit and
+  // count takes the graph with its built plans and only times them. Unclaimed graphs go when
+  // the returned handle is released (nullptr: nothing to build).
   struct Prebuild {
     ConvSpec spec;
     size_t ws_limit = 0;
-    std::string name;
   };
   static std::shared_ptr<void> prebuild(const std::vector<Prebuild>& specs, int max_candidates);
   // How many pre-built graphs wait for their make_tuned, and how many make_tuned took (tests).
@@ -132,11 +129,6 @@ class ConvGraph final : public PlannedGraph {
   ConvGraph() : PlannedGraph("conv") {}
   // Builds the operation graph and asks cuDNN's heuristics for candidates (build lock held).
   static Result<std::unique_ptr<ConvGraph>> create(void* cudnn_handle, const ConvSpec& s);
-  // The graph prebuild made for make (`name`: shared by every layer with that spec and plan, as
-  // the contexts of an engine share each layer's) or make_tuned (`max_candidates`: taken, since
-  // tuning selects its plan), if any.
-  static std::shared_ptr<ConvGraph> take_prebuilt(const ConvSpec& s, size_t ws_limit,
-                                                  const std::string& name, int max_candidates);
   ConvSpec spec_;
 };
 
