@@ -1,3 +1,6 @@
+#include <dlfcn.h>
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -5,8 +8,6 @@
 #include <set>
 #include <unordered_map>
 #include <unordered_set>
-#include <dlfcn.h>
-#include <sys/stat.h>
 
 #include "base/file.h"
 #include "base/hash.h"
@@ -254,12 +255,15 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
   if (!to_time.empty()) {
     const auto t0 = std::chrono::steady_clock::now();
     if (config.progress)
-      std::fprintf(stderr, "\r[kiln] building tactic candidates for %zu layer(s)...", to_time.size());
+      std::fprintf(stderr, "\r[kiln] building tactic candidates for %zu layer(s)...",
+                   to_time.size());
     pretuned = backend.pretune(to_time, lookup);
     if (pretuned)
-      KILN_LOG(kVerbose, "pre-built the candidates of " << to_time.size() << " layer(s) in "
-                             << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
-                             << " s");
+      KILN_LOG(kVerbose,
+               "pre-built the candidates of "
+                   << to_time.size() << " layer(s) in "
+                   << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+                   << " s");
   }
   size_t done = 0;
   for (size_t i = 0; i < g.nodes.size(); ++i) {

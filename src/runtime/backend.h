@@ -80,7 +80,8 @@ class Backend {
   // nullptr when there is nothing to do.
   virtual std::shared_ptr<void> pretune(const std::vector<const Node*>& nodes,
                                         const ConstantLookup& constants) const {
-    (void)nodes; (void)constants;
+    (void)nodes;
+    (void)constants;
     return nullptr;
   }
 };

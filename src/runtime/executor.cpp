@@ -157,7 +157,9 @@ Status compile_into(const Graph& g, const Backend& backend, bool fallback, int64
     const auto t_prep = std::chrono::steady_clock::now();
     auto prepared = backend.prepare(kernel, n, lookup);
     if (!prepared.is_ok()) return prepared.status().with_context(n.where());
-    if (const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_prep).count();
+    if (const double ms =
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_prep)
+                .count();
         ms >= 20)
       KILN_LOG(kVerbose, n.where() << ": prepared (" << kernel << ") in " << ms << " ms");
     cn.kernel = prepared.value();

@@ -38,7 +38,9 @@ bool have_gpu() {
 
 struct DevMem {
   void* p = nullptr;
-  explicit DevMem(size_t bytes) { EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess); }
+  explicit DevMem(size_t bytes) {
+    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess);
+  }
   ~DevMem() { cudaFree(p); }
 };
 
@@ -172,7 +174,8 @@ TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
   auto at = [&](int64_t n, int64_t c, int64_t yy, int64_t xx, int64_t ch) {
     return static_cast<size_t>(((n * ch + c) * H + yy) * W + xx);
   };
-  std::vector<double> h(static_cast<size_t>(N * M * H * W)), want(static_cast<size_t>(N * C * H * W));
+  std::vector<double> h(static_cast<size_t>(N * M * H * W)),
+      want(static_cast<size_t>(N * C * H * W));
   for (int64_t n = 0; n < N; ++n)
     for (int64_t yy = 0; yy < H; ++yy)
       for (int64_t xx = 0; xx < W; ++xx)

@@ -339,8 +339,9 @@ Result<std::shared_ptr<Engine>> get_engine(const Options& o) {
     const auto t0 = std::chrono::steady_clock::now();
     auto e = Engine::load(o.load_engine);
     if (!e.is_ok()) return e.status().with_context("cannot load engine '" + o.load_engine + "'");
-    std::printf("engine: loaded %s in %.1f ms\n", o.load_engine.c_str(),
-                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    std::printf(
+        "engine: loaded %s in %.1f ms\n", o.load_engine.c_str(),
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     return e;
   }
   if (o.onnx.empty()) return invalid_argument("give a model with --onnx FILE or an engine with --loadEngine FILE");

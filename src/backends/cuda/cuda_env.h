@@ -89,7 +89,8 @@ void register_attention(Registry& r);    // kernels_attention.cu (Attention, fus
 void register_misc(Registry& r);         // kernels_misc.cu (quantization, losses, Dropout, LRN, If, ...)
 // Backend::pretune for the CUDA backend: builds the cuDNN graph API candidates of the convs
 // among `nodes` in parallel (cudnn_conv.cpp; KILN_CUDA_PRETUNE=0: off, an A/B knob).
-std::shared_ptr<void> pretune_convs(const std::vector<const Node*>& nodes, const ConstantLookup& constants);
+std::shared_ptr<void> pretune_convs(const std::vector<const Node*>& nodes,
+                                    const ConstantLookup& constants);
 
 // This machine's GPU 0 as a plan fingerprint ("cuda:sm_90:cudnn-91900:cublasLt-130100"), or an
 // error when no GPU is usable. The GPU's marketing name, for reports.

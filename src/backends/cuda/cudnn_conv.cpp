@@ -36,8 +36,8 @@
 //   launch_im2col into workspace, then one cuBLASLt GEMM with bias, residual and ReLU in its
 //   epilogue. Persisted as "cuda.conv.im2col.<readable>@<hex>"; the same workspace rule.
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-#include <cudnn.h>
 #include <cublasLt.h>
+#include <cudnn.h>
 
 #include <algorithm>
 #include <array>
@@ -299,7 +299,8 @@ class ConvKernel final : public DnnKernel {
 
   // The cuDNN graph API spec (with its workspace limit) that prepare() would build and time
   // candidates for, when it would: the builder's pretune step builds those in parallel first.
-  static std::optional<fe::ConvGraph::Prebuild> pretune_spec(const Node& n, const ConstantLookup& constants);
+  static std::optional<fe::ConvGraph::Prebuild> pretune_spec(const Node& n,
+                                                             const ConstantLookup& constants);
 
   std::string tactic() const override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -1206,7 +1207,8 @@ bool supports_conv(const Node& n, const TypeLookup& types) {
 
 }  // namespace
 
-std::shared_ptr<void> pretune_convs(const std::vector<const Node*>& nodes, const ConstantLookup& constants) {
+std::shared_ptr<void> pretune_convs(const std::vector<const Node*>& nodes,
+                                    const ConstantLookup& constants) {
   static const bool off = [] {
     const char* e = std::getenv("KILN_CUDA_PRETUNE");
     return e && e[0] == '0';
@@ -1214,7 +1216,8 @@ std::shared_ptr<void> pretune_convs(const std::vector<const Node*>& nodes, const
   if (off) return nullptr;
   std::vector<fe::ConvGraph::Prebuild> specs;
   for (const Node* n : nodes) {
-    if (!((n->domain.empty() && n->op_type == "Conv") || (n->domain == "kiln" && n->op_type == "FusedConv")))
+    if (!((n->domain.empty() && n->op_type == "Conv") ||
+          (n->domain == "kiln" && n->op_type == "FusedConv")))
       continue;
     if (auto s = ConvKernel::pretune_spec(*n, constants)) specs.push_back(*s);
   }

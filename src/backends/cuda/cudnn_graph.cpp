@@ -81,7 +81,8 @@ class GraphImpl {
   bool build(cudnnHandle_t h, int64_t i, size_t ws_limit, size_t* ws, std::string* name,
              std::string* why = nullptr) {
     if (i < 0 || i >= candidates) return false;
-    if (attempts.size() < static_cast<size_t>(candidates)) attempts.resize(static_cast<size_t>(candidates));
+    if (attempts.size() < static_cast<size_t>(candidates))
+      attempts.resize(static_cast<size_t>(candidates));
     Attempt& a = attempts[static_cast<size_t>(i)];
     if (!a.done) {
       a.done = true;
@@ -96,7 +97,8 @@ class GraphImpl {
       }
     }
     if (!a.ok) {
-      if (why && !a.why.empty() && why->size() < 600) *why += " [" + std::to_string(i) + ": " + a.why + "]";
+      if (why && !a.why.empty() && why->size() < 600)
+        *why += " [" + std::to_string(i) + ": " + a.why + "]";
       return false;
     }
     if (a.ws > ws_limit) return false;
@@ -228,7 +230,8 @@ std::shared_ptr<void> ConvGraph::prebuild(const std::vector<Prebuild>& specs, in
         std::string name;
         int built = 0;
         for (int64_t c = 0; c < g.value()->impl_->candidates && built < max_candidates; ++c)
-          built += g.value()->impl_->build(h.value(), c, todo[i].second->ws_limit, &ws, &name) ? 1 : 0;
+          built +=
+              g.value()->impl_->build(h.value(), c, todo[i].second->ws_limit, &ws, &name) ? 1 : 0;
       } catch (const std::exception&) {
         continue;  // make_tuned builds what is missing, and reports
       }
