@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -243,7 +244,11 @@ std::shared_ptr<void> ConvGraph::prebuild(const std::vector<Prebuild>& specs, in
     }
   };
   std::vector<std::thread> threads;
-  for (size_t w = 1; w < workers; ++w) threads.emplace_back(work, w);
+  try {
+    for (size_t w = 1; w < workers; ++w) threads.emplace_back(work, w);
+  } catch (const std::system_error&) {
+    // No more threads: the ones started and this one share the work.
+  }
   work(0);
   for (auto& t : threads) t.join();
   return scope;
