@@ -254,7 +254,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
   std::shared_ptr<void> pretuned;
   if (!to_time.empty()) {
     const auto t0 = std::chrono::steady_clock::now();
-    if (config.progress)
+    if (config.progress && on_device)  // the CPU backend has no such step
       std::fprintf(stderr, "\r[kiln] building tactic candidates for %zu layer(s)...",
                    to_time.size());
     pretuned = backend.pretune(to_time, lookup);
