@@ -18,41 +18,25 @@
 
 #include "kiln/half.h"
 #include "passes/fusion.h"
+#include "passes/uses.h"
 
 namespace kiln {
 namespace {
 
-struct AttnUses {
-  std::unordered_map<std::string, int> count;
-  std::unordered_set<std::string> pinned;
-  std::unordered_map<std::string, size_t> producer;
+// Uses (passes/uses.h) plus every value name in use, for fresh names.
+struct AttnUses : Uses {
   std::unordered_set<std::string> names;  // every value name in use
 
-  explicit AttnUses(const Graph& g) {
-    for (auto& o : g.outputs) pinned.insert(o.name), names.insert(o.name);
+  explicit AttnUses(const Graph& g) : Uses(g) {
+    for (auto& o : g.outputs) names.insert(o.name);
     for (auto& i : g.inputs) names.insert(i.name);
     for (auto& [k, t] : g.initializers) names.insert(k);
-    for (size_t i = 0; i < g.nodes.size(); ++i) {
-      const Node& n = g.nodes[i];
+    for (auto& n : g.nodes) {
       for (auto& in : n.inputs)
-        if (!in.empty()) count[in]++, names.insert(in);
+        if (!in.empty()) names.insert(in);
       for (auto& o : n.outputs)
-        if (!o.empty()) producer[o] = i, names.insert(o);
-      for (auto& a : n.attrs) {
-        std::vector<const Graph*> subs;
-        if (a.g) subs.push_back(a.g.get());
-        for (auto& sg : a.graphs) subs.push_back(sg.get());
-        for (auto* s : subs) {
-          std::unordered_set<std::string> refs;
-          collect_outer_refs(*s, refs);
-          pinned.insert(refs.begin(), refs.end());
-        }
-      }
+        if (!o.empty()) names.insert(o);
     }
-  }
-  bool single_use(const std::string& v) const {
-    auto it = count.find(v);
-    return it != count.end() && it->second == 1 && !pinned.count(v);
   }
   const Node* producer_of(const Graph& g, const std::string& v) const {
     auto it = producer.find(v);
