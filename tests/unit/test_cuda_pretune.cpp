@@ -135,6 +135,28 @@ TEST(CudaPretune, ConvTunedFromAPrebuiltGraphMatchesTheReference) {
   EXPECT_EQ(ConvGraph::prebuilt_count(), waiting);
 }
 
+// An engine load builds each layer's persisted plan with make(): layers with the same spec and
+// plan get one graph (each build of a runtime-compiled plan is an NVRTC compile), while it lives.
+TEST(CudaPretune, MakeSharesOneGraphPerSpecAndPlan) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  using cuda::fe::ConvGraph;
+  const size_t ws_limit = size_t{64} << 20;
+  const cuda::fe::ConvSpec s = spec_3x3(16, 8);
+  auto tuned = ConvGraph::make_tuned(s, ws_limit, 4, nullptr);
+  ASSERT_TRUE(tuned.is_ok()) << tuned.status().message();
+  const std::string plan = tuned.value()->tactic();
+  auto a = ConvGraph::make(s, plan, ws_limit);
+  auto b = ConvGraph::make(s, plan, ws_limit);
+  ASSERT_TRUE(a.is_ok() && b.is_ok());
+  EXPECT_EQ(a.value().get(), b.value().get());
+  EXPECT_EQ(a.value()->tactic(), plan);
+  cuda::fe::ConvSpec other = s;
+  other.relu = false;
+  auto c = ConvGraph::make(other, plan, ws_limit);
+  ASSERT_TRUE(c.is_ok()) << c.status().message();
+  EXPECT_NE(c.value().get(), a.value().get());
+}
+
 // x [2, 16, 7, 9] -> Conv 1x1 (16 -> 32) + bias -> Relu -> Conv 3x3 pad 1 (32 -> 16) + bias -> + x
 // -> Relu, built for CUDA in fp16 with no timing cache: both convs are timed, each from the graph
 // the pretune step built for it, and the engine matches the double reference.

@@ -139,15 +139,6 @@ Result<void*> build_handle() {
 
 }  // namespace
 
-Result<std::unique_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std::string& name,
-                                                   size_t ws_limit) {
-  std::lock_guard<std::mutex> lock(build_mutex());
-  KILN_ASSIGN_OR_RETURN(void* h, build_handle());
-  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> g, create(h, s));
-  KILN_RETURN_IF_ERROR(g->select(h, name, ws_limit));
-  return g;
-}
-
 namespace {
 
 // Everything make_tuned's result depends on.
@@ -261,6 +252,27 @@ size_t ConvGraph::prebuilt_count() {
 size_t ConvGraph::prebuilt_taken() {
   std::lock_guard<std::mutex> lock(prebuilt().mu);
   return prebuilt().taken;
+}
+
+Result<std::shared_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std::string& name,
+                                                   size_t ws_limit) {
+  // Layers with the same spec and plan share one graph, as an engine's contexts share each
+  // layer's: ResNet-50's 16 conv3 layers have 4 specs, and each plan build is an NVRTC compile
+  // (73-98 ms on an H100). Graphs built on other threads ran the engine slower (docs/design.md,
+  // session 17), so this stays on the loading thread.
+  static std::unordered_map<std::string, std::weak_ptr<ConvGraph>> live;
+  const std::string key = prebuild_key(s, ws_limit, 0) + "|plan " + name;
+  std::lock_guard<std::mutex> lock(build_mutex());
+  if (auto it = live.find(key); it != live.end())
+    if (std::shared_ptr<ConvGraph> g = it->second.lock()) return g;
+  KILN_ASSIGN_OR_RETURN(void* h, build_handle());
+  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> made, create(h, s));
+  KILN_RETURN_IF_ERROR(made->select(h, name, ws_limit));
+  std::shared_ptr<ConvGraph> g(std::move(made));
+  for (auto it = live.begin(); it != live.end();)  // forget graphs no engine holds
+    it = it->second.expired() ? live.erase(it) : std::next(it);
+  live[key] = g;
+  return g;
 }
 
 Result<std::unique_ptr<ConvGraph>> ConvGraph::make_tuned(const ConvSpec& s, size_t ws_limit,

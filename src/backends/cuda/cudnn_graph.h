@@ -102,9 +102,10 @@ class PlannedGraph {
 // outlive the execution contexts whose handles run them), serialized by one mutex, and then
 // select a plan: by `name` (a tactic), else the heuristics' first that fits `ws_limit`
 // (make), or the fastest of up to `max_candidates` timed ones (make_tuned, engine build only).
+// make returns the graph a live earlier make built for the same spec, plan name and limit.
 class ConvGraph final : public PlannedGraph {
  public:
-  static Result<std::unique_ptr<ConvGraph>> make(const ConvSpec& s, const std::string& name,
+  static Result<std::shared_ptr<ConvGraph>> make(const ConvSpec& s, const std::string& name,
                                                  size_t ws_limit);
   static Result<std::unique_ptr<ConvGraph>> make_tuned(const ConvSpec& s, size_t ws_limit,
                                                        int max_candidates, float* ms);
