@@ -266,6 +266,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
                    << " s");
   }
   size_t done = 0;
+  std::unordered_map<std::string, std::string> compiled;  // signature -> kiln_compiled
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     Node& n = g.nodes[i];
     if (sigs[i].empty()) continue;
@@ -280,6 +281,11 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
       a.kind = Attribute::Kind::kString;
       a.s = hit->second;
       n.set_attr(a);
+      if (auto c = compiled.find(sigs[i]); c != compiled.end()) {
+        a.name = "kiln_compiled";
+        a.s = c->second;
+        n.set_attr(a);
+      }
       ++rep.tuned_from_cache;
       continue;
     }
@@ -293,6 +299,12 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     a.kind = Attribute::Kind::kString;
     a.s = tactic;
     n.set_attr(a);
+    if (std::string c = k.value()->compiled(); !c.empty()) {
+      a.name = "kiln_compiled";
+      a.s = c;
+      n.set_attr(a);
+      compiled[sigs[i]] = std::move(c);
+    }
     cache.entries[sigs[i]] = tactic;
     cache.dirty = true;
     ++rep.tuned;

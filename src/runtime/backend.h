@@ -20,6 +20,10 @@ class Kernel {
   // The builder stores it in the node attribute `kiln_tactic`; prepare() given that attribute
   // must use it without timing again (that is what makes plan loads and cached rebuilds fast).
   virtual std::string tactic() const { return ""; }
+  // The tactic in compiled form, when a library can hand it back (a cuDNN plan serialized with
+  // its runtime-compiled kernel): the builder stores it in the node attribute `kiln_compiled`,
+  // and prepare() given it loads it instead of compiling again. "" when there is none.
+  virtual std::string compiled() const { return ""; }
   // True when this kernel made its own device copy of constant input `i` at prepare (e.g. a
   // convolution's filter in the layout its engines read): the executor then hands it the host
   // constant as it is and uploads no second copy (device backends).

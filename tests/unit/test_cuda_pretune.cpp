@@ -157,6 +157,61 @@ TEST(CudaPretune, MakeSharesOneGraphPerSpecAndPlan) {
   EXPECT_NE(c.value().get(), a.value().get());
 }
 
+// A plan's serialized form (what the builder stores as kiln_compiled) loads without building,
+// runs the same kernel (bit-identical output), and a damaged one is built by name instead.
+TEST(CudaPretune, SerializedPlanLoadsWithoutBuildingAndComputesTheSame) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  using cuda::fe::ConvGraph;
+  const size_t ws_limit = size_t{64} << 20;
+  const cuda::fe::ConvSpec s = spec_3x3(16, 24);
+  auto tuned = ConvGraph::make_tuned(s, ws_limit, 4, nullptr);
+  ASSERT_TRUE(tuned.is_ok()) << tuned.status().message();
+  const std::string plan = tuned.value()->tactic();
+  const std::string bytes = tuned.value()->serialized();
+  ASSERT_FALSE(bytes.empty()) << plan;
+  std::mt19937 rng(41);
+  std::vector<double> unused;
+  const auto xh = rand_half(rng, static_cast<size_t>(s.N * s.H * s.W * s.C), &unused);
+  const auto wh = rand_half(rng, static_cast<size_t>(s.K * 9 * s.C), &unused);
+  const auto bh = rand_half(rng, static_cast<size_t>(s.K), &unused);
+  const size_t ny = static_cast<size_t>(s.N * s.P * s.Q * s.K);
+  DevMem x(xh.size() * 2), w(wh.size() * 2), b(bh.size() * 2), y(ny * 2), ws(ws_limit);
+  ASSERT_EQ(cudaMemcpy(x.p, xh.data(), xh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(w.p, wh.data(), wh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(b.p, bh.data(), bh.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  cudnnHandle_t h = nullptr;
+  ASSERT_EQ(cudnnCreate(&h), CUDNN_STATUS_SUCCESS);
+  auto run = [&](const ConvGraph& g) {
+    cuda::fe::ConvPtrs ptrs;
+    ptrs.x = x.p, ptrs.w = w.p, ptrs.bias = b.p, ptrs.y = y.p;
+    EXPECT_EQ(cudaMemset(y.p, 0, ny * 2), cudaSuccess);
+    Status st = g.run(h, ptrs, ws.p);
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<uint16_t> out(ny);
+    EXPECT_EQ(cudaMemcpy(out.data(), y.p, ny * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  };
+  const std::vector<uint16_t> want = run(*tuned.value());
+  const size_t loads = ConvGraph::loaded_count();
+  {
+    auto a = ConvGraph::make(s, plan, ws_limit, bytes);
+    ASSERT_TRUE(a.is_ok()) << a.status().message();
+    EXPECT_TRUE(a.value()->loaded());
+    EXPECT_EQ(ConvGraph::loaded_count(), loads + 1);
+    EXPECT_EQ(a.value()->tactic(), plan);
+    EXPECT_EQ(run(*a.value()), want);
+  }
+  // Cut in half (the live graph above is gone): built by name, same result.
+  auto c = ConvGraph::make(s, plan, ws_limit, bytes.substr(0, bytes.size() / 2));
+  ASSERT_TRUE(c.is_ok()) << c.status().message();
+  EXPECT_FALSE(c.value()->loaded());
+  EXPECT_EQ(ConvGraph::loaded_count(), loads + 1);
+  EXPECT_EQ(c.value()->tactic(), plan);
+  EXPECT_EQ(run(*c.value()), want);
+  cudnnDestroy(h);
+}
+
 // x [2, 16, 7, 9] -> Conv 1x1 (16 -> 32) + bias -> Relu -> Conv 3x3 pad 1 (32 -> 16) + bias -> + x
 // -> Relu, built for CUDA in fp16 with no timing cache: both convs are timed, each from the graph
 // the pretune step built for it, and the engine matches the double reference.
@@ -221,9 +276,17 @@ TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
           want[at(n, o, yy, xx, C)] = std::max(a, 0.0);
         }
   const size_t taken = cuda::fe::ConvGraph::prebuilt_taken();
+  const size_t loads = cuda::fe::ConvGraph::loaded_count();
   auto e = test::build_engine(m, "cuda", true);
   ASSERT_TRUE(e);
   EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_taken(), taken + 2) << e->describe_layers();
+  // The engine (loaded from the plan) took each graph API conv's serialized plan.
+  const std::string layers = e->describe_layers();
+  size_t graph_convs = 0;
+  for (size_t at = layers.find("cudnn_fe"); at != std::string::npos;
+       at = layers.find("cudnn_fe", at + 1))
+    ++graph_convs;
+  EXPECT_EQ(cuda::fe::ConvGraph::loaded_count(), loads + graph_convs) << layers;
   EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_count(), 0u);
   const std::vector<float> got = test::run_xy(*e, x);
   ASSERT_EQ(got.size(), want.size());

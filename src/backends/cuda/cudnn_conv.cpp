@@ -302,6 +302,14 @@ class ConvKernel final : public DnnKernel {
   static std::optional<fe::ConvGraph::Prebuild> pretune_spec(const Node& n,
                                                              const ConstantLookup& constants);
 
+  // The selected cuDNN graph plan, serialized (its runtime-compiled kernel included).
+  std::string compiled() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [shapes, p] : plans_)
+      if (p->fe && p->chosen_form() < 0 && p->tactic() == tactic_) return p->fe->serialized();
+    return "";
+  }
+
   std::string tactic() const override {
     std::lock_guard<std::mutex> lock(mu_);
     if (tune_error_.empty()) return tactic_;
@@ -1108,7 +1116,8 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
     // A persisted graph API plan: build it now (no timing) so the first run does not.
     auto p = build_plan(n, dt, tune_shape, W->shape());
     if (p.is_ok() && p.value()->x.d && p.value()->fe_eligible) {
-      auto cg = fe::ConvGraph::make(p.value()->spec, cfg_.fe_name, cfg_.ws_limit);
+      auto cg = fe::ConvGraph::make(p.value()->spec, cfg_.fe_name, cfg_.ws_limit,
+                                    n.attr_string("kiln_compiled"));
       if (cg.is_ok()) {
         p.value()->fe = std::move(cg.value());
         std::lock_guard<std::mutex> lk(mu_);

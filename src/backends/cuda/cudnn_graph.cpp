@@ -3,6 +3,7 @@
 
 #include "backends/cuda/dnn.h"
 #include "backends/cuda/tune_timer.h"
+#include "base/logging.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -254,8 +255,22 @@ size_t ConvGraph::prebuilt_taken() {
   return prebuilt().taken;
 }
 
+namespace {
+Status finish_graph(cudnnHandle_t h, GraphImpl& impl, const std::string& what);  // below
+
+size_t& loaded_total() {
+  static size_t n = 0;  // under build_mutex()
+  return n;
+}
+}  // namespace
+
+size_t ConvGraph::loaded_count() {
+  std::lock_guard<std::mutex> lock(build_mutex());
+  return loaded_total();
+}
+
 Result<std::shared_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std::string& name,
-                                                   size_t ws_limit) {
+                                                   size_t ws_limit, const std::string& compiled) {
   // Layers with the same spec and plan share one graph, as an engine's contexts share each
   // layer's: ResNet-50's 16 conv3 layers have 4 specs, and each plan build is an NVRTC compile
   // (73-98 ms on an H100). Graphs built on other threads ran the engine slower (docs/design.md,
@@ -266,8 +281,25 @@ Result<std::shared_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std:
   if (auto it = live.find(key); it != live.end())
     if (std::shared_ptr<ConvGraph> g = it->second.lock()) return g;
   KILN_ASSIGN_OR_RETURN(void* h, build_handle());
-  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> made, create(h, s));
-  KILN_RETURN_IF_ERROR(made->select(h, name, ws_limit));
+  // (With serialized bytes, the heuristics' candidates are only asked for if they do not load.)
+  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> made, create(h, s, compiled.empty()));
+  // The plan's serialized bytes first (a runtime-compiled plan loads in ~2 ms instead of its
+  // 75-700 ms compile), by name when they do not load (another cuDNN, damaged bytes).
+  Status from_bytes =
+      compiled.empty() ? unsupported("no serialized plan") : made->load(h, compiled, name);
+  if (from_bytes.is_ok() && made->ws_ <= ws_limit) {
+    ++loaded_total();
+  } else {
+    if (!compiled.empty())
+      KILN_LOG(kVerbose, "cuDNN graph API: the plan's serialized " << name << " did not load ("
+                                                                   << from_bytes.message()
+                                                                   << "); building it");
+    made->loaded_.reset();
+    made->index_ = -1;
+    if (!compiled.empty())
+      KILN_RETURN_IF_ERROR(finish_graph(static_cast<cudnnHandle_t>(h), *made->impl_, "conv"));
+    KILN_RETURN_IF_ERROR(made->select(h, name, ws_limit));
+  }
   std::shared_ptr<ConvGraph> g(std::move(made));
   for (auto it = live.begin(); it != live.end();)  // forget graphs no engine holds
     it = it->second.expired() ? live.erase(it) : std::next(it);
@@ -431,13 +463,58 @@ Result<float> PlannedGraph::tune(void* handle, size_t ws_limit, int max_candidat
   }
 }
 
+std::string PlannedGraph::serialized() const {
+  if (index_ < 0) return {};
+  try {
+    std::lock_guard<std::mutex> lock(build_mutex());
+    std::vector<uint8_t> data;
+    if (loaded_) {
+      if (static_cast<cfe::graph::Graph*>(loaded_.get())->serialize(data, false).is_bad())
+        return {};
+    } else {
+      // Serializes the graph's current candidate: make it the selected plan (already built,
+      // so this only selects it).
+      if (impl_->g.build_plan_at_index(index_).is_bad() || impl_->g.serialize(data, false).is_bad())
+        return {};
+    }
+    return std::string(data.begin(), data.end());
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
+Status PlannedGraph::load(void* handle, const std::string& bytes, const std::string& name) {
+  const std::string prefix = "cuda." + kind_ + ".cudnn_fe.";
+  const std::string want = name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name;
+  try {
+    auto g = std::make_shared<cfe::graph::Graph>();
+    const std::vector<uint8_t> data(bytes.begin(), bytes.end());
+    FE_CHECK(g->deserialize(static_cast<cudnnHandle_t>(handle), data, /*enforce_precompiled=*/true,
+                            /*run_warmup=*/false),
+             kind_ + " deserialize");
+    // (A deserialized graph has its plan but no engine configs to ask the name of: the bytes
+    // come from the same checksummed plan node as the tactic.)
+    int64_t w = 0;
+    FE_CHECK(g->get_workspace_size_plan_at_index(0, w), kind_ + " deserialized plan workspace");
+    if (w < 0) return invalid_argument("cuDNN graph API: negative workspace");
+    loaded_ = g;
+    index_ = 0;
+    ws_ = static_cast<size_t>(w);
+    name_ = want;
+    return Status::ok();
+  } catch (const std::exception& e) {
+    return runtime_error("cuDNN graph API (" + kind_ + ") deserialize: " + e.what());
+  }
+}
+
 Status PlannedGraph::run(void* handle, void* const* ptrs, void* workspace) const {
   if (index_ < 0) return internal_error("cuDNN graph API: " + kind_ + " run before a plan was selected");
   try {
     std::unordered_map<int64_t, void*> vp;
     for (size_t k = 0; k < uids_.size(); ++k)
       if (ptrs[k]) vp[uids_[k]] = ptrs[k];
-    FE_CHECK(impl_->g.execute_plan_at_index(static_cast<cudnnHandle_t>(handle), vp, workspace, index_),
+    auto& g = loaded_ ? *static_cast<cfe::graph::Graph*>(loaded_.get()) : impl_->g;
+    FE_CHECK(g.execute_plan_at_index(static_cast<cudnnHandle_t>(handle), vp, workspace, index_),
              kind_ + " execute (" + name_ + ")");
     return Status::ok();
   } catch (const std::exception& e) {
@@ -461,7 +538,8 @@ Status finish_graph(cudnnHandle_t h, GraphImpl& impl, const std::string& what) {
 
 }  // namespace
 
-Result<std::unique_ptr<ConvGraph>> ConvGraph::create(void* handle, const ConvSpec& s) {
+Result<std::unique_ptr<ConvGraph>> ConvGraph::create(void* handle, const ConvSpec& s,
+                                                     bool candidates) {
   if (s.dt != DataType::kFloat16 && s.dt != DataType::kBFloat16)
     return unsupported("cuDNN graph conv: float16/bfloat16 only");
   if (s.group < 1 || s.C % s.group != 0) return invalid_argument("cuDNN graph conv: bad group");
@@ -513,7 +591,8 @@ Result<std::unique_ptr<ConvGraph>> ConvGraph::create(void* handle, const ConvSpe
       y->set_dim(ydim).set_stride(ystr);
     }
     y->set_output(true).set_uid(5).set_data_type(io);
-    KILN_RETURN_IF_ERROR(finish_graph(static_cast<cudnnHandle_t>(handle), *cg->impl_, "conv"));
+    if (candidates)
+      KILN_RETURN_IF_ERROR(finish_graph(static_cast<cudnnHandle_t>(handle), *cg->impl_, "conv"));
     const size_t es = dtype_size(s.dt);
     cg->uids_ = {1, 2, 3, 4, 5};
     cg->buffer_bytes_ = {static_cast<size_t>(s.N * s.H * s.W * s.C) * es,

@@ -85,6 +85,11 @@ class PlannedGraph {
   // "cuda.<kind>.cudnn_fe.<plan name>", "" before select()/tune().
   std::string tactic() const;
   bool ready() const { return index_ >= 0; }
+  // The selected plan serialized by cuDNN (its runtime-compiled kernel included), for the
+  // engine's plan file: load() takes it back without compiling. "" when cuDNN cannot.
+  std::string serialized() const;
+  // Whether the selected plan came from serialized bytes (tests).
+  bool loaded() const { return loaded_ != nullptr; }
 
  protected:
   explicit PlannedGraph(std::string kind);
@@ -96,17 +101,25 @@ class PlannedGraph {
   int64_t index_ = -1;                // selected plan
   size_t ws_ = 0;
   std::string name_;
+  // Takes the plan `name` from `bytes` (serialized()): a graph of its own that run() executes.
+  Status load(void* cudnn_handle, const std::string& bytes, const std::string& name);
+  std::shared_ptr<void> loaded_;  // the deserialized cudnn-frontend graph
 };
 
 // The makers build the operation graph with one process-wide cuDNN handle on GPU 0 (plans
 // outlive the execution contexts whose handles run them), serialized by one mutex, and then
 // select a plan: by `name` (a tactic), else the heuristics' first that fits `ws_limit`
 // (make), or the fastest of up to `max_candidates` timed ones (make_tuned, engine build only).
-// make returns the graph a live earlier make built for the same spec, plan name and limit.
+// make returns the graph a live earlier make built for the same spec, plan name and limit;
+// given the plan's serialized bytes (`compiled`, from serialized()), it loads them instead of
+// building the plan (no compile), and builds it by name when they do not load.
 class ConvGraph final : public PlannedGraph {
  public:
   static Result<std::shared_ptr<ConvGraph>> make(const ConvSpec& s, const std::string& name,
-                                                 size_t ws_limit);
+                                                 size_t ws_limit,
+                                                 const std::string& compiled = std::string());
+  // How many make() calls took their plan from serialized bytes (tests).
+  static size_t loaded_count();
   static Result<std::unique_ptr<ConvGraph>> make_tuned(const ConvSpec& s, size_t ws_limit,
                                                        int max_candidates, float* ms);
   Status run(void* cudnn_handle, const ConvPtrs& p, void* workspace) const;
@@ -128,8 +141,10 @@ class ConvGraph final : public PlannedGraph {
 
  private:
   ConvGraph() : PlannedGraph("conv") {}
-  // Builds the operation graph and asks cuDNN's heuristics for candidates (build lock held).
-  static Result<std::unique_ptr<ConvGraph>> create(void* cudnn_handle, const ConvSpec& s);
+  // Builds the operation graph and asks cuDNN's heuristics for candidates (build lock held);
+  // without `candidates`, only the tensors and operations (a plan then comes from load()).
+  static Result<std::unique_ptr<ConvGraph>> create(void* cudnn_handle, const ConvSpec& s,
+                                                   bool candidates = true);
   ConvSpec spec_;
 };
 
