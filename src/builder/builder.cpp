@@ -178,6 +178,14 @@ void set_int_attr(Node& n, const char* name, int64_t v) {
   n.set_attr(a);
 }
 
+void set_string_attr(Node& n, const char* name, std::string v) {
+  Attribute a;
+  a.name = name;
+  a.kind = Attribute::Kind::kString;
+  a.s = std::move(v);
+  n.set_attr(std::move(a));
+}
+
 // The CPU thread count timings were taken with (OpenMP's, looked up as set_cpu_threads does):
 // part of a CPU layer signature, since the fastest implementation depends on it.
 int cpu_threads() {
@@ -230,11 +238,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     auto hit = cache.entries.find(sigs[i]);
     if (!shaped && hit == cache.entries.end()) ++untimed;
     if (hit != cache.entries.end()) {
-      Attribute a;
-      a.name = "kiln_tactic";
-      a.kind = Attribute::Kind::kString;
-      a.s = hit->second;
-      n.set_attr(a);
+      set_string_attr(n, "kiln_tactic", hit->second);
       ++rep.tuned_from_cache;
     }
   }
@@ -276,16 +280,9 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     if (n.has_attr("kiln_tactic")) continue;
     // A layer with the same signature was timed earlier in this build: same choice.
     if (auto hit = cache.entries.find(sigs[i]); hit != cache.entries.end()) {
-      Attribute a;
-      a.name = "kiln_tactic";
-      a.kind = Attribute::Kind::kString;
-      a.s = hit->second;
-      n.set_attr(a);
-      if (auto c = compiled.find(sigs[i]); c != compiled.end()) {
-        a.name = "kiln_compiled";
-        a.s = c->second;
-        n.set_attr(a);
-      }
+      set_string_attr(n, "kiln_tactic", hit->second);
+      if (auto c = compiled.find(sigs[i]); c != compiled.end())
+        set_string_attr(n, "kiln_compiled", c->second);
       ++rep.tuned_from_cache;
       continue;
     }
@@ -294,15 +291,9 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     if (!k.value()) continue;
     std::string tactic = k.value()->tactic();
     if (tactic.empty()) continue;
-    Attribute a;
-    a.name = "kiln_tactic";
-    a.kind = Attribute::Kind::kString;
-    a.s = tactic;
-    n.set_attr(a);
+    set_string_attr(n, "kiln_tactic", tactic);
     if (std::string c = k.value()->compiled(); !c.empty()) {
-      a.name = "kiln_compiled";
-      a.s = c;
-      n.set_attr(a);
+      set_string_attr(n, "kiln_compiled", c);
       compiled[sigs[i]] = std::move(c);
     }
     cache.entries[sigs[i]] = tactic;

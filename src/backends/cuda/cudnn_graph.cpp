@@ -76,6 +76,9 @@ class GraphImpl {
  public:
   cfe::graph::Graph g;
   int64_t candidates = 0;
+  // A plan deserialized by PlannedGraph::load: a graph of its own (plan only), run instead of g.
+  std::unique_ptr<cfe::graph::Graph> loaded;
+  cfe::graph::Graph& running() { return loaded ? *loaded : g; }
 
   // Builds candidate i (once: the outcome is kept, so a plan pre-built by ConvGraph::prebuild
   // is not built again); true when it built, fits `ws_limit` and has a clean name (out: its
@@ -281,22 +284,28 @@ Result<std::shared_ptr<ConvGraph>> ConvGraph::make(const ConvSpec& s, const std:
   if (auto it = live.find(key); it != live.end())
     if (std::shared_ptr<ConvGraph> g = it->second.lock()) return g;
   KILN_ASSIGN_OR_RETURN(void* h, build_handle());
+  // KILN_CUDA_PLAN_BYTES=0 ignores the serialized bytes (A/B runs).
+  static const bool use_bytes = [] {
+    const char* e = std::getenv("KILN_CUDA_PLAN_BYTES");
+    return !(e && e[0] == '0');
+  }();
+  const std::string& bytes = use_bytes ? compiled : std::string();
   // (With serialized bytes, the heuristics' candidates are only asked for if they do not load.)
-  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> made, create(h, s, compiled.empty()));
+  KILN_ASSIGN_OR_RETURN(std::unique_ptr<ConvGraph> made, create(h, s, bytes.empty()));
   // The plan's serialized bytes first (a runtime-compiled plan loads in ~2 ms instead of its
   // 75-700 ms compile), by name when they do not load (another cuDNN, damaged bytes).
   Status from_bytes =
-      compiled.empty() ? unsupported("no serialized plan") : made->load(h, compiled, name);
+      bytes.empty() ? unsupported("no serialized plan") : made->load(h, bytes, name);
   if (from_bytes.is_ok() && made->ws_ <= ws_limit) {
     ++loaded_total();
   } else {
-    if (!compiled.empty())
+    if (!bytes.empty())
       KILN_LOG(kVerbose, "cuDNN graph API: the plan's serialized " << name << " did not load ("
                                                                    << from_bytes.message()
                                                                    << "); building it");
-    made->loaded_.reset();
+    made->impl_->loaded.reset();
     made->index_ = -1;
-    if (!compiled.empty())
+    if (!bytes.empty())
       KILN_RETURN_IF_ERROR(finish_graph(static_cast<cudnnHandle_t>(h), *made->impl_, "conv"));
     KILN_RETURN_IF_ERROR(made->select(h, name, ws_limit));
   }
@@ -357,8 +366,7 @@ Status PlannedGraph::select(void* handle, const std::string& name, size_t ws_lim
   try {
     auto h = static_cast<cudnnHandle_t>(handle);
     auto& g = impl_->g;
-    const std::string prefix = "cuda." + kind_ + ".cudnn_fe.";
-    const std::string want = name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : "";
+    const std::string want = plan_name(name);
     std::string failures;
     auto try_index = [&](int64_t i) -> bool {
       size_t ws = 0;
@@ -468,9 +476,8 @@ std::string PlannedGraph::serialized() const {
   try {
     std::lock_guard<std::mutex> lock(build_mutex());
     std::vector<uint8_t> data;
-    if (loaded_) {
-      if (static_cast<cfe::graph::Graph*>(loaded_.get())->serialize(data, false).is_bad())
-        return {};
+    if (impl_->loaded) {
+      if (impl_->loaded->serialize(data, false).is_bad()) return {};
     } else {
       // Serializes the graph's current candidate: make it the selected plan (already built,
       // so this only selects it).
@@ -483,11 +490,20 @@ std::string PlannedGraph::serialized() const {
   }
 }
 
-Status PlannedGraph::load(void* handle, const std::string& bytes, const std::string& name) {
+bool PlannedGraph::loaded() const {
+  return impl_->loaded != nullptr;
+}
+
+std::string PlannedGraph::plan_name(const std::string& tactic) const {
   const std::string prefix = "cuda." + kind_ + ".cudnn_fe.";
-  const std::string want = name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name;
+  return tactic.rfind(prefix, 0) == 0 ? tactic.substr(prefix.size()) : "";
+}
+
+Status PlannedGraph::load(void* handle, const std::string& bytes, const std::string& name) {
+  const std::string want = plan_name(name);
+  if (want.empty()) return invalid_argument("cuDNN graph API: '" + name + "' is not a graph plan");
   try {
-    auto g = std::make_shared<cfe::graph::Graph>();
+    auto g = std::make_unique<cfe::graph::Graph>();
     const std::vector<uint8_t> data(bytes.begin(), bytes.end());
     FE_CHECK(g->deserialize(static_cast<cudnnHandle_t>(handle), data, /*enforce_precompiled=*/true,
                             /*run_warmup=*/false),
@@ -497,7 +513,7 @@ Status PlannedGraph::load(void* handle, const std::string& bytes, const std::str
     int64_t w = 0;
     FE_CHECK(g->get_workspace_size_plan_at_index(0, w), kind_ + " deserialized plan workspace");
     if (w < 0) return invalid_argument("cuDNN graph API: negative workspace");
-    loaded_ = g;
+    impl_->loaded = std::move(g);
     index_ = 0;
     ws_ = static_cast<size_t>(w);
     name_ = want;
@@ -513,8 +529,8 @@ Status PlannedGraph::run(void* handle, void* const* ptrs, void* workspace) const
     std::unordered_map<int64_t, void*> vp;
     for (size_t k = 0; k < uids_.size(); ++k)
       if (ptrs[k]) vp[uids_[k]] = ptrs[k];
-    auto& g = loaded_ ? *static_cast<cfe::graph::Graph*>(loaded_.get()) : impl_->g;
-    FE_CHECK(g.execute_plan_at_index(static_cast<cudnnHandle_t>(handle), vp, workspace, index_),
+    FE_CHECK(impl_->running().execute_plan_at_index(static_cast<cudnnHandle_t>(handle), vp,
+                                                    workspace, index_),
              kind_ + " execute (" + name_ + ")");
     return Status::ok();
   } catch (const std::exception& e) {

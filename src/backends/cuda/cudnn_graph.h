@@ -89,7 +89,7 @@ class PlannedGraph {
   // engine's plan file: load() takes it back without compiling. "" when cuDNN cannot.
   std::string serialized() const;
   // Whether the selected plan came from serialized bytes (tests).
-  bool loaded() const { return loaded_ != nullptr; }
+  bool loaded() const;
 
  protected:
   explicit PlannedGraph(std::string kind);
@@ -103,7 +103,8 @@ class PlannedGraph {
   std::string name_;
   // Takes the plan `name` from `bytes` (serialized()): a graph of its own that run() executes.
   Status load(void* cudnn_handle, const std::string& bytes, const std::string& name);
-  std::shared_ptr<void> loaded_;  // the deserialized cudnn-frontend graph
+  // The plan name inside a tactic ("cuda.<kind>.cudnn_fe.<name>"), "" for another tactic.
+  std::string plan_name(const std::string& tactic) const;
 };
 
 // The makers build the operation graph with one process-wide cuDNN handle on GPU 0 (plans
