@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "base/base64.h"
 #include "base/file.h"
 #include "base/hash.h"
 #include "base/logging.h"
@@ -93,9 +94,16 @@ Status assign_kernels(Graph& g, const Backend& backend, std::set<std::string>& m
   return Status::ok();
 }
 
-// Timing cache: one line per layer signature, "<signature>\t<tactic>".
+// Timing cache: one line per layer signature, "<signature>\t<tactic>", or
+// "<signature>\t<tactic>\t<base64>" where the layer's kernel handed the builder its compiled
+// form (Kernel::compiled(): a CUDA conv's serialized cuDNN plan), so that a plan built from the
+// cache carries it as `kiln_compiled` too and its load does not compile the layer again.
 struct TimingCache {
-  std::map<std::string, std::string> entries;
+  struct Entry {
+    std::string tactic;
+    std::string compiled;  // raw bytes; empty when none
+  };
+  std::map<std::string, Entry> entries;
   bool dirty = false;
   Status load(const std::string& path) {
     if (path.empty() || !file_exists(path)) return Status::ok();
@@ -109,18 +117,38 @@ struct TimingCache {
       pos = nl + 1;
       ++line_no;
       if (line.empty() || line[0] == '#') continue;
-      size_t tab = line.rfind('\t');
+      // Signatures hold no tab (layer_signature replaces them), tactics neither.
+      const size_t tab = line.find('\t');
+      const std::string where = "timing cache '" + path + "' line " + std::to_string(line_no);
       if (tab == std::string::npos)
-        return invalid_argument("timing cache '" + path + "' line " + std::to_string(line_no) +
-                                " is not '<signature><TAB><tactic>'; delete the file to start afresh");
-      entries[line.substr(0, tab)] = line.substr(tab + 1);
+        return invalid_argument(where +
+                                " is not '<signature><TAB><tactic>'; delete the file to "
+                                "start afresh");
+      Entry e;
+      const size_t tab2 = line.find('\t', tab + 1);
+      e.tactic =
+          line.substr(tab + 1, tab2 == std::string::npos ? std::string::npos : tab2 - tab - 1);
+      if (tab2 != std::string::npos) {
+        auto bytes = base64_decode(std::string_view(line).substr(tab2 + 1));
+        if (!bytes)
+          return invalid_argument(where +
+                                  ": the third field (a compiled layer) is not base64; "
+                                  "delete the file to start afresh");
+        e.compiled = std::move(*bytes);
+      }
+      entries[line.substr(0, tab)] = std::move(e);
     }
     return Status::ok();
   }
   Status save(const std::string& path) const {
     if (path.empty() || !dirty) return Status::ok();
-    std::string text = "# Kiln timing cache: layer signature -> tactic\n";
-    for (auto& [k, v] : entries) text += k + "\t" + v + "\n";
+    std::string text =
+        "# Kiln timing cache: layer signature -> tactic [-> compiled layer, base64]\n";
+    for (auto& [k, v] : entries) {
+      text += k + "\t" + v.tactic;
+      if (!v.compiled.empty()) text += "\t" + base64_encode(v.compiled);
+      text += "\n";
+    }
     return write_file(path, text.data(), text.size());
   }
 };
@@ -238,7 +266,8 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     auto hit = cache.entries.find(sigs[i]);
     if (!shaped && hit == cache.entries.end()) ++untimed;
     if (hit != cache.entries.end()) {
-      set_string_attr(n, "kiln_tactic", hit->second);
+      set_string_attr(n, "kiln_tactic", hit->second.tactic);
+      if (!hit->second.compiled.empty()) set_string_attr(n, "kiln_compiled", hit->second.compiled);
       ++rep.tuned_from_cache;
     }
   }
@@ -270,7 +299,6 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
                    << " s");
   }
   size_t done = 0;
-  std::unordered_map<std::string, std::string> compiled;  // signature -> kiln_compiled
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     Node& n = g.nodes[i];
     if (sigs[i].empty()) continue;
@@ -280,9 +308,8 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     if (n.has_attr("kiln_tactic")) continue;
     // A layer with the same signature was timed earlier in this build: same choice.
     if (auto hit = cache.entries.find(sigs[i]); hit != cache.entries.end()) {
-      set_string_attr(n, "kiln_tactic", hit->second);
-      if (auto c = compiled.find(sigs[i]); c != compiled.end())
-        set_string_attr(n, "kiln_compiled", c->second);
+      set_string_attr(n, "kiln_tactic", hit->second.tactic);
+      if (!hit->second.compiled.empty()) set_string_attr(n, "kiln_compiled", hit->second.compiled);
       ++rep.tuned_from_cache;
       continue;
     }
@@ -292,11 +319,9 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     std::string tactic = k.value()->tactic();
     if (tactic.empty()) continue;
     set_string_attr(n, "kiln_tactic", tactic);
-    if (std::string c = k.value()->compiled(); !c.empty()) {
-      set_string_attr(n, "kiln_compiled", c);
-      compiled[sigs[i]] = std::move(c);
-    }
-    cache.entries[sigs[i]] = tactic;
+    std::string c = k.value()->compiled();
+    if (!c.empty()) set_string_attr(n, "kiln_compiled", c);
+    cache.entries[sigs[i]] = TimingCache::Entry{tactic, std::move(c)};
     cache.dirty = true;
     ++rep.tuned;
   }

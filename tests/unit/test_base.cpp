@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include "base/base64.h"
 #include "base/hash.h"
 #include "ir/tensor.h"
 #include "kiln/half.h"
@@ -27,4 +28,33 @@ TEST(Tensor, CreateRejectsHostileShapes) {
 TEST(Hash, Deterministic) {
   EXPECT_EQ(hash_bytes("abc", 3), hash_bytes("abc", 3));
   EXPECT_NE(hash_bytes("abc", 3), hash_bytes("abd", 3));
+}
+
+TEST(Base64, RoundTripAndRfc4648Vectors) {
+  // RFC 4648 section 10.
+  const std::pair<const char*, const char*> vectors[] = {{"", ""},
+                                                         {"f", "Zg=="},
+                                                         {"fo", "Zm8="},
+                                                         {"foo", "Zm9v"},
+                                                         {"foob", "Zm9vYg=="},
+                                                         {"fooba", "Zm9vYmE="},
+                                                         {"foobar", "Zm9vYmFy"}};
+  for (auto [plain, enc] : vectors) {
+    EXPECT_EQ(base64_encode(plain), enc);
+    auto d = base64_decode(enc);
+    ASSERT_TRUE(d.has_value()) << enc;
+    EXPECT_EQ(*d, plain);
+  }
+  std::string bytes;
+  for (int i = 0; i < 1000; ++i) bytes += static_cast<char>((i * 131 + 7) & 255);
+  for (size_t n : {size_t{1}, size_t{2}, size_t{3}, size_t{254}, size_t{1000}}) {
+    auto d = base64_decode(base64_encode(bytes.substr(0, n)));
+    ASSERT_TRUE(d.has_value());
+    EXPECT_EQ(*d, bytes.substr(0, n));
+  }
+}
+
+TEST(Base64, RejectsWhatIsNotBase64) {
+  for (const char* bad : {"Zg=", "Zm9", "Z===", "Zm9v!A==", "Zg==Zm8=", "=Zg=", "Zm\t8"})
+    EXPECT_FALSE(base64_decode(bad).has_value()) << bad;
 }

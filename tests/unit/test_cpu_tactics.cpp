@@ -213,6 +213,37 @@ TEST(CpuTactics, CacheOfAnOlderTacticGenerationIsNotReused) {
   expect_correct(again);
 }
 
+// A cache line's optional third field is a compiled layer in base64 (CUDA convs' serialized
+// cuDNN plans; see the builder's TimingCache). Valid base64 is taken and handed to the plan; a
+// field that is not base64 fails the build with the file and line named.
+TEST(CpuTactics, CompiledFieldOfACacheLineIsBase64) {
+  TempDir td;
+  const std::string cache = td.path + "/tc.txt";
+  Built b;
+  if (!first_build(cache, &b)) GTEST_SKIP() << "no oneDNN convolution in this build";
+  const std::string text = read_text(cache);
+  const size_t nl = text.find('\n', text.find("\ntactics-") + 1);
+  ASSERT_NE(nl, std::string::npos) << text;
+  std::string good = text;
+  good.insert(nl, "\tAAEC");  // bytes 00 01 02
+  ASSERT_TRUE(write_file(cache, good.data(), good.size()).is_ok());
+  Built again = build(cache);
+  EXPECT_EQ(again.rep.tuned, 0u);
+  EXPECT_EQ(again.rep.tuned_from_cache, 1u);
+  expect_correct(again);
+  std::string bad = text;
+  bad.insert(nl, "\tnot base64!");
+  ASSERT_TRUE(write_file(cache, bad.data(), bad.size()).is_ok());
+  Model m = conv_model();
+  BuilderConfig c;
+  c.timing_cache = cache;
+  auto r = build_plan(m, c, 42, nullptr);
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find(cache + "' line 2"), std::string::npos)
+      << r.status().message();
+  EXPECT_NE(r.status().message().find("base64"), std::string::npos) << r.status().message();
+}
+
 TEST(CpuTactics, ForcedTacticIsHonoured) {
   TempDir td;
   const std::string cache = td.path + "/tc.txt";

@@ -10,7 +10,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "engine_test_util.h"
@@ -213,12 +216,17 @@ TEST(CudaPretune, SerializedPlanLoadsWithoutBuildingAndComputesTheSame) {
 }
 
 // x [2, 16, 7, 9] -> Conv 1x1 (16 -> 32) + bias -> Relu -> Conv 3x3 pad 1 (32 -> 16) + bias -> + x
-// -> Relu, built for CUDA in fp16 with no timing cache: both convs are timed, each from the graph
-// the pretune step built for it, and the engine matches the double reference.
-TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
-  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
-  std::mt19937 rng(31);
+// -> Relu, with its input and a double reference written here.
+struct TwoConvCase {
   Model m;
+  Tensor x;
+  std::vector<double> want;
+};
+
+TwoConvCase two_conv_case() {
+  std::mt19937 rng(31);
+  TwoConvCase tc;
+  Model& m = tc.m;
   m.ir_version = 8;
   m.opsets[""] = 17;
   m.graph.name = "pretune";
@@ -241,7 +249,8 @@ TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
   g.nodes.push_back(c2);
   g.nodes.push_back(test::node("add", "Add", {"h3", "x"}, {"h4"}));
   g.nodes.push_back(test::node("r2", "Relu", {"h4"}, {"y"}));
-  Tensor x = test::rand_tensor(rng, xs);
+  tc.x = test::rand_tensor(rng, xs);
+  const Tensor& x = tc.x;
   const int64_t N = xs[0], C = xs[1], H = xs[2], W = xs[3], M = 32;
   const float* xp = x.data<float>();
   const float* w1 = g.initializers["w1"].data<float>();
@@ -251,8 +260,9 @@ TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
   auto at = [&](int64_t n, int64_t c, int64_t yy, int64_t xx, int64_t ch) {
     return static_cast<size_t>(((n * ch + c) * H + yy) * W + xx);
   };
-  std::vector<double> h(static_cast<size_t>(N * M * H * W)),
-      want(static_cast<size_t>(N * C * H * W));
+  std::vector<double> h(static_cast<size_t>(N * M * H * W));
+  std::vector<double>& want = tc.want;
+  want.resize(static_cast<size_t>(N * C * H * W));
   for (int64_t n = 0; n < N; ++n)
     for (int64_t yy = 0; yy < H; ++yy)
       for (int64_t xx = 0; xx < W; ++xx)
@@ -275,22 +285,83 @@ TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
               }
           want[at(n, o, yy, xx, C)] = std::max(a, 0.0);
         }
+  return tc;
+}
+
+// The number of layers of an engine that run a cuDNN graph API plan.
+size_t graph_api_layers(const Engine& e) {
+  const std::string layers = e.describe_layers();
+  size_t n = 0;
+  for (size_t at = layers.find("cudnn_fe"); at != std::string::npos;
+       at = layers.find("cudnn_fe", at + 1))
+    ++n;
+  return n;
+}
+
+// Built for CUDA in fp16 with no timing cache: both convs are timed, each from the graph the
+// pretune step built for it, and the engine matches the double reference.
+TEST(CudaPretune, EngineBuildTimesEveryConvFromItsPrebuiltGraph) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  TwoConvCase tc = two_conv_case();
+  Model& m = tc.m;
+  const Tensor& x = tc.x;
+  const std::vector<double>& want = tc.want;
   const size_t taken = cuda::fe::ConvGraph::prebuilt_taken();
   const size_t loads = cuda::fe::ConvGraph::loaded_count();
   auto e = test::build_engine(m, "cuda", true);
   ASSERT_TRUE(e);
   EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_taken(), taken + 2) << e->describe_layers();
   // The engine (loaded from the plan) took each graph API conv's serialized plan.
-  const std::string layers = e->describe_layers();
-  size_t graph_convs = 0;
-  for (size_t at = layers.find("cudnn_fe"); at != std::string::npos;
-       at = layers.find("cudnn_fe", at + 1))
-    ++graph_convs;
-  EXPECT_EQ(cuda::fe::ConvGraph::loaded_count(), loads + graph_convs) << layers;
+  EXPECT_EQ(cuda::fe::ConvGraph::loaded_count(), loads + graph_api_layers(*e))
+      << e->describe_layers();
   EXPECT_EQ(cuda::fe::ConvGraph::prebuilt_count(), 0u);
   const std::vector<float> got = test::run_xy(*e, x);
   ASSERT_EQ(got.size(), want.size());
   EXPECT_LE(test::scaled_err(got, want), 1e-2);
+}
+
+// The timing cache keeps each graph API conv's serialized plan beside its tactic: a plan built
+// from a warm cache times nothing and still carries the plans, so its load deserializes them
+// (no compiling) and computes what the reference says.
+TEST(CudaPretune, WarmTimingCacheCarriesTheSerializedPlans) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
+  TwoConvCase tc = two_conv_case();
+  char tmpl[] = "/tmp/kiln_pretune_XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string cache = std::string(tmpl) + "/tc.txt";
+  BuilderConfig c;
+  c.device = "cuda";
+  c.fp16 = true;
+  c.timing_cache = cache;
+  BuildReport cold, warm;
+  Model m1 = tc.m, m2 = tc.m;  // build_plan rewrites the model it is given
+  auto p1 = build_plan(m1, c, 7, &cold);
+  ASSERT_TRUE(p1.is_ok()) << p1.status().message();
+  EXPECT_EQ(cold.tuned, 2u);
+  auto p2 = build_plan(m2, c, 7, &warm);
+  ASSERT_TRUE(p2.is_ok()) << p2.status().message();
+  EXPECT_EQ(warm.tuned, 0u);
+  EXPECT_EQ(warm.tuned_from_cache, 2u);
+  const size_t loads = cuda::fe::ConvGraph::loaded_count();
+  auto e = Engine::deserialize(p2->data(), p2->size());
+  ASSERT_TRUE(e.is_ok()) << e.status().message();
+  const size_t graph_convs = graph_api_layers(*e.value());
+  EXPECT_GT(graph_convs, 0u) << e.value()->describe_layers();
+  EXPECT_EQ(cuda::fe::ConvGraph::loaded_count(), loads + graph_convs)
+      << e.value()->describe_layers();
+  // Every graph API line of the cache has its third field.
+  std::ifstream in(cache);
+  size_t with_plan = 0;
+  for (std::string line; std::getline(in, line);)
+    if (line.find("\tcuda.conv.cudnn_fe") != std::string::npos) {
+      EXPECT_EQ(std::count(line.begin(), line.end(), '\t'), 2) << line.substr(0, 300);
+      ++with_plan;
+    }
+  EXPECT_EQ(with_plan, graph_convs);
+  const std::vector<float> got = test::run_xy(*e.value(), tc.x);
+  ASSERT_EQ(got.size(), tc.want.size());
+  EXPECT_LE(test::scaled_err(got, tc.want), 1e-2);
+  std::filesystem::remove_all(tmpl);
 }
 
 #endif  // KILN_WITH_CUDA
