@@ -7,8 +7,9 @@ Rows: ResNet-50 v1.5 batch 1 and 8, MobileNetV2 batch 1, BERT-base seq 128 batch
 scripts/make_resnet50_sample.py and scripts/make_mobilenet_bert.py: SAMPLES/<name>/model.onnx).
 For each row: Kiln builds a plan (timed), `kiln run` saves outputs that must agree with ORT's
 (max |kiln - ort| <= rel * max|ort|), then `kiln bench --json` and an ORT worker process each
-time the same inputs. Prints median latency, the ratio Kiln/ORT (target <= 0.80), the peak RSS
-of each process and Kiln's build time. Kiln's threads: OMP_NUM_THREADS (--omp-wait-policy active
+time the same inputs, alternating --rounds times. Prints each side's median latency (the median
+of its round medians), the ratio Kiln/ORT (target <= 0.80) with the range of the rounds' own
+ratios, the peak RSS of each process and Kiln's build time. Kiln's threads: OMP_NUM_THREADS (--omp-wait-policy active
 matches ORT's spinning pool on dedicated cores); ORT's: intra_op threads.
 """
 import argparse
@@ -131,17 +132,25 @@ def bench_row(args, name, model_dir, batch, work):
     rc, out, _ = run_measured([args.kiln, "run", "--loadEngine", plan, *inputs, "--saveOutputs", outdir], env)
     if rc != 0:
         return {"row": name, "error": "kiln run failed: " + out[-2000:]}
+    # Kiln and ORT alternate, --rounds times each: a machine whose speed drifts (shared or
+    # throttled cores) slows both sides of a round alike, where timing all of one side first would
+    # charge the drift to one of them. Each side's figure is the median of its round medians.
     jpath = os.path.join(d, "kiln.json")
-    rc, out, kiln_rss = run_measured([args.kiln, "bench", "--loadEngine", plan, *inputs, "--warmUp",
-                                      str(args.warmup), "--iterations", str(args.iterations), "--json", jpath], env)
-    if rc != 0:
-        return {"row": name, "error": "kiln bench failed: " + out[-2000:]}
-    kiln_ms = json.load(open(jpath))["latency_ms"]["median"]
-    rc, out, ort_rss = run_measured([sys.executable, os.path.abspath(__file__), "--ort-worker", "--model", model,
+    kiln_ms, ort_ms, kiln_rss, ort_rss = [], [], 0.0, 0.0
+    for _ in range(args.rounds):
+        rc, out, rss = run_measured([args.kiln, "bench", "--loadEngine", plan, *inputs, "--warmUp",
+                                     str(args.warmup), "--iterations", str(args.iterations), "--json", jpath], env)
+        if rc != 0:
+            return {"row": name, "error": "kiln bench failed: " + out[-2000:]}
+        kiln_ms.append(json.load(open(jpath))["latency_ms"]["median"])
+        kiln_rss = max(kiln_rss, rss)
+        rc, out, rss = run_measured([sys.executable, os.path.abspath(__file__), "--ort-worker", "--model", model,
                                      "--inputs", d, "--out", d, "--threads", str(args.threads),
                                      "--warmup", str(args.warmup), "--iterations", str(args.iterations)])
-    if rc != 0:
-        return {"row": name, "error": "ORT worker failed: " + out[-2000:]}
+        if rc != 0:
+            return {"row": name, "error": "ORT worker failed: " + out[-2000:]}
+        ort_ms.append(json.load(open(os.path.join(d, "ort.json")))["median_ms"])
+        ort_rss = max(ort_rss, rss)
     oj = json.load(open(os.path.join(d, "ort.json")))
     worst = 0.0
     for n in oj["outputs"]:
@@ -150,7 +159,11 @@ def bench_row(args, name, model_dir, batch, work):
         if got.shape != ref.shape:
             return {"row": name, "error": f"output {n}: shape {got.shape} vs ORT {ref.shape}"}
         worst = max(worst, float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-12)))
-    return {"row": name, "kiln_ms": kiln_ms, "ort_ms": oj["median_ms"], "ratio": kiln_ms / oj["median_ms"],
+    round_ratios = [k / o for k, o in zip(kiln_ms, ort_ms)]
+    k_med, o_med = float(np.median(kiln_ms)), float(np.median(ort_ms))
+    return {"row": name, "kiln_ms": k_med, "ort_ms": o_med, "ratio": k_med / o_med,
+            "round_kiln_ms": kiln_ms, "round_ort_ms": ort_ms,
+            "round_ratio_min": min(round_ratios), "round_ratio_max": max(round_ratios),
             "kiln_rss_mib": kiln_rss, "ort_rss_mib": ort_rss, "kiln_build_s": build_s,
             "kiln_build_rss_mib": build_rss, "max_rel_err": worst, "agree": worst <= args.rel}
 
@@ -162,6 +175,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="Kiln and ORT timed alternately this many times each (medians of the rounds)")
     ap.add_argument("--rel", type=float, default=1e-3, help="max |kiln-ort| / max|ort| per output")
     ap.add_argument("--rows", default="", help="comma-separated subset of " + ",".join(r[0] for r in ROWS))
     ap.add_argument("--json", default="", help="also write the rows as JSON here")
@@ -186,10 +201,13 @@ def main():
     want = set(filter(None, args.rows.split(",")))
     work = args.work or tempfile.mkdtemp(prefix="kiln_vs_ort_")
     results = []
-    print(f"threads {args.threads}, warmup {args.warmup}, iterations {args.iterations}, "
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    print(f"threads {args.threads}, warmup {args.warmup}, iterations {args.iterations}, rounds {args.rounds}, "
           f"Kiln OMP_WAIT_POLICY={args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY', '(default)')}, "
           f"work dir {work}")
-    hdr = f"{'row':<20} {'kiln ms':>9} {'ort ms':>9} {'ratio':>6} {'kiln RSS':>9} {'ort RSS':>9} {'build s':>8} {'rel err':>9}"
+    hdr = (f"{'row':<20} {'kiln ms':>9} {'ort ms':>9} {'ratio':>6} {'rounds':>11} {'kiln RSS':>9} {'ort RSS':>9} "
+           f"{'build s':>8} {'rel err':>9}")
     print(hdr)
     bad = False
     for name, model_dir, batch in ROWS:
@@ -202,7 +220,8 @@ def main():
             print(f"{name:<20} ERROR {r['error']}")
             continue
         bad = bad or not r["agree"]
-        print(f"{name:<20} {r['kiln_ms']:9.2f} {r['ort_ms']:9.2f} {r['ratio']:6.2f} {r['kiln_rss_mib']:8.0f}M "
+        print(f"{name:<20} {r['kiln_ms']:9.2f} {r['ort_ms']:9.2f} {r['ratio']:6.2f} "
+              f"{r['round_ratio_min']:5.2f}-{r['round_ratio_max']:4.2f} {r['kiln_rss_mib']:8.0f}M "
               f"{r['ort_rss_mib']:8.0f}M {r['kiln_build_s']:8.2f} {r['max_rel_err']:9.2e}"
               + ("" if r["agree"] else "  OUTPUTS DISAGREE"), flush=True)
     if args.json:
