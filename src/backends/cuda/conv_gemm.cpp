@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include "backends/cuda/lt_algo.h"
@@ -128,8 +129,15 @@ Result<std::unique_ptr<PointwiseGemm>> PointwiseGemm::from_tactic(const Pointwis
     return std::unique_ptr<PointwiseGemm>();
   auto impl = std::make_unique<Impl>();
   KILN_RETURN_IF_ERROR(impl->init(p, where));
-  cublasLtHandle_t h = nullptr;
-  LT_CHECK(cublasLtCreate(&h), "cublasLtCreate");
+  // One process-wide handle for these checks (engine load: a cublasLtCreate per layer before).
+  static std::mutex mu;
+  static cublasLtHandle_t h = nullptr;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!h) {
+    cublasLtHandle_t made = nullptr;
+    LT_CHECK(cublasLtCreate(&made), "cublasLtCreate");
+    h = made;
+  }
   Desc d;
   Status st = make_desc(p, nullptr, d, where);
   cublasLtMatmulHeuristicResult_t r{};
@@ -137,7 +145,6 @@ Result<std::unique_ptr<PointwiseGemm>> PointwiseGemm::from_tactic(const Pointwis
                     cublasLtMatmulAlgoCheck(h, d.d, impl->la.d, impl->lb.d, impl->lcd.d,
                                             impl->lcd.d, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
                     r.workspaceSize <= ws_limit;
-  cublasLtDestroy(h);
   KILN_RETURN_IF_ERROR(st);
   if (!fits) return std::unique_ptr<PointwiseGemm>();
   impl->algo = algo;
