@@ -214,6 +214,13 @@ void set_string_attr(Node& n, const char* name, std::string v) {
   n.set_attr(std::move(a));
 }
 
+// A layer's choice from the timing cache (or from a layer of the same signature timed earlier in
+// the build): its tactic and, where there is one, its compiled form.
+void take_cache_entry(Node& n, const TimingCache::Entry& e) {
+  set_string_attr(n, "kiln_tactic", e.tactic);
+  if (!e.compiled.empty()) set_string_attr(n, "kiln_compiled", e.compiled);
+}
+
 // The CPU thread count timings were taken with (OpenMP's, looked up as set_cpu_threads does):
 // part of a CPU layer signature, since the fastest implementation depends on it.
 int cpu_threads() {
@@ -266,8 +273,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     auto hit = cache.entries.find(sigs[i]);
     if (!shaped && hit == cache.entries.end()) ++untimed;
     if (hit != cache.entries.end()) {
-      set_string_attr(n, "kiln_tactic", hit->second.tactic);
-      if (!hit->second.compiled.empty()) set_string_attr(n, "kiln_compiled", hit->second.compiled);
+      take_cache_entry(n, hit->second);
       ++rep.tuned_from_cache;
     }
   }
@@ -308,8 +314,7 @@ Status autotune(Graph& g, const Backend& backend, const BuilderConfig& config,
     if (n.has_attr("kiln_tactic")) continue;
     // A layer with the same signature was timed earlier in this build: same choice.
     if (auto hit = cache.entries.find(sigs[i]); hit != cache.entries.end()) {
-      set_string_attr(n, "kiln_tactic", hit->second.tactic);
-      if (!hit->second.compiled.empty()) set_string_attr(n, "kiln_compiled", hit->second.compiled);
+      take_cache_entry(n, hit->second);
       ++rep.tuned_from_cache;
       continue;
     }

@@ -812,23 +812,6 @@ void permute_elems(const Tensor& w, Tensor& t, int64_t K, int64_t C, int64_t R, 
   }
 }
 
-// One cuDNN handle for the legacy API's heuristic queries at engine load (a cudnnCreate per
-// layer cost milliseconds each; the queries run nothing on a stream). Used under its mutex.
-template <typename F>
-Status with_query_handle(F&& f) {
-  static std::mutex mu;
-  static cudnnHandle_t h = nullptr;
-  std::lock_guard<std::mutex> lock(mu);
-  if (!h) {
-    cudnnHandle_t made = nullptr;
-    const cudnnStatus_t st = cudnnCreate(&made);
-    if (st != CUDNN_STATUS_SUCCESS)
-      return runtime_error(std::string("cudnnCreate: ") + cudnnGetErrorString(st));
-    h = made;
-  }
-  return f(h);
-}
-
 // OIHW (host) -> OHWI ("KRSC") bytes.
 Result<Tensor> to_krsc(const Tensor& w) {
   const Shape& s = w.shape();
@@ -1173,8 +1156,9 @@ Status ConvKernel::prepare(const Node& n, const ConstantLookup& constants) {
                                           cfg_.form_tactic[static_cast<size_t>(f)],
                                           form_lt_limit(*p.value(), f), where_);
       if (g.is_ok() && g.value()) {
-        Status st =
-            with_query_handle([&](cudnnHandle_t h) { return pick_heuristic(h, dt, *p.value()); });
+        // On the graph makers' handle (a cudnnCreate per layer cost milliseconds each).
+        Status st = fe::with_build_handle(
+            [&](void* h) { return pick_heuristic(static_cast<cudnnHandle_t>(h), dt, *p.value()); });
         if (st.is_ok()) {
           p.value()->forms[static_cast<size_t>(f)].g = std::move(g.value());
           p.value()->tuned = true;

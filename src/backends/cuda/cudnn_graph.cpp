@@ -143,6 +143,12 @@ Result<void*> build_handle() {
 
 }  // namespace
 
+Status with_build_handle(const std::function<Status(void* cudnn_handle)>& f) {
+  std::lock_guard<std::mutex> lock(build_mutex());
+  KILN_ASSIGN_OR_RETURN(void* h, build_handle());
+  return f(h);
+}
+
 namespace {
 
 // Everything make_tuned's result depends on.

@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,6 +20,11 @@
 #include "backends/cuda/cuda_env.h"
 
 namespace kiln::cuda::fe {
+
+// Runs f with the process-wide cuDNN handle the graph makers build with (created on first use),
+// under their mutex: for queries that run nothing on a stream (the legacy API's heuristics at
+// engine load). f must not call the makers below.
+Status with_build_handle(const std::function<Status(void* cudnn_handle)>& f);
 
 // One NHWC 2-D convolution: X [N, H, W, C], W in KRSC [K, R, S, C/group], Y [N, P, Q, K],
 // optional bias [K] and residual Z (Y's shape). y = relu?(conv(x, w) + bias + z).
