@@ -65,6 +65,17 @@ def main():
         FAILS.append("build --timingCache (cold) timed nothing")
     check("build --timingCache (warm)", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine", "rt.plan",
                                          "--batch", "4", "--timingCache", "tc.txt"], 0, "tactics: 0 layers timed, ")
+    # A timing-cache line whose third field (a compiled layer) is not base64: the build fails,
+    # naming the file and the line.
+    with open(os.path.join(WORK, "tc.txt")) as f:
+        lines = f.read().splitlines()
+    at = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
+    lines[at] += "\tnot base64!"
+    with open(os.path.join(WORK, "tc_bad.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    check("build --timingCache with a corrupt compiled field", ["build", "--onnx", f"{r}/model.onnx", "--saveEngine",
+          "rt_bad.plan", "--batch", "4", "--timingCache", "tc_bad.txt"], 1,
+          f"tc_bad.txt' line {at + 1}", "not base64")
     check("inspect shows CPU tactics", ["inspect", "rt.plan"], 0, "[cpu.conv.onednn.")
     check("run with cached tactics", ["run", "--loadEngine", "rt.plan", "--testDir", r, "--rtol", "1e-3", "--atol", "1e-4"],
           0, "3 of 3 data sets OK")
