@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -32,23 +33,6 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
-
-#define CK(x)                                                                \
-  do {                                                                       \
-    cudaError_t e_ = (x);                                                    \
-    if (e_ != cudaSuccess) {                                                 \
-      printf("CUDA %s line %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); \
-      exit(1);                                                               \
-    }                                                                        \
-  } while (0)
-#define LK(x)                                                     \
-  do {                                                            \
-    cublasStatus_t s_ = (x);                                      \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                            \
-      printf("cublasLt %s line %d: %d\n", #x, __LINE__, (int)s_); \
-      exit(1);                                                    \
-    }                                                             \
-  } while (0)
 
 using namespace cute;
 using EA = cutlass::half_t;

@@ -16,23 +16,7 @@
 #include <vector>
 
 #include "backends/cuda/graph_edges.h"
-
-#define CK(x)                                                                \
-  do {                                                                       \
-    cudaError_t e_ = (x);                                                    \
-    if (e_ != cudaSuccess) {                                                 \
-      printf("CUDA %s line %d: %s\n", #x, __LINE__, cudaGetErrorString(e_)); \
-      exit(1);                                                               \
-    }                                                                        \
-  } while (0)
-#define LK(x)                                                     \
-  do {                                                            \
-    cublasStatus_t s_ = (x);                                      \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                            \
-      printf("cublasLt %s line %d: %d\n", #x, __LINE__, (int)s_); \
-      exit(1);                                                    \
-    }                                                             \
-  } while (0)
+#include "cuda_check.h"
 
 // Every full-serialization edge between two kernel nodes becomes programmatic (what a kernel
 // launched with the programmatic-serialization attribute gets when captured).
