@@ -365,8 +365,10 @@ const char* isa_name(WinoIsa i) {
 
 constexpr double kKilnWinoTol = 1e-5;  // max abs error / max |conv + bias + z|
 
-// Runs s on every ISA this CPU has, with 1 and 2 threads, in a fresh output and in place (z as
-// the output), against the double reference. Returns the worst relative error.
+// Runs s on every ISA this CPU has, with 1, 2 and 16 threads (more (panel, tile block) tasks
+// than threads, or fewer: the streamed mode then splits each over rows of the transform
+// positions), in a fresh output and in place (z as the output), against the double reference.
+// Returns the worst relative error.
 double check_kiln_wino(const WSpec& s, uint32_t seed = 1) {
   SCOPED_TRACE(::testing::Message()
                << "N=" << s.N << " H=" << s.H << " W=" << s.W << " C=" << s.C << " K=" << s.K
@@ -392,7 +394,7 @@ double check_kiln_wino(const WSpec& s, uint32_t seed = 1) {
     EXPECT_TRUE(k) << isa_name(isa);
     if (!k) continue;
     for (cpu::WinoMode mode : {cpu::WinoMode::kFused, cpu::WinoMode::kStreamed})
-      for (int threads : {1, 2})
+      for (int threads : {1, 2, 16})  // 16: the streamed GEMMs split over position rows
         for (bool in_place : {false, true}) {
           if (in_place && !s.residual) continue;
           std::vector<float> y(yn, std::nanf(""));

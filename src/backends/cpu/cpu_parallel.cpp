@@ -104,7 +104,7 @@ float* thread_scratch(ScratchOwner owner, int slot, size_t n) {
     size_t cap = 0;
     ~Buf() { free_floats(p); }
   };
-  thread_local Buf bufs[3][4];
+  thread_local Buf bufs[3][5];
   Buf& b = bufs[static_cast<int>(owner)][slot];
   if (n > b.cap) {
     free_floats(b.p);

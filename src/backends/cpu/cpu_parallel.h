@@ -29,7 +29,7 @@ bool parallel_tasks_static(int64_t n, int threads, TaskFn task, void* ctx);
 float* alloc_floats(size_t n);
 void free_floats(float* p);
 
-// The calling thread's grow-only, 64-byte aligned buffer `slot` (0..3) of at least n floats,
+// The calling thread's grow-only, 64-byte aligned buffer `slot` (0..4) of at least n floats,
 // owned by one kernel family (a kernel may call another's, e.g. the fused inverted-residual
 // block runs Kiln's 1x1 conv, so each family has its own slots); null when out of memory.
 enum class ScratchOwner : int { kConv1x1 = 0, kMbConv = 1, kWinograd = 2 };

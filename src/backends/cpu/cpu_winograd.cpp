@@ -62,9 +62,13 @@ struct WinoJob {
   int64_t cc = 0;                     // phase 2: input channels per block of U made at a time
   // 0: task = tile block, all of it, with the pretransformed U; 1: task = (tile block, channel
   // chunk)'s input transform into vglob; 2: task = (panel, tile block) from vglob, U made from
-  // the weights.
+  // the weights; with ns > 1, task = (panel, tile block, group of 6 / ns rows of the 6 x 6
+  // transform positions), GEMM results into mglob and no output transform; 3: task = (panel,
+  // tile block)'s output transform from mglob.
   int phase = 0;
+  int64_t ns = 1;                // phase 2: position groups per (panel, tile block)
   float* vglob = nullptr;        // [ntb][36][Tp][Cp]
+  float* mglob = nullptr;        // ns > 1: [npan][ntb][36][m_plane]
   const float* zeros = nullptr;  // Cp zeros
   fused::Epilogue ep;
   bool prefetch = true;  // the next tile's input / output lines (KILN_CPU_WINO_PREFETCH)
@@ -123,9 +127,35 @@ bool wino_static_enabled() {
   return on;
 }
 
+// KILN_CPU_WINO_SPLIT=0: streamed-mode GEMM tasks never split over the transform positions
+// (A/B runs).
+bool wino_split_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CPU_WINO_SPLIT");
+    return !(e && e[0] == '0' && e[1] == 0);
+  }();
+  return on;
+}
+
+// Groups of the 6 rows of transform positions per streamed-mode GEMM task (1, 2, 3 or 6) for
+// `tasks` (panel, tile block) tasks on `threads` threads: 1 where the tasks already give every
+// thread one; else the split whose whole rounds of tasks end soonest (rounds / groups, in
+// tasks' worth of work), the fewer groups on a tie (each group reads the panel's weights and
+// computes G g, the first half of U's transform, again).
+int64_t position_groups(int64_t tasks, int64_t threads) {
+  if (!wino_split_enabled() || tasks >= threads) return 1;
+  int64_t best = 1;
+  double best_t = 1.0;  // unsplit: one round of whole tasks
+  for (int64_t g : {2, 3, 6}) {
+    const double t = double((tasks * g + threads - 1) / threads) / double(g);
+    if (t < best_t - 1e-9) best_t = t, best = g;
+  }
+  return best;
+}
+
 // The calling thread's grow-only, 64-byte aligned buffer `slot` (0: V, 1: GEMM results,
-// 2: shared V of a two-phase run, 3: zeros) of at least n floats; null when out of memory.
-// Slot 0 holds U blocks in phase 2.
+// 2: shared V of a two-phase run, 3: zeros, 4: shared GEMM results of a position-split run)
+// of at least n floats; null when out of memory. Slot 0 holds U blocks in phase 2.
 float* thread_scratch(int slot, size_t n) {
   return cpu::thread_scratch(ScratchOwner::kWinograd, slot, n);
 }
@@ -477,6 +507,20 @@ bool WinogradConv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_t 
   j.ncc = (j.Cp + j.cpc - 1) / j.cpc;
   if (!parallel_tasks(j.ntb * j.ncc, threads, body, &ctx)) return false;
   j.phase = 2;
+  // Fewer (panel, tile block) tasks than threads (few tiles, many cores: ResNet-50 b1's 14x14x256
+  // has 4 panels of 64 channels and one block of 16 tiles, 12 of 16 threads waited): each task's
+  // 36 GEMMs split into ns groups of rows of the 6 x 6 positions, the one that finishes the
+  // work soonest in whole rounds of tasks (each group makes only its rows of U), their results
+  // kept in mglob, then the output transforms as tasks of their own.
+  j.ns = position_groups(j.npan * j.ntb, P);
+  if (j.ns > 1) {
+    const int64_t mplane = j.Tp * nr_ + 16;  // m_plane() of the kernel
+    j.mglob = thread_scratch(4, static_cast<size_t>(j.npan * j.ntb * 36 * mplane));
+    if (!j.mglob) return false;
+    if (!parallel_tasks(j.npan * j.ntb * j.ns, threads, body, &ctx)) return false;
+    j.phase = 3;
+    return parallel_tasks(j.npan * j.ntb, threads, body, &ctx);
+  }
   // Each thread a contiguous run of (panel, tile block) tasks, so that the last weight block of
   // a panel prefetches the first of the panel the same thread takes next (as taken, each task's
   // first block waited on memory). Zen 5, 2 threads, weights flushed: 7x7x512 N=1 0.571 -> 0.547

@@ -28,7 +28,10 @@ enum class WinoIsa { kAuto, kAvx512, kAvx2 };
 // tiles first, then tasks of output-channel panels, a contiguous run of them per thread, each
 // panel's last weight block prefetching the next panel's first); moves a quarter of the bytes,
 // which matters when few tiles share each weight and the weights come from memory, as in a
-// model's later layers. kAuto: see auto_mode().
+// model's later layers; where its (panel, tile block) tasks are fewer than the threads, each is
+// split over rows of the 36 transform positions (each part making its rows of U), the output
+// transforms following as tasks of their own (KILN_CPU_WINO_SPLIT=0: not, for A/B runs).
+// kAuto: see auto_mode().
 enum class WinoMode { kAuto, kFused, kStreamed };
 
 // Whether this CPU can run the kernel with `isa` (kAuto: with any).
