@@ -107,26 +107,36 @@ void check(const S2Spec& s, uint32_t seed = 1) {
   ASSERT_TRUE(WinogradS2Conv::supports(s.H, s.W, s.pt, s.pl, s.pb, s.pr));
   const int64_t OH = WinogradS2Conv::out_size(s.H, s.pt, s.pb);
   const int64_t OW = WinogradS2Conv::out_size(s.W, s.pl, s.pr);
-  const auto x = uniform(static_cast<size_t>(s.N * s.H * s.W * s.C), -1.f, 1.f, seed);
+  // Two inputs, alternating from run to run: a run that left part of its GEMM results unwritten
+  // would otherwise read the previous run's, which are right for the same input.
+  const std::vector<float> xs[2] = {
+      uniform(static_cast<size_t>(s.N * s.H * s.W * s.C), -1.f, 1.f, seed),
+      uniform(static_cast<size_t>(s.N * s.H * s.W * s.C), -1.f, 1.f, seed + 7)};
   const float wr = 1.f / std::sqrt(float(9 * s.C));
   const auto w = uniform(static_cast<size_t>(s.K * s.C * 9), -wr, wr, seed + 1);
   const auto b = uniform(static_cast<size_t>(s.K), -0.5f, 0.5f, seed + 2);
   const size_t yn = static_cast<size_t>(s.N * OH * OW * s.K);
   const auto z = s.residual ? uniform(yn, -1.f, 1.f, seed + 3) : std::vector<float>();
-  const auto want = direct_s2(s, x, w, b, z, OH, OW, true);
+  const std::vector<double> wants[2] = {direct_s2(s, xs[0], w, b, z, OH, OW, true),
+                                        direct_s2(s, xs[1], w, b, z, OH, OW, true)};
+  int run_no = 0;
   double range = 1e-30;
-  for (double v : direct_s2(s, x, w, b, z, OH, OW, false)) range = std::max(range, std::fabs(v));
+  for (int q = 0; q < 2; ++q)
+    for (double v : direct_s2(s, xs[q], w, b, z, OH, OW, false))
+      range = std::max(range, std::fabs(v));
   for (WinoIsa isa : isas()) {
     auto k = WinogradS2Conv::create(w.data(), s.K, s.C, s.bias ? b.data() : nullptr, s.ep, isa);
     ASSERT_TRUE(k);
     for (auto mode : {WinogradS2Conv::Mode::kBlock, WinogradS2Conv::Mode::kPanel,
                       WinogradS2Conv::Mode::kStreamed, WinogradS2Conv::Mode::kAuto})
-      for (int threads : {1, 2, 3})
+      for (int threads : {1, 2, 3, 16})  // 2, 3, 16: panel tasks split over 2, 3, 6 plane groups
         for (bool in_place : {false, true}) {
           if (in_place && !s.residual) continue;
           std::vector<float> y(yn, std::nanf(""));
           if (in_place) y = z;
-          const bool ran = k->run(x.data(), s.N, s.H, s.W, s.pt, s.pl, s.pb, s.pr,
+          const int q = run_no++ % 2;
+          const std::vector<double>& want = wants[q];
+          const bool ran = k->run(xs[q].data(), s.N, s.H, s.W, s.pt, s.pl, s.pb, s.pr,
                                   s.residual ? (in_place ? y.data() : z.data()) : nullptr, y.data(),
                                   threads, mode);
           ASSERT_TRUE(ran);

@@ -89,9 +89,15 @@ struct WinoS2Job {
   // of its GEMM results for one panel (rows nr apart); sizes of both.
   int64_t voff[36] = {}, moff[36] = {}, vsize = 0, msize = 0;
   // 0: task = tile block, all of it; 1: task = tile block's input transform into vglob;
-  // 2: task = (panel, tile block) from vglob; 3: as 2, U made from the weights (wp).
+  // 2: task = (panel, tile block) from vglob; 3: as 2, U made from the weights (wp). With
+  // ns > 1, phases 2 and 3 run task = (panel, tile block, plane group g: planes [pg[g],
+  // pg[g + 1]), groups of about equal rows), GEMM results into mglob, and 4: task = (panel,
+  // tile block)'s output transform from mglob.
   int phase = 0;
+  int64_t ns = 1;
+  int pg[7] = {};
   float* vglob = nullptr;
+  float* mglob = nullptr;  // ns > 1: [npan][ntb][msize]
   const float* zeros = nullptr;
   fused::Epilogue ep;
   bool prefetch = true;
@@ -729,6 +735,30 @@ bool WinogradS2Conv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_
     const int64_t ccmax = std::max<int64_t>(8, kUBudget / (36 * 4 * nr_));
     const int64_t nc = (C_ + ccmax - 1) / ccmax;
     j.cc = (C_ + nc - 1) / nc;
+  }
+  // Fewer (panel, tile block) tasks than threads: split over groups of the 36 planes, as
+  // WinogradConv's streamed mode (planes differ in rows per tile, s2_mult: the groups are cut
+  // where the running sum of rows passes each share of the 81).
+  j.ns = position_groups(j.npan * j.ntb, P);
+  if (j.ns > 1) {
+    int p = 0;
+    double acc = 0;
+    j.pg[0] = 0;
+    for (int64_t g = 1; g < j.ns; ++g) {
+      // Plane p goes to the earlier group where at least half of its rows lie before the share.
+      while (p < 36 && (acc + 0.5 * s2_mult(p)) * double(j.ns) < double(g) * 81.0)
+        acc += double(s2_mult(p++));
+      p = std::clamp(p, j.pg[g - 1] + 1, 36 - static_cast<int>(j.ns - g));
+      j.pg[g] = p;
+      acc = 0;
+      for (int q = 0; q < p; ++q) acc += double(s2_mult(q));
+    }
+    j.pg[j.ns] = 36;
+    j.mglob = thread_scratch(4, static_cast<size_t>(j.npan * j.ntb * j.msize));
+    if (!j.mglob) return false;
+    if (!parallel_tasks(j.npan * j.ntb * j.ns, threads, body, &ctx)) return false;
+    j.phase = 4;
+    return parallel_tasks(j.npan * j.ntb, threads, body, &ctx);
   }
   return parallel_tasks_static(j.npan * j.ntb, threads, body, &ctx);
 #else
