@@ -114,6 +114,22 @@ inline int64_t s2_mult(int p) {
   return (p / 6 == 5 ? 4 : 1) * (p % 6 == 5 ? 4 : 1);
 }
 
+// Cuts the 36 planes of WinoS2Job into ns groups [pg[g], pg[g + 1]) of about 81 / ns rows per
+// tile each: plane p joins the earlier group where its middle lies before that group's share;
+// every group keeps at least one plane.
+void s2_plane_groups(int ns, int* pg) {
+  int cum[37] = {};  // rows per tile of planes [0, p)
+  for (int p = 0; p < 36; ++p) cum[p + 1] = cum[p] + static_cast<int>(s2_mult(p));
+  pg[0] = 0;
+  int p = 0;
+  for (int g = 1; g < ns; ++g) {
+    while (p < 36 && (cum[p] + cum[p + 1]) * ns < 2 * g * 81) ++p;  // twice its middle
+    p = std::clamp(p, pg[g - 1] + 1, 36 - (ns - g));
+    pg[g] = p;
+  }
+  pg[ns] = 36;
+}
+
 // KILN_CPU_WINO_PREFETCH=0: no software prefetch of the next tile's input and output lines in
 // the transforms (A/B runs).
 bool wino_prefetch_enabled() {
@@ -741,19 +757,7 @@ bool WinogradS2Conv::run(const float* x, int64_t N, int64_t H, int64_t W, int64_
   // where the running sum of rows passes each share of the 81).
   j.ns = position_groups(j.npan * j.ntb, P);
   if (j.ns > 1) {
-    int p = 0;
-    double acc = 0;
-    j.pg[0] = 0;
-    for (int64_t g = 1; g < j.ns; ++g) {
-      // Plane p goes to the earlier group where at least half of its rows lie before the share.
-      while (p < 36 && (acc + 0.5 * s2_mult(p)) * double(j.ns) < double(g) * 81.0)
-        acc += double(s2_mult(p++));
-      p = std::clamp(p, j.pg[g - 1] + 1, 36 - static_cast<int>(j.ns - g));
-      j.pg[g] = p;
-      acc = 0;
-      for (int q = 0; q < p; ++q) acc += double(s2_mult(q));
-    }
-    j.pg[j.ns] = 36;
+    s2_plane_groups(static_cast<int>(j.ns), j.pg);
     j.mglob = thread_scratch(4, static_cast<size_t>(j.npan * j.ntb * j.msize));
     if (!j.mglob) return false;
     if (!parallel_tasks(j.npan * j.ntb * j.ns, threads, body, &ctx)) return false;
