@@ -191,13 +191,83 @@ struct TileArgs {
   int pf_lines;
 };
 
+// The epilogue's last steps on a stored tile of C (rows x 48, row stride ldc, columns masked by
+// m; full: all 48): GELU where gelu, then + res where res is not null. From L1 (the activation's
+// constants need the registers), 8 vectors at a time where the tile is whole.
+void post_rows(float* c, int64_t ldc, const float* res, int rows, const __mmask16* m, bool full,
+               bool gelu) {
+  int q = 0;
+  if (full) {
+    for (; q + 8 <= rows * 3; q += 8) {
+      __m512 v[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) v[i] = _mm512_loadu_ps(c + (q + i) / 3 * ldc + (q + i) % 3 * 16);
+      if (gelu) gelu_n<8>(v);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const int64_t off = (q + i) / 3 * ldc + (q + i) % 3 * 16;
+        if (res) v[i] = _mm512_add_ps(v[i], _mm512_loadu_ps(res + off));
+        _mm512_storeu_ps(c + off, v[i]);
+      }
+    }
+  }
+  for (; q < rows * 3; ++q) {
+    const int r = q / 3, j = q % 3;
+    if (!m[j]) continue;
+    float* cp = c + r * ldc + 16 * j;
+    __m512 v = _mm512_maskz_loadu_ps(m[j], cp);
+    if (gelu) gelu_n<1>(&v);
+    if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[j], res + r * ldc + 16 * j));
+    _mm512_mask_storeu_ps(cp, m[j], v);
+  }
+}
+
+// Masks of the tile's three vectors for `cols` valid columns.
+inline void col_masks(int cols, __mmask16* m) {
+  for (int j = 0; j < 3; ++j) {
+    const int c = cols - 16 * j;
+    m[j] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+  }
+}
+
+// acc += the R rows of A at a (row stride lda) x kc rows of the panel at b; meanwhile the L2
+// prefetch of [pf, pf_end), pf_lines lines per 4 k-steps.
+template <int R>
+inline __attribute__((always_inline)) void kloop(__m512 (&acc)[R][3], const float* a,
+                                                 const int64_t lda, const float* b,
+                                                 const int64_t kc, const char* pf,
+                                                 const char* const pf_end, const int pf_lines) {
+  auto step = [&](int64_t k) __attribute__((always_inline)) {
+    const float* bk = b + k * kNR;
+    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16),
+                 b2 = _mm512_load_ps(bk + 32);
+    // The panel 32 rows ahead into L1 (its lines at +0 and +128 bytes of the row; the
+    // hardware prefetcher takes the one between).
+    _mm_prefetch(reinterpret_cast<const char*>(bk + kPfRows * kNR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(bk + kPfRows * kNR + 32), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    for (int l = 0; l < pf_lines && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    step(k);
+    step(k + 1);
+    step(k + 2);
+    step(k + 3);
+  }
+  for (; k < kc; ++k) step(k);
+}
+
 template <int R>
 void tile(const TileArgs& t) {
   __mmask16 m[3];
-  for (int j = 0; j < 3; ++j) {
-    const int c = t.cols - 16 * j;
-    m[j] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
-  }
+  col_masks(t.cols, m);
   const bool full = t.cols == kNR;
   __m512 acc[R][3];
   if (t.first) {
@@ -218,36 +288,7 @@ void tile(const TileArgs& t) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_maskz_loadu_ps(m[j], t.c + r * t.ldc + 16 * j);
   }
-  const float* a = t.a;
-  const int64_t lda = t.lda;
-  const float* b = t.b;
-  const char* pf = t.pf;
-  const char* const pf_end = t.pf_end;
-  auto step = [&](int64_t k) __attribute__((always_inline)) {
-    const float* bk = b + k * kNR;
-    const __m512 b0 = _mm512_load_ps(bk), b1 = _mm512_load_ps(bk + 16),
-                 b2 = _mm512_load_ps(bk + 32);
-    // The panel 32 rows ahead into L1 (its lines at +0 and +128 bytes of the row; the
-    // hardware prefetcher takes the one between).
-    _mm_prefetch(reinterpret_cast<const char*>(bk + kPfRows * kNR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(bk + kPfRows * kNR + 32), _MM_HINT_T0);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-    }
-  };
-  int64_t k = 0;
-  for (; k + 4 <= t.kc; k += 4) {
-    for (int l = 0; l < t.pf_lines && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
-    step(k);
-    step(k + 1);
-    step(k + 2);
-    step(k + 3);
-  }
-  for (; k < t.kc; ++k) step(k);
+  kloop<R>(acc, t.a, t.lda, t.b, t.kc, t.pf, t.pf_end, t.pf_lines);
   const bool post = t.last && (t.gelu || (t.res && !t.fold_res));
   if (full) {
 #pragma GCC unroll 8
@@ -258,36 +299,7 @@ void tile(const TileArgs& t) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < 3; ++j) _mm512_mask_storeu_ps(t.c + r * t.ldc + 16 * j, m[j], acc[r][j]);
   }
-  if (post) {
-    // From L1 (the activation's constants need the registers), 8 vectors at a time where the
-    // tile is whole.
-    const bool add_res = t.res && !t.fold_res;
-    int q = 0;
-    if (full) {
-      for (; q + 8 <= R * 3; q += 8) {
-        __m512 v[8];
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i)
-          v[i] = _mm512_loadu_ps(t.c + (q + i) / 3 * t.ldc + (q + i) % 3 * 16);
-        if (t.gelu) gelu_n<8>(v);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          const int64_t off = (q + i) / 3 * t.ldc + (q + i) % 3 * 16;
-          if (add_res) v[i] = _mm512_add_ps(v[i], _mm512_loadu_ps(t.res + off));
-          _mm512_storeu_ps(t.c + off, v[i]);
-        }
-      }
-    }
-    for (; q < R * 3; ++q) {
-      const int r = q / 3, j = q % 3;
-      if (!m[j]) continue;
-      float* cp = t.c + r * t.ldc + 16 * j;
-      __m512 v = _mm512_maskz_loadu_ps(m[j], cp);
-      if (t.gelu) gelu_n<1>(&v);
-      if (add_res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[j], t.res + r * t.ldc + 16 * j));
-      _mm512_mask_storeu_ps(cp, m[j], v);
-    }
-  }
+  if (post) post_rows(t.c, t.ldc, t.res && !t.fold_res ? t.res : nullptr, R, m, full, t.gelu);
 }
 
 using TileFn = void (*)(const TileArgs&);
@@ -351,6 +363,225 @@ bool gemm_task(void* ctx, int64_t i) {
           }
           kTiles[rows](t);
         }
+      }
+    }
+  }
+  return true;
+}
+
+// ---- Strassen's one-level form (gemm_strassen, cpu_gemm.h) ----
+// C's four blocks, in row-major order: C11, C12, C21, C22.
+// The seven products M_q = (A operand q) (B operand q), in the order they run, and the blocks
+// each enters: first with +, second with + or - (Strassen 1969):
+//   M1 = (A11 + A22)(B11 + B22) -> C11, C22     M5 = (A11 + A12) B22 -> C12, -C11
+//   M2 = (A21 + A22) B11 -> C21, -C22           M6 = (A21 - A11)(B11 + B12) -> C22
+//   M3 = A11 (B12 - B22) -> C12, C22            M7 = (A12 - A22)(B21 + B22) -> C11
+//   M4 = A22 (B21 - B11) -> C21, C11
+struct SProd {
+  int t1, t2;  // blocks (0..3), t2 = -1: none
+  bool neg2;
+};
+constexpr SProd kSProd[7] = {{0, 3, false}, {2, 3, true}, {1, 3, false}, {2, 0, false},
+                             {1, 0, true},  {3, -1, false}, {0, -1, false}};
+// Terms of each product's A and B operand: (block row, block column, sign), up to two.
+struct STerm {
+  int i, j, sign;
+};
+struct SOperand {
+  int n;
+  STerm t[2];
+};
+constexpr SOperand kSA[7] = {{2, {{0, 0, 1}, {1, 1, 1}}}, {2, {{1, 0, 1}, {1, 1, 1}}},
+                             {1, {{0, 0, 1}, {}}},        {1, {{1, 1, 1}, {}}},
+                             {2, {{0, 0, 1}, {0, 1, 1}}}, {2, {{1, 0, 1}, {0, 0, -1}}},
+                             {2, {{0, 1, 1}, {1, 1, -1}}}};
+constexpr SOperand kSB[7] = {{2, {{0, 0, 1}, {1, 1, 1}}}, {1, {{0, 0, 1}, {}}},
+                             {2, {{0, 1, 1}, {1, 1, -1}}}, {2, {{1, 0, 1}, {0, 0, -1}}},
+                             {1, {{1, 1, 1}, {}}},        {2, {{0, 0, 1}, {0, 1, 1}}},
+                             {2, {{1, 0, 1}, {1, 1, 1}}}};
+
+// Where a product's result goes in a tile.
+struct STarget {
+  float* c;            // the block's tile (row stride ldc)
+  const float* bias;   // at the tile's first column, or null
+  const float* res;    // residual tile (row stride ldc), or null
+  int rows, cols;      // valid rows (<= R) and columns (<= 48); either <= 0: no target
+  bool init, final, neg;
+};
+
+struct STileArgs {
+  const float* a;  // A operand rows of the tile
+  int64_t lda;
+  const float* b;  // B operand panel
+  int64_t kc, ldc;
+  bool gelu;
+  STarget tg[2];
+  const char* pf;  // L2 prefetch, as TileArgs
+  const char* pf_end;
+  int pf_lines;
+};
+
+// One product tile (R rows x 48), then into its one or two targets: the first product into a
+// block stores bias + (+-)M (+ the residual without GELU: it may be C itself), later ones add
+// or subtract M; after the last, GELU (+ the residual) where the epilogue has it.
+template <int R>
+void stile(const STileArgs& t) {
+  __m512 acc[R][3];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
+  kloop<R>(acc, t.a, t.lda, t.b, t.kc, t.pf, t.pf_end, t.pf_lines);
+  for (int g = 0; g < 2; ++g) {
+    const STarget& o = t.tg[g];
+    if (o.rows <= 0 || o.cols <= 0) continue;
+    __mmask16 m[3];
+    col_masks(o.cols, m);
+    __m512 bv[3];
+    for (int j = 0; j < 3; ++j)
+      bv[j] = o.init && o.bias ? _mm512_maskz_loadu_ps(m[j], o.bias + 16 * j) : _mm512_setzero_ps();
+    const bool init_res = o.init && o.res && !t.gelu;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (r >= o.rows) break;
+      float* cr = o.c + r * t.ldc;
+      for (int j = 0; j < 3; ++j) {
+        __m512 base = bv[j];
+        if (!o.init) base = _mm512_maskz_loadu_ps(m[j], cr + 16 * j);
+        else if (init_res) base = _mm512_add_ps(base, _mm512_maskz_loadu_ps(m[j], o.res + r * t.ldc + 16 * j));
+        _mm512_mask_storeu_ps(cr + 16 * j, m[j],
+                              o.neg ? _mm512_sub_ps(base, acc[r][j]) : _mm512_add_ps(base, acc[r][j]));
+      }
+    }
+    if (o.final && t.gelu) post_rows(o.c, t.ldc, o.res, o.rows, m, o.cols == kNR, true);
+  }
+}
+
+using STileFn = void (*)(const STileArgs&);
+constexpr STileFn kSTiles[kMR + 1] = {nullptr,   &stile<1>, &stile<2>, &stile<3>, &stile<4>,
+                                      &stile<5>, &stile<6>, &stile<7>, &stile<8>};
+
+constexpr int64_t kSGroupBytes = 256 * 1024;  // C's columns of a panel group (all 4 blocks)
+
+struct StrassenJob {
+  int64_t M, N, K, mh, kh, nh;  // sizes; the top / left halves (the larger ones)
+  const float* aop[7];          // each product's A operand: mh x kh, row stride alda
+  int64_t alda[7];
+  const float* Bs;  // the seven B operands, gemm_packed_floats(kh, nh) floats each
+  float* C;
+  GemmEpilogue ep;
+  int64_t panels, mc, n_chunks, m_chunks;
+  int first[4], last[4];  // the product that enters each block first / last
+};
+
+bool strassen_task(void* ctx, int64_t i) {
+  const StrassenJob& g = *static_cast<const StrassenJob*>(ctx);
+  const int64_t nci = i % g.n_chunks, mci = i / g.n_chunks;
+  const int64_t p0 = g.panels * nci / g.n_chunks, p1 = g.panels * (nci + 1) / g.n_chunks;
+  const int64_t tiles = (g.mh + kMR - 1) / kMR;
+  const int64_t m0 = tiles * mci / g.m_chunks * kMR,
+                m1 = std::min(g.mh, tiles * (mci + 1) / g.m_chunks * kMR);
+  if (p0 >= p1 || m0 >= m1) return true;
+  const int64_t pstride = gemm_packed_floats(g.kh, g.nh);
+  const int64_t lines = g.kh * kNR * 4 / 64, groups = std::max<int64_t>(1, g.kh / 4);
+  STileArgs t{};
+  t.kc = g.kh;
+  t.ldc = g.N;
+  t.gelu = g.ep.gelu;
+  // Groups of panels, all seven products each: the group's columns of C (all four blocks) stay
+  // in L2 while the products add into them (over whole row ranges, BERT's 128 x 3072 outputs
+  // went to L3 and back between products: slower than the plain GEMM).
+  const int64_t group = std::max<int64_t>(1, kSGroupBytes / (2 * (m1 - m0) * kNR * 4 * 2));
+  for (int64_t ga = p0; ga < p1; ga += group) {
+  const int64_t gb = std::min(p1, ga + group);
+  for (int q = 0; q < 7; ++q) {
+    const SProd& pr = kSProd[q];
+    t.lda = g.alda[q];
+    for (int64_t mr = m0; mr < m1; mr += g.mc) {
+      const int64_t me = std::min(m1, mr + g.mc);
+      const int64_t ntiles = (me - mr + kMR - 1) / kMR;
+      const int64_t per_tile = (lines + ntiles - 1) / ntiles;
+      t.pf_lines = static_cast<int>((per_tile + groups - 1) / groups);
+      for (int64_t p = ga; p < gb; ++p) {
+        // The panel that runs next (this product's, the next product's first, the next
+        // group's first), into L2.
+        const float* next = p + 1 < gb ? g.Bs + q * pstride + (p + 1) * g.kh * kNR
+                            : q + 1 < 7 ? g.Bs + (q + 1) * pstride + ga * g.kh * kNR
+                            : gb < p1   ? g.Bs + gb * g.kh * kNR
+                                        : nullptr;
+        t.b = g.Bs + q * pstride + p * g.kh * kNR;
+        const int64_t n0 = p * kNR;
+        for (int64_t ti = 0; ti < ntiles; ++ti) {
+          const int64_t m = mr + ti * kMR;
+          const int rows = static_cast<int>(std::min(kMR, me - m));
+          t.a = g.aop[q] + m * g.alda[q];
+          for (int s = 0; s < 2; ++s) {
+            STarget& o = t.tg[s];
+            const int blk = s == 0 ? pr.t1 : pr.t2;
+            if (blk < 0) {
+              o.rows = 0;
+              continue;
+            }
+            const int64_t row0 = (blk / 2) * g.mh + m, col0 = (blk % 2) * g.nh + n0;
+            const int64_t width = blk % 2 ? g.N - g.nh : g.nh;
+            o.rows = static_cast<int>(std::min<int64_t>(rows, g.M - row0));
+            o.cols = static_cast<int>(std::min<int64_t>(kNR, width - n0));
+            o.c = g.C + row0 * g.N + col0;
+            o.bias = g.ep.bias ? g.ep.bias + col0 : nullptr;
+            o.res = g.ep.residual ? g.ep.residual + row0 * g.N + col0 : nullptr;
+            o.init = g.first[blk] == q;
+            o.final = g.last[blk] == q;
+            o.neg = s == 1 && pr.neg2;
+          }
+          if (next) {
+            const char* base = reinterpret_cast<const char*>(next);
+            t.pf = base + std::min(lines, ti * per_tile) * 64;
+            t.pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
+          } else {
+            t.pf = t.pf_end = nullptr;
+          }
+          kSTiles[rows](t);
+        }
+      }
+    }
+  }
+  }
+  return true;
+}
+
+// The A operands that are sums (or blocks cut short by an odd M or K), computed before the
+// products: dst[q] = sum of kSA[q]'s blocks, zeros where a block lacks rows or columns.
+struct SPackA {
+  const float* A;
+  int64_t lda, M, K, mh, kh;
+  float* dst[7];  // null: the operand is read from A directly
+  int64_t chunk;  // rows per task
+};
+
+bool strassen_pack_a_task(void* ctx, int64_t i) {
+  const SPackA& s = *static_cast<const SPackA*>(ctx);
+  const int64_t per_q = (s.mh + s.chunk - 1) / s.chunk;
+  int q = 0, seen = 0;
+  const int64_t want = i / per_q;
+  for (; q < 7; ++q)
+    if (s.dst[q] && seen++ == want) break;
+  if (q == 7) return true;
+  const SOperand& op = kSA[q];
+  const int64_t r0 = i % per_q * s.chunk, r1 = std::min(s.mh, r0 + s.chunk);
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = s.dst[q] + r * s.kh;
+    std::memset(d, 0, static_cast<size_t>(s.kh) * 4);
+    for (int n = 0; n < op.n; ++n) {
+      const STerm& tm = op.t[n];
+      const int64_t row = tm.i * s.mh + r, col0 = tm.j * s.kh;
+      if (row >= s.M) continue;
+      const int64_t w = std::min(s.kh, s.K - col0);
+      const float* src = s.A + row * s.lda + col0;
+      const __m512 sg = _mm512_set1_ps(static_cast<float>(tm.sign));
+      for (int64_t c = 0; c < w; c += 16) {
+        const __mmask16 mk = w - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (w - c)) - 1);
+        _mm512_mask_storeu_ps(d + c, mk,
+                              _mm512_fmadd_ps(sg, _mm512_maskz_loadu_ps(mk, src + c),
+                                              _mm512_maskz_loadu_ps(mk, d + c)));
       }
     }
   }
@@ -861,6 +1092,94 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   parallel_tasks(g.n_chunks * g.m_chunks, static_cast<int>(T), wide ? &gemm_task : &gemm_task_avx2, &g);
 #else
   (void)M, (void)N, (void)K, (void)A, (void)lda, (void)Bp, (void)C, (void)ep, (void)threads;
+#endif
+}
+
+bool gemm_strassen_available() { return gemm_available() && use_avx512(); }
+
+namespace {
+int64_t half_up(int64_t n) { return (n + 1) / 2; }
+}  // namespace
+
+int64_t gemm_strassen_packed_floats(int64_t K, int64_t N) {
+  return 7 * gemm_packed_floats(half_up(K), half_up(N));
+}
+
+void gemm_strassen_pack_b(const float* B, int64_t K, int64_t N, float* dst) {
+#if KILN_GEMM_X86
+  const int64_t kh = half_up(K), nh = half_up(N), stride = gemm_packed_floats(kh, nh);
+  std::vector<float> op(static_cast<size_t>(kh * nh));
+  for (int q = 0; q < 7; ++q) {
+    std::fill(op.begin(), op.end(), 0.f);
+    for (int n = 0; n < kSB[q].n; ++n) {
+      const STerm& tm = kSB[q].t[n];
+      const int64_t rows = std::min(kh, K - tm.i * kh), cols = std::min(nh, N - tm.j * nh);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* src = B + (tm.i * kh + r) * N + tm.j * nh;
+        float* d = op.data() + r * nh;
+        for (int64_t c = 0; c < cols; ++c) d[c] += static_cast<float>(tm.sign) * src[c];
+      }
+    }
+    gemm_pack_b(op.data(), kh, nh, dst + q * stride);
+  }
+#else
+  (void)B, (void)K, (void)N, (void)dst;
+#endif
+}
+
+void gemm_strassen(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bs,
+                   float* C, const GemmEpilogue& ep, int threads) {
+#if KILN_GEMM_X86
+  StrassenJob g{};
+  g.M = M, g.N = N, g.K = K, g.mh = half_up(M), g.kh = half_up(K), g.nh = half_up(N);
+  g.Bs = Bs, g.C = C, g.ep = ep;
+  // The A operands: blocks of A where whole, else (sums, short blocks) computed into a buffer.
+  SPackA pa{};
+  pa.A = A, pa.lda = lda, pa.M = M, pa.K = K, pa.mh = g.mh, pa.kh = g.kh;
+  int nbuf = 0;
+  for (int q = 0; q < 7; ++q) {
+    const STerm& t0 = kSA[q].t[0];
+    const bool whole = (t0.i == 0 || M % 2 == 0) && (t0.j == 0 || K % 2 == 0);
+    if (kSA[q].n == 1 && t0.sign == 1 && whole) {
+      g.aop[q] = A + t0.i * g.mh * lda + t0.j * g.kh;
+      g.alda[q] = lda;
+    } else {
+      ++nbuf;
+    }
+  }
+  thread_local std::vector<float> abuf;
+  const size_t need = static_cast<size_t>(nbuf * g.mh * g.kh);
+  if (abuf.size() < need) abuf.resize(need);
+  for (int q = 0, b = 0; q < 7; ++q) {
+    if (g.aop[q]) continue;
+    pa.dst[q] = abuf.data() + static_cast<size_t>(b++) * g.mh * g.kh;
+    g.aop[q] = pa.dst[q];
+    g.alda[q] = g.kh;
+  }
+  const int T = std::max(1, threads);
+  if (nbuf > 0) {
+    pa.chunk = std::max<int64_t>(8, (g.mh + 2 * T - 1) / (2 * T));
+    parallel_tasks(nbuf * ((g.mh + pa.chunk - 1) / pa.chunk), T, &strassen_pack_a_task, &pa);
+  }
+  for (int b = 0; b < 4; ++b) g.first[b] = g.last[b] = -1;
+  for (int q = 0; q < 7; ++q)
+    for (int blk : {kSProd[q].t1, kSProd[q].t2}) {
+      if (blk < 0) continue;
+      if (g.first[blk] < 0) g.first[blk] = q;
+      g.last[blk] = q;
+    }
+  g.panels = (g.nh + kNR - 1) / kNR;
+  g.mc = std::max<int64_t>(128, kABudget / (g.kh * 4) / kMR * kMR);
+  const int64_t tiles = (g.mh + kMR - 1) / kMR;
+  if (g.panels >= T) {
+    g.n_chunks = T, g.m_chunks = 1;
+  } else {
+    g.n_chunks = g.panels;
+    g.m_chunks = std::min<int64_t>(tiles, (T + g.panels - 1) / g.panels);
+  }
+  parallel_tasks(g.n_chunks * g.m_chunks, T, &strassen_task, &g);
+#else
+  (void)M, (void)N, (void)K, (void)A, (void)lda, (void)Bs, (void)C, (void)ep, (void)threads;
 #endif
 }
 

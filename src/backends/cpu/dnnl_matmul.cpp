@@ -49,6 +49,7 @@ using dnnl::memory;
 using dt = dnnl::memory::data_type;
 
 constexpr const char kKilnTactic[] = "cpu.f32.matmul.kiln";
+constexpr const char kStrassenTactic[] = "cpu.f32.matmul.kiln_strassen";
 constexpr const char kDnnlTactic[] = "cpu.f32.matmul.dnnl";
 constexpr const char kBlasTactic[] = "cpu.f32.matmul.openblas";
 
@@ -94,6 +95,12 @@ bool gelu_in_place(float* y, int64_t n) {
 bool kiln_gemm_enabled() {
   const char* e = std::getenv("KILN_CPU_GEMM");
   return gemm_available() && !(e && e[0] == '0' && e[1] == 0);
+}
+
+// KILN_CPU_STRASSEN=0: no Strassen candidate, and its tactic loads as oneDNN (A/B runs).
+bool strassen_enabled() {
+  const char* e = std::getenv("KILN_CPU_STRASSEN");
+  return kiln_gemm_enabled() && gemm_strassen_available() && !(e && e[0] == '0' && e[1] == 0);
 }
 
 struct MmPlan {
@@ -147,6 +154,14 @@ class DnnlMatMul final : public Kernel {
 
   // A kiln_tactic attribute: the kiln GEMM when it names it and this CPU runs it (B packed now).
   void apply_tactic(const std::string& t) {
+    if (t == kStrassenTactic && strassen_possible()) {
+      if (pack_strassen()) {
+        tactic_ = t;
+        packed_weight_done(b_user_.raw_data(), b_user_.nbytes());
+        drop_gemm_copy();
+        return;
+      }
+    }
     if (t == kKilnTactic && kiln_possible()) {
       if (pack_kiln()) {
         tactic_ = t;
@@ -159,7 +174,8 @@ class DnnlMatMul final : public Kernel {
       tactic_ = t;
       return;
     }
-    if (t == kKilnTactic || t == kDnnlTactic || t == kBlasTactic) tactic_ = kDnnlTactic;
+    if (t == kKilnTactic || t == kDnnlTactic || t == kBlasTactic || t == kStrassenTactic)
+      tactic_ = kDnnlTactic;
     if (gemm_kiln_) b_const_ = Tensor();  // Gemm's transposed copy: oneDNN reads B itself
   }
 
@@ -176,6 +192,10 @@ class DnnlMatMul final : public Kernel {
       if (!blas) return;
       kiln = false;
     }
+    // Strassen's form only where its halves are whole micro-kernel work (M, N, K of BERT's and
+    // bigger GEMMs), and B's half depth fits a panel in L2.
+    bool strassen = kiln && strassen_possible() && M >= 32 && K >= 128 && N >= 192;
+    if (strassen && !pack_strassen()) strassen = false;
     auto rnd = [](const Shape& s, uint32_t seed) -> Result<Tensor> {
       KILN_ASSIGN_OR_RETURN(Tensor t, new_output(s));
       std::mt19937 rng(seed);
@@ -227,6 +247,13 @@ class DnnlMatMul final : public Kernel {
       execute_kiln(M, A.value(), Cp, residual_ ? &Y.value() : nullptr, Yk);
       return std::chrono::duration<double>(clock::now() - t0).count();
     };
+    auto time_strassen = [&]() -> double {
+      if (!strassen) return -1;
+      evict_from_cache(sb_, static_cast<size_t>(gemm_strassen_packed_floats(K, N)) * 4);
+      auto t0 = clock::now();
+      execute_strassen(M, A.value(), Cp, residual_ ? &Y.value() : nullptr, Yk);
+      return std::chrono::duration<double>(clock::now() - t0).count();
+    };
     auto time_blas = [&]() -> double {
       if (!blas) return -1;
       evict_from_cache(b_const_.raw_data(), b_const_.nbytes());
@@ -234,43 +261,56 @@ class DnnlMatMul final : public Kernel {
       if (!execute_blas(M, A.value(), Cp, residual_ ? &Y.value() : nullptr, Yk)) return -1;
       return std::chrono::duration<double>(clock::now() - t0).count();
     };
-    double bd = -1, bk = -1, bb = -1, total = 0;
+    double bd = -1, bk = -1, bb = -1, bs = -1, total = 0;
     auto keep = [](double& best, double t) {
       if (t >= 0 && (best < 0 || t < best)) best = t;
     };
     if (p && dys == ys) {
       time_dnnl();  // warm-up (first touch, caches)
       time_kiln();
+      time_strassen();
       time_blas();
       // Round robin, best run of each: a burst of load on a shared machine hits all alike.
       // At least 3 rounds, up to 12 while the total stays under 40 ms.
       for (int round = 0; round < 12; ++round) {
-        const double d = time_dnnl(), k = time_kiln(), b = time_blas();
+        const double d = time_dnnl(), k = time_kiln(), st = time_strassen(), b = time_blas();
         if (d < 0) {
           bd = -1;
           break;
         }
         keep(bd, d);
         keep(bk, k);
+        keep(bs, st);
         keep(bb, b);
-        total += d + std::max(k, 0.0) + std::max(b, 0.0);
+        total += d + std::max(k, 0.0) + std::max(st, 0.0) + std::max(b, 0.0);
         if (round >= 2 && total > 0.04) break;
       }
     }
     if (bd < 0) {  // oneDNN cannot run this shape: the others alone
       time_kiln();
+      time_strassen();
       time_blas();
       for (int round = 0; round < 3; ++round) {
         keep(bk, time_kiln());
+        keep(bs, time_strassen());
         keep(bb, time_blas());
       }
     }
-    const bool use_kiln = bk >= 0 && (bd < 0 || bk < bd) && (bb < 0 || bk <= bb);
-    const bool use_blas = !use_kiln && bb >= 0 && (bd < 0 || bb < bd);
+    // The fastest; on a tie the earlier of kiln, Strassen, OpenBLAS, oneDNN.
+    auto beats = [](double a, double b) { return a >= 0 && (b < 0 || a < b); };
+    const bool use_strassen = beats(bs, bk) && beats(bs, bd) && (bb < 0 || bs <= bb);
+    const bool use_kiln = !use_strassen && bk >= 0 && (bs < 0 || bk <= bs) && beats(bk, bd) &&
+                          (bb < 0 || bk <= bb);
+    const bool use_blas = !use_kiln && !use_strassen && bb >= 0 && (bd < 0 || bb < bd);
     auto ms = [](double t) { return t < 0 ? std::string("unavailable") : std::to_string(t * 1e3) + "ms"; };
     KILN_LOG(kVerbose, "node '" << n.name << "': matmul M=" << M << " K=" << K << " N=" << N << ": oneDNN "
-                                << ms(bd) << ", kiln " << ms(bk) << ", OpenBLAS " << ms(bb) << " -> "
-                                << (use_kiln ? "kiln" : use_blas ? "OpenBLAS" : "oneDNN"));
+                                << ms(bd) << ", kiln " << ms(bk) << ", Strassen " << ms(bs)
+                                << ", OpenBLAS " << ms(bb) << " -> "
+                                << (use_kiln       ? "kiln"
+                                    : use_strassen ? "Strassen"
+                                    : use_blas     ? "OpenBLAS"
+                                                   : "oneDNN"));
+    if (!use_strassen) drop_strassen();
     if (use_blas) {
       tactic_ = kBlasTactic;
       drop_kiln();
@@ -278,8 +318,9 @@ class DnnlMatMul final : public Kernel {
       plans_.clear();  // oneDNN's packed copy of B is not needed
       return;
     }
-    if (use_kiln) {
-      tactic_ = kKilnTactic;
+    if (use_kiln || use_strassen) {
+      tactic_ = use_kiln ? kKilnTactic : kStrassenTactic;
+      if (use_strassen) drop_plain();
       packed_weight_done(b_user_.raw_data(), b_user_.nbytes());
       drop_gemm_copy();
       std::lock_guard<std::mutex> lock(mu_);
@@ -302,7 +343,7 @@ class DnnlMatMul final : public Kernel {
     if (!A || !B || A->dtype() != DataType::kFloat || B->dtype() != DataType::kFloat || A->numel() == 0 ||
         B->numel() == 0)
       return ref_(ctx, in, out);
-    if (tactic_ == kKilnTactic || tactic_ == kBlasTactic) {
+    if (tactic_ == kKilnTactic || tactic_ == kBlasTactic || tactic_ == kStrassenTactic) {
       bool done = false;
       KILN_RETURN_IF_ERROR(run_kiln(ctx, *A, *B, C, Z, out, &done));
       if (done) return Status::ok();
@@ -366,26 +407,55 @@ class DnnlMatMul final : public Kernel {
   // memory at every run, and huge pages spare the TLB misses (~3% of the GEMM's time).
   bool pack_kiln() {
     if (kpacked_.numel() > 0) return true;
-    const int64_t K = b_const_.dim(0), N = b_const_.dim(1), n = gemm_packed_floats(K, N);
+    const int64_t K = b_const_.dim(0), N = b_const_.dim(1);
+    kb_ = weight_buffer(gemm_packed_floats(K, N), &kpacked_);
+    if (!kb_) return false;
+    gemm_pack_b(b_const_.data<float>(), K, N, kb_);
+    return true;
+  }
+  // B's seven Strassen operands for gemm_strassen, in the same kind of buffer.
+  bool pack_strassen() {
+    if (spacked_.numel() > 0) return true;
+    const int64_t K = b_const_.dim(0), N = b_const_.dim(1);
+    sb_ = weight_buffer(gemm_strassen_packed_floats(K, N), &spacked_);
+    if (!sb_) return false;
+    gemm_strassen_pack_b(b_const_.data<float>(), K, N, sb_);
+    return true;
+  }
+  // n floats in a new tensor *holder; from 2 MB up, they start on a 2 MB boundary (the slack
+  // before is never touched) and their whole 2 MB pages are advised huge. Null: out of memory.
+  static float* weight_buffer(int64_t n, Tensor* holder) {
     constexpr int64_t kHuge = int64_t(2) << 20;
     const bool huge = n * 4 >= kHuge && huge_pages_enabled();
     auto t = new_output(Shape{huge ? n + kHuge / 4 : n});
-    if (!t.is_ok()) return false;
+    if (!t.is_ok()) return nullptr;
     float* p = t.value().data<float>();
     if (huge) {
       const uintptr_t a = reinterpret_cast<uintptr_t>(p);
       p = reinterpret_cast<float*>((a + kHuge - 1) / kHuge * kHuge);
       advise_huge_pages(p, static_cast<size_t>(n) * 4);
     }
-    gemm_pack_b(b_const_.data<float>(), K, N, p);
-    kpacked_ = std::move(t).value();
-    kb_ = p;
-    return true;
+    *holder = std::move(t).value();
+    return p;
   }
 
+  // Both packed forms of B / one of them.
   void drop_kiln() {
+    drop_plain();
+    drop_strassen();
+  }
+  void drop_plain() {
     kpacked_ = Tensor();
     kb_ = nullptr;
+  }
+  void drop_strassen() {
+    spacked_ = Tensor();
+    sb_ = nullptr;
+  }
+
+  // Strassen's form applies where the kiln GEMM does, on AVX-512, with B's half depth <= 2048.
+  bool strassen_possible() const {
+    return kiln_possible() && strassen_enabled() && (b_const_.dim(0) + 1) / 2 <= 2048;
   }
 
   // Y = epilogue(A (M rows) x packed B); Z may be Y itself (a donated residual) unless GELU.
@@ -398,13 +468,24 @@ class DnnlMatMul final : public Kernel {
                 Y.data<float>(), ep, omp_threads());
   }
 
+  void execute_strassen(int64_t M, const Tensor& A, const Tensor* C, const Tensor* Z,
+                        Tensor& Y) const {
+    GemmEpilogue ep;
+    ep.bias = C ? C->data<float>() : nullptr;
+    ep.gelu = gelu_;
+    ep.residual = Z ? Z->data<float>() : nullptr;
+    gemm_strassen(M, kiln_n(), kiln_k(), A.data<float>(), kiln_k(), sb_, Y.data<float>(), ep,
+                  omp_threads());
+  }
+
   // The kiln tactic's run; *done false: the inputs are not its form (oneDNN or the reference
   // takes them).
   Status run_kiln(OpContext& ctx, const Tensor& A, const Tensor& B, const Tensor* C,
                   const Tensor* Z, std::span<Value> out, bool* done) const {
     *done = false;
     const bool blas = tactic_ == kBlasTactic;
-    if (!blas && kpacked_.numel() == 0) return Status::ok();
+    const bool strassen = tactic_ == kStrassenTactic;
+    if (!blas && (strassen ? spacked_.numel() : kpacked_.numel()) == 0) return Status::ok();
     const int64_t K = kiln_k(), N = kiln_n();
     if (A.rank() < 2 || A.shape().back() != K ||
         B.shape() != b_user_.shape() || (gemm_ && A.rank() != 2))
@@ -425,6 +506,8 @@ class DnnlMatMul final : public Kernel {
     }
     if (blas) {
       if (!execute_blas(M, A, C, Z, Y)) return ctx.fail("OpenBLAS matmul: oneDNN's GELU failed");
+    } else if (strassen) {
+      execute_strassen(M, A, C, Z, Y);
     } else {
       execute_kiln(M, A, C, Z, Y);
     }
@@ -583,7 +666,9 @@ class DnnlMatMul final : public Kernel {
   bool gemm_kiln_ = false;      // a Gemm the kiln GEMM may run (set_gemm_const_b)
   int64_t kk_ = 0, kn_ = 0;     // B's [K, N] once a Gemm's copy is dropped
   Tensor kpacked_;             // holds B in the kiln GEMM's panels (kiln tactic only)
-  const float* kb_ = nullptr;  // where in kpacked_ they start
+  float* kb_ = nullptr;        // where in kpacked_ they start
+  Tensor spacked_;             // B's Strassen operands (the Strassen tactic only)
+  float* sb_ = nullptr;        // where in spacked_ they start
   std::string tactic_;         // what tactic() reports; kKilnTactic runs the kiln GEMM
   mutable std::mutex mu_;
   mutable std::map<MmKey, std::shared_ptr<const MmPlan>> plans_;
