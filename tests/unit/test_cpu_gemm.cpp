@@ -33,6 +33,7 @@ using kiln::test::str_attr;
 namespace {
 
 constexpr char kKiln[] = "cpu.f32.matmul.kiln";
+constexpr char kStrassen[] = "cpu.f32.matmul.kiln_strassen";
 
 std::vector<float> rand_vec(std::mt19937& rng, size_t n) {
   std::uniform_real_distribution<float> d(-1.f, 1.f);
@@ -50,9 +51,9 @@ struct Epi {
   bool bias, gelu, res;
 };
 
-// gemm_packed against double precision for one shape and every epilogue combination; also the
-// residual in place (C is Z) where GELU is off.
-void check_shape(int64_t M, int64_t N, int64_t K, int threads) {
+// gemm_packed (or with `strassen`, gemm_strassen) against double precision for one shape and
+// every epilogue combination; also the residual in place (C is Z) where GELU is off.
+void check_shape(int64_t M, int64_t N, int64_t K, int threads, bool strassen = false) {
   std::mt19937 rng(static_cast<uint32_t>(M * 131 + N * 17 + K));
   const std::vector<float> A = rand_vec(rng, M * K), B = rand_vec(rng, K * N),
                            bias = rand_vec(rng, N), Z = rand_vec(rng, M * N);
@@ -63,12 +64,17 @@ void check_shape(int64_t M, int64_t N, int64_t K, int threads) {
       for (int64_t k = 0; k < K; ++k) s += double(A[i * K + k]) * B[k * N + j];
       mm[i * N + j] = s;
     }
-  std::vector<float> packed(cpu::gemm_packed_floats(K, N) + 16);
+  const int64_t floats =
+      strassen ? cpu::gemm_strassen_packed_floats(K, N) : cpu::gemm_packed_floats(K, N);
+  std::vector<float> packed(floats + 16);
   // 64-byte aligned start inside the vector
   float* bp = packed.data();
   while (reinterpret_cast<uintptr_t>(bp) % 64) ++bp;
-  ASSERT_LE(bp + cpu::gemm_packed_floats(K, N), packed.data() + packed.size());
-  cpu::gemm_pack_b(B.data(), K, N, bp);
+  ASSERT_LE(bp + floats, packed.data() + packed.size());
+  if (strassen)
+    cpu::gemm_strassen_pack_b(B.data(), K, N, bp);
+  else
+    cpu::gemm_pack_b(B.data(), K, N, bp);
   for (int e = 0; e < 8; ++e) {
     const Epi ep{(e & 1) != 0, (e & 2) != 0, (e & 4) != 0};
     for (int in_place = 0; in_place < 2; ++in_place) {
@@ -79,7 +85,10 @@ void check_shape(int64_t M, int64_t N, int64_t K, int threads) {
       g.bias = ep.bias ? bias.data() : nullptr;
       g.gelu = ep.gelu;
       g.residual = ep.res ? (in_place ? C.data() : Z.data()) : nullptr;
-      cpu::gemm_packed(M, N, K, A.data(), K, bp, C.data(), g, threads);
+      if (strassen)
+        cpu::gemm_strassen(M, N, K, A.data(), K, bp, C.data(), g, threads);
+      else
+        cpu::gemm_packed(M, N, K, A.data(), K, bp, C.data(), g, threads);
       double err = 0, range = 1e-12;
       for (int64_t i = 0; i < M * N; ++i) {
         double y = mm[i] + (ep.bias ? bias[i % N] : 0.0);
@@ -88,10 +97,16 @@ void check_shape(int64_t M, int64_t N, int64_t K, int threads) {
         err = std::max(err, std::isnan(C[i]) ? 1e9 : std::fabs(C[i] - y));
         range = std::max(range, std::fabs(y));
       }
-      // fp32 accumulation over K (up to ~3000 terms of |.| < 1): ~1e-6 of the range.
-      EXPECT_LE(err / range, 2e-6)
+      // fp32 accumulation over K (up to ~3000 terms of |.| < 1): ~1e-6 of the range. Strassen's
+      // form combines up to four products whose parts cancel (C11 gets A22 B11 from M1 and -A22
+      // B11 from M4): its error scales with those products (~sqrt(K)), not with the result, so
+      // its bound is 1e-5 of the larger of the range and sqrt(K). A wrong sign or a product in
+      // the wrong block errs by ~sqrt(K) / 3.
+      const double scale = strassen ? std::max(range, std::sqrt(double(K))) : range;
+      EXPECT_LE(err / scale, strassen ? 1e-5 : 2e-6)
           << "M=" << M << " N=" << N << " K=" << K << " bias=" << ep.bias << " gelu=" << ep.gelu
-          << " res=" << ep.res << " in_place=" << in_place << " threads=" << threads;
+          << " res=" << ep.res << " in_place=" << in_place << " threads=" << threads
+          << " strassen=" << strassen;
     }
   }
 }
@@ -110,6 +125,20 @@ TEST(CpuGemm, KernelKBlocksAndThreads) {
   check_shape(700, 40, 512, 2);   // two M blocks on the AVX2 path (510 rows each; A packed per block)
   check_shape(129, 770, 768, 1);
   check_shape(129, 770, 768, 3);
+}
+
+// Strassen's form: even and odd sizes (halves of ceil / floor, the missing row or column of a
+// block as zeros), tails of panels and row tiles, one to three threads, every epilogue.
+TEST(CpuGemm, StrassenMatchesReference) {
+  if (!cpu::gemm_strassen_available()) GTEST_SKIP() << "no AVX-512 on this CPU (or the AVX2 run)";
+  for (int64_t M : {1, 2, 7, 64, 129})
+    for (int64_t N : {1, 3, 97, 770})
+      for (int64_t K : {1, 2, 5, 385}) check_shape(M, N, K, 2, true);
+  check_shape(128, 3072, 768, 2, true);  // BERT-base's FFN
+  check_shape(128, 768, 3072, 2, true);
+  check_shape(129, 770, 768, 1, true);
+  check_shape(129, 770, 768, 3, true);
+  check_shape(300, 50, 1100, 3, true);  // rows split over threads (one panel)
 }
 
 TEST(CpuGemm, GeluMatchesErfForm) {
@@ -187,7 +216,9 @@ void check_node(const NodeCase& c) {
   }
   if (c.tune) {
     const std::string t = k.value()->tactic();
-    EXPECT_TRUE(t == kKiln || t == "cpu.f32.matmul.dnnl" || t == "cpu.f32.matmul.openblas") << t;
+    EXPECT_TRUE(t == kKiln || t == kStrassen || t == "cpu.f32.matmul.dnnl" ||
+                t == "cpu.f32.matmul.openblas")
+        << t;
   }
   std::vector<Value> in = {Value(A), Value(B)};
   if (c.fused) {
@@ -211,7 +242,7 @@ void check_node(const NodeCase& c) {
   ASSERT_TRUE(st.is_ok()) << st.message();
   ASSERT_TRUE(got[0].is_tensor());
   EXPECT_LE(rel_err(got[0].tensor, want[0].tensor), 1e-5) << shape_str(c.a) << " N=" << c.N;
-  if (z_storage && !c.gelu && k.value()->tactic() == kKiln) {
+  if (z_storage && !c.gelu && (k.value()->tactic() == kKiln || k.value()->tactic() == kStrassen)) {
     EXPECT_EQ(got[0].tensor.raw_data(), z_storage)
         << "the donated residual was not written in place";
   }
@@ -255,6 +286,50 @@ TEST(CpuGemm, TimedTacticIsOneOfTheCandidates) {
   c.gelu = true;
   c.res = false;
   check_node(c);
+}
+
+// The Strassen tactic forced on MatMul / FusedMatMul nodes, and timed among the others for a
+// shape big enough to be its candidate; KILN_CPU_STRASSEN=0 loads it as oneDNN.
+TEST(CpuGemm, StrassenTacticMatchesReferenceOp) {
+  if (!cpu::gemm_strassen_available()) GTEST_SKIP() << "no AVX-512 on this CPU (or the AVX2 run)";
+  for (Shape a : {Shape{1, 5}, Shape{2, 65, 768}, Shape{129, 5}})
+    for (int64_t N : {1, 770})
+      for (int e = 0; e < 8; ++e) {
+        NodeCase c;
+        c.a = a;
+        c.N = N;
+        c.bias = e & 1, c.gelu = e & 2, c.res = e & 4;
+        c.tactic = kStrassen;
+        check_node(c);
+      }
+  NodeCase d;  // a donated residual: the sum lands in Z's buffer
+  d.a = {2, 64, 768};
+  d.N = 768;
+  d.res = true;
+  d.donate = true;
+  d.tactic = kStrassen;
+  check_node(d);
+  NodeCase t;  // timed: 64 x 1024 x 2048 is a Strassen candidate
+  t.a = {64, 1024};
+  t.N = 2048;
+  t.tactic = "";
+  t.tune = true;
+  t.gelu = true;
+  check_node(t);
+  ::setenv("KILN_CPU_STRASSEN", "0", 1);
+  NodeCase off;
+  off.a = {7, 768};
+  off.tactic = kStrassen;
+  std::mt19937 rng(3);
+  Tensor B = rand_tensor(rng, {768, 17});
+  Node n = test::node("mm", "FusedMatMul", {"a", "b", "bias"}, {"y"}, "kiln");
+  n.set_attr(str_attr("kiln_tactic", kStrassen));
+  auto k = cpu::prepare_dnnl_matmul(
+      n, [&](const std::string& s) -> const Tensor* { return s == "b" ? &B : nullptr; }, &fail_ref);
+  ::unsetenv("KILN_CPU_STRASSEN");
+  ASSERT_TRUE(k.is_ok()) << k.status().message();
+  ASSERT_TRUE(k.value());
+  EXPECT_EQ(k.value()->tactic(), "cpu.f32.matmul.dnnl");
 }
 
 TEST(CpuGemm, DnnlTacticStaysOneDnn) {

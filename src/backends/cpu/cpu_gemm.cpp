@@ -482,68 +482,69 @@ bool strassen_task(void* ctx, int64_t i) {
                 m1 = std::min(g.mh, tiles * (mci + 1) / g.m_chunks * kMR);
   if (p0 >= p1 || m0 >= m1) return true;
   const int64_t pstride = gemm_packed_floats(g.kh, g.nh);
-  const int64_t lines = g.kh * kNR * 4 / 64, groups = std::max<int64_t>(1, g.kh / 4);
+  auto panel = [&](int q, int64_t p) { return g.Bs + q * pstride + p * g.kh * kNR; };
   STileArgs t{};
-  t.kc = g.kh;
   t.ldc = g.N;
   t.gelu = g.ep.gelu;
+  t.kc = g.kh;
+  const int64_t lines = g.kh * kNR * 4 / 64, groups = std::max<int64_t>(1, g.kh / 4);
   // Groups of panels, all seven products each: the group's columns of C (all four blocks) stay
   // in L2 while the products add into them (over whole row ranges, BERT's 128 x 3072 outputs
   // went to L3 and back between products: slower than the plain GEMM).
   const int64_t group = std::max<int64_t>(1, kSGroupBytes / (2 * (m1 - m0) * kNR * 4 * 2));
   for (int64_t ga = p0; ga < p1; ga += group) {
-  const int64_t gb = std::min(p1, ga + group);
-  for (int q = 0; q < 7; ++q) {
-    const SProd& pr = kSProd[q];
-    t.lda = g.alda[q];
-    for (int64_t mr = m0; mr < m1; mr += g.mc) {
-      const int64_t me = std::min(m1, mr + g.mc);
-      const int64_t ntiles = (me - mr + kMR - 1) / kMR;
-      const int64_t per_tile = (lines + ntiles - 1) / ntiles;
-      t.pf_lines = static_cast<int>((per_tile + groups - 1) / groups);
-      for (int64_t p = ga; p < gb; ++p) {
-        // The panel that runs next (this product's, the next product's first, the next
-        // group's first), into L2.
-        const float* next = p + 1 < gb ? g.Bs + q * pstride + (p + 1) * g.kh * kNR
-                            : q + 1 < 7 ? g.Bs + (q + 1) * pstride + ga * g.kh * kNR
-                            : gb < p1   ? g.Bs + gb * g.kh * kNR
-                                        : nullptr;
-        t.b = g.Bs + q * pstride + p * g.kh * kNR;
-        const int64_t n0 = p * kNR;
-        for (int64_t ti = 0; ti < ntiles; ++ti) {
-          const int64_t m = mr + ti * kMR;
-          const int rows = static_cast<int>(std::min(kMR, me - m));
-          t.a = g.aop[q] + m * g.alda[q];
-          for (int s = 0; s < 2; ++s) {
-            STarget& o = t.tg[s];
-            const int blk = s == 0 ? pr.t1 : pr.t2;
-            if (blk < 0) {
-              o.rows = 0;
-              continue;
+    const int64_t gb = std::min(p1, ga + group);
+    for (int q = 0; q < 7; ++q) {
+      const SProd& pr = kSProd[q];
+      t.lda = g.alda[q];
+      for (int64_t mr = m0; mr < m1; mr += g.mc) {
+        const int64_t me = std::min(m1, mr + g.mc);
+        const int64_t ntiles = (me - mr + kMR - 1) / kMR;
+        const int64_t per_tile = (lines + ntiles - 1) / ntiles;
+        t.pf_lines = static_cast<int>((per_tile + groups - 1) / groups);
+        for (int64_t p = ga; p < gb; ++p) {
+          // What runs next (this product's next panel, the next product's, the next
+          // group's), into L2.
+          const float* next = p + 1 < gb  ? panel(q, p + 1)
+                              : q + 1 < 7 ? panel(q + 1, ga)
+                              : gb < p1   ? panel(0, gb)
+                                          : nullptr;
+          t.b = panel(q, p);
+          const int64_t n0 = p * kNR;
+          for (int64_t ti = 0; ti < ntiles; ++ti) {
+            const int64_t m = mr + ti * kMR;
+            const int rows = static_cast<int>(std::min(kMR, me - m));
+            t.a = g.aop[q] + m * g.alda[q];
+            for (int s = 0; s < 2; ++s) {
+              STarget& o = t.tg[s];
+              const int blk = s == 0 ? pr.t1 : pr.t2;
+              if (blk < 0) {
+                o.rows = 0;
+                continue;
+              }
+              const int64_t row0 = (blk / 2) * g.mh + m, col0 = (blk % 2) * g.nh + n0;
+              const int64_t width = blk % 2 ? g.N - g.nh : g.nh;
+              o.rows = static_cast<int>(std::min<int64_t>(rows, g.M - row0));
+              o.cols = static_cast<int>(std::min<int64_t>(kNR, width - n0));
+              o.c = g.C + row0 * g.N + col0;
+              o.bias = g.ep.bias ? g.ep.bias + col0 : nullptr;
+              o.res = g.ep.residual ? g.ep.residual + row0 * g.N + col0 : nullptr;
+              o.init = g.first[blk] == q;
+              o.final = g.last[blk] == q;
+              o.neg = s == 1 && pr.neg2;
             }
-            const int64_t row0 = (blk / 2) * g.mh + m, col0 = (blk % 2) * g.nh + n0;
-            const int64_t width = blk % 2 ? g.N - g.nh : g.nh;
-            o.rows = static_cast<int>(std::min<int64_t>(rows, g.M - row0));
-            o.cols = static_cast<int>(std::min<int64_t>(kNR, width - n0));
-            o.c = g.C + row0 * g.N + col0;
-            o.bias = g.ep.bias ? g.ep.bias + col0 : nullptr;
-            o.res = g.ep.residual ? g.ep.residual + row0 * g.N + col0 : nullptr;
-            o.init = g.first[blk] == q;
-            o.final = g.last[blk] == q;
-            o.neg = s == 1 && pr.neg2;
+            if (next) {
+              const char* base = reinterpret_cast<const char*>(next);
+              t.pf = base + std::min(lines, ti * per_tile) * 64;
+              t.pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
+            } else {
+              t.pf = t.pf_end = nullptr;
+            }
+            kSTiles[rows](t);
           }
-          if (next) {
-            const char* base = reinterpret_cast<const char*>(next);
-            t.pf = base + std::min(lines, ti * per_tile) * 64;
-            t.pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
-          } else {
-            t.pf = t.pf_end = nullptr;
-          }
-          kSTiles[rows](t);
         }
       }
     }
-  }
   }
   return true;
 }
