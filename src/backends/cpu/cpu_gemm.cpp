@@ -488,20 +488,21 @@ bool strassen_task(void* ctx, int64_t i) {
   t.gelu = g.ep.gelu;
   t.kc = g.kh;
   const int64_t lines = g.kh * kNR * 4 / 64, groups = std::max<int64_t>(1, g.kh / 4);
-  // Groups of panels, all seven products each: the group's columns of C (all four blocks) stay
-  // in L2 while the products add into them (over whole row ranges, BERT's 128 x 3072 outputs
-  // went to L3 and back between products: slower than the plain GEMM).
-  const int64_t group = std::max<int64_t>(1, kSGroupBytes / (2 * (m1 - m0) * kNR * 4 * 2));
-  for (int64_t ga = p0; ga < p1; ga += group) {
-    const int64_t gb = std::min(p1, ga + group);
-    for (int q = 0; q < 7; ++q) {
-      const SProd& pr = kSProd[q];
-      t.lda = g.alda[q];
-      for (int64_t mr = m0; mr < m1; mr += g.mc) {
-        const int64_t me = std::min(m1, mr + g.mc);
-        const int64_t ntiles = (me - mr + kMR - 1) / kMR;
-        const int64_t per_tile = (lines + ntiles - 1) / ntiles;
-        t.pf_lines = static_cast<int>((per_tile + groups - 1) / groups);
+  // Blocks of rows, the seven products' A rows of a block together in L2; in each, groups of
+  // panels, all seven products each: the group's columns of C (all four blocks) stay in L2
+  // while the products add into them (over whole row ranges, BERT's 128 x 3072 outputs went
+  // to L3 and back between products: slower than the plain GEMM).
+  for (int64_t mr = m0; mr < m1; mr += g.mc) {
+    const int64_t me = std::min(m1, mr + g.mc);
+    const int64_t ntiles = (me - mr + kMR - 1) / kMR;
+    const int64_t per_tile = (lines + ntiles - 1) / ntiles;
+    t.pf_lines = static_cast<int>((per_tile + groups - 1) / groups);
+    const int64_t group = std::max<int64_t>(1, kSGroupBytes / (2 * (me - mr) * kNR * 4 * 2));
+    for (int64_t ga = p0; ga < p1; ga += group) {
+      const int64_t gb = std::min(p1, ga + group);
+      for (int q = 0; q < 7; ++q) {
+        const SProd& pr = kSProd[q];
+        t.lda = g.alda[q];
         for (int64_t p = ga; p < gb; ++p) {
           // What runs next (this product's next panel, the next product's, the next
           // group's), into L2.
@@ -1170,7 +1171,8 @@ void gemm_strassen(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
       g.last[blk] = q;
     }
   g.panels = (g.nh + kNR - 1) / kNR;
-  g.mc = std::max<int64_t>(128, kABudget / (g.kh * 4) / kMR * kMR);
+  // Row blocks: the seven products' rows of A in L2 together (up to 128 rows regardless).
+  g.mc = std::max<int64_t>(128, kABudget / (7 * g.kh * 4) / kMR * kMR);
   const int64_t tiles = (g.mh + kMR - 1) / kMR;
   if (g.panels >= T) {
     g.n_chunks = T, g.m_chunks = 1;
