@@ -3,23 +3,23 @@
 // its GELU, and MatMul / kiln.FusedMatMul kernels with the tactic forced or timed against the
 // reference op. AVX-512 only: elsewhere the tests skip (the tactic is not offered).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "cpu_test_dnnl.h"
-#include <unistd.h>
-
-#include <filesystem>
-
 #include "backends/cpu/cpu_gemm.h"
+#include "backends/cpu/cpu_parallel.h"
 #include "base/file.h"
 #include "builder/builder_internal.h"
+#include "cpu_test_dnnl.h"
 #include "kiln/builder.h"
 #include "kiln/runtime.h"
 #include "op_test_util.h"
@@ -139,6 +139,69 @@ TEST(CpuGemm, StrassenMatchesReference) {
   check_shape(129, 770, 768, 1, true);
   check_shape(129, 770, 768, 3, true);
   check_shape(300, 50, 1100, 3, true);  // rows split over threads (one panel)
+}
+
+// By hand (`--gtest_also_run_disabled_tests --gtest_filter=CpuGemm.DISABLED_BenchStrassen`,
+// OMP_NUM_THREADS for the threads, STRASSEN_ITERS runs): gemm_packed vs gemm_strassen on BERT's
+// and ResNet-50's GEMM shapes (bias and residual; GELU on the FFN-up shape), alternating, B
+// flushed from the caches before each run (as weights that exceed the last-level cache come
+// from memory in a model); medians.
+TEST(CpuGemm, DISABLED_BenchStrassen) {
+  if (!cpu::gemm_strassen_available()) GTEST_SKIP() << "no AVX-512 on this CPU (or the AVX2 run)";
+  const int iters = std::getenv("STRASSEN_ITERS") ? std::atoi(std::getenv("STRASSEN_ITERS")) : 30;
+  const int threads = cpu::omp_threads();
+  struct Shp {
+    int64_t M, K, N;
+    bool gelu;
+  };
+  for (Shp sh : std::vector<Shp>{{128, 768, 3072, true},
+                                 {128, 3072, 768, false},
+                                 {128, 768, 768, false},
+                                 {784, 512, 128, false},
+                                 {196, 1024, 256, false},
+                                 {392, 2048, 512, false},
+                                 {392, 512, 2048, false}}) {
+    std::mt19937 rng(5);
+    const std::vector<float> A = rand_vec(rng, sh.M * sh.K), B = rand_vec(rng, sh.K * sh.N),
+                             bias = rand_vec(rng, sh.N), Z = rand_vec(rng, sh.M * sh.N);
+    const int64_t np = cpu::gemm_packed_floats(sh.K, sh.N),
+                  ns = cpu::gemm_strassen_packed_floats(sh.K, sh.N);
+    float* bp = cpu::alloc_weight_floats(np);
+    float* bs = cpu::alloc_weight_floats(ns);
+    ASSERT_TRUE(bp && bs);
+    cpu::gemm_pack_b(B.data(), sh.K, sh.N, bp);
+    cpu::gemm_strassen_pack_b(B.data(), sh.K, sh.N, bs);
+    std::vector<float> C(sh.M * sh.N);
+    cpu::GemmEpilogue g;
+    g.bias = bias.data();
+    g.gelu = sh.gelu;
+    g.residual = sh.gelu ? nullptr : Z.data();
+    std::vector<double> tp, ts;
+    for (int i = 0; i < iters + 2; ++i) {
+      cpu::evict_from_cache(bp, static_cast<size_t>(np) * 4);
+      auto t0 = std::chrono::steady_clock::now();
+      cpu::gemm_packed(sh.M, sh.N, sh.K, A.data(), sh.K, bp, C.data(), g, threads);
+      auto t1 = std::chrono::steady_clock::now();
+      cpu::evict_from_cache(bs, static_cast<size_t>(ns) * 4);
+      auto t2 = std::chrono::steady_clock::now();
+      cpu::gemm_strassen(sh.M, sh.N, sh.K, A.data(), sh.K, bs, C.data(), g, threads);
+      auto t3 = std::chrono::steady_clock::now();
+      if (i < 2) continue;
+      tp.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      ts.push_back(std::chrono::duration<double, std::milli>(t3 - t2).count());
+    }
+    std::sort(tp.begin(), tp.end());
+    std::sort(ts.begin(), ts.end());
+    const double p = tp[tp.size() / 2], st = ts[ts.size() / 2];
+    std::printf(
+        "[ strassen ] %5lld x %4lld x %4lld%s, %d threads: plain %.3f ms (%.0f GFLOP/s), "
+        "Strassen %.3f ms, ratio %.3f\n",
+        static_cast<long long>(sh.M), static_cast<long long>(sh.K), static_cast<long long>(sh.N),
+        sh.gelu ? " gelu" : "", threads, p, 2e-6 * double(sh.M) * double(sh.K) * double(sh.N) / p,
+        st, st / p);
+    cpu::free_weight_floats(bp, static_cast<size_t>(np));
+    cpu::free_weight_floats(bs, static_cast<size_t>(ns));
+  }
 }
 
 TEST(CpuGemm, GeluMatchesErfForm) {
