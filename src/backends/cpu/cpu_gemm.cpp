@@ -440,16 +440,32 @@ void stile(const STileArgs& t) {
     for (int j = 0; j < 3; ++j)
       bv[j] = o.init && o.bias ? _mm512_maskz_loadu_ps(m[j], o.bias + 16 * j) : _mm512_setzero_ps();
     const bool init_res = o.init && o.res && !t.gelu;
+    if (o.cols == kNR) {
+      // Whole tiles without masks (a masked store, even of all lanes, is slow on Zen 4).
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      if (r >= o.rows) break;
-      float* cr = o.c + r * t.ldc;
-      for (int j = 0; j < 3; ++j) {
-        __m512 base = bv[j];
-        if (!o.init) base = _mm512_maskz_loadu_ps(m[j], cr + 16 * j);
-        else if (init_res) base = _mm512_add_ps(base, _mm512_maskz_loadu_ps(m[j], o.res + r * t.ldc + 16 * j));
-        _mm512_mask_storeu_ps(cr + 16 * j, m[j],
-                              o.neg ? _mm512_sub_ps(base, acc[r][j]) : _mm512_add_ps(base, acc[r][j]));
+      for (int r = 0; r < R; ++r) {
+        if (r >= o.rows) break;
+        float* cr = o.c + r * t.ldc;
+        for (int j = 0; j < 3; ++j) {
+          __m512 base = bv[j];
+          if (!o.init) base = _mm512_loadu_ps(cr + 16 * j);
+          else if (init_res) base = _mm512_add_ps(base, _mm512_loadu_ps(o.res + r * t.ldc + 16 * j));
+          _mm512_storeu_ps(cr + 16 * j,
+                           o.neg ? _mm512_sub_ps(base, acc[r][j]) : _mm512_add_ps(base, acc[r][j]));
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (r >= o.rows) break;
+        float* cr = o.c + r * t.ldc;
+        for (int j = 0; j < 3; ++j) {
+          __m512 base = bv[j];
+          if (!o.init) base = _mm512_maskz_loadu_ps(m[j], cr + 16 * j);
+          else if (init_res) base = _mm512_add_ps(base, _mm512_maskz_loadu_ps(m[j], o.res + r * t.ldc + 16 * j));
+          _mm512_mask_storeu_ps(cr + 16 * j, m[j],
+                                o.neg ? _mm512_sub_ps(base, acc[r][j]) : _mm512_add_ps(base, acc[r][j]));
+        }
       }
     }
     if (o.final && t.gelu) post_rows(o.c, t.ldc, o.res, o.rows, m, o.cols == kNR, true);
@@ -571,20 +587,32 @@ bool strassen_pack_a_task(void* ctx, int64_t i) {
   const int64_t r0 = i % per_q * s.chunk, r1 = std::min(s.mh, r0 + s.chunk);
   for (int64_t r = r0; r < r1; ++r) {
     float* d = s.dst[q] + r * s.kh;
-    std::memset(d, 0, static_cast<size_t>(s.kh) * 4);
+    // Both terms in one pass, one store (zeros where a block lacks the row or columns).
+    const float* src[2] = {s.A, s.A};
+    int64_t w[2] = {0, 0};
+    __m512 sg[2];
     for (int n = 0; n < op.n; ++n) {
       const STerm& tm = op.t[n];
       const int64_t row = tm.i * s.mh + r, col0 = tm.j * s.kh;
-      if (row >= s.M) continue;
-      const int64_t w = std::min(s.kh, s.K - col0);
-      const float* src = s.A + row * s.lda + col0;
-      const __m512 sg = _mm512_set1_ps(static_cast<float>(tm.sign));
-      for (int64_t c = 0; c < w; c += 16) {
-        const __mmask16 mk = w - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (w - c)) - 1);
-        _mm512_mask_storeu_ps(d + c, mk,
-                              _mm512_fmadd_ps(sg, _mm512_maskz_loadu_ps(mk, src + c),
-                                              _mm512_maskz_loadu_ps(mk, d + c)));
-      }
+      if (row < s.M) w[n] = std::min(s.kh, s.K - col0), src[n] = s.A + row * s.lda + col0;
+      sg[n] = _mm512_set1_ps(static_cast<float>(tm.sign));
+    }
+    auto mask = [](int64_t left) {
+      return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+    };
+    // Masked loads and stores only at the edges: on Zen 4 a masked store, even of all 16 lanes,
+    // cost ~7x the plain one here.
+    auto load = [&](int n, int64_t c) {
+      return w[n] - c >= 16 ? _mm512_loadu_ps(src[n] + c)
+                            : _mm512_maskz_loadu_ps(mask(w[n] - c), src[n] + c);
+    };
+    for (int64_t c = 0; c < s.kh; c += 16) {
+      __m512 v = _mm512_mul_ps(sg[0], load(0, c));
+      if (op.n > 1) v = _mm512_fmadd_ps(sg[1], load(1, c), v);
+      if (s.kh - c >= 16)
+        _mm512_storeu_ps(d + c, v);
+      else
+        _mm512_mask_storeu_ps(d + c, mask(s.kh - c), v);
     }
   }
   return true;
