@@ -3,23 +3,25 @@
 // its GELU, and MatMul / kiln.FusedMatMul kernels with the tactic forced or timed against the
 // reference op. AVX-512 only: elsewhere the tests skip (the tactic is not offered).
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <limits>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cpu_test_dnnl.h"
+#include <unistd.h>
+
+#include <filesystem>
+
 #include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_parallel.h"
 #include "base/file.h"
 #include "builder/builder_internal.h"
-#include "cpu_test_dnnl.h"
 #include "kiln/builder.h"
 #include "kiln/runtime.h"
 #include "op_test_util.h"
