@@ -302,6 +302,19 @@ void tile(const TileArgs& t) {
   if (post) post_rows(t.c, t.ldc, t.res && !t.fold_res ? t.res : nullptr, R, m, full, t.gelu);
 }
 
+// Row tile ti's share of the L2 prefetch of `next` (lines cache lines, per_tile each): [*pf,
+// *pf_end); empty without a next.
+inline void l2_share(const float* next, int64_t lines, int64_t per_tile, int64_t ti,
+                     const char** pf, const char** pf_end) {
+  if (!next) {
+    *pf = *pf_end = nullptr;
+    return;
+  }
+  const char* base = reinterpret_cast<const char*>(next);
+  *pf = base + std::min(lines, ti * per_tile) * 64;
+  *pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
+}
+
 using TileFn = void (*)(const TileArgs&);
 constexpr TileFn kTiles[kMR + 1] = {nullptr,  &tile<1>, &tile<2>, &tile<3>, &tile<4>,
                                     &tile<5>, &tile<6>, &tile<7>, &tile<8>};
@@ -354,13 +367,7 @@ bool gemm_task(void* ctx, int64_t i) {
           t.a = g.A + m * g.lda + k0;
           t.c = g.C + m * g.N + n0;
           t.res = g.ep.residual ? g.ep.residual + m * g.N + n0 : nullptr;
-          if (next) {
-            const char* base = reinterpret_cast<const char*>(next);
-            t.pf = base + std::min(lines, ti * per_tile) * 64;
-            t.pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
-          } else {
-            t.pf = t.pf_end = nullptr;
-          }
+          l2_share(next, lines, per_tile, ti, &t.pf, &t.pf_end);
           kTiles[rows](t);
         }
       }
@@ -550,13 +557,7 @@ bool strassen_task(void* ctx, int64_t i) {
               o.final = g.last[blk] == q;
               o.neg = s == 1 && pr.neg2;
             }
-            if (next) {
-              const char* base = reinterpret_cast<const char*>(next);
-              t.pf = base + std::min(lines, ti * per_tile) * 64;
-              t.pf_end = base + std::min(lines, (ti + 1) * per_tile) * 64;
-            } else {
-              t.pf = t.pf_end = nullptr;
-            }
+            l2_share(next, lines, per_tile, ti, &t.pf, &t.pf_end);
             kSTiles[rows](t);
           }
         }
@@ -1060,6 +1061,17 @@ bool use_avx512() {
   return false;
 #endif
 }
+
+// Tasks over `panels` column panels and `tiles` row tiles for T threads: a chunk of panels per
+// thread, or with fewer panels than threads, each panel split over rows as well.
+void split_tasks(int64_t panels, int64_t tiles, int64_t T, int64_t* n_chunks, int64_t* m_chunks) {
+  if (panels >= T) {
+    *n_chunks = T, *m_chunks = 1;
+  } else {
+    *n_chunks = panels;
+    *m_chunks = std::min(tiles, (T + panels - 1) / panels);
+  }
+}
 }  // namespace
 
 bool gemm_available() {
@@ -1099,12 +1111,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   g.kc = (K + g.nkb - 1) / g.nkb;
   g.mc = std::max<int64_t>(128, kABudget / (g.kc * 4) / kMR * kMR);
   const int64_t T = std::max(1, threads), tiles = (M + mr - 1) / mr;
-  if (g.panels >= T) {
-    g.n_chunks = T, g.m_chunks = 1;
-  } else {
-    g.n_chunks = g.panels;
-    g.m_chunks = std::min(tiles, (T + g.panels - 1) / g.panels);
-  }
+  split_tasks(g.panels, tiles, T, &g.n_chunks, &g.m_chunks);
   // A packed once, in parallel, for all tasks (see GemmJob::apack), where it is one M block: a
   // larger A is packed per M block by each task, so that the buffer stays bounded.
   if (!wide && g.m_chunks == 1 && T > 1 && (M + kMR2 - 1) / kMR2 < m_block_tiles(g.kc)) {
@@ -1202,12 +1209,7 @@ void gemm_strassen(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
   // Row blocks: the seven products' rows of A in L2 together (up to 128 rows regardless).
   g.mc = std::max<int64_t>(128, kABudget / (7 * g.kh * 4) / kMR * kMR);
   const int64_t tiles = (g.mh + kMR - 1) / kMR;
-  if (g.panels >= T) {
-    g.n_chunks = T, g.m_chunks = 1;
-  } else {
-    g.n_chunks = g.panels;
-    g.m_chunks = std::min<int64_t>(tiles, (T + g.panels - 1) / g.panels);
-  }
+  split_tasks(g.panels, tiles, T, &g.n_chunks, &g.m_chunks);
   parallel_tasks(g.n_chunks * g.m_chunks, T, &strassen_task, &g);
 #else
   (void)M, (void)N, (void)K, (void)A, (void)lda, (void)Bs, (void)C, (void)ep, (void)threads;
