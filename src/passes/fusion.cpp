@@ -23,6 +23,16 @@ const Tensor* const_f32(const Graph& g, const std::string& name) {
   return &it->second;
 }
 
+// An initializer of any element type that no graph input can override.
+const Tensor* const_any(const Graph& g, const std::string& name) {
+  if (name.empty()) return nullptr;
+  auto it = g.initializers.find(name);
+  if (it == g.initializers.end()) return nullptr;
+  for (auto& in : g.inputs)
+    if (in.name == name) return nullptr;
+  return &it->second;
+}
+
 // The unique index of the node reading `v` (call only when single_use(v)).
 size_t consumer_of(const Graph& g, const std::string& v, const std::vector<bool>& dead) {
   for (size_t i = 0; i < g.nodes.size(); ++i) {
@@ -804,6 +814,87 @@ bool mbconv_env_off() {
 }
 
 }  // namespace
+
+// NHWC FusedConv (few input channels) -> MaxPool PoolNHWC, the conv's output read by the pool
+// alone, in 16-bit floats: one kiln.FusedConvPool (ResNet's stem on CUDA: one kernel instead of
+// im2col, GEMM and pool). The limits are the CUDA kernel's (kernels_conv_pool.cu): C <= 4,
+// 8 <= M <= 64 with M % 8 == 0, R * S <= 64, conv strides 1-2, one group, no dilation, no
+// residual, activation none or Relu; pool windows of 1-3 with strides 1-2, no dilation, no
+// ceil_mode, pads smaller than the window. KILN_CUDA_CONV_POOL=0 (read at build time): off.
+Status fuse_conv_maxpool(Graph& g, PassStats* stats) {
+  if (const char* e = std::getenv("KILN_CUDA_CONV_POOL"); e && e[0] == '0' && e[1] == 0)
+    return Status::ok();
+  Uses uses(g);
+  std::vector<bool> dead(g.nodes.size(), false);
+  bool changed = false;
+  auto in_range = [](const std::vector<int64_t>& v, size_t n, int64_t lo, int64_t hi) {
+    if (v.size() != n) return false;
+    for (int64_t x : v)
+      if (x < lo || x > hi) return false;
+    return true;
+  };
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& c = g.nodes[i];
+    if (c.domain != "kiln" || c.op_type != "FusedConv" || c.has_attr("kiln_block") ||
+        c.attr_string("layout") != "NHWC" || c.outputs.size() != 1 || c.inputs.size() < 2 ||
+        c.inputs.size() > 3 || !uses.single_use(c.outputs[0]))
+      continue;
+    const Tensor* wp = const_any(g, c.inputs[1]);
+    if (!wp) continue;
+    const Tensor& W = *wp;
+    const TypeInfo* xt = type_of(g, c.inputs[0]);
+    if (!xt || xt->kind != TypeInfo::Kind::kTensor || !xt->has_shape || xt->dims.size() != 4 ||
+        (xt->dtype != DataType::kFloat16 && xt->dtype != DataType::kBFloat16))
+      continue;
+    if (W.rank() != 4 || W.dim(1) > 4 || W.dim(0) % 8 != 0 || W.dim(0) > 64 ||
+        W.dim(2) * W.dim(3) > 64 || c.attr_int("group", 1) != 1 || !ints_all(c, "dilations", 1) ||
+        c.attr_string("auto_pad", "NOTSET") != "NOTSET" ||
+        !in_range(c.attr_ints("strides", {1, 1}), 2, 1, 2))
+      continue;
+    const std::string act = c.attr_string("activation", "");
+    if (act != "" && act != "Relu") continue;
+    const std::vector<int64_t> cpads = c.attr_ints("pads", {0, 0, 0, 0});
+    if (cpads.size() != 4 || !in_range({cpads[0], cpads[2]}, 2, 0, W.dim(2) - 1) ||
+        !in_range({cpads[1], cpads[3]}, 2, 0, W.dim(3) - 1))
+      continue;
+    if (c.has_input(2)) {
+      const Tensor* B = const_any(g, c.inputs[2]);
+      if (!B || B->numel() != W.dim(0)) continue;
+    }
+    const size_t pi = consumer_of(g, c.outputs[0], dead);
+    if (pi == SIZE_MAX || pi <= i) continue;
+    const Node& p = g.nodes[pi];
+    if (p.domain != "kiln" || p.op_type != "PoolNHWC" || p.attr_string("mode") != "MaxPool" ||
+        p.inputs.size() != 1 || p.outputs.size() != 1 || p.attr_int("ceil_mode", 0) != 0 ||
+        p.attr_string("auto_pad", "NOTSET") != "NOTSET" || !ints_all(p, "dilations", 1) ||
+        p.attr_int("storage_order", 0) != 0)
+      continue;
+    const std::vector<int64_t> pk = p.attr_ints("kernel_shape");
+    const std::vector<int64_t> pp = p.attr_ints("pads", {0, 0, 0, 0});
+    if (!in_range(pk, 2, 1, 3) || !in_range(p.attr_ints("strides", {1, 1}), 2, 1, 2) ||
+        pp.size() != 4 || !in_range({pp[0], pp[2]}, 2, 0, pk[0] - 1) ||
+        !in_range({pp[1], pp[3]}, 2, 0, pk[1] - 1))
+      continue;
+    Node f;
+    f.name = p.name;
+    f.op_type = "FusedConvPool";
+    f.domain = "kiln";
+    f.opset = 1;
+    f.inputs = c.inputs;
+    f.outputs = p.outputs;
+    for (const Attribute& a : c.attrs) f.set_attr(a);
+    for (const Attribute& a : p.attrs) {
+      Attribute q = a;
+      q.name = "pool." + a.name;
+      f.set_attr(q);
+    }
+    g.nodes[pi] = std::move(f);
+    dead[i] = true;
+    changed = true;
+  }
+  if (changed) erase_dead(g, dead, stats);
+  return Status::ok();
+}
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats) {
   if (!opts.enable) return Status::ok();

@@ -28,6 +28,12 @@ struct FusionOptions {
 
 Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats = nullptr);
 
+// Device builds in 16-bit floats, after the precision conversion: an NHWC FusedConv with few
+// input channels whose only reader is a MaxPool kiln.PoolNHWC becomes one kiln.FusedConvPool
+// (ops/defs/fused.def), which the CUDA backend runs as one kernel (ResNet's stem). The pattern's
+// limits are in fusion.cpp. KILN_CUDA_CONV_POOL=0 (read at build time): no fusion.
+Status fuse_conv_maxpool(Graph& g, PassStats* stats = nullptr);
+
 // Replaces the scaled-dot-product attention pattern (MatMul(Q, K^T) -> scale -> [+ mask] ->
 // Softmax(last axis) -> MatMul(., V), in the forms exporters produce) by one ONNX Attention node
 // (opset 23 semantics), which the CUDA backend (cuDNN SDPA or its own kernels) and the CPU backend

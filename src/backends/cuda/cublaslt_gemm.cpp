@@ -965,6 +965,7 @@ void register_dnn(Registry& r) {
   register_conv_kernels(r);
   register_gemm_kernels(r);
   register_pool_nhwc(r);
+  register_conv_pool(r);
 }
 
 }  // namespace kiln::cuda

@@ -37,6 +37,7 @@ inline std::string describe_tactic(const Kernel* k) {
 void register_conv_kernels(Registry& r);  // Conv, kiln.FusedConv
 void register_gemm_kernels(Registry& r);  // Gemm, MatMul, kiln.FusedMatMul
 void register_pool_nhwc(Registry& r);     // kiln.PoolNHWC (kernels_pool_nhwc.cu)
+void register_conv_pool(Registry& r);     // kiln.FusedConvPool (kernels_conv_pool.cu)
 
 // Activation of a fused epilogue (the kiln.FusedConv / kiln.FusedMatMul `activation`).
 enum class EpAct : int { kNone = 0, kRelu, kClip, kLeakyRelu, kGeluErf };

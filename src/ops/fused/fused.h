@@ -1,6 +1,7 @@
 // Shared pieces of the fused ops (domain "kiln"): the activation epilogue they carry.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 #include "kiln/tensor.h"
 #include "ops/op.h"
@@ -34,6 +35,11 @@ bool is_mbconv_block(const Node& n);
 Result<std::vector<Node>> mbconv_parts(const Node& block);
 // Whether the block has an expand 1x1 (W1, input 1, is set).
 bool mbconv_has_expand(const Node& block);
+
+// kiln.FusedConvPool (ops/defs/fused.def) as the two nodes it replaced: the NHWC FusedConv
+// (inputs X, W, B?; output <node>/conv) and the MaxPool PoolNHWC (its attributes without the
+// "pool." prefix; output the node's). An error naming the node when it is malformed.
+Result<std::pair<Node, Node>> conv_pool_parts(const Node& n);
 
 // 4-D float32 relayout between NHWC and NCHW (to_nchw: NHWC -> NCHW, else NCHW -> NHWC).
 Result<Tensor> relayout(const Tensor& t, bool to_nchw);
