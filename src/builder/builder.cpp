@@ -433,7 +433,7 @@ Result<std::vector<uint8_t>> build_plan(Model& model, const BuilderConfig& confi
       KILN_RETURN_IF_ERROR(fold_gemm_output_casts(g, &ps));
       KILN_RETURN_IF_ERROR(fold_cast_into_transpose(g, &ps));
       // The stem's conv + max pool as one node (one CUDA kernel; 16-bit floats only).
-      KILN_RETURN_IF_ERROR(fuse_conv_maxpool(g, &ps));
+      KILN_RETURN_IF_ERROR(fuse_conv_maxpool(g, &ps, config.max_batch));
       KILN_RETURN_IF_ERROR(infer_types(g, &ps));
     } else if (st.code() == StatusCode::kUnsupported) {
       KILN_LOG(kWarning, st.message() << "; building a float32 engine");

@@ -30,9 +30,11 @@ Status run_fusion_passes(Graph& g, const FusionOptions& opts, PassStats* stats =
 
 // Device builds in 16-bit floats, after the precision conversion: an NHWC FusedConv with few
 // input channels whose only reader is a MaxPool kiln.PoolNHWC becomes one kiln.FusedConvPool
-// (ops/defs/fused.def), which the CUDA backend runs as one kernel (ResNet's stem). The pattern's
-// limits are in fusion.cpp. KILN_CUDA_CONV_POOL=0 (read at build time): no fusion.
-Status fuse_conv_maxpool(Graph& g, PassStats* stats = nullptr);
+// (ops/defs/fused.def), which the CUDA backend runs as one kernel (ResNet's stem); at batches up
+// to 16 (X's batch dim, else `max_batch`) the layout Transpose of a float32 NCHW input before it
+// is folded in too. The pattern's limits are in fusion.cpp. KILN_CUDA_CONV_POOL=0 (read at build
+// time): no fusion; KILN_CUDA_CONV_POOL_X=0: no Transpose folded.
+Status fuse_conv_maxpool(Graph& g, PassStats* stats = nullptr, int64_t max_batch = 0);
 
 // Replaces the scaled-dot-product attention pattern (MatMul(Q, K^T) -> scale -> [+ mask] ->
 // Softmax(last axis) -> MatMul(., V), in the forms exporters produce) by one ONNX Attention node

@@ -439,8 +439,8 @@ TEST(CudaTranspose, ConvertingTransposeMatchesTheReference) {
 }
 
 // A ResNet-like stem, x [2, 3, 21, 18] -> Conv 7x7 / 2, pads 3 (3 -> 16, bias) -> Relu -> MaxPool
-// 3x3 / 2, pads 1: the convolution on the im2col path (KILN_CUDA_CONV_IM2COL=force at build; 147
-// columns padded to 152), the pool on the NHWC pool kernel. float16 on CUDA against the double
+// 3x3 / 2, pads 1: the convolution on the im2col path (KILN_CUDA_CONV_IM2COL=force and
+// KILN_CUDA_CONV_POOL=0 at build; 147 columns padded to 152), the pool on the NHWC pool kernel. float16 on CUDA against the double
 // reference.
 TEST(CudaConvGemm, EngineWithIm2colStemMatchesTheReference) {
   if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
@@ -485,8 +485,10 @@ TEST(CudaConvGemm, EngineWithIm2colStemMatchesTheReference) {
           want[static_cast<size_t>(((n * K + k) * P + p) * Q + q)] = mx;
         }
   setenv("KILN_CUDA_CONV_IM2COL", "force", 1);
+  setenv("KILN_CUDA_CONV_POOL", "0", 1);  // else conv + pool are one kiln.FusedConvPool
   auto e = test::build_engine(m, "cuda", true);
   unsetenv("KILN_CUDA_CONV_IM2COL");
+  unsetenv("KILN_CUDA_CONV_POOL");
   ASSERT_TRUE(e);
   const std::string layers = e->describe_layers();
   EXPECT_NE(layers.find("cuda.conv.im2col."), std::string::npos) << layers;

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -121,12 +122,24 @@ struct PassCase {
   std::string act = "Relu";
   int64_t ceil_mode = 0;
   bool conv_out_is_graph_output = false;
+  bool from_transpose = false;  // X from the layout Transpose of a float32 NCHW input "xn"
+  int64_t batch = 2;
+  bool transpose_out_read_elsewhere = false;
 };
 
 Graph pass_graph(const PassCase& pc) {
   Graph g;
   g.name = "p";
-  g.inputs.push_back({"x", TypeInfo::tensor(pc.dt, {2, 20, 22, pc.c})});
+  if (pc.from_transpose) {
+    g.inputs.push_back({"xn", TypeInfo::tensor(DataType::kFloat, {pc.batch, pc.c, 20, 22})});
+    Node t = test::node("t", "Transpose", {"xn"}, {"x"});
+    t.set_attr(ints_attr("perm", {0, 2, 3, 1}));
+    t.set_attr(int_attr("kiln_to", static_cast<int64_t>(pc.dt)));
+    g.nodes.push_back(t);
+    if (pc.transpose_out_read_elsewhere) g.outputs.push_back({"x", TypeInfo::tensor(pc.dt)});
+  } else {
+    g.inputs.push_back({"x", TypeInfo::tensor(pc.dt, {2, 20, 22, pc.c})});
+  }
   g.outputs.push_back({"y", TypeInfo::tensor(pc.dt)});
   if (pc.conv_out_is_graph_output) g.outputs.push_back({"h", TypeInfo::tensor(pc.dt)});
   g.initializers["w"] =
@@ -223,6 +236,36 @@ TEST(FusedConvPool, PassLeavesWhatTheKernelDoesNotTake) {
   EXPECT_EQ(ops_after_pass(none), (std::vector<std::string>{"FusedConvPool"}));
 }
 
+// The layout Transpose of the float32 NCHW input (its cast to 16 bits folded in) goes into the
+// fused node (x_layout NCHW) when nothing else reads its output.
+TEST(FusedConvPool, PassFoldsTheInputTranspose) {
+  PassCase pc;
+  pc.from_transpose = true;
+  Graph g = pass_graph(pc);
+  ASSERT_TRUE(infer_types(g).is_ok());
+  ASSERT_TRUE(fuse_conv_maxpool(g).is_ok());
+  ASSERT_TRUE(infer_types(g).is_ok());
+  ASSERT_EQ(g.nodes.size(), 1u);
+  EXPECT_EQ(g.nodes[0].op_type, "FusedConvPool");
+  EXPECT_EQ(g.nodes[0].inputs[0], "xn");
+  EXPECT_EQ(g.nodes[0].attr_string("x_layout"), "NCHW");
+  const ValueInfo* vi = g.find_value_info("y");
+  ASSERT_TRUE(vi && vi->type.has_shape && vi->type.dims.size() == 4);
+  EXPECT_EQ(vi->type.dtype, DataType::kFloat16);  // W's type, not X's
+  EXPECT_EQ(vi->type.dims[1].value, 5);
+  EXPECT_EQ(vi->type.dims[2].value, 6);
+  EXPECT_EQ(vi->type.dims[3].value, 16);
+  PassCase shared = pc;
+  shared.transpose_out_read_elsewhere = true;
+  EXPECT_EQ(ops_after_pass(shared), (std::vector<std::string>{"Transpose", "FusedConvPool"}));
+  ::setenv("KILN_CUDA_CONV_POOL_X", "0", 1);
+  EXPECT_EQ(ops_after_pass(pc), (std::vector<std::string>{"Transpose", "FusedConvPool"}));
+  ::unsetenv("KILN_CUDA_CONV_POOL_X");
+  PassCase big = pc;  // batch 64: the planes cost more to gather than the Transpose saves
+  big.batch = 64;
+  EXPECT_EQ(ops_after_pass(big), (std::vector<std::string>{"Transpose", "FusedConvPool"}));
+}
+
 // The op's reference evaluation (float32) against the loops above: the pool's attributes come
 // back from their prefix, the conv's stay.
 TEST(FusedConvPool, ReferenceEvaluationMatchesConvThenPool) {
@@ -231,6 +274,14 @@ TEST(FusedConvPool, ReferenceEvaluationMatchesConvThenPool) {
   Tensor x = rand_tensor(rng, {g.n, g.h, g.w, g.c});  // NHWC
   Tensor w = rand_tensor(rng, {g.m, g.c, g.r, g.s}, -0.3f, 0.3f);
   Tensor b = rand_tensor(rng, {g.m}, -0.2f, 0.2f);
+  // The reference takes NCHW x.
+  Tensor xn = Tensor::create(DataType::kFloat, {g.n, g.c, g.h, g.w}).value();
+  for (int64_t n = 0; n < g.n; ++n)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t i = 0; i < g.h; ++i)
+        for (int64_t j = 0; j < g.w; ++j)
+          xn.data<float>()[((n * g.c + c) * g.h + i) * g.w + j] =
+              x.data<float>()[((n * g.h + i) * g.w + j) * g.c + c];
   Node f = test::node("f", "FusedConvPool", {"x", "w", "b"}, {"y"}, "kiln");
   f.set_attr(str_attr("layout", "NHWC"));
   f.set_attr(str_attr("activation", "Relu"));
@@ -246,14 +297,6 @@ TEST(FusedConvPool, ReferenceEvaluationMatchesConvThenPool) {
   ASSERT_TRUE(st.is_ok()) << st.message();
   const Tensor& y = out[0].tensor;  // NHWC: [2, 17, 20] -> conv [2, 9, 10] -> pool [2, 5, 5]
   ASSERT_EQ(y.shape(), (Shape{2, 5, 5, 8}));
-  // The reference takes NCHW x.
-  Tensor xn = Tensor::create(DataType::kFloat, {g.n, g.c, g.h, g.w}).value();
-  for (int64_t n = 0; n < g.n; ++n)
-    for (int64_t c = 0; c < g.c; ++c)
-      for (int64_t i = 0; i < g.h; ++i)
-        for (int64_t j = 0; j < g.w; ++j)
-          xn.data<float>()[((n * g.c + c) * g.h + i) * g.w + j] =
-              x.data<float>()[((n * g.h + i) * g.w + j) * g.c + c];
   const std::vector<double> want = ref_conv_pool(g, xn, w, b);
   double worst = 0;
   for (int64_t n = 0; n < 2; ++n)
@@ -264,6 +307,15 @@ TEST(FusedConvPool, ReferenceEvaluationMatchesConvThenPool) {
               std::max(worst, std::fabs(y.data<float>()[((n * 5 + i) * 5 + j) * 8 + m] -
                                         want[static_cast<size_t>(((n * 8 + m) * 5 + i) * 5 + j)]));
   EXPECT_LT(worst, 1e-5);
+  // The same with X in NCHW (x_layout): the same values.
+  Node fn = f;
+  fn.set_attr(str_attr("x_layout", "NCHW"));
+  OpContext nctx{fn};
+  std::vector<Value> nin = {Value(xn), Value(w), Value(b)}, nout(1);
+  st = kOp_kiln_FusedConvPool.eval(nctx, nin, nout);
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  ASSERT_EQ(nout[0].tensor.shape(), y.shape());
+  EXPECT_EQ(std::memcmp(nout[0].tensor.raw_data(), y.raw_data(), y.nbytes()), 0);
   // A malformed node is an error naming it, not a crash.
   Node bad = f;
   bad.attrs.clear();
@@ -291,20 +343,25 @@ TEST(FusedConvPool, CudaKernelMatchesTheReference) {
     Tensor x = rand_tensor(rng, {g.n, g.c, g.h, g.w});
     const std::vector<double> want =
         ref_conv_pool(g, x, m.graph.initializers.at("w"), m.graph.initializers.at("b"));
-    for (int bf = 0; bf < 2; ++bf) {
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool bf = variant & 1, nhwc = variant & 2;  // nhwc: the input Transpose not folded
       BuilderConfig c;
       c.device = "cuda";
       c.fp16 = true;
-      c.bf16 = bf == 1;
+      c.bf16 = bf;
       Model mc = m;  // build_plan rewrites the graph it is given
+      if (nhwc) ::setenv("KILN_CUDA_CONV_POOL_X", "0", 1);
       auto plan = build_plan(mc, c, 7);
+      ::unsetenv("KILN_CUDA_CONV_POOL_X");
       ASSERT_TRUE(plan.is_ok()) << plan.status().message();
       auto e = Engine::deserialize(plan->data(), plan->size());
       ASSERT_TRUE(e.is_ok()) << e.status().message();
-      const std::string what = std::string(bf ? "bf16" : "fp16") + " case " + std::to_string(g.h) +
-                               "x" + std::to_string(g.w) + " C " + std::to_string(g.c) + " M " +
-                               std::to_string(g.m);
-      EXPECT_NE(e.value()->describe_layers().find("FusedConvPool"), std::string::npos) << what;
+      const std::string what = std::string(bf ? "bf16" : "fp16") + (nhwc ? " NHWC" : " NCHW") +
+                               " case " + std::to_string(g.h) + "x" + std::to_string(g.w) + " C " +
+                               std::to_string(g.c) + " M " + std::to_string(g.m);
+      const std::string layers = e.value()->describe_layers();
+      EXPECT_NE(layers.find("FusedConvPool"), std::string::npos) << what;
+      EXPECT_EQ(layers.find("/to_nhwc") != std::string::npos, nhwc) << what;
       // 16-bit inputs and one 16-bit rounding of the conv: 2^-8 (bf16) or 2^-11 of the range.
       EXPECT_LE(test::scaled_err(test::run_xy(*e.value(), x), want), bf ? 2e-2 : 4e-3) << what;
     }
@@ -312,26 +369,34 @@ TEST(FusedConvPool, CudaKernelMatchesTheReference) {
 }
 
 // The fused kernel against the unfused graph on the same engine build path (KILN_CUDA_CONV_POOL=0
-// keeps im2col + GEMM + pool): the same values to within one 16-bit rounding.
+// keeps im2col + GEMM + pool): the same values to within one 16-bit rounding, with the input
+// Transpose folded in (the default: float32 NCHW read by the kernel) and not
+// (KILN_CUDA_CONV_POOL_X=0: the Transpose's NHWC float16).
 TEST(FusedConvPool, CudaFusedAgreesWithUnfused) {
   if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
   std::mt19937 rng(12);
   const Geo g{4, 3, 64, 64, 64, 7, 7, 2, 3, true, 3, 2, 1};
   Model m = conv_pool_model(g, rng);
   Tensor x = rand_tensor(rng, {g.n, g.c, g.h, g.w});
-  std::vector<float> got[2];
-  for (int off = 0; off < 2; ++off) {
-    if (off) ::setenv("KILN_CUDA_CONV_POOL", "0", 1);
+  const char* env[3] = {"KILN_CUDA_CONV_POOL", "KILN_CUDA_CONV_POOL_X", nullptr};
+  std::vector<float> got[3];
+  for (int v = 0; v < 3; ++v) {  // 0: unfused, 1: fused on the Transpose's output, 2: folded
+    if (v < 2) ::setenv(env[v], "0", 1);
     auto e = test::build_engine(m, "cuda", true);
-    if (off) ::unsetenv("KILN_CUDA_CONV_POOL");
+    if (v < 2) ::unsetenv(env[v]);
     ASSERT_TRUE(e);
-    EXPECT_EQ(e->describe_layers().find("FusedConvPool") != std::string::npos, off == 0);
-    got[off] = test::run_xy(*e, x);
+    const std::string layers = e->describe_layers();
+    EXPECT_EQ(layers.find("FusedConvPool") != std::string::npos, v > 0) << layers;
+    EXPECT_EQ(layers.find("/to_nhwc") != std::string::npos, v < 2) << layers;
+    got[v] = test::run_xy(*e, x);
+    ASSERT_FALSE(got[v].empty());
   }
-  ASSERT_EQ(got[0].size(), got[1].size());
-  ASSERT_FALSE(got[0].empty());
-  const std::vector<double> ref(got[1].begin(), got[1].end());
-  EXPECT_LE(test::scaled_err(got[0], ref), 2e-3);
+  const std::vector<double> ref(got[0].begin(), got[0].end());
+  EXPECT_LE(test::scaled_err(got[1], ref), 2e-3);
+  EXPECT_LE(test::scaled_err(got[2], ref), 2e-3);
+  // The two fused forms convert the input to float16 alike: the same bits.
+  ASSERT_EQ(got[1].size(), got[2].size());
+  EXPECT_EQ(std::memcmp(got[1].data(), got[2].data(), got[1].size() * sizeof(float)), 0);
 }
 
 }  // namespace

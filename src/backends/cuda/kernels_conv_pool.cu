@@ -107,9 +107,17 @@ __device__ __forceinline__ void cp_async_wait_all() {
 
 // Persistent: block b takes tiles b, b + gridDim.x, ... (tile = image, row of tiles, column). The
 // filter's fragments are copied to shared memory once, before the programmatic-launch wait.
+// The 16 bits of v in T.
 template <typename T>
+__device__ __forceinline__ uint32_t bits_of(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __half_as_ushort(__float2half_rn(v));
+  else return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// XT: X's element type, T (NHWC) or float (kNchw: the model's NCHW input, converted here).
+template <typename T, typename XT, bool kNchw>
 __global__ void __launch_bounds__(kThreads)
-    conv_maxpool_kernel(const T* __restrict__ x, const uint4* __restrict__ wf,
+    conv_maxpool_kernel(const XT* __restrict__ x, const uint4* __restrict__ wf,
                         const float* __restrict__ bias, T* __restrict__ y, ConvPoolGeom g) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint2* bfrag = reinterpret_cast<uint2*>(smem);
@@ -147,8 +155,8 @@ __global__ void __launch_bounds__(kThreads)
     const int py0 = ty * kTPH, px0 = tx * kTPW;
     const int cy0 = py0 * g.psh - g.ppt, cx0 = px0 * g.psw - g.ppl;  // the tile's first conv pixel
     const int iy0 = cy0 * g.sh - g.pt, ix0 = cx0 * g.sw - g.pl;      // and the patch's first pixel
-    const uint16_t* xb =
-        reinterpret_cast<const uint16_t*>(x) + static_cast<int64_t>(n) * g.H * g.W * g.C;
+    const int64_t plane = static_cast<int64_t>(g.H) * g.W;
+    const XT* xb = x + static_cast<int64_t>(n) * plane * g.C;
     // Every load of the thread's patch pixels first, then the stores: one memory round trip.
     uint32_t v[kPatchIters][4];
 #pragma unroll
@@ -157,9 +165,14 @@ __global__ void __launch_bounds__(kThreads)
       const int iy = p / g.IW, ix = p - iy * g.IW;
       const int gy = iy0 + iy, gx = ix0 + ix;
       const bool in = p < np && gy >= 0 && gy < g.H && gx >= 0 && gx < g.W;
-      const uint16_t* src = xb + (static_cast<int64_t>(gy) * g.W + gx) * g.C;
+      const int64_t at = static_cast<int64_t>(gy) * g.W + gx;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) v[it][c] = in && c < g.C ? src[c] : 0u;
+      for (int c = 0; c < 4; ++c) {
+        if constexpr (kNchw)
+          v[it][c] = in && c < g.C ? bits_of<T>(xb[c * plane + at]) : 0u;
+        else
+          v[it][c] = in && c < g.C ? reinterpret_cast<const uint16_t*>(xb)[at * g.C + c] : 0u;
+      }
     }
 #pragma unroll
     for (int it = 0; it < kPatchIters; ++it) {
@@ -351,6 +364,13 @@ class ConvPoolKernel : public Kernel {
                               " does not match the filter " + W->describe());
     auto k = std::shared_ptr<ConvPoolKernel>(new ConvPoolKernel());
     k->where_ = n.where();
+    // The compute type: the filter's, 16 bits in the plans the pass makes (float32: float16).
+    k->dt_ = wt == DataType::kBFloat16 ? DataType::kBFloat16 : DataType::kFloat16;
+    const std::string xl = n.attr_string("x_layout", "NHWC");
+    if (xl != "NHWC" && xl != "NCHW")
+      return invalid_argument(n.where() + ": FusedConvPool x_layout must be NHWC or NCHW, got '" +
+                              xl + "'");
+    k->nchw_ = xl == "NCHW";
     KILN_ASSIGN_OR_RETURN(k->shape_, read_shape(n, W->shape()));
     const Backend* be = cuda_backend();
     if (!be) return internal_error(n.where() + ": no CUDA backend");
@@ -382,14 +402,15 @@ class ConvPoolKernel : public Kernel {
     for (int m = 0; m < s.M && B; ++m) b.data<float>()[m] = host_float(*B, m);
     KILN_ASSIGN_OR_RETURN(k->bias_, be->upload_constant(b));
     // More than the default 48 KB of shared memory per block, and the SM count for the grid.
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(&conv_maxpool_kernel<__half>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes)),
-                    n.where() + ": conv + max pool kernel's shared memory");
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(&conv_maxpool_kernel<__nv_bfloat16>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes)),
-                    n.where() + ": conv + max pool kernel's shared memory");
+    const void* fns[4] = {reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, float, true>),
+                          reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, float, true>),
+                          reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, __half, false>),
+                          reinterpret_cast<const void*>(
+                              &conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false>)};
+    for (const void* f : fns)
+      KILN_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kSmemBytes)),
+                      n.where() + ": conv + max pool kernel's shared memory");
     int dev = 0;
     KILN_CUDA_CHECK(cudaGetDevice(&dev), n.where());
     KILN_CUDA_CHECK(cudaDeviceGetAttribute(&k->sms_, cudaDevAttrMultiProcessorCount, dev),
@@ -400,30 +421,39 @@ class ConvPoolKernel : public Kernel {
   Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
     KILN_ASSIGN_OR_RETURN(const Tensor* x, req_tensor(ctx, in, 0));
     if (out.empty()) return ctx.bad_input("FusedConvPool needs one output");
-    const DataType dt = x->dtype();
-    if (dt != DataType::kFloat16 && dt != DataType::kBFloat16)
-      return ctx.bad_input(std::string("FusedConvPool: X must be float16 or bfloat16, got ") +
-                           dtype_name(dt));
-    if (x->rank() != 4 || x->dim(3) != shape_.C)
-      return ctx.bad_input("FusedConvPool: X must be NHWC [N, H, W, " + std::to_string(shape_.C) +
-                           "], got " + x->describe());
+    const DataType xdt = nchw_ ? DataType::kFloat : dt_;
+    if (x->dtype() != xdt)
+      return ctx.bad_input(std::string("FusedConvPool: X must be ") + dtype_name(xdt) + ", got " +
+                           dtype_name(x->dtype()));
+    const int64_t xc = nchw_ ? 1 : 3;
+    if (x->rank() != 4 || x->dim(xc) != shape_.C)
+      return ctx.bad_input(std::string("FusedConvPool: X must be ") + (nchw_ ? "NCHW" : "NHWC") +
+                           " with " + std::to_string(shape_.C) + " channels, got " + x->describe());
     if (!x->on_device()) return ctx.fail("X must be a device tensor");
     ConvPoolGeom g;
-    KILN_RETURN_IF_ERROR(fill_geometry(shape_, x->dim(0), x->dim(1), x->dim(2), &g, where_));
+    const int64_t H = x->dim(nchw_ ? 2 : 1), W = x->dim(nchw_ ? 3 : 2);
+    KILN_RETURN_IF_ERROR(fill_geometry(shape_, x->dim(0), H, W, &g, where_));
     Env& env = env_of(ctx);
-    KILN_ASSIGN_OR_RETURN(Tensor y, env.alloc(dt, Shape{g.N, g.OHp, g.OWp, g.M}));
+    KILN_ASSIGN_OR_RETURN(Tensor y, env.alloc(dt_, Shape{g.N, g.OHp, g.OWp, g.M}));
     if (y.numel() > 0) {
       const int64_t ntiles = int64_t{g.N} * g.tiles_x * g.tiles_y;
       const dim3 grid(
           static_cast<unsigned>(std::min<int64_t>(ntiles, int64_t{sms_} * kBlocksPerSm)));
-      const uint4* wf = static_cast<const uint4*>(wf_[dt == DataType::kBFloat16].raw_data());
+      const uint4* wf = static_cast<const uint4*>(wf_[dt_ == DataType::kBFloat16].raw_data());
       const float* bias = bias_.data<float>();
-      if (dt == DataType::kFloat16)
-        launch_pdl(&conv_maxpool_kernel<__half>, grid, dim3(kThreads), kSmemBytes, env.stream,
-                   x->data<__half>(), wf, bias, y.data<__half>(), g);
+      const size_t sm = kSmemBytes;
+      if (nchw_ && dt_ == DataType::kFloat16)
+        launch_pdl(&conv_maxpool_kernel<__half, float, true>, grid, dim3(kThreads), sm, env.stream,
+                   x->data<float>(), wf, bias, y.data<__half>(), g);
+      else if (nchw_)
+        launch_pdl(&conv_maxpool_kernel<__nv_bfloat16, float, true>, grid, dim3(kThreads), sm,
+                   env.stream, x->data<float>(), wf, bias, y.data<__nv_bfloat16>(), g);
+      else if (dt_ == DataType::kFloat16)
+        launch_pdl(&conv_maxpool_kernel<__half, __half, false>, grid, dim3(kThreads), sm,
+                   env.stream, x->data<__half>(), wf, bias, y.data<__half>(), g);
       else
-        launch_pdl(&conv_maxpool_kernel<__nv_bfloat16>, grid, dim3(kThreads), kSmemBytes,
-                   env.stream, x->data<__nv_bfloat16>(), wf, bias, y.data<__nv_bfloat16>(), g);
+        launch_pdl(&conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false>, grid, dim3(kThreads),
+                   sm, env.stream, x->data<__nv_bfloat16>(), wf, bias, y.data<__nv_bfloat16>(), g);
       KILN_CUDA_LAUNCHED(where_ + ": conv + max pool kernel");
     }
     out[0] = y;
@@ -441,6 +471,8 @@ class ConvPoolKernel : public Kernel {
   Tensor wf_[2];  // [float16, bfloat16] filter fragments
   Tensor bias_;   // float32 [kMaxM], zero past M
   int sms_ = 1;   // the device's multiprocessors (the persistent grid's size)
+  DataType dt_ = DataType::kFloat16;  // compute and output type
+  bool nchw_ = false;                 // X is the float32 NCHW tensor (x_layout)
 };
 
 Result<std::shared_ptr<const Kernel>> prepare_conv_pool(const Node& n,
@@ -455,6 +487,7 @@ Status run_conv_pool_unprepared(OpContext& ctx, std::span<const Value>, std::spa
 bool supports_conv_pool(const Node& n, const TypeLookup& types) {
   if (n.inputs.size() < 2) return false;
   const DataType dt = value_dtype(types, n.inputs[0]);
+  if (n.attr_string("x_layout", "NHWC") == "NCHW") return dt == DataType::kUndefined || dt == DataType::kFloat;
   return dt == DataType::kUndefined || dt == DataType::kFloat16 || dt == DataType::kBFloat16;
 }
 
