@@ -901,13 +901,14 @@ Status fuse_conv_maxpool(Graph& g, PassStats* stats, int64_t max_batch) {
     // KILN_CUDA_CONV_POOL_X=0 (read at build time): never.
     const int64_t batch = xt->dims[0].known() ? xt->dims[0].value : max_batch;
     auto ti = uses.producer.find(c.inputs[0]);
-    if (fold_x && batch > 0 && batch <= kFoldXMaxBatch && ti != uses.producer.end() && ti->second < i && !dead[ti->second] &&
-        uses.single_use(c.inputs[0])) {
+    if (fold_x && batch > 0 && batch <= kFoldXMaxBatch && ti != uses.producer.end() &&
+        ti->second < i && !dead[ti->second] && uses.single_use(c.inputs[0])) {
       const Node& t = g.nodes[ti->second];
       const TypeInfo* st = t.inputs.size() == 1 ? type_of(g, t.inputs[0]) : nullptr;
       if (t.domain.empty() && t.op_type == "Transpose" && t.outputs.size() == 1 &&
           t.attr_ints("perm") == std::vector<int64_t>{0, 2, 3, 1} &&
-          t.attr_int("kiln_to", static_cast<int64_t>(xt->dtype)) == static_cast<int64_t>(xt->dtype) &&
+          t.attr_int("kiln_to", static_cast<int64_t>(xt->dtype)) ==
+              static_cast<int64_t>(xt->dtype) &&
           st && st->kind == TypeInfo::Kind::kTensor && st->dtype == DataType::kFloat &&
           st->has_shape && st->dims.size() == 4) {
         f.inputs[0] = t.inputs[0];

@@ -440,8 +440,8 @@ TEST(CudaTranspose, ConvertingTransposeMatchesTheReference) {
 
 // A ResNet-like stem, x [2, 3, 21, 18] -> Conv 7x7 / 2, pads 3 (3 -> 16, bias) -> Relu -> MaxPool
 // 3x3 / 2, pads 1: the convolution on the im2col path (KILN_CUDA_CONV_IM2COL=force and
-// KILN_CUDA_CONV_POOL=0 at build; 147 columns padded to 152), the pool on the NHWC pool kernel. float16 on CUDA against the double
-// reference.
+// KILN_CUDA_CONV_POOL=0 at build; 147 columns padded to 152), the pool on the NHWC pool kernel.
+// float16 on CUDA against the double reference.
 TEST(CudaConvGemm, EngineWithIm2colStemMatchesTheReference) {
   if (!have_gpu()) GTEST_SKIP() << "no usable CUDA GPU";
   std::mt19937 rng(11);

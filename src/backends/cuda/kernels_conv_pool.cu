@@ -110,8 +110,10 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // The 16 bits of v in T.
 template <typename T>
 __device__ __forceinline__ uint32_t bits_of(float v) {
-  if constexpr (std::is_same_v<T, __half>) return __half_as_ushort(__float2half_rn(v));
-  else return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  if constexpr (std::is_same_v<T, __half>)
+    return __half_as_ushort(__float2half_rn(v));
+  else
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
 // XT: X's element type, T (NHWC) or float (kNchw: the model's NCHW input, converted here).
@@ -402,11 +404,11 @@ class ConvPoolKernel : public Kernel {
     for (int m = 0; m < s.M && B; ++m) b.data<float>()[m] = host_float(*B, m);
     KILN_ASSIGN_OR_RETURN(k->bias_, be->upload_constant(b));
     // More than the default 48 KB of shared memory per block, and the SM count for the grid.
-    const void* fns[4] = {reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, float, true>),
-                          reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, float, true>),
-                          reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, __half, false>),
-                          reinterpret_cast<const void*>(
-                              &conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false>)};
+    const void* fns[4] = {
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, float, true>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, float, true>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, __half, false>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false>)};
     for (const void* f : fns)
       KILN_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kSmemBytes)),
@@ -468,9 +470,9 @@ class ConvPoolKernel : public Kernel {
   ConvPoolKernel() = default;
   std::string where_;
   ConvPoolShape shape_;
-  Tensor wf_[2];  // [float16, bfloat16] filter fragments
-  Tensor bias_;   // float32 [kMaxM], zero past M
-  int sms_ = 1;   // the device's multiprocessors (the persistent grid's size)
+  Tensor wf_[2];                      // [float16, bfloat16] filter fragments
+  Tensor bias_;                       // float32 [kMaxM], zero past M
+  int sms_ = 1;                       // the device's multiprocessors (the persistent grid's size)
   DataType dt_ = DataType::kFloat16;  // compute and output type
   bool nchw_ = false;                 // X is the float32 NCHW tensor (x_layout)
 };
@@ -487,7 +489,8 @@ Status run_conv_pool_unprepared(OpContext& ctx, std::span<const Value>, std::spa
 bool supports_conv_pool(const Node& n, const TypeLookup& types) {
   if (n.inputs.size() < 2) return false;
   const DataType dt = value_dtype(types, n.inputs[0]);
-  if (n.attr_string("x_layout", "NHWC") == "NCHW") return dt == DataType::kUndefined || dt == DataType::kFloat;
+  if (n.attr_string("x_layout", "NHWC") == "NCHW")
+    return dt == DataType::kUndefined || dt == DataType::kFloat;
   return dt == DataType::kUndefined || dt == DataType::kFloat16 || dt == DataType::kBFloat16;
 }
 
