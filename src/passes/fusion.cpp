@@ -818,7 +818,8 @@ bool mbconv_env_off() {
 // NHWC FusedConv (few input channels) -> MaxPool PoolNHWC, the conv's output read by the pool
 // alone, in 16-bit floats: one kiln.FusedConvPool (ResNet's stem on CUDA: one kernel instead of
 // im2col, GEMM and pool). The limits are the CUDA kernel's (kernels_conv_pool.cu): C <= 4,
-// 8 <= M <= 64 with M % 8 == 0, R * S <= 64, conv strides 1-2, one group, no dilation, no
+// 8 <= M <= 64 with M % 8 == 0, R, S <= 8 (so that a tile's input patch, at most 24 x 40
+// pixels, fits its buffer), conv strides 1-2, one group, no dilation, no
 // residual, activation none or Relu; pool windows of 1-3 with strides 1-2, no dilation, no
 // ceil_mode, pads smaller than the window. KILN_CUDA_CONV_POOL=0 (read at build time): off.
 // A float32 NCHW -> NHWC Transpose feeding the conv alone is folded in too (x_layout "NCHW") at
@@ -851,8 +852,8 @@ Status fuse_conv_maxpool(Graph& g, PassStats* stats, int64_t max_batch) {
     if (!xt || xt->kind != TypeInfo::Kind::kTensor || !xt->has_shape || xt->dims.size() != 4 ||
         (xt->dtype != DataType::kFloat16 && xt->dtype != DataType::kBFloat16))
       continue;
-    if (W.rank() != 4 || W.dim(1) > 4 || W.dim(0) % 8 != 0 || W.dim(0) > 64 ||
-        W.dim(2) * W.dim(3) > 64 || c.attr_int("group", 1) != 1 || !ints_all(c, "dilations", 1) ||
+    if (W.rank() != 4 || W.dim(1) > 4 || W.dim(0) % 8 != 0 || W.dim(0) > 64 || W.dim(2) > 8 ||
+        W.dim(3) > 8 || c.attr_int("group", 1) != 1 || !ints_all(c, "dilations", 1) ||
         c.attr_string("auto_pad", "NOTSET") != "NOTSET" ||
         !in_range(c.attr_ints("strides", {1, 1}), 2, 1, 2))
       continue;

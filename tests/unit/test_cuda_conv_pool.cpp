@@ -118,7 +118,7 @@ Model conv_pool_model(const Geo& g, std::mt19937& rng) {
 
 struct PassCase {
   DataType dt = DataType::kFloat16;
-  int64_t c = 3, m = 16;
+  int64_t c = 3, m = 16, r = 7;
   std::string act = "Relu";
   int64_t ceil_mode = 0;
   bool conv_out_is_graph_output = false;
@@ -144,14 +144,14 @@ Graph pass_graph(const PassCase& pc) {
   if (pc.conv_out_is_graph_output) g.outputs.push_back({"h", TypeInfo::tensor(pc.dt)});
   g.initializers["w"] =
       Tensor::create(pc.dt == DataType::kFloat ? DataType::kFloat : DataType::kFloat16,
-                     {pc.m, pc.c, 7, 7})
+                     {pc.m, pc.c, pc.r, 7})
           .value();
   g.initializers["b"] =
       Tensor::create(pc.dt == DataType::kFloat ? DataType::kFloat : DataType::kFloat16, {pc.m})
           .value();
   Node conv = test::node("conv", "FusedConv", {"x", "w", "b"}, {"h"}, "kiln");
   conv.set_attr(str_attr("layout", "NHWC"));
-  conv.set_attr(ints_attr("kernel_shape", {7, 7}));
+  conv.set_attr(ints_attr("kernel_shape", {pc.r, 7}));
   conv.set_attr(ints_attr("strides", {2, 2}));
   conv.set_attr(ints_attr("pads", {3, 3, 3, 3}));
   if (!pc.act.empty()) conv.set_attr(str_attr("activation", pc.act));
@@ -219,6 +219,9 @@ TEST(FusedConvPool, PassLeavesWhatTheKernelDoesNotTake) {
   PassCase odd;
   odd.m = 12;
   EXPECT_EQ(ops_after_pass(odd), unfused);
+  PassCase tall;  // a 9 x 7 filter: its patch would outgrow the kernel's buffer
+  tall.r = 9;
+  EXPECT_EQ(ops_after_pass(tall), unfused);
   PassCase clip;
   clip.act = "Clip";
   EXPECT_EQ(ops_after_pass(clip), unfused);
