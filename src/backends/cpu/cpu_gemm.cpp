@@ -66,6 +66,20 @@ struct GemmJob {
   const float* apack = nullptr;
 };
 
+// Task i's share of a job that split_tasks cut into n_chunks x m_chunks tasks: panels [p0, p1)
+// and rows [m0, m1) of `rows`, cut at row tiles of mr. Empty when either range is.
+struct TaskRange {
+  int64_t p0, p1, m0, m1;
+  bool empty() const { return p0 >= p1 || m0 >= m1; }
+};
+inline TaskRange task_range(int64_t i, int64_t panels, int64_t n_chunks, int64_t rows,
+                            int64_t m_chunks, int64_t mr) {
+  const int64_t nci = i % n_chunks, mci = i / n_chunks;
+  const int64_t tiles = (rows + mr - 1) / mr;
+  return {panels * nci / n_chunks, panels * (nci + 1) / n_chunks, tiles * mci / m_chunks * mr,
+          std::min(rows, tiles * (mci + 1) / m_chunks * mr)};
+}
+
 }  // namespace
 
 #if KILN_GEMM_X86
@@ -321,12 +335,9 @@ constexpr TileFn kTiles[kMR + 1] = {nullptr,  &tile<1>, &tile<2>, &tile<3>, &til
 
 bool gemm_task(void* ctx, int64_t i) {
   const GemmJob& g = *static_cast<const GemmJob*>(ctx);
-  const int64_t nci = i % g.n_chunks, mci = i / g.n_chunks;
-  const int64_t p0 = g.panels * nci / g.n_chunks, p1 = g.panels * (nci + 1) / g.n_chunks;
-  const int64_t tiles = (g.M + kMR - 1) / kMR;
-  const int64_t m0 = tiles * mci / g.m_chunks * kMR,
-                m1 = std::min(g.M, tiles * (mci + 1) / g.m_chunks * kMR);
-  if (p0 >= p1 || m0 >= m1) return true;
+  const TaskRange r = task_range(i, g.panels, g.n_chunks, g.M, g.m_chunks, kMR);
+  if (r.empty()) return true;
+  const int64_t p0 = r.p0, p1 = r.p1, m0 = r.m0, m1 = r.m1;
   const bool fold_res = g.ep.residual && !g.ep.gelu;
   TileArgs t{};
   t.lda = g.lda;
@@ -498,12 +509,9 @@ struct StrassenJob {
 
 bool strassen_task(void* ctx, int64_t i) {
   const StrassenJob& g = *static_cast<const StrassenJob*>(ctx);
-  const int64_t nci = i % g.n_chunks, mci = i / g.n_chunks;
-  const int64_t p0 = g.panels * nci / g.n_chunks, p1 = g.panels * (nci + 1) / g.n_chunks;
-  const int64_t tiles = (g.mh + kMR - 1) / kMR;
-  const int64_t m0 = tiles * mci / g.m_chunks * kMR,
-                m1 = std::min(g.mh, tiles * (mci + 1) / g.m_chunks * kMR);
-  if (p0 >= p1 || m0 >= m1) return true;
+  const TaskRange r = task_range(i, g.panels, g.n_chunks, g.mh, g.m_chunks, kMR);
+  if (r.empty()) return true;
+  const int64_t p0 = r.p0, p1 = r.p1, m0 = r.m0, m1 = r.m1;
   const int64_t pstride = gemm_packed_floats(g.kh, g.nh);
   auto panel = [&](int q, int64_t p) { return g.Bs + q * pstride + p * g.kh * kNR; };
   STileArgs t{};
@@ -943,12 +951,9 @@ bool pack_task_avx2(void* ctx, int64_t i) {
 // after the other, all row tiles over each.
 bool gemm_task_avx2(void* ctx, int64_t i) {
   const GemmJob& g = *static_cast<const GemmJob*>(ctx);
-  const int64_t nci = i % g.n_chunks, mci = i / g.n_chunks;
-  const int64_t p0 = g.panels * nci / g.n_chunks, p1 = g.panels * (nci + 1) / g.n_chunks;
-  const int64_t tiles = (g.M + kMR2 - 1) / kMR2;
-  const int64_t m0 = tiles * mci / g.m_chunks * kMR2,
-                m1 = std::min(g.M, tiles * (mci + 1) / g.m_chunks * kMR2);
-  if (p0 >= p1 || m0 >= m1) return true;
+  const TaskRange r = task_range(i, g.panels, g.n_chunks, g.M, g.m_chunks, kMR2);
+  if (r.empty()) return true;
+  const int64_t p0 = r.p0, p1 = r.p1, m0 = r.m0, m1 = r.m1;
   thread_local std::vector<RowTile> rt;
   if (!g.apack) row_tiles(m0, m1, rt);
   const int64_t all_tiles = g.apack ? g.ntiles : static_cast<int64_t>(rt.size());
