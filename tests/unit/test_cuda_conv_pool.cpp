@@ -346,8 +346,10 @@ TEST(FusedConvPool, CudaKernelMatchesTheReference) {
     Tensor x = rand_tensor(rng, {g.n, g.c, g.h, g.w});
     const std::vector<double> want =
         ref_conv_pool(g, x, m.graph.initializers.at("w"), m.graph.initializers.at("b"));
-    for (int variant = 0; variant < 4; ++variant) {
+    for (int variant = 0; variant < 8; ++variant) {
       const bool bf = variant & 1, nhwc = variant & 2;  // nhwc: the input Transpose not folded
+      const bool whole = variant & 4;  // 10 warps, each with all output channels (these few
+                                       // tiles would split them over two warps by default)
       BuilderConfig c;
       c.device = "cuda";
       c.fp16 = true;
@@ -357,11 +359,14 @@ TEST(FusedConvPool, CudaKernelMatchesTheReference) {
       auto plan = build_plan(mc, c, 7);
       ::unsetenv("KILN_CUDA_CONV_POOL_X");
       ASSERT_TRUE(plan.is_ok()) << plan.status().message();
+      if (whole) ::setenv("KILN_CUDA_CONV_POOL_SPLIT", "0", 1);  // read when the kernel loads
       auto e = Engine::deserialize(plan->data(), plan->size());
+      ::unsetenv("KILN_CUDA_CONV_POOL_SPLIT");
       ASSERT_TRUE(e.is_ok()) << e.status().message();
       const std::string what = std::string(bf ? "bf16" : "fp16") + (nhwc ? " NHWC" : " NCHW") +
-                               " case " + std::to_string(g.h) + "x" + std::to_string(g.w) + " C " +
-                               std::to_string(g.c) + " M " + std::to_string(g.m);
+                               (whole ? " 10 warps" : "") + " case " + std::to_string(g.h) + "x" +
+                               std::to_string(g.w) + " C " + std::to_string(g.c) + " M " +
+                               std::to_string(g.m);
       const std::string layers = e.value()->describe_layers();
       EXPECT_NE(layers.find("FusedConvPool"), std::string::npos) << what;
       EXPECT_EQ(layers.find("/to_nhwc") != std::string::npos, nhwc) << what;
@@ -381,12 +386,14 @@ TEST(FusedConvPool, CudaFusedAgreesWithUnfused) {
   const Geo g{4, 3, 64, 64, 64, 7, 7, 2, 3, true, 3, 2, 1};
   Model m = conv_pool_model(g, rng);
   Tensor x = rand_tensor(rng, {g.n, g.c, g.h, g.w});
-  const char* env[3] = {"KILN_CUDA_CONV_POOL", "KILN_CUDA_CONV_POOL_X", nullptr};
-  std::vector<float> got[3];
-  for (int v = 0; v < 3; ++v) {  // 0: unfused, 1: fused on the Transpose's output, 2: folded
-    if (v < 2) ::setenv(env[v], "0", 1);
+  // 0: unfused, 1: fused on the Transpose's output, 2: folded, 3: folded, 10 warps per block
+  const char* env[4] = {"KILN_CUDA_CONV_POOL", "KILN_CUDA_CONV_POOL_X", nullptr,
+                        "KILN_CUDA_CONV_POOL_SPLIT"};
+  std::vector<float> got[4];
+  for (int v = 0; v < 4; ++v) {
+    if (env[v]) ::setenv(env[v], "0", 1);
     auto e = test::build_engine(m, "cuda", true);
-    if (v < 2) ::unsetenv(env[v]);
+    if (env[v]) ::unsetenv(env[v]);
     ASSERT_TRUE(e);
     const std::string layers = e->describe_layers();
     EXPECT_EQ(layers.find("FusedConvPool") != std::string::npos, v > 0) << layers;
@@ -397,9 +404,12 @@ TEST(FusedConvPool, CudaFusedAgreesWithUnfused) {
   const std::vector<double> ref(got[0].begin(), got[0].end());
   EXPECT_LE(test::scaled_err(got[1], ref), 2e-3);
   EXPECT_LE(test::scaled_err(got[2], ref), 2e-3);
-  // The two fused forms convert the input to float16 alike: the same bits.
+  // The two fused forms convert the input to float16 alike, and each output channel's sum runs
+  // the same k-steps with either warp layout: the same bits.
   ASSERT_EQ(got[1].size(), got[2].size());
   EXPECT_EQ(std::memcmp(got[1].data(), got[2].data(), got[1].size() * sizeof(float)), 0);
+  ASSERT_EQ(got[3].size(), got[2].size());
+  EXPECT_EQ(std::memcmp(got[3].data(), got[2].data(), got[2].size() * sizeof(float)), 0);
 }
 
 }  // namespace

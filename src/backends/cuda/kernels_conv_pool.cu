@@ -4,8 +4,10 @@
 // kernel, with the 112x112x64 conv output through memory between them; at batch 1 each of the
 // three is a latency-bound launch.
 //
-// Tiles of 4 x 8 pooled pixels of one image, all output channels; persistent blocks of 10 warps
-// (two per SM at most: a block copies the filter once and takes tile after tile). Per block:
+// Tiles of 4 x 8 pooled pixels of one image, all output channels; persistent blocks (two per SM
+// at most: a block copies the filter once and takes tile after tile) of 10 warps, or of 20 when
+// every tile has a block of its own (batch 1: the output channels split over two warps per m-tile,
+// halving each warp's chain of mma). Per block:
 // 1. before the programmatic-launch wait: the filter, laid out at prepare in mma fragment order
 //    ([k-step][n-tile][lane] x 2 words), the bias and the tap table into shared memory;
 // then per tile:
@@ -13,21 +15,26 @@
 //    pixel as 4 channels of 16 bits (zero past C and outside the image);
 // 3. the conv outputs of the tile (at most 9 x 17 = 153 pixels: the pool windows overlap) as an
 //    implicit GEMM on tensor cores (mma.sync m16n8k16, float accumulation), warp w taking conv
-//    pixels 16w .. 16w + 15: k = (tap, channel) with channels padded to 4, columns = output
-//    channels; A's fragments are read straight from the patch (two channels = one 32-bit word);
+//    pixels 16 (w % 10) .. 16 (w % 10) + 15: k = (tap, channel) with channels padded to 4,
+//    columns = output channels (all, or half of them); A's fragments are read straight from the
+//    patch (two channels = one 32-bit word);
 // 4. bias and ReLU, rounded to the 16-bit type (as the unfused GEMM's output), into shared
 //    memory;
 // 5. the max pool over them (padded and out-of-image positions skipped, the first maximum
-//    kept: the PoolNHWC kernel's rule), 8 channels (16 bytes) per thread, to Y [N, OH, OW, M].
+//    kept: the PoolNHWC kernel's rule), 8 channels (16 bytes; 4 with 20 warps) per thread, to
+//    Y [N, OH, OW, M].
 // A first version (5 warps, one block per tile, the filter read through L1 at every k-step) ran
 // 54 us at batch 1 (ncu: 16 cycles per issued instruction, latency-bound with 1.25 warps per
-// scheduler) against ~20 us for im2col + GEMM + pool.
+// scheduler) against ~20 us for im2col + GEMM + pool; 10 warps with the filter in shared memory
+// 10.3 us (caches and clocks not controlled), 20 warps 8.8 us.
 // Float16 and bfloat16 (the pass fuses only 16-bit graphs).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "backends/cuda/cuda_env.h"
@@ -41,14 +48,24 @@ namespace kiln::cuda {
 namespace {
 
 constexpr int kTPH = 4, kTPW = 8;                   // pooled pixels per tile: rows, columns
-constexpr int kWarps = 10, kThreads = kWarps * 32;  // warp w: m-tile w of the tile's conv pixels
-constexpr int kMaxRows = kWarps * 16;               // conv pixels per tile
+constexpr int kMTiles = 10;                         // m-tiles of 16 conv pixels per tile
+constexpr int kMaxRows = kMTiles * 16;              // conv pixels per tile
 constexpr int kMaxPatch = 1024;                     // input patch pixels per tile
 constexpr int kMaxM = 64;                           // output channels (8 n-tiles of 8)
 constexpr int kMaxKSteps = 16;                      // k = 16 per step: 4 taps of 4 channels
 constexpr int kConvStride = kMaxM + 8;  // halves per conv row in shared memory (no bank conflicts)
-constexpr int kBlocksPerSm = 2;         // persistent blocks per SM (shared memory allows 3)
-constexpr int kPatchIters = (kMaxPatch + kThreads - 1) / kThreads;  // patch pixels per thread
+constexpr int kBlocksPerSm = 2;         // persistent blocks per SM (<= 51 registers: two fit)
+
+// The kernel's warps: m-tile w % 10 of the tile, and with the output channels split in two
+// (kSplitN = 2: 20 warps), n-tiles 4 (w / 10) .. 4 (w / 10) + 3, else all 8 (10 warps).
+template <int kSplitN>
+struct Layout {
+  static constexpr int kWarps = kMTiles * kSplitN, kThreads = kWarps * 32;
+  static constexpr int kNPerWarp = 8 / kSplitN;                              // n-tiles per warp
+  static constexpr int kPatchIters = (kMaxPatch + kThreads - 1) / kThreads;  // patch pixels
+  using PoolVec = std::conditional_t<kSplitN == 1, uint4, uint2>;  // channels per pool step
+  static constexpr int kPoolCh = static_cast<int>(sizeof(PoolVec) / 2);
+};
 
 // Dynamic shared memory: the filter's fragments, the patch, the conv tile, tap offsets, bias.
 constexpr size_t kSmemB = size_t{kMaxKSteps} * 8 * 32 * sizeof(uint2);
@@ -117,10 +134,14 @@ __device__ __forceinline__ uint32_t bits_of(float v) {
 }
 
 // XT: X's element type, T (NHWC) or float (kNchw: the model's NCHW input, converted here).
-template <typename T, typename XT, bool kNchw>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, typename XT, bool kNchw, int kSplitN>
+__global__ void __launch_bounds__(Layout<kSplitN>::kThreads, kBlocksPerSm)
     conv_maxpool_kernel(const XT* __restrict__ x, const uint4* __restrict__ wf,
                         const float* __restrict__ bias, T* __restrict__ y, ConvPoolGeom g) {
+  using L = Layout<kSplitN>;
+  constexpr int kThreads = L::kThreads, kNHalf = L::kNPerWarp, kPatchIters = L::kPatchIters;
+  using PoolVec = typename L::PoolVec;
+  constexpr int kPoolCh = L::kPoolCh;
   extern __shared__ __align__(16) unsigned char smem[];
   uint2* bfrag = reinterpret_cast<uint2*>(smem);
   uint2* patch = reinterpret_cast<uint2*>(smem + kSmemB);
@@ -141,11 +162,12 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t* P = reinterpret_cast<const uint32_t*>(patch);
   const int g8 = lane >> 2, t4 = lane & 3;
   const int rows = g.CH * g.CW, NT = g.M / 8, np = g.IH * g.IW;
-  const bool on = warp * 16 < rows;  // this warp's m-tile holds conv pixels
+  const int mt = warp % kMTiles, nt0 = (warp / kMTiles) * kNHalf;  // m-tile, first n-tile
+  const bool on = mt * 16 < rows && nt0 < NT;  // this warp's part holds conv pixels and channels
   int base[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    int r = warp * 16 + g8 + h * 8;
+    int r = mt * 16 + g8 + h * 8;
     if (r >= rows) r = 0;  // a padding row: any finite pixel, its result is not stored
     const int cy = r / g.CW, cx = r - cy * g.CW;
     base[h] = ((cy * g.sh) * g.IW + cx * g.sw) * 2 + (t4 & 1);
@@ -185,9 +207,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();      // the patch (and, the first time, the constants) are in
 
     if (on) {
-      float acc[8][4];
+      float acc[kNHalf][4];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < kNHalf; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 #pragma unroll 2
@@ -198,19 +220,19 @@ __global__ void __launch_bounds__(kThreads)
         a[1] = ta >= 0 ? P[base[1] + ta] : 0u;
         a[2] = tb >= 0 ? P[base[0] + tb] : 0u;
         a[3] = tb >= 0 ? P[base[1] + tb] : 0u;
-        const uint2* bk = bfrag + ks * 8 * 32 + lane;
+        const uint2* bk = bfrag + (ks * 8 + nt0) * 32 + lane;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-          if (nt < NT) mma16816<T>(acc[nt], a, bk[nt * 32]);
+        for (int nt = 0; nt < kNHalf; ++nt)
+          if (nt0 + nt < NT) mma16816<T>(acc[nt], a, bk[nt * 32]);
       }
       // Bias, ReLU, rounding: conv[row][channel].
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        if (nt >= NT) continue;
-        const int ch = nt * 8 + 2 * t4;
+      for (int nt = 0; nt < kNHalf; ++nt) {
+        if (nt0 + nt >= NT) continue;
+        const int ch = (nt0 + nt) * 8 + 2 * t4;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int r = warp * 16 + g8 + h * 8;
+          const int r = mt * 16 + g8 + h * 8;
           if (r >= rows) continue;
           float v0 = acc[nt][2 * h] + sbias[ch], v1 = acc[nt][2 * h + 1] + sbias[ch + 1];
           if (g.relu) v0 = fmaxf(v0, 0.f), v1 = fmaxf(v1, 0.f);
@@ -221,14 +243,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();  // the conv tile is in; the patch is free
 
-    // Max pool: one pooled pixel x 8 channels per step.
-    const int CG = g.M / 8, outs = kTPH * kTPW * CG;
+    // Max pool: one pooled pixel x kPoolCh channels per step.
+    const int CG = g.M / kPoolCh, outs = kTPH * kTPW * CG;
     for (int o = tid; o < outs; o += kThreads) {
       const int p = o / CG, cg = o - p * CG, py = p / kTPW, px = p - py * kTPW;
       const int gpy = py0 + py, gpx = px0 + px;
       if (gpy >= g.OHp || gpx >= g.OWp) continue;
       // The window's (at most 3 x 3) loads first, then the maxima in window order.
-      uint4 w[3][3];
+      PoolVec w[3][3];
       bool ok[3][3];
 #pragma unroll
       for (int a = 0; a < 3; ++a)
@@ -237,14 +259,13 @@ __global__ void __launch_bounds__(kThreads)
           const int cy = py * g.psh + a, cx = px * g.psw + e;
           ok[a][e] = a < g.pkh && e < g.pkw && cy0 + cy >= 0 && cy0 + cy < g.OHc && cx0 + cx >= 0 &&
                      cx0 + cx < g.OWc;
-          w[a][e] =
-              ok[a][e]
-                  ? *reinterpret_cast<const uint4*>(&conv[(cy * g.CW + cx) * kConvStride + cg * 8])
-                  : make_uint4(0, 0, 0, 0);
+          w[a][e] = ok[a][e] ? *reinterpret_cast<const PoolVec*>(
+                                   &conv[(cy * g.CW + cx) * kConvStride + cg * kPoolCh])
+                             : PoolVec{};
         }
-      float m[8];
+      float m[kPoolCh];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) m[j] = -INFINITY;
+      for (int j = 0; j < kPoolCh; ++j) m[j] = -INFINITY;
       bool found = false;
 #pragma unroll
       for (int a = 0; a < 3; ++a)
@@ -253,18 +274,18 @@ __global__ void __launch_bounds__(kThreads)
           if (!ok[a][e]) continue;
           const T* tv = reinterpret_cast<const T*>(&w[a][e]);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
+          for (int j = 0; j < kPoolCh; ++j) {
             const float f = convert<float>(tv[j]);
             if (!found || f > m[j]) m[j] = f;
           }
           found = true;
         }
-      uint4 out;
+      PoolVec out;
       T* ov = reinterpret_cast<T*>(&out);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) ov[j] = convert<T>(m[j]);
-      *reinterpret_cast<uint4*>(y + ((static_cast<int64_t>(n) * g.OHp + gpy) * g.OWp + gpx) * g.M +
-                                cg * 8) = out;
+      for (int j = 0; j < kPoolCh; ++j) ov[j] = convert<T>(m[j]);
+      *reinterpret_cast<PoolVec*>(
+          y + ((static_cast<int64_t>(n) * g.OHp + gpy) * g.OWp + gpx) * g.M + cg * kPoolCh) = out;
     }
     // The next tile's patch may be written now (its reads ended before the barrier above); its
     // conv tile only after the next barrier, when every thread has pooled this one.
@@ -404,11 +425,16 @@ class ConvPoolKernel : public Kernel {
     for (int m = 0; m < s.M && B; ++m) b.data<float>()[m] = host_float(*B, m);
     KILN_ASSIGN_OR_RETURN(k->bias_, be->upload_constant(b));
     // More than the default 48 KB of shared memory per block, and the SM count for the grid.
-    const void* fns[4] = {
-        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, float, true>),
-        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, float, true>),
-        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, __half, false>),
-        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false>)};
+    const void* fns[8] = {
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, float, true, 1>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, float, true, 1>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, __half, false, 1>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false, 1>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, float, true, 2>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__nv_bfloat16, float, true, 2>),
+        reinterpret_cast<const void*>(&conv_maxpool_kernel<__half, __half, false, 2>),
+        reinterpret_cast<const void*>(
+            &conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false, 2>)};
     for (const void* f : fns)
       KILN_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kSmemBytes)),
@@ -417,6 +443,8 @@ class ConvPoolKernel : public Kernel {
     KILN_CUDA_CHECK(cudaGetDevice(&dev), n.where());
     KILN_CUDA_CHECK(cudaDeviceGetAttribute(&k->sms_, cudaDevAttrMultiProcessorCount, dev),
                     n.where());
+    if (const char* e = std::getenv("KILN_CUDA_CONV_POOL_SPLIT"); e && (e[0] == '0' || e[0] == '1'))
+      k->split_ = e[0] - '0';
     return std::shared_ptr<const Kernel>(k);
   }
 
@@ -439,27 +467,42 @@ class ConvPoolKernel : public Kernel {
     KILN_ASSIGN_OR_RETURN(Tensor y, env.alloc(dt_, Shape{g.N, g.OHp, g.OWp, g.M}));
     if (y.numel() > 0) {
       const int64_t ntiles = int64_t{g.N} * g.tiles_x * g.tiles_y;
-      const dim3 grid(
-          static_cast<unsigned>(std::min<int64_t>(ntiles, int64_t{sms_} * kBlocksPerSm)));
+      const int64_t slots = int64_t{sms_} * kBlocksPerSm;
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ntiles, slots)));
       const uint4* wf = static_cast<const uint4*>(wf_[dt_ == DataType::kBFloat16].raw_data());
-      const float* bias = bias_.data<float>();
-      const size_t sm = kSmemBytes;
-      if (nchw_ && dt_ == DataType::kFloat16)
-        launch_pdl(&conv_maxpool_kernel<__half, float, true>, grid, dim3(kThreads), sm, env.stream,
-                   x->data<float>(), wf, bias, y.data<__half>(), g);
-      else if (nchw_)
-        launch_pdl(&conv_maxpool_kernel<__nv_bfloat16, float, true>, grid, dim3(kThreads), sm,
-                   env.stream, x->data<float>(), wf, bias, y.data<__nv_bfloat16>(), g);
-      else if (dt_ == DataType::kFloat16)
-        launch_pdl(&conv_maxpool_kernel<__half, __half, false>, grid, dim3(kThreads), sm,
-                   env.stream, x->data<__half>(), wf, bias, y.data<__half>(), g);
+      // The output channels split over two warps per m-tile when every tile has a block of its
+      // own (one wave: the kernel's time is one tile's latency): H100, ResNet-50 batch 1 (98
+      // tiles) 0.244-0.245 vs 0.247 ms. With more tiles than blocks each tile's A fragments,
+      // gathered twice, cost throughput: batch 256 6.84 vs 6.74 ms, so 10 warps there.
+      const bool split = split_ >= 0 ? split_ == 1 : ntiles <= slots;
+      if (split)
+        launch<2>(grid, env.stream, x, wf, y, g);
       else
-        launch_pdl(&conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false>, grid, dim3(kThreads),
-                   sm, env.stream, x->data<__nv_bfloat16>(), wf, bias, y.data<__nv_bfloat16>(), g);
+        launch<1>(grid, env.stream, x, wf, y, g);
       KILN_CUDA_LAUNCHED(where_ + ": conv + max pool kernel");
     }
     out[0] = y;
     return Status::ok();
+  }
+
+  template <int kSplitN>
+  void launch(dim3 grid, cudaStream_t stream, const Tensor* x, const uint4* wf, Tensor& y,
+              const ConvPoolGeom& g) const {
+    const dim3 block(Layout<kSplitN>::kThreads);
+    const float* bias = bias_.data<float>();
+    const size_t sm = kSmemBytes;
+    if (nchw_ && dt_ == DataType::kFloat16)
+      launch_pdl(&conv_maxpool_kernel<__half, float, true, kSplitN>, grid, block, sm, stream,
+                 x->data<float>(), wf, bias, y.data<__half>(), g);
+    else if (nchw_)
+      launch_pdl(&conv_maxpool_kernel<__nv_bfloat16, float, true, kSplitN>, grid, block, sm, stream,
+                 x->data<float>(), wf, bias, y.data<__nv_bfloat16>(), g);
+    else if (dt_ == DataType::kFloat16)
+      launch_pdl(&conv_maxpool_kernel<__half, __half, false, kSplitN>, grid, block, sm, stream,
+                 x->data<__half>(), wf, bias, y.data<__half>(), g);
+    else
+      launch_pdl(&conv_maxpool_kernel<__nv_bfloat16, __nv_bfloat16, false, kSplitN>, grid, block,
+                 sm, stream, x->data<__nv_bfloat16>(), wf, bias, y.data<__nv_bfloat16>(), g);
   }
 
   std::string tactic() const override { return "cuda.convpool.kiln"; }
@@ -475,6 +518,7 @@ class ConvPoolKernel : public Kernel {
   int sms_ = 1;                       // the device's multiprocessors (the persistent grid's size)
   DataType dt_ = DataType::kFloat16;  // compute and output type
   bool nchw_ = false;                 // X is the float32 NCHW tensor (x_layout)
+  int split_ = -1;  // KILN_CUDA_CONV_POOL_SPLIT at prepare: 0 never, 1 always, -1 by tile count
 };
 
 Result<std::shared_ptr<const Kernel>> prepare_conv_pool(const Node& n,
