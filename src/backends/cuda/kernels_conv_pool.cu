@@ -54,7 +54,7 @@ constexpr int kMaxPatch = 1024;                     // input patch pixels per ti
 constexpr int kMaxM = 64;                           // output channels (8 n-tiles of 8)
 constexpr int kMaxKSteps = 16;                      // k = 16 per step: 4 taps of 4 channels
 constexpr int kConvStride = kMaxM + 8;  // halves per conv row in shared memory (no bank conflicts)
-constexpr int kBlocksPerSm = 2;         // persistent blocks per SM (<= 51 registers: two fit)
+constexpr int kBlocksPerSm = 2;         // persistent blocks per SM (<= 51 registers at 20 warps)
 
 // The kernel's warps: m-tile w % 10 of the tile, and with the output channels split in two
 // (kSplitN = 2: 20 warps), n-tiles 4 (w / 10) .. 4 (w / 10) + 3, else all 8 (10 warps).
@@ -472,7 +472,7 @@ class ConvPoolKernel : public Kernel {
       const uint4* wf = static_cast<const uint4*>(wf_[dt_ == DataType::kBFloat16].raw_data());
       // The output channels split over two warps per m-tile when every tile has a block of its
       // own (one wave: the kernel's time is one tile's latency): H100, ResNet-50 batch 1 (98
-      // tiles) 0.244-0.245 vs 0.247 ms. With more tiles than blocks each tile's A fragments,
+      // tiles) 0.244-0.246 vs 0.247 ms. With more tiles than blocks each tile's A fragments,
       // gathered twice, cost throughput: batch 256 6.84 vs 6.74 ms, so 10 warps there.
       const bool split = split_ >= 0 ? split_ == 1 : ntiles <= slots;
       if (split)
