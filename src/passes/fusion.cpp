@@ -13,16 +13,6 @@ namespace kiln {
 
 namespace {
 
-// A float32 initializer that no graph input can override.
-const Tensor* const_f32(const Graph& g, const std::string& name) {
-  if (name.empty()) return nullptr;
-  auto it = g.initializers.find(name);
-  if (it == g.initializers.end() || it->second.dtype() != DataType::kFloat) return nullptr;
-  for (auto& in : g.inputs)
-    if (in.name == name) return nullptr;
-  return &it->second;
-}
-
 // An initializer of any element type that no graph input can override.
 const Tensor* const_any(const Graph& g, const std::string& name) {
   if (name.empty()) return nullptr;
@@ -31,6 +21,12 @@ const Tensor* const_any(const Graph& g, const std::string& name) {
   for (auto& in : g.inputs)
     if (in.name == name) return nullptr;
   return &it->second;
+}
+
+// A float32 initializer that no graph input can override.
+const Tensor* const_f32(const Graph& g, const std::string& name) {
+  const Tensor* t = const_any(g, name);
+  return t && t->dtype() == DataType::kFloat ? t : nullptr;
 }
 
 // The unique index of the node reading `v` (call only when single_use(v)).
