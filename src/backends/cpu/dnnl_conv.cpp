@@ -67,6 +67,7 @@
 #include "backends/cpu/cpu_gemm.h"
 #include "backends/cpu/cpu_kernels.h"
 #include "backends/cpu/cpu_parallel.h"
+#include "backends/cpu/cpu_small_ops.h"
 #include "backends/cpu/cpu_winograd.h"
 #include "backends/cpu/weight_pages.h"
 
@@ -1060,7 +1061,15 @@ class DnnlConv final : public Kernel {
 // described with permuted strides over the output's dims.
 class DnnlTranspose final : public Kernel {
  public:
-  DnnlTranspose(std::vector<int64_t> perm, EvalFn ref) : perm_(std::move(perm)), ref_(ref) {}
+  DnnlTranspose(std::vector<int64_t> perm, EvalFn ref) : perm_(std::move(perm)), ref_(ref) {
+    // perm = (0, .., k-1, k+1, .., r-1, k): axis k moved to the end, the others in order.
+    const int64_t r = static_cast<int64_t>(perm_.size());
+    const int64_t k = perm_.back();
+    bool moved = k < r - 1;
+    for (int64_t i = 0; i + 1 < r && moved; ++i)
+      moved = perm_[static_cast<size_t>(i)] == (i < k ? i : i + 1);
+    moved_axis_ = moved ? k : -1;
+  }
   Status run(OpContext& ctx, std::span<const Value> in, std::span<Value> out) const override {
     const Tensor* X = opt_tensor(in, 0);
     if (!X || X->dtype() != DataType::kFloat || X->rank() != perm_.size() || X->numel() == 0)
@@ -1078,6 +1087,20 @@ class DnnlTranspose final : public Kernel {
     memory::dims ystr(r, 1);
     for (size_t i = r - 1; i-- > 0;) ystr[i] = ystr[i + 1] * ys[i + 1];
     KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(ys));
+    // One axis k moved to the end with at most 4 elements (a network's NCHW image to NHWC):
+    // Kiln's interleave; oneDNN's reorder takes ~3x as long there.
+    if (moved_axis_ >= 0 && xs[static_cast<size_t>(moved_axis_)] <= 4) {
+      int64_t outer = 1, inner = 1;
+      for (size_t i = 0; i < r; ++i) {
+        if (static_cast<int64_t>(i) < moved_axis_) outer *= xs[i];
+        if (static_cast<int64_t>(i) > moved_axis_) inner *= xs[i];
+      }
+      if (transpose_few_to_last(X->data<float>(), Y.data<float>(), outer,
+                                xs[static_cast<size_t>(moved_axis_)], inner, omp_threads())) {
+        out[0] = Value(std::move(Y));
+        return Status::ok();
+      }
+    }
     try {
       std::shared_ptr<const dnnl::reorder> ro;
       memory::dims yd(ys.begin(), ys.end());
@@ -1103,6 +1126,7 @@ class DnnlTranspose final : public Kernel {
 
  private:
   std::vector<int64_t> perm_;
+  int64_t moved_axis_ = -1;  // k where perm moves axis k to the end, else -1
   EvalFn ref_;
   mutable std::mutex mu_;
   mutable std::map<Shape, std::shared_ptr<const dnnl::reorder>> cache_;
@@ -1195,6 +1219,13 @@ class DnnlLayerNorm final : public Kernel {
         (B && (B->dtype() != DataType::kFloat || B->numel() != C)))
       return ref_(ctx, in, out);
     KILN_ASSIGN_OR_RETURN(Tensor Y, new_output(X->shape()));
+    // Kiln's kernel first: oneDNN 2.6's took 27-47 us per BERT-base LayerNormalization (128 x
+    // 768) in the model on 2 Zen 4 cores.
+    if (layernorm_last_axis(X->data<float>(), S->data<float>(), B ? B->data<float>() : nullptr,
+                            Y.data<float>(), X->numel() / C, C, eps_, omp_threads())) {
+      out[0] = Value(std::move(Y));
+      return Status::ok();
+    }
     try {
       std::shared_ptr<const LnPlan> p;
       {

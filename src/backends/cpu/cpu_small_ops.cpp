@@ -1,0 +1,273 @@
+// See cpu_small_ops.h. Measured on 2 Zen 4 cores (session 24), each alone with its data warm:
+// - NCHW -> NHWC of a 3 x 224 x 224 image: oneDNN's reorder 26 us, this kernel ~9 us.
+// - LayerNormalization of 128 x 768 (BERT-base): see docs/benchmarks.md, session 24.
+#include "backends/cpu/cpu_small_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backends/cpu/cpu_isa.h"
+#include "backends/cpu/cpu_parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KILN_SMALL_X86 1
+#include <immintrin.h>
+#else
+#define KILN_SMALL_X86 0
+#endif
+
+namespace kiln {
+namespace cpu {
+namespace {
+
+// Below this many floats a call runs on the calling thread alone (waking the pool costs more).
+constexpr int64_t kSerialFloats = 16384;
+
+int tasks_for(int64_t floats, int64_t max_tasks, int threads) {
+  if (floats < kSerialFloats) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_tasks, threads)));
+}
+
+#if KILN_SMALL_X86
+
+// ---- NCHW -> NHWC for 2..4 channels -------------------------------------------------------
+// A block of 16 pixels of P channels is P input vectors (one per channel) and P output vectors
+// of interleaved channels. Output vector v, lane s holds flat element f = 16 v + s: channel
+// f % P of pixel f / P. Two permutes gather it from channels {0, 1} and {2, 3}, a blend picks.
+struct InterleaveTable {
+  alignas(64) int32_t idx01[4][16];
+  alignas(64) int32_t idx23[4][16];
+  uint16_t hi[4];  // lanes taken from channels 2 and 3
+};
+
+InterleaveTable make_table(int P) {
+  InterleaveTable t{};
+  for (int v = 0; v < P; ++v) {
+    t.hi[v] = 0;
+    for (int s = 0; s < 16; ++s) {
+      const int f = 16 * v + s, p = f % P, q = f / P;
+      t.idx01[v][s] = p < 2 ? q + 16 * p : 0;
+      t.idx23[v][s] = p >= 2 ? q + 16 * (p - 2) : 0;
+      if (p >= 2) t.hi[v] = static_cast<uint16_t>(t.hi[v] | (1u << s));
+    }
+  }
+  return t;
+}
+
+const InterleaveTable& table_for(int P) {
+  static const InterleaveTable t2 = make_table(2), t3 = make_table(3), t4 = make_table(4);
+  return P == 2 ? t2 : P == 3 ? t3 : t4;
+}
+
+__attribute__((target("avx512f"))) void interleave_avx512(const float* x, float* y, int64_t P,
+                                                          int64_t Q, int64_t q0, int64_t q1) {
+  const InterleaveTable& t = table_for(static_cast<int>(P));
+  __m512i i01[4], i23[4];
+  for (int v = 0; v < P; ++v) {
+    i01[v] = _mm512_load_si512(t.idx01[v]);
+    i23[v] = _mm512_load_si512(t.idx23[v]);
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t q = q0;
+  for (; q + 16 <= q1; q += 16) {
+    const __m512 a = _mm512_loadu_ps(x + q), b = _mm512_loadu_ps(x + Q + q);
+    const __m512 c = P > 2 ? _mm512_loadu_ps(x + 2 * Q + q) : zero;
+    const __m512 d = P > 3 ? _mm512_loadu_ps(x + 3 * Q + q) : zero;
+    float* o = y + q * P;
+    for (int v = 0; v < P; ++v) {
+      const __m512 lo = _mm512_permutex2var_ps(a, i01[v], b);
+      const __m512 r =
+          P > 2 ? _mm512_mask_blend_ps(t.hi[v], lo, _mm512_permutex2var_ps(c, i23[v], d)) : lo;
+      _mm512_storeu_ps(o + 16 * v, r);
+    }
+  }
+  for (; q < q1; ++q)
+    for (int64_t p = 0; p < P; ++p) y[q * P + p] = x[p * Q + q];
+}
+
+// ---- LayerNormalization ----------------------------------------------------------------------
+// (GCC 12's _mm512_reduce_add_ps and lane shuffles draw false -Wmaybe-uninitialized warnings
+// from its own header; the sum is taken twice per row.)
+__attribute__((target("avx512f"))) float hsum512(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float s = 0.0f;
+  for (float f : t) s += f;
+  return s;
+}
+
+__attribute__((target("avx512f"))) void ln_rows_avx512(const float* x, const float* sc,
+                                                       const float* bi, float* y, int64_t r0,
+                                                       int64_t r1, int64_t C, float eps) {
+  const int64_t full = C / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (C - full)) - 1u);
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t c = 0;
+    for (; c + 64 <= full; c += 64) {
+      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(xr + c));
+      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(xr + c + 16));
+      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(xr + c + 32));
+      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(xr + c + 48));
+    }
+    for (; c < full; c += 16) s0 = _mm512_add_ps(s0, _mm512_loadu_ps(xr + c));
+    if (tail) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps(tail, xr + full));
+    const float mean = hsum512(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) * inv_c;
+    const __m512 m = _mm512_set1_ps(mean);
+    s0 = s1 = s2 = s3 = _mm512_setzero_ps();
+    for (c = 0; c + 64 <= full; c += 64) {
+      const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(xr + c), m);
+      const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(xr + c + 16), m);
+      const __m512 d2 = _mm512_sub_ps(_mm512_loadu_ps(xr + c + 32), m);
+      const __m512 d3 = _mm512_sub_ps(_mm512_loadu_ps(xr + c + 48), m);
+      s0 = _mm512_fmadd_ps(d0, d0, s0);
+      s1 = _mm512_fmadd_ps(d1, d1, s1);
+      s2 = _mm512_fmadd_ps(d2, d2, s2);
+      s3 = _mm512_fmadd_ps(d3, d3, s3);
+    }
+    for (; c < full; c += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + c), m);
+      s0 = _mm512_fmadd_ps(d, d, s0);
+    }
+    if (tail) {
+      const __m512 d = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, xr + full), m);
+      s1 = _mm512_fmadd_ps(d, d, s1);
+    }
+    const float var = hsum512(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) * inv_c;
+    const __m512 rs = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
+    for (c = 0; c < full; c += 16) {
+      const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), m), rs);
+      __m512 o = _mm512_mul_ps(n, _mm512_loadu_ps(sc + c));
+      if (bi) o = _mm512_add_ps(o, _mm512_loadu_ps(bi + c));
+      _mm512_storeu_ps(yr + c, o);
+    }
+    if (tail) {
+      const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, xr + full), m), rs);
+      __m512 o = _mm512_mul_ps(n, _mm512_maskz_loadu_ps(tail, sc + full));
+      if (bi) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(tail, bi + full));
+      _mm512_mask_storeu_ps(yr + full, tail, o);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+__attribute__((target("avx2,fma"))) void ln_rows_avx2(const float* x, const float* sc,
+                                                      const float* bi, float* y, int64_t r0,
+                                                      int64_t r1, int64_t C, float eps) {
+  const int64_t full = C / 8 * 8;
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t c = 0;
+    for (; c + 16 <= full; c += 16) {
+      s0 = _mm256_add_ps(s0, _mm256_loadu_ps(xr + c));
+      s1 = _mm256_add_ps(s1, _mm256_loadu_ps(xr + c + 8));
+    }
+    for (; c < full; c += 8) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(xr + c));
+    float sum = hsum256(_mm256_add_ps(s0, s1));
+    for (c = full; c < C; ++c) sum += xr[c];
+    const float mean = sum * inv_c;
+    const __m256 m = _mm256_set1_ps(mean);
+    s0 = s1 = _mm256_setzero_ps();
+    for (c = 0; c + 16 <= full; c += 16) {
+      const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(xr + c), m);
+      const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(xr + c + 8), m);
+      s0 = _mm256_fmadd_ps(d0, d0, s0);
+      s1 = _mm256_fmadd_ps(d1, d1, s1);
+    }
+    for (; c < full; c += 8) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + c), m);
+      s0 = _mm256_fmadd_ps(d, d, s0);
+    }
+    float ss = hsum256(_mm256_add_ps(s0, s1));
+    for (c = full; c < C; ++c) ss += (xr[c] - mean) * (xr[c] - mean);
+    const float rstd = 1.0f / std::sqrt(ss * inv_c + eps);
+    const __m256 rs = _mm256_set1_ps(rstd);
+    for (c = 0; c < full; c += 8) {
+      const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + c), m), rs);
+      __m256 o = _mm256_mul_ps(n, _mm256_loadu_ps(sc + c));
+      if (bi) o = _mm256_add_ps(o, _mm256_loadu_ps(bi + c));
+      _mm256_storeu_ps(yr + c, o);
+    }
+    for (c = full; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * sc[c] + (bi ? bi[c] : 0.0f);
+  }
+}
+
+#endif  // KILN_SMALL_X86
+
+}  // namespace
+
+bool transpose_few_to_last(const float* x, float* y, int64_t N, int64_t P, int64_t Q, int threads) {
+  if (N < 1 || P < 1 || P > 4 || Q < 1) return false;
+  if (P == 1) {  // the same order in memory
+    std::memcpy(y, x, sizeof(float) * static_cast<size_t>(N * Q));
+    return true;
+  }
+#if KILN_SMALL_X86
+  if (!cpu_has_avx512()) return false;
+  struct Ctx {
+    const float* x;
+    float* y;
+    int64_t N, P, Q, tasks;
+  } c{x, y, N, P, Q, tasks_for(N * P * Q, (Q + 255) / 256, threads)};
+  // Task t: pixels [t Q / T, (t + 1) Q / T) of every image, cut at multiples of 16.
+  auto body = [](void* v, int64_t t) {
+    auto* k = static_cast<Ctx*>(v);
+    const int64_t q0 = t * k->Q / k->tasks / 16 * 16;
+    const int64_t q1 = t + 1 == k->tasks ? k->Q : (t + 1) * k->Q / k->tasks / 16 * 16;
+    for (int64_t n = 0; n < k->N; ++n)
+      interleave_avx512(k->x + n * k->P * k->Q, k->y + n * k->P * k->Q, k->P, k->Q, q0, q1);
+    return true;
+  };
+  if (c.tasks == 1) return body(&c, 0);
+  return parallel_tasks_static(c.tasks, threads, body, &c);
+#else
+  (void)threads;
+  return false;
+#endif
+}
+
+bool layernorm_last_axis(const float* x, const float* scale, const float* bias, float* y,
+                         int64_t rows, int64_t C, float eps, int threads, bool avx2_only) {
+  if (rows < 1 || C < 1) return false;
+#if KILN_SMALL_X86
+  using RowsFn =
+      void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, float);
+  RowsFn fn = cpu_has_avx512() && !avx2_only ? &ln_rows_avx512
+              : cpu_has_avx2()               ? &ln_rows_avx2
+                                             : nullptr;
+  if (!fn) return false;
+  struct Ctx {
+    const float *x, *s, *b;
+    float* y;
+    int64_t rows, C, tasks;
+    float eps;
+    RowsFn fn;
+  } c{x, scale, bias, y, rows, C, tasks_for(rows * C, rows, threads), eps, fn};
+  auto body = [](void* v, int64_t t) {
+    auto* k = static_cast<Ctx*>(v);
+    k->fn(k->x, k->s, k->b, k->y, t * k->rows / k->tasks, (t + 1) * k->rows / k->tasks, k->C,
+          k->eps);
+    return true;
+  };
+  if (c.tasks == 1) return body(&c, 0);
+  return parallel_tasks_static(c.tasks, threads, body, &c);
+#else
+  (void)x, (void)scale, (void)bias, (void)y, (void)eps, (void)threads, (void)avx2_only;
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace kiln

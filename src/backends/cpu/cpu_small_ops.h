@@ -1,0 +1,24 @@
+// Kiln's own CPU kernels for two memory-bound ops where oneDNN 2.6 is slow at the sizes models
+// give them (cpu_small_ops.cpp): the NCHW -> NHWC reorder of a network's few-channel input, and
+// LayerNormalization over the last axis. Each returns false where it does not apply (the caller
+// runs oneDNN's or the reference kernel instead).
+#pragma once
+#include <cstdint>
+
+namespace kiln {
+namespace cpu {
+
+// y[n][q][p] = x[n][p][q] for n < N, p < P, q < Q: axis 1 moved to the end (NCHW -> NHWC with
+// Q = H * W). Applies to P in 1..4 on CPUs with AVX-512 (P = 1 is a copy). Tasks on `threads`
+// OpenMP threads, each a contiguous run of pixels.
+bool transpose_few_to_last(const float* x, float* y, int64_t N, int64_t P, int64_t Q, int threads);
+
+// LayerNormalization over the last axis of `rows` rows of C floats: y = (x - mean) / sqrt(var +
+// eps) * scale (+ bias, when not null), mean and variance of each row in float32, two passes
+// over the row (the others from L1). AVX-512 or AVX2 + FMA (`avx2_only`: the AVX2 path, for
+// tests); false on CPUs with neither.
+bool layernorm_last_axis(const float* x, const float* scale, const float* bias, float* y,
+                         int64_t rows, int64_t C, float eps, int threads, bool avx2_only = false);
+
+}  // namespace cpu
+}  // namespace kiln
