@@ -1,6 +1,7 @@
-// Kiln's NCHW -> NHWC interleave and LayerNormalization kernels (backends/cpu/cpu_small_ops.cpp),
-// run through the CPU backend's Transpose and LayerNormalization kernels (prepared with a
-// fallback that fails, so a silent fallback shows) against the reference ops.
+// Kiln's NCHW -> NHWC interleave, LayerNormalization and NHWC max-pool kernels
+// (backends/cpu/cpu_small_ops.cpp), run through the CPU backend's Transpose, LayerNormalization
+// and kiln.PoolNHWC kernels (prepared with a fallback that fails, so a silent fallback shows)
+// and called directly, against the reference ops.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,6 +21,7 @@ using kiln::test::int_attr;
 using kiln::test::ints_attr;
 using kiln::test::rand_tensor;
 using kiln::test::rel_err;
+using kiln::test::str_attr;
 
 namespace {
 
@@ -99,6 +101,63 @@ TEST(CpuSmallOps, LayerNormMatchesReference) {
   check_layernorm({2, 7}, false, 1e-5f, 3);         // shorter than a vector
   check_layernorm({4, 33, 100}, false, 1e-3f, 4);   // 6 vectors and 4
   check_layernorm({64, 1000}, true, 1e-5f, 5);      // several tasks, a 64-float block and a tail
+}
+
+// kiln.PoolNHWC MaxPool through the backend's kernel, and maxpool_nhwc called directly with the
+// window the ONNX attributes give (`win`), both against the reference, bit for bit.
+void check_maxpool(const Shape& xs, std::vector<Attribute> attrs, const cpu::PoolWindow& win) {
+  std::mt19937 rng(17);
+  Node n = kiln::test::node("pool", "PoolNHWC", {"x"}, {"y"}, "kiln");
+  n.opset = 1;
+  n.set_attr(str_attr("mode", "MaxPool"));
+  for (auto& a : attrs) n.set_attr(a);
+  std::vector<Value> in = {Value(rand_tensor(rng, xs))};
+  std::vector<Value> want(1), got(1);
+  OpContext c1{n}, c2{n};
+  ASSERT_TRUE(kOp_kiln_PoolNHWC.eval(c1, in, want).is_ok());
+  auto k = cpu::prepare_dnnl_pool(n, &fail_ref);
+  ASSERT_TRUE(k.is_ok() && k.value());
+  Status st = k.value()->run(c2, in, got);
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  const Tensor& w = want[0].tensor;
+  ASSERT_EQ(got[0].tensor.shape(), w.shape());
+  EXPECT_EQ(rel_err(got[0].tensor, w), 0.0);
+  if (!cpu::cpu_has_avx512()) return;
+  Tensor y = Tensor::create(DataType::kFloat, w.shape()).value();
+  ASSERT_TRUE(cpu::maxpool_nhwc(in[0].tensor.data<float>(), y.data<float>(), xs[0], xs[1], xs[2],
+                                xs[3], w.dim(1), w.dim(2), win, 2));
+  EXPECT_EQ(rel_err(y, w), 0.0);
+}
+
+TEST(CpuSmallOps, MaxPoolNhwcMatchesReference) {
+  cpu::PoolWindow stem;
+  stem.kh = stem.kw = 3, stem.sh = stem.sw = 2, stem.pt = stem.pl = 1;
+  // ResNet-50's stem pool (threads split the rows).
+  check_maxpool({1, 112, 112, 64},
+                {ints_attr("kernel_shape", {3, 3}), ints_attr("strides", {2, 2}),
+                 ints_attr("pads", {1, 1, 1, 1})},
+                stem);
+  // Batch 2, asymmetric pads, 80 channels (64 + 16).
+  cpu::PoolWindow a;
+  a.kh = 2, a.kw = 3, a.sh = 1, a.sw = 2, a.pt = 0, a.pl = 1;
+  check_maxpool({2, 9, 11, 80},
+                {ints_attr("kernel_shape", {2, 3}), ints_attr("strides", {1, 2}),
+                 ints_attr("pads", {0, 1, 1, 0})},
+                a);
+  // Dilations.
+  cpu::PoolWindow d;
+  d.kh = d.kw = 2, d.dh = 2, d.dw = 3, d.pt = d.pl = 1;
+  check_maxpool({2, 12, 13, 32},
+                {ints_attr("kernel_shape", {2, 2}), ints_attr("dilations", {2, 3}),
+                 ints_attr("pads", {1, 1, 1, 1})},
+                d);
+  // ceil_mode: the last windows reach past the input.
+  cpu::PoolWindow c;
+  c.kh = c.kw = 3, c.sh = c.sw = 2;
+  check_maxpool(
+      {1, 10, 10, 16},
+      {ints_attr("kernel_shape", {3, 3}), ints_attr("strides", {2, 2}), int_attr("ceil_mode", 1)},
+      c);
 }
 #endif
 

@@ -204,6 +204,69 @@ __attribute__((target("avx2,fma"))) void ln_rows_avx2(const float* x, const floa
   }
 }
 
+// ---- NHWC max pooling ------------------------------------------------------------------------
+struct PoolJob {
+  const float* x;
+  float* y;
+  int64_t N, H, W, C, OH, OW;
+  PoolWindow w;
+};
+
+// _mm512_max_ps without GCC 12's false -Wmaybe-uninitialized (its pass-through is undefined).
+__attribute__((target("avx512f"))) inline __m512 vmax(__m512 a, __m512 b) {
+  return _mm512_mask_max_ps(a, static_cast<__mmask16>(0xFFFF), a, b);
+}
+
+// Output rows [r0, r1) of the flattened (n, oh) range.
+__attribute__((target("avx512f"))) void maxpool_rows_avx512(const PoolJob& j, int64_t r0,
+                                                            int64_t r1) {
+  const PoolWindow& w = j.w;
+  const int64_t C = j.C;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / j.OH, oh = r % j.OH;
+    // Window rows inside the input: h = oh * sh - pt + i * dh for i in [i0, i1).
+    const int64_t hb = oh * w.sh - w.pt;
+    int64_t i0 = 0, i1 = w.kh;
+    while (i0 < i1 && hb + i0 * w.dh < 0) ++i0;
+    while (i1 > i0 && hb + (i1 - 1) * w.dh >= j.H) --i1;
+    const float* xn = j.x + n * j.H * j.W * C;
+    float* yr = j.y + r * j.OW * C;
+    for (int64_t ow = 0; ow < j.OW; ++ow) {
+      const int64_t wb = ow * w.sw - w.pl;
+      int64_t k0 = 0, k1 = w.kw;
+      while (k0 < k1 && wb + k0 * w.dw < 0) ++k0;
+      while (k1 > k0 && wb + (k1 - 1) * w.dw >= j.W) --k1;
+      float* yp = yr + ow * C;
+      int64_t c = 0;
+      for (; c + 64 <= C; c += 64) {
+        __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* xr = xn + ((hb + i * w.dh) * j.W + wb) * C + c;
+          for (int64_t k = k0; k < k1; ++k) {
+            const float* xp = xr + k * w.dw * C;
+            m0 = vmax(m0, _mm512_loadu_ps(xp));
+            m1 = vmax(m1, _mm512_loadu_ps(xp + 16));
+            m2 = vmax(m2, _mm512_loadu_ps(xp + 32));
+            m3 = vmax(m3, _mm512_loadu_ps(xp + 48));
+          }
+        }
+        _mm512_storeu_ps(yp + c, m0);
+        _mm512_storeu_ps(yp + c + 16, m1);
+        _mm512_storeu_ps(yp + c + 32, m2);
+        _mm512_storeu_ps(yp + c + 48, m3);
+      }
+      for (; c < C; c += 16) {
+        __m512 m0 = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* xr = xn + ((hb + i * w.dh) * j.W + wb) * C + c;
+          for (int64_t k = k0; k < k1; ++k) m0 = vmax(m0, _mm512_loadu_ps(xr + k * w.dw * C));
+        }
+        _mm512_storeu_ps(yp + c, m0);
+      }
+    }
+  }
+}
+
 #endif  // KILN_SMALL_X86
 
 }  // namespace
@@ -234,6 +297,30 @@ bool transpose_few_to_last(const float* x, float* y, int64_t N, int64_t P, int64
   return parallel_tasks_static(c.tasks, threads, body, &c);
 #else
   (void)threads;
+  return false;
+#endif
+}
+
+bool maxpool_nhwc(const float* x, float* y, int64_t N, int64_t H, int64_t W, int64_t C, int64_t OH,
+                  int64_t OW, const PoolWindow& win, int threads) {
+  if (N < 1 || H < 1 || W < 1 || C < 16 || C % 16 != 0 || OH < 1 || OW < 1) return false;
+  if (win.kh < 1 || win.kw < 1 || win.sh < 1 || win.sw < 1 || win.dh < 1 || win.dw < 1)
+    return false;
+#if KILN_SMALL_X86
+  if (!cpu_has_avx512()) return false;
+  PoolJob j{x, y, N, H, W, C, OH, OW, win};
+  const int64_t rows = N * OH;
+  auto body = [](void* v, int64_t r) {
+    maxpool_rows_avx512(*static_cast<const PoolJob*>(v), r, r + 1);
+    return true;
+  };
+  if (rows * OW * C < kSerialFloats) {
+    maxpool_rows_avx512(j, 0, rows);
+    return true;
+  }
+  return parallel_tasks_static(rows, threads, body, &j);
+#else
+  (void)x, (void)y, (void)threads;
   return false;
 #endif
 }

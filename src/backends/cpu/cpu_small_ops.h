@@ -20,5 +20,15 @@ bool transpose_few_to_last(const float* x, float* y, int64_t N, int64_t P, int64
 bool layernorm_last_axis(const float* x, const float* scale, const float* bias, float* y,
                          int64_t rows, int64_t C, float eps, int threads, bool avx2_only = false);
 
+// Max pooling of NHWC float32 x [N, H, W, C] into y [N, OH, OW, C]: window kh x kw with strides
+// sh, sw, dilations dh, dw and leading pads pt, pl (padding never wins; every window must hold an
+// input element, as the caller checks). Applies to C a multiple of 16 on CPUs with AVX-512. Tasks:
+// output rows, each thread a contiguous run of them.
+struct PoolWindow {
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1, pt = 0, pl = 0;
+};
+bool maxpool_nhwc(const float* x, float* y, int64_t N, int64_t H, int64_t W, int64_t C, int64_t OH,
+                  int64_t OW, const PoolWindow& win, int threads);
+
 }  // namespace cpu
 }  // namespace kiln
