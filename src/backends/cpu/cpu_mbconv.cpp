@@ -690,7 +690,7 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
   if (!slices_.empty() && (bands < 0 || (bands == 0 && n * OH <= slice_rows * P))) {
     // Only with a slice per thread at least: on the 16-core Xeon (4 slices) it left 12 of 16
     // threads idle, MobileNetV2 b1 2.5 ms vs ORT's 1.6 (session 10, before this condition).
-    if (j.gemm && slice_sum() && static_cast<int64_t>(slices_.size()) >= P) {
+    if (j.gemm && slice_sum() && static_cast<int64_t>(slices_.size()) >= P && P <= 64) {
       // Channel slices, projected per slice into a partial sum per task (one task per thread
       // and image), added up after: one parallel region, no projection split to balance.
       // MobileNetV2 b1, 2 threads, KILN_CPU_MBCONV_SLICESUM=1 vs 0, 5 runs each alternating:
@@ -701,15 +701,41 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
       j.D = mb_scratch(static_cast<size_t>(n * T * M * s_.cout), 1);
       if (!j.D) return false;
       if (!parallel_tasks_static(n * T, threads, &MbSliceSumTask::run, &j)) return false;
-      const GemmAct a(s_.e3);
-      auto red = isa_ == C1Isa::kAvx512 ? mb_avx512::reduce() : mb_avx2::reduce();
-      for (int64_t img = 0; img < n; ++img) {
+      // The partial sums added up by runs of rows on every thread, each thread a contiguous run
+      // (whole rows of y, as the next layer's threads read them). On the calling thread alone,
+      // 16 Xeon threads' parts were read from 16 caches one after another.
+      struct Red {
+        MbReduceFn fn;
+        const float* D;
+        const float* z;
+        float* y;
+        const float* bias;
+        int64_t T, M, N, R;
+        GemmAct a;
+      } rc{isa_ == C1Isa::kAvx512 ? mb_avx512::reduce() : mb_avx2::reduce(),
+           j.D,
+           z,
+           y,
+           pp_.bias,
+           T,
+           M,
+           s_.cout,
+           std::clamp<int64_t>(M / 8, 1, P),
+           GemmAct(s_.e3)};
+      auto red = [](void* v, int64_t i) {
+        const Red& r = *static_cast<const Red*>(v);
+        const int64_t img = i / r.R, run = i % r.R;
+        const int64_t m0 = run * r.M / r.R, m1 = (run + 1) * r.M / r.R;
+        if (m1 <= m0) return true;
+        const int64_t off = (img * r.M + m0) * r.N;
         const float* parts[64];
-        for (int64_t t = 0; t < T && t < 64; ++t) parts[t] = j.D + (img * T + t) * M * s_.cout;
-        red(parts, static_cast<int>(std::min<int64_t>(T, 64)), M, s_.cout, pp_.bias,
-            z ? z + img * M * s_.cout : nullptr, y + img * M * s_.cout, a.act, a.lo, a.hi, a.alpha);
-      }
-      return true;
+        const int np = static_cast<int>(std::min<int64_t>(r.T, 64));
+        for (int t = 0; t < np; ++t) parts[t] = r.D + (img * r.T + t) * r.M * r.N + m0 * r.N;
+        r.fn(parts, np, m1 - m0, r.N, r.bias, r.z ? r.z + off : nullptr, r.y + off, r.a.act, r.a.lo,
+             r.a.hi, r.a.alpha);
+        return true;
+      };
+      return parallel_tasks_static(n * rc.R, threads, red, &rc);
     }
     j.D = mb_scratch(static_cast<size_t>(n * OH * OW * s_.ce), 1);
     if (!j.D) return false;
