@@ -690,7 +690,7 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
   if (!slices_.empty() && (bands < 0 || (bands == 0 && n * OH <= slice_rows * P))) {
     // Only with a slice per thread at least: on the 16-core Xeon (4 slices) it left 12 of 16
     // threads idle, MobileNetV2 b1 2.5 ms vs ORT's 1.6 (session 10, before this condition).
-    if (j.gemm && slice_sum() && static_cast<int64_t>(slices_.size()) >= P && P <= 64) {
+    if (j.gemm && slice_sum() && static_cast<int64_t>(slices_.size()) >= P) {
       // Channel slices, projected per slice into a partial sum per task (one task per thread
       // and image), added up after: one parallel region, no projection split to balance.
       // MobileNetV2 b1, 2 threads, KILN_CPU_MBCONV_SLICESUM=1 vs 0, 5 runs each alternating:
