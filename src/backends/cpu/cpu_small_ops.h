@@ -1,7 +1,8 @@
-// Kiln's own CPU kernels for two memory-bound ops where oneDNN 2.6 is slow at the sizes models
-// give them (cpu_small_ops.cpp): the NCHW -> NHWC reorder of a network's few-channel input, and
-// LayerNormalization over the last axis. Each returns false where it does not apply (the caller
-// runs oneDNN's or the reference kernel instead).
+// Kiln's own CPU kernels for three memory-bound ops where oneDNN 2.6 is slow at the sizes models
+// give them, or splits the work other than the next layer reads it (cpu_small_ops.cpp): the
+// NCHW -> NHWC reorder of a network's few-channel input, LayerNormalization over the last axis,
+// and NHWC max pooling. Each returns false where it does not apply (the caller runs oneDNN's or
+// the reference kernel instead).
 #pragma once
 #include <cstdint>
 
@@ -14,9 +15,9 @@ namespace cpu {
 bool transpose_few_to_last(const float* x, float* y, int64_t N, int64_t P, int64_t Q, int threads);
 
 // LayerNormalization over the last axis of `rows` rows of C floats: y = (x - mean) / sqrt(var +
-// eps) * scale (+ bias, when not null), mean and variance of each row in float32, two passes
-// over the row (the others from L1). AVX-512 or AVX2 + FMA (`avx2_only`: the AVX2 path, for
-// tests); false on CPUs with neither.
+// eps) * scale (+ bias, when not null), mean and variance of each row in float32; three passes
+// over a row (sum, squared deviations, output), the last two from L1. AVX-512 or AVX2 + FMA
+// (`avx2_only`: the AVX2 path, for tests); false on CPUs with neither.
 bool layernorm_last_axis(const float* x, const float* scale, const float* bias, float* y,
                          int64_t rows, int64_t C, float eps, int threads, bool avx2_only = false);
 
