@@ -1297,7 +1297,7 @@ class DnnlPool final : public Kernel {
     // NHWC max pooling: Kiln's kernel where it applies (each thread a contiguous run of output
     // rows; oneDNN's ran as slowly on 16 Xeon threads as on 2 Zen 4 cores, ~0.1 ms for
     // ResNet-50's stem pool).
-    if (p->own_max &&
+    if (nhwc_ && !global_avg_ &&
         maxpool_nhwc(X->data<float>(), Y.data<float>(), p->ys[0], X->dim(1), X->dim(2), X->dim(3),
                      p->ys[1], p->ys[2], p->win, omp_threads())) {
       out[0] = Value(std::move(Y));
@@ -1321,8 +1321,7 @@ class DnnlPool final : public Kernel {
     dnnl::pooling_v2_forward pool;
     memory::desc src, dst;
     Shape ys;
-    bool own_max = false;  // NHWC max pooling: maxpool_nhwc first
-    PoolWindow win;
+    PoolWindow win;  // NHWC max pooling: maxpool_nhwc's window
   };
   std::shared_ptr<const PoolPlan> build(const Node& n, const Tensor& X) const {
     const Shape& xs = X.shape();
@@ -1370,7 +1369,6 @@ class DnnlPool final : public Kernel {
     }
     auto p = std::make_shared<PoolPlan>();
     if (nhwc_ && !global_avg_) {
-      p->own_max = true;
       p->win.kh = k[0], p->win.kw = k[1], p->win.sh = st[0], p->win.sw = st[1];
       p->win.dh = dil[0] + 1, p->win.dw = dil[1] + 1, p->win.pt = pl[0], p->win.pl = pl[1];
     }
