@@ -165,7 +165,9 @@ void check_kernel(const Case& c, cpu::C1Isa isa, std::mt19937& rng, bool no_expa
   std::vector<float> z;
   if (c.residual) z = rnd(rng, c.n * OH * OW * c.cout);
   const std::vector<float> want = reference(b, x, c.n, c.H, c.W, opt(z));
-  for (int threads : {1, 2, 5})  // 5: the slices' partial sums added in 5 runs of rows
+  // 5, 9, 16: more threads than slices, so the grid of channel groups x row bands (and the
+  // slices' partial sums added in runs of rows on every thread)
+  for (int threads : {1, 2, 5, 9, 16})
     for (int64_t bands : {int64_t(0), int64_t(1), int64_t(3), int64_t(-1)})
       for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(2), int64_t(5)}) {
         std::vector<float> y(want.size(), -7.f);

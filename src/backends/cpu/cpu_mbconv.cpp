@@ -291,6 +291,47 @@ bool make_pack(MbPack& pk, const float* w, const float* bias, int64_t N, int64_t
   return true;
 }
 
+// KILN_CPU_MBCONV_GRID=0: with more threads than channel slices, the slices without partial
+// sums (a projection region after them) instead of the grid of channel groups x row bands.
+bool grid_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CPU_MBCONV_GRID");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+// The grid for P threads over a block of n images (H x W in, OH x OW out; np expand panels of
+// Wp channels): T channel groups x R row bands, R the bands that give every thread a task; of
+// T = 1 .. min(np, P, 64), the one whose most loaded thread (tasks split statically, as they
+// run) does the fewest multiply-adds, counting the halo rows each band expands again and the
+// partial sums the reduction adds.
+void grid_shape(const MbConvShape& s, int64_t np, int64_t Wp, int64_t n, int64_t H, int64_t W,
+                int64_t OH, int64_t OW, int64_t P, int64_t* T_out, int64_t* R_out) {
+  double best = -1;
+  *T_out = 1, *R_out = std::min(OH, P);
+  for (int64_t T = 1; T <= std::min<int64_t>({np, P, 64}); ++T) {
+    const int64_t R = std::min(OH, (P + T - 1) / T), tasks = n * R * T;
+    auto cost = [&](int64_t i) {
+      const int64_t r = (i / T) % R, t = i % T;
+      const int64_t o0 = r * OH / R, o1 = (r + 1) * OH / R;
+      const int64_t ih0 = std::max<int64_t>(0, o0 * s.stride - s.pt);
+      const int64_t ih1 = std::min<int64_t>(H, (o1 - 1) * s.stride - s.pt + 3);
+      const int64_t nc = std::min(s.ce, (t + 1) * np / T * Wp) - t * np / T * Wp;
+      return double(std::max<int64_t>(0, ih1 - ih0)) * W * s.cin * nc +
+             double(o1 - o0) * OW * nc * (9 + s.cout) + 4096.0;
+    };
+    double worst = 0;  // thread k runs tasks [k tasks / P, (k + 1) tasks / P)
+    for (int64_t k = 0; k < P; ++k) {
+      double load = 0;
+      for (int64_t i = k * tasks / P; i < (k + 1) * tasks / P; ++i) load += cost(i);
+      worst = std::max(worst, load);
+    }
+    const double total = worst + double(T) * OH * OW * s.cout * 2.0 * n / P;
+    if (best < 0 || total < best) best = total, *T_out = T, *R_out = R;
+  }
+}
+
 // Bands per thread (KILN_CPU_MBCONV_BANDS overrides: tuning). One: more re-expand halo rows and
 // re-stream weights (MobileNetV2 b1, every block fused: 1.96 / 2.33 / 2.42 ms with 1 / 2 / 3).
 int64_t bands_per_thread() {
@@ -337,6 +378,7 @@ struct MbJob {
   bool avx512 = true;
   bool pair = false;             // the projection on mb_pair24 (24 channels, AVX-512)
   int64_t prow = 0, ptasks = 0;  // channel slices' projection: rows per task, tasks
+  int64_t gT = 0, gR = 0;        // grid: channel groups (of expand panels) and row bands
 };
 
 // The expand (k 0) or project (k 2) activation as the gemm takes it.
@@ -495,6 +537,48 @@ struct MbSliceSumTask {
       if (!MbParts::partial(j, D, M, sl.c0, nc, si == s0, part)) return false;
     }
     return true;
+  }
+};
+
+struct MbGridTask {
+  // Task i: image i / (R T), row band (i / T) % R, channel group t = i % T (expand panels
+  // [t np / T, (t + 1) np / T)): the band's input rows (with the 3x3 halo) expanded onto the
+  // group's channels, filtered, and projected into partial sum t's rows of the band.
+  static bool run(void* ctx, int64_t i) {
+    const MbJob& j = *static_cast<const MbJob*>(ctx);
+    const MbConv& m = *j.m;
+    const MbConvShape& s = m.s_;
+    const int64_t T = j.gT, R = j.gR, np = m.pe_.npan, W = j.W, M = j.OH * j.OW;
+    const int64_t img = i / (R * T), r = (i / T) % R, t = i % T;
+    const int64_t o0 = r * j.OH / R, o1 = (r + 1) * j.OH / R;
+    const int64_t p0 = t * np / T, p1 = (t + 1) * np / T;
+    if (o0 >= o1 || p0 >= p1) return false;  // never: grid_shape keeps R <= OH and T <= np
+    const int64_t c0 = p0 * m.pe_.W, nc = std::min(s.ce, p1 * m.pe_.W) - c0;
+    const int64_t ih0 = std::max<int64_t>(0, o0 * s.stride - s.pt);
+    const int64_t ih1 = std::min<int64_t>(j.H, (o1 - 1) * s.stride - s.pt + 3);
+    const int64_t eh = std::max<int64_t>(0, ih1 - ih0), orows = o1 - o0;
+    float* buf =
+        mb_scratch(static_cast<size_t>(eh * W * nc + W * nc + orows * j.OW * nc + 3 * kPad));
+    if (!buf) return false;
+    float* zero = buf + eh * W * nc + kPad;
+    float* D = zero + W * nc + kPad;
+    std::memset(zero, 0, sizeof(float) * static_cast<size_t>(W * nc + kPad));
+    if (eh > 0 && !MbParts::expand(j, j.x + (img * j.H + ih0) * W * s.cin, eh * W, p0, p1, buf, nc))
+      return false;
+    const DwAct a(s.e2);
+    for (int64_t q0 = o0; q0 < o1; q0 += kMaxChunk) {
+      const int64_t q1 = std::min(o1, q0 + kMaxChunk);
+      const float* rp[3 * kMaxChunk];
+      for (int64_t oh = q0; oh < q1; ++oh)
+        for (int kh = 0; kh < 3; ++kh) {
+          const int64_t ih = oh * s.stride - s.pt + kh;
+          rp[3 * (oh - q0) + kh] = ih >= 0 && ih < j.H ? buf + (ih - ih0) * W * nc : zero;
+        }
+      j.dw(rp, q1 - q0, W, j.OW, s.stride, s.pl, m.wd_ + c0, m.bd_ + c0, nc, nc, nc, m.cep_, a.act,
+           a.lo, a.hi, a.alpha, D + (q0 - o0) * j.OW * nc, j.OW * nc);
+    }
+    float* part = j.D + ((img * T + t) * M + o0 * j.OW) * s.cout;
+    return MbParts::partial(j, D, orows * j.OW, c0, nc, true, part);
   }
 };
 
@@ -687,6 +771,46 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
     const char* e = std::getenv("KILN_CPU_MBCONV_SLICE_ROWS");
     return e ? std::atoll(e) : int64_t(4);
   }();
+  // Partial sums [n][T][OH OW][cout] in j.D -> y (+ bias, z, activation).
+  const int64_t M = OH * OW;
+  auto reduce = [&](int64_t T) -> bool {
+    // The partial sums added up by runs of rows on every thread, each thread a contiguous run
+    // (whole rows of y, as the next layer's threads read them), not on the calling thread
+    // alone while the others waited. (No measurable change on 2 Zen 4 threads, MobileNetV2's
+    // 7x7 blocks.)
+    struct Red {
+      MbReduceFn fn;
+      const float* D;
+      const float* z;
+      float* y;
+      const float* bias;
+      int64_t T, M, N, R;
+      GemmAct a;
+    } rc{isa_ == C1Isa::kAvx512 ? mb_avx512::reduce() : mb_avx2::reduce(),
+         j.D,
+         z,
+         y,
+         pp_.bias,
+         T,
+         M,
+         s_.cout,
+         std::clamp<int64_t>(M / 8, 1, P),
+         GemmAct(s_.e3)};
+    auto red = [](void* v, int64_t i) {
+      const Red& r = *static_cast<const Red*>(v);
+      const int64_t img = i / r.R, run = i % r.R;
+      const int64_t m0 = run * r.M / r.R, m1 = (run + 1) * r.M / r.R;
+      if (m1 <= m0) return true;
+      const int64_t off = (img * r.M + m0) * r.N;
+      const float* parts[64];
+      const int np = static_cast<int>(std::min<int64_t>(r.T, 64));
+      for (int t = 0; t < np; ++t) parts[t] = r.D + (img * r.T + t) * r.M * r.N + m0 * r.N;
+      r.fn(parts, np, m1 - m0, r.N, r.bias, r.z ? r.z + off : nullptr, r.y + off, r.a.act, r.a.lo,
+           r.a.hi, r.a.alpha);
+      return true;
+    };
+    return parallel_tasks_static(n * rc.R, threads, red, &rc);
+  };
   if (!slices_.empty() && (bands < 0 || (bands == 0 && n * OH <= slice_rows * P))) {
     // Only with a slice per thread at least: on the 16-core Xeon (4 slices) it left 12 of 16
     // threads idle, MobileNetV2 b1 2.5 ms vs ORT's 1.6 (session 10, before this condition).
@@ -696,47 +820,24 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
       // MobileNetV2 b1, 2 threads, KILN_CPU_MBCONV_SLICESUM=1 vs 0, 5 runs each alternating:
       // features.14 83-85 vs 89-91 us, .15 / .16 80-82 vs 90-93, .17 112-117 vs 122-126.
       const int64_t T = std::min<int64_t>(P, static_cast<int64_t>(slices_.size()));
-      const int64_t M = OH * OW;
       j.ptasks = T;
-      j.D = mb_scratch(static_cast<size_t>(n * T * M * s_.cout), 1);
+      j.D = mb_scratch(static_cast<size_t>(n * T * OH * OW * s_.cout), 1);
       if (!j.D) return false;
       if (!parallel_tasks_static(n * T, threads, &MbSliceSumTask::run, &j)) return false;
-      // The partial sums added up by runs of rows on every thread, each thread a contiguous run
-      // (whole rows of y, as the next layer's threads read them), not on the calling thread
-      // alone while the others waited. (No measurable change on 2 Zen 4 threads, MobileNetV2's
-      // 7x7 blocks; the 16-thread builds never take this form: at most 4 slices.)
-      struct Red {
-        MbReduceFn fn;
-        const float* D;
-        const float* z;
-        float* y;
-        const float* bias;
-        int64_t T, M, N, R;
-        GemmAct a;
-      } rc{isa_ == C1Isa::kAvx512 ? mb_avx512::reduce() : mb_avx2::reduce(),
-           j.D,
-           z,
-           y,
-           pp_.bias,
-           T,
-           M,
-           s_.cout,
-           std::clamp<int64_t>(M / 8, 1, P),
-           GemmAct(s_.e3)};
-      auto red = [](void* v, int64_t i) {
-        const Red& r = *static_cast<const Red*>(v);
-        const int64_t img = i / r.R, run = i % r.R;
-        const int64_t m0 = run * r.M / r.R, m1 = (run + 1) * r.M / r.R;
-        if (m1 <= m0) return true;
-        const int64_t off = (img * r.M + m0) * r.N;
-        const float* parts[64];
-        const int np = static_cast<int>(std::min<int64_t>(r.T, 64));
-        for (int t = 0; t < np; ++t) parts[t] = r.D + (img * r.T + t) * r.M * r.N + m0 * r.N;
-        r.fn(parts, np, m1 - m0, r.N, r.bias, r.z ? r.z + off : nullptr, r.y + off, r.a.act, r.a.lo,
-             r.a.hi, r.a.alpha);
-        return true;
-      };
-      return parallel_tasks_static(n * rc.R, threads, red, &rc);
+      return reduce(T);
+    }
+    if (j.gemm && slice_sum() && !noexp_ && grid_on()) {
+      // More threads than slices (16 Xeon threads: 4 slices left 12 idle): a grid of channel
+      // groups (whole expand panels) x row bands, each task its band's rows (with the halo)
+      // through its group's channels into partial sum t; the shape picked by grid_shape.
+      // MobileNetV2 b1, 16 Xeon threads: every block fused 2.5-2.8 ms without the grid, 1.16-
+      // 1.21 with it; the timed plan took it for all blocks but one, 1.16-1.20 ms against the
+      // split-only plan's 1.43-1.48 (`kiln bench --compare`: 13% faster in 16 of 16 rounds).
+      grid_shape(s_, pe_.npan, pe_.W, n, H, W, OH, OW, P, &j.gT, &j.gR);
+      j.D = mb_scratch(static_cast<size_t>(n * j.gT * OH * OW * s_.cout), 1);
+      if (!j.D) return false;
+      if (!parallel_tasks_static(n * j.gR * j.gT, threads, &MbGridTask::run, &j)) return false;
+      return reduce(j.gT);
     }
     j.D = mb_scratch(static_cast<size_t>(n * OH * OW * s_.ce), 1);
     if (!j.D) return false;

@@ -11,7 +11,8 @@
 // KILN_CPU_MBCONV_GEMM=0; the depthwise conv is cpu_mbconv_kernel.inc (by channel vector). AVX-512
 // and AVX2/FMA builds, chosen at run time. Bands on OpenMP's threads (cpu_parallel.h); only the
 // halo rows at band edges are expanded twice. Small images (4 output rows per thread or fewer)
-// split the expanded channels instead (run()).
+// split the expanded channels instead (run()); with more threads than channel slices, a grid
+// of channel groups x row bands whose partial projections are added up after.
 // Measured (Zen 5 VM, 2 threads, MobileNetV2, KILN_CPU_MBCONV=0 vs timed, alternating): b8
 // 16.1-16.3 -> 14.4-14.6 ms; b1 1.65-1.99 -> 1.69-1.95 ms while the machine ran fast (no gain:
 // at b1 the unfused intermediates stay in L2 / L3 and the 1x1 convs are compute bound) and
@@ -78,7 +79,9 @@ class MbConv {
   // of memory.
   // Channel slices (small images, where bands would expand many halo rows twice and split few
   // rows unevenly): a task expands and filters one slice of the expanded channels of a whole
-  // image into a shared depthwise buffer; then the projection runs on all threads.
+  // image into a shared depthwise buffer; then the projection runs on all threads. (With a
+  // slice per thread, each task projects its slices into a partial sum; with more threads than
+  // slices, the tasks are a grid of channel groups x row bands, also into partial sums.)
   bool run(const float* x, int64_t n, int64_t H, int64_t W, const float* z, float* y, int threads,
            int64_t bands = 0, int64_t chunk = 0) const;
 
@@ -94,6 +97,7 @@ class MbConv {
   friend struct MbProjTask;
   friend struct MbParts;
   friend struct MbSliceSumTask;
+  friend struct MbGridTask;
   struct Slice {
     int64_t c0 = 0, c1 = 0;  // expanded channels [c0, c1), c0 a multiple of 16
     std::shared_ptr<const Conv1x1> expand;
