@@ -634,11 +634,15 @@ TEST(KilnWino, BuilderForcedTacticRunsAndMatches) {
 #if KILN_TEST_HAS_DNNL  // times oneDNN's implementations next to Kiln's
 // Micro benchmark (run by hand, OMP_NUM_THREADS=2): Kiln's winograd vs oneDNN's winograd and
 // default direct conv, as the CPU backend's NHWC FusedConv (bias + relu) kernel with each tactic
-// forced, on ResNet-50's stride-1 3x3 shapes. Interleaved runs, median of each.
+// forced, on ResNet-50's stride-1 3x3 shapes. Interleaved runs, median of each. WINO_FLUSH_MB=<m>:
+// m MB written before each run, as a model's other layers leave the caches (weights and U from
+// memory).
 TEST(KilnWino, DISABLED_BenchResNetShapes) {
   if (!has_dnnl_conv()) GTEST_SKIP() << "no oneDNN convolution in this build";
   const EvalFn ref = cpu_backend().resolve("cpu.ref.kiln:FusedConv");
   const int iters = std::getenv("WINO_ITERS") ? std::atoi(std::getenv("WINO_ITERS")) : 30;
+  std::vector<float> flush(
+      std::getenv("WINO_FLUSH_MB") ? size_t(std::atoi(std::getenv("WINO_FLUSH_MB"))) << 18 : 0);
   struct Shp {
     int64_t N, H, C;
   };
@@ -683,6 +687,7 @@ TEST(KilnWino, DISABLED_BenchResNetShapes) {
       for (size_t i = 0; i < kernels.size(); ++i) {
         OpContext ctx{nodes[i]};
         std::vector<Value> in = {Value(X), Value(W), Value(B)}, out(1);
+        for (size_t f = 0; f < flush.size(); f += 16) flush[f] += 1.f;
         const auto t0 = std::chrono::steady_clock::now();
         Status st = kernels[i]->run(ctx, in, out);
         const double ms =
