@@ -305,12 +305,15 @@ bool grid_on() {
 // Wp channels): T channel groups x R row bands, R the bands that give every thread a task; of
 // T = 1 .. min(np, P, 64), the one whose most loaded thread (tasks split statically, as they
 // run) does the fewest multiply-adds, counting the halo rows each band expands again and the
-// partial sums the reduction adds.
+// partial sums the reduction adds. The T partial sums ([n][T][OH OW][cout]) stay within 16 MB
+// where T = 1 allows it (a many-core machine with a larger batch would otherwise take ~100 MB).
 void grid_shape(const MbConvShape& s, int64_t np, int64_t Wp, int64_t n, int64_t H, int64_t W,
                 int64_t OH, int64_t OW, int64_t P, int64_t* T_out, int64_t* R_out) {
   double best = -1;
   *T_out = 1, *R_out = std::min(OH, P);
-  for (int64_t T = 1; T <= std::min<int64_t>({np, P, 64}); ++T) {
+  const int64_t per_t = std::max<int64_t>(1, n * OH * OW * s.cout * 4);  // bytes of one sum
+  const int64_t max_t = std::max<int64_t>(1, (int64_t(16) << 20) / per_t);
+  for (int64_t T = 1; T <= std::min<int64_t>({np, P, 64, max_t}); ++T) {
     const int64_t R = std::min(OH, (P + T - 1) / T), tasks = n * R * T;
     auto cost = [&](int64_t i) {
       const int64_t r = (i / T) % R, t = i % T;

@@ -73,7 +73,7 @@ namespace {
 // threads take none): libgomp ends the pool threads a smaller team leaves out and starts new
 // ones at the next full-size region, whose thread-local scratch is then allocated and faulted
 // in again. 16 Xeon threads, MobileNetV2 b1 with every block fused (4-task channel-slice
-// regions): 2,700 page faults and 235 context switches a run, 18 ms against 1.4 split.
+// regions): ~2,700 page faults and ~230 context switches a run, 18 ms against 1.4 split.
 bool run_tasks(int64_t n, int threads, TaskFn task, void* ctx, void (*parallel_body)(void*)) {
   Job job;
   job.task = task;
