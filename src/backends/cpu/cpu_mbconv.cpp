@@ -777,6 +777,7 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
   // Partial sums [n][T][OH OW][cout] in j.D -> y (+ bias, z, activation).
   const int64_t M = OH * OW;
   auto reduce = [&](int64_t T) -> bool {
+    if (T < 1 || T > 64) return false;  // never: slices <= 4, grid_shape keeps T <= 64
     // The partial sums added up by runs of rows on every thread, each thread a contiguous run
     // (whole rows of y, as the next layer's threads read them), not on the calling thread
     // alone while the others waited. (No measurable change on 2 Zen 4 threads, MobileNetV2's
@@ -806,7 +807,7 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
       if (m1 <= m0) return true;
       const int64_t off = (img * r.M + m0) * r.N;
       const float* parts[64];
-      const int np = static_cast<int>(std::min<int64_t>(r.T, 64));
+      const int np = static_cast<int>(r.T);
       for (int t = 0; t < np; ++t) parts[t] = r.D + (img * r.T + t) * r.M * r.N + m0 * r.N;
       r.fn(parts, np, m1 - m0, r.N, r.bias, r.z ? r.z + off : nullptr, r.y + off, r.a.act, r.a.lo,
            r.a.hi, r.a.alpha);
