@@ -301,6 +301,23 @@ bool grid_on() {
   return on;
 }
 
+// Cell (band r, group t) of a grid of T channel groups x R row bands: output rows [o0, o1), the
+// input rows [ih0, ih1) they read (the 3x3 halo clipped to the image), expand panels [p0, p1)
+// of Wp channels and their channels [c0, c0 + nc).
+struct GridCell {
+  int64_t o0, o1, ih0, ih1, p0, p1, c0, nc;
+};
+GridCell grid_cell(const MbConvShape& s, int64_t np, int64_t Wp, int64_t H, int64_t OH, int64_t T,
+                   int64_t R, int64_t r, int64_t t) {
+  GridCell g;
+  g.o0 = r * OH / R, g.o1 = (r + 1) * OH / R;
+  g.ih0 = std::max<int64_t>(0, g.o0 * s.stride - s.pt);
+  g.ih1 = std::min<int64_t>(H, (g.o1 - 1) * s.stride - s.pt + 3);
+  g.p0 = t * np / T, g.p1 = (t + 1) * np / T;
+  g.c0 = g.p0 * Wp, g.nc = std::min(s.ce, g.p1 * Wp) - g.c0;
+  return g;
+}
+
 // The grid for P threads over a block of n images (H x W in, OH x OW out; np expand panels of
 // Wp channels): T channel groups x R row bands, R the bands that give every thread a task; of
 // T = 1 .. min(np, P, 64), the one whose most loaded thread (tasks split statically, as they
@@ -316,13 +333,9 @@ void grid_shape(const MbConvShape& s, int64_t np, int64_t Wp, int64_t n, int64_t
   for (int64_t T = 1; T <= std::min<int64_t>({np, P, 64, max_t}); ++T) {
     const int64_t R = std::min(OH, (P + T - 1) / T), tasks = n * R * T;
     auto cost = [&](int64_t i) {
-      const int64_t r = (i / T) % R, t = i % T;
-      const int64_t o0 = r * OH / R, o1 = (r + 1) * OH / R;
-      const int64_t ih0 = std::max<int64_t>(0, o0 * s.stride - s.pt);
-      const int64_t ih1 = std::min<int64_t>(H, (o1 - 1) * s.stride - s.pt + 3);
-      const int64_t nc = std::min(s.ce, (t + 1) * np / T * Wp) - t * np / T * Wp;
-      return double(std::max<int64_t>(0, ih1 - ih0)) * W * s.cin * nc +
-             double(o1 - o0) * OW * nc * (9 + s.cout) + 4096.0;
+      const GridCell g = grid_cell(s, np, Wp, H, OH, T, R, (i / T) % R, i % T);
+      return double(std::max<int64_t>(0, g.ih1 - g.ih0)) * W * s.cin * g.nc +
+             double(g.o1 - g.o0) * OW * g.nc * (9 + s.cout) + 4096.0;
     };
     double worst = 0;  // thread k runs tasks [k tasks / P, (k + 1) tasks / P)
     for (int64_t k = 0; k < P; ++k) {
@@ -412,6 +425,27 @@ struct MbParts {
     return true;
   }
 
+  // The depthwise conv of output rows [o0, o1) on channels [c0, c0 + nc) of one image: input
+  // row ih at e + (ih - ih0) W is (pixel stride is; rows outside the image read `zero`), output
+  // row oh at d + (oh - o0) OW os (pixel stride os).
+  static void filter(const MbJob& j, const float* e, int64_t ih0, int64_t is, const float* zero,
+                     int64_t c0, int64_t nc, int64_t o0, int64_t o1, float* d, int64_t os) {
+    const MbConv& m = *j.m;
+    const MbConvShape& s = m.s_;
+    const DwAct a(s.e2);
+    for (int64_t q0 = o0; q0 < o1; q0 += kMaxChunk) {
+      const int64_t q1 = std::min(o1, q0 + kMaxChunk);
+      const float* r[3 * kMaxChunk];
+      for (int64_t oh = q0; oh < q1; ++oh)
+        for (int kh = 0; kh < 3; ++kh) {
+          const int64_t ih = oh * s.stride - s.pt + kh;
+          r[3 * (oh - q0) + kh] = ih >= 0 && ih < j.H ? e + (ih - ih0) * j.W * is : zero;
+        }
+      j.dw(r, q1 - q0, j.W, j.OW, s.stride, s.pl, m.wd_ + c0, m.bd_ + c0, nc, is, os, m.cep_, a.act,
+           a.lo, a.hi, a.alpha, d + (q0 - o0) * j.OW * os, j.OW * os);
+    }
+  }
+
   // Rows [0, M) of x through the expand's panels [p0, p1) into e (row stride lde).
   static bool expand(const MbJob& j, const float* x, int64_t M, int64_t p0, int64_t p1, float* e,
                      int64_t lde) {
@@ -480,19 +514,8 @@ struct MbSliceTask {
     else
       ok = sl.expand->run(j.x + img * j.H * W * s.cin, j.H * W, nullptr, buf, 1);
     if (!ok) return false;
-    const DwAct a(s.e2);
-    float* D = j.D + img * j.OH * j.OW * s.ce + sl.c0;
-    for (int64_t o0 = 0; o0 < j.OH; o0 += kMaxChunk) {
-      const int64_t o1 = std::min(j.OH, o0 + kMaxChunk);
-      const float* r[3 * kMaxChunk];
-      for (int64_t oh = o0; oh < o1; ++oh)
-        for (int kh = 0; kh < 3; ++kh) {
-          const int64_t ih = oh * s.stride - s.pt + kh;
-          r[3 * (oh - o0) + kh] = ih >= 0 && ih < j.H ? E + ih * W * is : zero;
-        }
-      j.dw(r, o1 - o0, W, j.OW, s.stride, s.pl, m.wd_ + sl.c0, m.bd_ + sl.c0, nc, is, s.ce, m.cep_,
-           a.act, a.lo, a.hi, a.alpha, D + o0 * j.OW * s.ce, j.OW * s.ce);
-    }
+    MbParts::filter(j, E, 0, is, zero, sl.c0, nc, 0, j.OH, j.D + img * j.OH * j.OW * s.ce + sl.c0,
+                    s.ce);
     return true;
   }
 };
@@ -508,7 +531,6 @@ struct MbSliceSumTask {
     const int64_t img = i / T, t = i % T, W = j.W, M = j.OH * j.OW;
     const int64_t s0 = t * S / T, s1 = (t + 1) * S / T;
     float* part = j.D + i * M * s.cout;
-    const DwAct a(s.e2);
     for (int64_t si = s0; si < s1; ++si) {
       const MbConv::Slice& sl = m.slices_[static_cast<size_t>(si)];
       const int64_t nc = sl.c1 - sl.c0;
@@ -526,17 +548,7 @@ struct MbSliceSumTask {
       else if (!MbParts::expand(j, j.x + img * j.H * W * s.cin, j.H * W, sl.c0 / m.pe_.W,
                                 std::min(m.pe_.npan, sl.c0 / m.pe_.W + m.slice_pan_), buf, nc))
         return false;
-      for (int64_t o0 = 0; o0 < j.OH; o0 += kMaxChunk) {
-        const int64_t o1 = std::min(j.OH, o0 + kMaxChunk);
-        const float* r[3 * kMaxChunk];
-        for (int64_t oh = o0; oh < o1; ++oh)
-          for (int kh = 0; kh < 3; ++kh) {
-            const int64_t ih = oh * s.stride - s.pt + kh;
-            r[3 * (oh - o0) + kh] = ih >= 0 && ih < j.H ? E + ih * W * is : zero;
-          }
-        j.dw(r, o1 - o0, W, j.OW, s.stride, s.pl, m.wd_ + sl.c0, m.bd_ + sl.c0, nc, is, nc, m.cep_,
-             a.act, a.lo, a.hi, a.alpha, D + o0 * j.OW * nc, j.OW * nc);
-      }
+      MbParts::filter(j, E, 0, is, zero, sl.c0, nc, 0, j.OH, D, nc);
       if (!MbParts::partial(j, D, M, sl.c0, nc, si == s0, part)) return false;
     }
     return true;
@@ -551,37 +563,24 @@ struct MbGridTask {
     const MbJob& j = *static_cast<const MbJob*>(ctx);
     const MbConv& m = *j.m;
     const MbConvShape& s = m.s_;
-    const int64_t T = j.gT, R = j.gR, np = m.pe_.npan, W = j.W, M = j.OH * j.OW;
-    const int64_t img = i / (R * T), r = (i / T) % R, t = i % T;
-    const int64_t o0 = r * j.OH / R, o1 = (r + 1) * j.OH / R;
-    const int64_t p0 = t * np / T, p1 = (t + 1) * np / T;
-    if (o0 >= o1 || p0 >= p1) return false;  // never: grid_shape keeps R <= OH and T <= np
-    const int64_t c0 = p0 * m.pe_.W, nc = std::min(s.ce, p1 * m.pe_.W) - c0;
-    const int64_t ih0 = std::max<int64_t>(0, o0 * s.stride - s.pt);
-    const int64_t ih1 = std::min<int64_t>(j.H, (o1 - 1) * s.stride - s.pt + 3);
-    const int64_t eh = std::max<int64_t>(0, ih1 - ih0), orows = o1 - o0;
+    const int64_t T = j.gT, R = j.gR, W = j.W, M = j.OH * j.OW;
+    const int64_t img = i / (R * T), t = i % T;
+    const GridCell g = grid_cell(s, m.pe_.npan, m.pe_.W, j.H, j.OH, T, R, (i / T) % R, t);
+    // never empty: grid_shape keeps R <= OH and T <= np
+    if (g.o0 >= g.o1 || g.p0 >= g.p1) return false;
+    const int64_t nc = g.nc, eh = std::max<int64_t>(0, g.ih1 - g.ih0), orows = g.o1 - g.o0;
     float* buf =
         mb_scratch(static_cast<size_t>(eh * W * nc + W * nc + orows * j.OW * nc + 3 * kPad));
     if (!buf) return false;
     float* zero = buf + eh * W * nc + kPad;
     float* D = zero + W * nc + kPad;
     std::memset(zero, 0, sizeof(float) * static_cast<size_t>(W * nc + kPad));
-    if (eh > 0 && !MbParts::expand(j, j.x + (img * j.H + ih0) * W * s.cin, eh * W, p0, p1, buf, nc))
+    if (eh > 0 &&
+        !MbParts::expand(j, j.x + (img * j.H + g.ih0) * W * s.cin, eh * W, g.p0, g.p1, buf, nc))
       return false;
-    const DwAct a(s.e2);
-    for (int64_t q0 = o0; q0 < o1; q0 += kMaxChunk) {
-      const int64_t q1 = std::min(o1, q0 + kMaxChunk);
-      const float* rp[3 * kMaxChunk];
-      for (int64_t oh = q0; oh < q1; ++oh)
-        for (int kh = 0; kh < 3; ++kh) {
-          const int64_t ih = oh * s.stride - s.pt + kh;
-          rp[3 * (oh - q0) + kh] = ih >= 0 && ih < j.H ? buf + (ih - ih0) * W * nc : zero;
-        }
-      j.dw(rp, q1 - q0, W, j.OW, s.stride, s.pl, m.wd_ + c0, m.bd_ + c0, nc, nc, nc, m.cep_, a.act,
-           a.lo, a.hi, a.alpha, D + (q0 - o0) * j.OW * nc, j.OW * nc);
-    }
-    float* part = j.D + ((img * T + t) * M + o0 * j.OW) * s.cout;
-    return MbParts::partial(j, D, orows * j.OW, c0, nc, true, part);
+    MbParts::filter(j, buf, g.ih0, nc, zero, g.c0, nc, g.o0, g.o1, D, nc);
+    float* part = j.D + ((img * T + t) * M + g.o0 * j.OW) * s.cout;
+    return MbParts::partial(j, D, orows * j.OW, g.c0, nc, true, part);
   }
 };
 
