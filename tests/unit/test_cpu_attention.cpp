@@ -54,6 +54,9 @@ struct AttnCase {
   bool bool_mask = false;
   bool causal = false;
   float scale = 0;  // 0: default 1/sqrt(Dh)
+  // Nonzero (3-D, float mask of shape [T] or [1, 1, 1, T]): every masked key's value row is
+  // this, so a masked key's weight of anything but 0 shows in the output.
+  float masked_v = 0;
 };
 
 void check_attention(const AttnCase& c, uint32_t seed = 7) {
@@ -88,6 +91,13 @@ void check_attention(const AttnCase& c, uint32_t seed = 7) {
       Tensor m = rand_tensor(rng, ms, -4.f, 0.f);
       // Padding-style entries, as BERT's (1 - mask) * -10000.
       for (int64_t i = 0; i < m.numel(); i += 5) m.data<float>()[i] = -10000.f;
+      if (c.masked_v != 0) {
+        ASSERT_TRUE(c.three_d && m.numel() == c.T);
+        float* v = in[2].tensor.data<float>();
+        for (int64_t b = 0; b < c.B; ++b)
+          for (int64_t j = 0; j < c.T; j += 5)
+            std::fill_n(v + (b * c.T + j) * c.Hkv * c.Dv, c.Hkv * c.Dv, c.masked_v);
+      }
       in.emplace_back(m);
     }
   }
@@ -100,6 +110,21 @@ TEST(CpuAttention, BertShapeThreeDimPaddingMask) {
   AttnCase c;
   c.Hq = c.Hkv = 12, c.S = c.T = 128, c.Dh = c.Dv = 64, c.mask_shape = {1, 1, 1, 128};
   check_attention(c);
+}
+
+// A masked key (-10000, or the -inf of a bool mask) weighs exactly 0, as in the reference: its
+// value row near FLT_MAX must not reach the output (it did when the kernel's exp gave such keys
+// exp(-87.3) ~ 1e-38, whose products with ordinary values are subnormal too).
+TEST(CpuAttention, MaskedKeysWeighNothing) {
+  for (const char* isa : {"", "avx512", "avx2", "sse"}) {
+    if (!cpu::set_attention_isa(isa)) continue;
+    SCOPED_TRACE(isa);
+    AttnCase c;
+    c.B = 2, c.Hq = c.Hkv = 2, c.S = 9, c.T = 40, c.Dh = c.Dv = 16, c.mask_shape = {1, 1, 1, 40};
+    c.masked_v = 3e37f;
+    check_attention(c);
+  }
+  EXPECT_TRUE(cpu::set_attention_isa(""));
 }
 
 TEST(CpuAttention, FourDimFullMaskBatch2) {
