@@ -88,122 +88,52 @@ __attribute__((target("avx512f"))) void interleave_avx512(const float* x, float*
 }
 
 // ---- LayerNormalization ----------------------------------------------------------------------
-// (GCC 12's _mm512_reduce_add_ps and lane shuffles draw false -Wmaybe-uninitialized warnings
-// from its own header; the sum is taken twice per row.)
-__attribute__((target("avx512f"))) float hsum512(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  float s = 0.0f;
-  for (float f : t) s += f;
-  return s;
+// cpu_layernorm_kernel.inc, once per ISA.
+#if defined(__clang__)  // clang's form of `#pragma GCC target` (the sanitizer builds use clang)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+#endif
+namespace ln_avx512 {
+typedef float V __attribute__((vector_size(64)));
+constexpr int kW = 16;
+inline __mmask16 ln_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline V ln_tail_load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(ln_lanes(n), p); }
+inline V ln_tail_keep(V v, int64_t n) { return _mm512_maskz_mov_ps(ln_lanes(n), v); }
+inline void ln_tail_store(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, ln_lanes(n), v); }
+#include "backends/cpu/cpu_layernorm_kernel.inc"
+}  // namespace ln_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace ln_avx2 {
+typedef float V __attribute__((vector_size(32)));
+constexpr int kW = 8;
+inline V ln_tail_load(const float* p, int64_t n) {
+  V v = {};
+  std::memcpy(&v, p, sizeof(float) * static_cast<size_t>(n));
+  return v;
 }
-
-__attribute__((target("avx512f"))) void ln_rows_avx512(const float* x, const float* sc,
-                                                       const float* bi, float* y, int64_t r0,
-                                                       int64_t r1, int64_t C, float eps) {
-  const int64_t full = C / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (C - full)) - 1u);
-  const float inv_c = 1.0f / static_cast<float>(C);
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * C;
-    float* yr = y + r * C;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t c = 0;
-    for (; c + 64 <= full; c += 64) {
-      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(xr + c));
-      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(xr + c + 16));
-      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(xr + c + 32));
-      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(xr + c + 48));
-    }
-    for (; c < full; c += 16) s0 = _mm512_add_ps(s0, _mm512_loadu_ps(xr + c));
-    if (tail) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps(tail, xr + full));
-    const float mean = hsum512(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) * inv_c;
-    const __m512 m = _mm512_set1_ps(mean);
-    s0 = s1 = s2 = s3 = _mm512_setzero_ps();
-    for (c = 0; c + 64 <= full; c += 64) {
-      const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(xr + c), m);
-      const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(xr + c + 16), m);
-      const __m512 d2 = _mm512_sub_ps(_mm512_loadu_ps(xr + c + 32), m);
-      const __m512 d3 = _mm512_sub_ps(_mm512_loadu_ps(xr + c + 48), m);
-      s0 = _mm512_fmadd_ps(d0, d0, s0);
-      s1 = _mm512_fmadd_ps(d1, d1, s1);
-      s2 = _mm512_fmadd_ps(d2, d2, s2);
-      s3 = _mm512_fmadd_ps(d3, d3, s3);
-    }
-    for (; c < full; c += 16) {
-      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + c), m);
-      s0 = _mm512_fmadd_ps(d, d, s0);
-    }
-    if (tail) {
-      const __m512 d = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, xr + full), m);
-      s1 = _mm512_fmadd_ps(d, d, s1);
-    }
-    const float var = hsum512(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) * inv_c;
-    const __m512 rs = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
-    for (c = 0; c < full; c += 16) {
-      const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), m), rs);
-      __m512 o = _mm512_mul_ps(n, _mm512_loadu_ps(sc + c));
-      if (bi) o = _mm512_add_ps(o, _mm512_loadu_ps(bi + c));
-      _mm512_storeu_ps(yr + c, o);
-    }
-    if (tail) {
-      const __m512 n = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, xr + full), m), rs);
-      __m512 o = _mm512_mul_ps(n, _mm512_maskz_loadu_ps(tail, sc + full));
-      if (bi) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(tail, bi + full));
-      _mm512_mask_storeu_ps(yr + full, tail, o);
-    }
-  }
+inline V ln_tail_keep(V v, int64_t n) {
+  for (int64_t i = n; i < kW; ++i) v[i] = 0.0f;
+  return v;
 }
-
-__attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+inline void ln_tail_store(float* p, V v, int64_t n) {
+  std::memcpy(p, &v, sizeof(float) * static_cast<size_t>(n));
 }
-
-__attribute__((target("avx2,fma"))) void ln_rows_avx2(const float* x, const float* sc,
-                                                      const float* bi, float* y, int64_t r0,
-                                                      int64_t r1, int64_t C, float eps) {
-  const int64_t full = C / 8 * 8;
-  const float inv_c = 1.0f / static_cast<float>(C);
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * C;
-    float* yr = y + r * C;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    int64_t c = 0;
-    for (; c + 16 <= full; c += 16) {
-      s0 = _mm256_add_ps(s0, _mm256_loadu_ps(xr + c));
-      s1 = _mm256_add_ps(s1, _mm256_loadu_ps(xr + c + 8));
-    }
-    for (; c < full; c += 8) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(xr + c));
-    float sum = hsum256(_mm256_add_ps(s0, s1));
-    for (c = full; c < C; ++c) sum += xr[c];
-    const float mean = sum * inv_c;
-    const __m256 m = _mm256_set1_ps(mean);
-    s0 = s1 = _mm256_setzero_ps();
-    for (c = 0; c + 16 <= full; c += 16) {
-      const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(xr + c), m);
-      const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(xr + c + 8), m);
-      s0 = _mm256_fmadd_ps(d0, d0, s0);
-      s1 = _mm256_fmadd_ps(d1, d1, s1);
-    }
-    for (; c < full; c += 8) {
-      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(xr + c), m);
-      s0 = _mm256_fmadd_ps(d, d, s0);
-    }
-    float ss = hsum256(_mm256_add_ps(s0, s1));
-    for (c = full; c < C; ++c) ss += (xr[c] - mean) * (xr[c] - mean);
-    const float rstd = 1.0f / std::sqrt(ss * inv_c + eps);
-    const __m256 rs = _mm256_set1_ps(rstd);
-    for (c = 0; c < full; c += 8) {
-      const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + c), m), rs);
-      __m256 o = _mm256_mul_ps(n, _mm256_loadu_ps(sc + c));
-      if (bi) o = _mm256_add_ps(o, _mm256_loadu_ps(bi + c));
-      _mm256_storeu_ps(yr + c, o);
-    }
-    for (c = full; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * sc[c] + (bi ? bi[c] : 0.0f);
-  }
-}
+#include "backends/cpu/cpu_layernorm_kernel.inc"
+}  // namespace ln_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
 // ---- NHWC max pooling ------------------------------------------------------------------------
 struct PoolJob {
@@ -332,8 +262,8 @@ bool layernorm_last_axis(const float* x, const float* scale, const float* bias, 
 #if KILN_SMALL_X86
   using RowsFn =
       void (*)(const float*, const float*, const float*, float*, int64_t, int64_t, int64_t, float);
-  RowsFn fn = cpu_has_avx512() && !avx2_only ? &ln_rows_avx512
-              : cpu_has_avx2()               ? &ln_rows_avx2
+  RowsFn fn = cpu_has_avx512() && !avx2_only ? &ln_avx512::ln_rows
+              : cpu_has_avx2()               ? &ln_avx2::ln_rows
                                              : nullptr;
   if (!fn) return false;
   struct Ctx {
