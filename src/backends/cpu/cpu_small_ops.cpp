@@ -90,7 +90,8 @@ __attribute__((target("avx512f"))) void interleave_avx512(const float* x, float*
 // ---- LayerNormalization ----------------------------------------------------------------------
 // cpu_layernorm_kernel.inc, once per ISA.
 #if defined(__clang__)  // clang's form of `#pragma GCC target` (the sanitizer builds use clang)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"))), \
+                             apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
@@ -98,10 +99,18 @@ __attribute__((target("avx512f"))) void interleave_avx512(const float* x, float*
 namespace ln_avx512 {
 typedef float V __attribute__((vector_size(64)));
 constexpr int kW = 16;
-inline __mmask16 ln_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-inline V ln_tail_load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(ln_lanes(n), p); }
-inline V ln_tail_keep(V v, int64_t n) { return _mm512_maskz_mov_ps(ln_lanes(n), v); }
-inline void ln_tail_store(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, ln_lanes(n), v); }
+inline __mmask16 ln_lanes(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+inline V ln_tail_load(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(ln_lanes(n), p);
+}
+inline V ln_tail_keep(V v, int64_t n) {
+  return _mm512_maskz_mov_ps(ln_lanes(n), v);
+}
+inline void ln_tail_store(float* p, V v, int64_t n) {
+  _mm512_mask_storeu_ps(p, ln_lanes(n), v);
+}
 #include "backends/cpu/cpu_layernorm_kernel.inc"
 }  // namespace ln_avx512
 #if defined(__clang__)
