@@ -747,6 +747,23 @@ std::shared_ptr<const MbConv> MbConv::create(const float* w1, const float* b1, c
 #endif
 }
 
+void MbConv::grid_for(int64_t n, int64_t H, int64_t W, int64_t P, int64_t* T, int64_t* R) const {
+  {
+    std::lock_guard<std::mutex> lock(grid_mu_);
+    for (const GridShape& g : grid_shapes_)
+      if (g.n == n && g.H == H && g.W == W && g.P == P) {
+        *T = g.T, *R = g.R;
+        return;
+      }
+  }
+  grid_shape(s_, pe_.npan, pe_.W, n, H, W, out_h(H), out_w(W), P, T, R);
+  std::lock_guard<std::mutex> lock(grid_mu_);
+  try {
+    if (grid_shapes_.size() < 16) grid_shapes_.push_back(GridShape{n, H, W, P, *T, *R});
+  } catch (const std::bad_alloc&) {  // not kept: computed again next time
+  }
+}
+
 bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z, float* y,
                  int threads, int64_t bands, int64_t chunk) const {
 #if KILN_MB_X86
@@ -836,7 +853,7 @@ bool MbConv::run(const float* x, int64_t n, int64_t H, int64_t W, const float* z
       // MobileNetV2 b1, 16 Xeon threads: every block fused 2.5-2.8 ms without the grid, 1.16-
       // 1.21 with it; the timed plan took it for all blocks but one, 1.16-1.20 ms against the
       // split-only plan's 1.43-1.48 (`kiln bench --compare`: 13% faster in 16 of 16 rounds).
-      grid_shape(s_, pe_.npan, pe_.W, n, H, W, OH, OW, P, &j.gT, &j.gR);
+      grid_for(n, H, W, P, &j.gT, &j.gR);
       j.D = mb_scratch(static_cast<size_t>(n * j.gT * OH * OW * s_.cout), 1);
       if (!j.D) return false;
       if (!parallel_tasks_static(n * j.gR * j.gT, threads, &MbGridTask::run, &j)) return false;
